@@ -1,0 +1,81 @@
+"""Base pipelines: resolving `builtin`, a local diffusers folder or a Hugging Face id, and loading it once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from adapters.errors import UserError
+
+BUILTIN = "builtin"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+_SUPPORTED_CLASSES = ("StableDiffusionPipeline",)
+
+
+def pick_device() -> torch.device:
+    """The first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_base_model(base_model: str | None) -> str:
+    """Turn what the user typed into what `from_pretrained` takes: a folder path, or a hub id left as it is.
+
+    `builtin` (or nothing) is the small model in the repo. A path that exists must be a diffusers folder; a name
+    that is not a path is taken as a hub id, which is the only case that can reach the network.
+    """
+    if not base_model or base_model == BUILTIN:
+        return str(BUILTIN_DIR)
+    path = Path(base_model).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(
+                f"base model folder {path} has no model_index.json: pass a folder in diffusers layout "
+                "(as written by save_pretrained), a Hugging Face id, or 'builtin'"
+            )
+        cls = json.loads(index.read_text()).get("_class_name")
+        if cls not in _SUPPORTED_CLASSES:
+            raise UserError(
+                f"base model {path} is a {cls}; lora-studio trains on Stable Diffusion 1.x/2.x "
+                f"({', '.join(_SUPPORTED_CLASSES)}) for now"
+            )
+        return str(path)
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
+        raise UserError(
+            f"base model {base_model!r} is neither an existing folder nor a Hugging Face id (owner/name): "
+            "check the path, or use 'builtin'"
+        )
+    return base_model
+
+
+def base_model_label(base_model: str | None) -> str:
+    """The name to record in metadata: `builtin`, a hub id, or the folder's name."""
+    if not base_model or base_model == BUILTIN:
+        return BUILTIN
+    path = Path(base_model).expanduser()
+    return path.name if path.exists() else base_model
+
+
+def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = torch.float32):
+    """Load a StableDiffusionPipeline (no safety checker) onto `device` in `dtype`; errors name the model."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model(base_model)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # hub or file errors: say which model and what to try
+        raise UserError(
+            f"could not load base model {base_model!r} ({type(exc).__name__}: {exc}). For a hub id, check the "
+            "name and your network or log in with `hf auth login`; or pass a local diffusers folder"
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or pick_device())

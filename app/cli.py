@@ -1,0 +1,173 @@
+"""The `lora-studio` command line: train, generate, inspect (and the demo that `make run` starts).
+
+    lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
+    lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --out out.png
+    lora-studio inspect style.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from adapters.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import from_args
+    from trainer.loop import Cancelled, train
+
+    config = from_args(args, args.config)
+    try:
+        result = train(config)
+    except Cancelled:
+        print("training cancelled; the adapter learned so far was saved", file=sys.stderr)
+        return 130
+    print(f"wrote {result.adapter}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from adapters.runtime import Studio, parse_adapter_arg
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} already exists; choose another name or pass --overwrite")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError(f"--out {out} must end in .png, .jpg or .webp")
+    studio = Studio(args.base_model)
+    scales = {}
+    for spec in args.adapter or []:
+        path, strength = parse_adapter_arg(spec)
+        name = studio.load(Path(path), name=f"{len(scales)}_{Path(path).stem}")
+        scales[name] = strength
+    image = studio.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scales=scales,
+    )[0]
+    from app.images import save_image
+
+    save_image(image, out, _parameters_text(args, scales))
+    print(f"wrote {out}")
+    return 0
+
+
+def _parameters_text(args: argparse.Namespace, scales: dict[str, float]) -> str:
+    """AUTOMATIC1111-style 'parameters' text, stored in the PNG so the picture says how it was made."""
+    loras = ", ".join(f"{n.split('_', 1)[1]}:{s:g}" for n, s in scales.items())
+    return (
+        f"{args.prompt}\nNegative prompt: {args.negative_prompt}\n"
+        f"Steps: {args.steps}, CFG scale: {args.guidance}, Seed: {args.seed}, Model: {args.base_model}"
+        + (f", Lora: {loras}" if loras else "")
+    )
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from adapters.inspect import describe
+
+    print(json.dumps(describe(Path(args.file)), indent=2))
+    return 0
+
+
+DEMO_PROMPTS = ("glowline, a green triangle", "glowline, a large purple star", "glowline, an orange diamond")
+DEMO_STRENGTHS = (0.0, 0.5, 1.0)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Train on sample_images/ with the built-in model, then write a strength 0 / 0.5 / 1 preview grid."""
+    import time
+
+    from adapters.runtime import Studio
+    from app.images import labelled_grid, save_image
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+
+    out_dir = Path(args.out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = Path(__file__).resolve().parent.parent / "sample_images"
+    result = train(TrainConfig(data=str(data), output=str(out_dir / f"demo-{stamp}.safetensors")))
+    studio = Studio("builtin")
+    studio.load(result.adapter, name="demo")
+    rows = [
+        [studio.generate(p, seed=7, scales={"demo": s})[0] for s in DEMO_STRENGTHS] for p in DEMO_PROMPTS
+    ]
+    grid = labelled_grid(rows, [f"strength {s:g}" for s in DEMO_STRENGTHS], list(DEMO_PROMPTS))
+    path = out_dir / f"demo-{stamp}.png"
+    save_image(grid, path)
+    print(f"wrote {result.adapter} and the preview grid {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="lora-studio", description="Train and use LoRA style adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter on a folder of images and captions")
+    p.add_argument("--config", help="a .json or .yaml file of TrainConfig fields; flags override it")
+    add_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="make an image with zero or more adapters")
+    p.add_argument("--base-model", default="builtin", help="builtin, a Hugging Face id or a diffusers folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=None, help="default: the base model's native size")
+    p.add_argument("--height", type=int, default=None, help="default: the base model's native size")
+    p.add_argument(
+        "--adapter", action="append", metavar="FILE[:STRENGTH]", help="adapter file and strength (repeatable)"
+    )
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .webp)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")
+    p.add_argument("--out-dir", default="outputs", help="where the adapter and grid go (default: %(default)s)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("inspect", help="print an adapter file's format and metadata as JSON")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--flag -1e-4` -> `--flag=-1e-4`: argparse would take a negative number in e-notation for a flag."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={token}"
+                continue
+        out.append(token)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(_attach_negative_numbers(list(argv)))
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

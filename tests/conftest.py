@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built from configs, and small captioned image folders."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adapters.make_builtin import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=16, sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A local diffusers folder of the tiny epsilon-prediction pipeline (loaded like any real model)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
+    build_tiny_pipeline("epsilon").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sd-v"
+    build_tiny_pipeline("v_prediction").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_scene_folder(folder: Path, count: int = 4, size: int = 32, style: str = "neon", seed: int = 0) -> Path:
+    """`count` rendered scene images with their captions, as a training folder."""
+    from PIL import Image
+
+    from trainer.scenes import render, sample_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(count)]
+    for i, (scene, pixels) in enumerate(zip(scenes, render(scenes, size=size, style=style))):
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(scene.caption)
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_scene_folder(tmp_path / "data")

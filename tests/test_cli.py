@@ -1,0 +1,96 @@
+"""The command line, as a user runs it: train, generate, inspect; bad input gives a message and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.cli import main
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(
+        ["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 4, "--rank", 4,
+         "--output", "style.safetensors", "--sample-prompt", "a red circle", "--sample-every", 2], capsys)
+    assert code == 0, err
+    assert Path("style.safetensors").is_file()
+    run = next(Path("runs").iterdir())  # default run folder under ./runs
+    assert (run / "config.json").is_file() and (run / "events.jsonl").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+
+    code, out, err = run_cli(
+        ["generate", "--base-model", tiny_model, "--prompt", "a red circle", "--adapter",
+         "style.safetensors:0.8", "--adapter", "style.safetensors:0.1", "--seed", 7, "--steps", 3,
+         "--out", "out.png"], capsys)
+    assert code == 0, err
+    image = Image.open("out.png")
+    assert image.size == (32, 32) and "Seed: 7" in image.info["parameters"]
+
+    code, out, err = run_cli(["inspect", "style.safetensors"], capsys)
+    info = json.loads(out)
+    assert info["format"] == "kohya" and info["ranks"] == [4] and info["targets"]["attn1"] > 0
+
+
+def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_path, capsys):
+    existing = tmp_path / "mine.safetensors"
+    existing.write_bytes(b"precious")
+    code, _, err = run_cli(["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 1,
+                            "--output", existing, "--run-dir", tmp_path / "r"], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert existing.read_bytes() == b"precious"
+    out = tmp_path / "o.png"
+    out.write_bytes(b"also precious")
+    code, _, err = run_cli(["generate", "--base-model", tiny_model, "--prompt", "x", "--out", out], capsys)
+    assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
+
+
+@pytest.mark.parametrize(
+    "setup,extra,message",
+    [
+        ("empty", [], "has no images"),
+        ("fake_png", [], "fake.png: not a readable image"),
+        ("no_caption", [], "img0.png: caption img0.txt is missing"),
+        ("ok", ["--rank", "0"], "rank (--rank) must be at least 1"),
+        ("ok", ["--learning-rate", "-1e-4"], "learning_rate (--learning-rate) must be a positive number"),
+        ("ok", ["--base-model", "/no/such/folder"], "neither an existing folder nor a Hugging Face id"),
+    ],
+)
+def test_bad_input_names_the_file_or_field(setup, extra, message, image_folder, tmp_path, capsys):
+    data = image_folder
+    if setup == "empty":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif setup == "fake_png":
+        (data / "fake.png").write_text("not an image")
+        (data / "fake.txt").write_text("caption")
+    elif setup == "no_caption":
+        (data / "img0.txt").unlink()
+    code, _, err = run_cli(["train", "--data", data, "--steps", 1, "--run-dir", tmp_path / "r", *extra], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+
+
+def test_local_folder_without_model_index(tmp_path, image_folder, capsys):
+    (tmp_path / "notamodel").mkdir()
+    code, _, err = run_cli(["train", "--data", image_folder, "--base-model", tmp_path / "notamodel"], capsys)
+    assert code == 2 and "has no model_index.json" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed `lora-studio` command itself exits non-zero with the message on stderr."""
+    exe = Path(sys.executable).with_name("lora-studio")
+    proc = subprocess.run([str(exe), "train", "--data", str(tmp_path), "--rank", "0"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "rank (--rank) must be at least 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,74 @@
+"""TrainConfig: one place for every knob, with errors that name the field and the fix."""
+
+import argparse
+import json
+
+import pytest
+
+from adapters.errors import UserError
+from trainer.config import TrainConfig, add_arguments, from_args
+
+
+def parse(argv, config=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return from_args(args, args.config)
+
+
+def test_flags_are_kebab_case_field_names():
+    cfg = parse(
+        ["--base-model", "builtin", "--data", "d", "--output", "o.safetensors", "--resolution", "64",
+         "--batch-size", "3", "--steps", "7", "--learning-rate", "2e-4", "--rank", "4", "--alpha", "2",
+         "--attention", "cross", "--seed", "5", "--mixed-precision", "bf16", "--trigger-word", "tw",
+         "--default-caption", "a thing"]
+    )
+    assert (cfg.resolution, cfg.batch_size, cfg.steps, cfg.rank, cfg.alpha) == (64, 3, 7, 4, 2.0)
+    assert (cfg.learning_rate, cfg.attention, cfg.seed, cfg.mixed_precision) == (2e-4, "cross", 5, "bf16")
+    assert (cfg.trigger_word, cfg.default_caption, cfg.output) == ("tw", "a thing", "o.safetensors")
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: imgs\nsteps: 50\nrank: 16\n")
+    cfg = parse(["--config", str(path), "--steps", "9"])
+    assert (cfg.data, cfg.steps, cfg.rank) == ("imgs", 9, 16)
+
+
+def test_json_config_round_trips(tmp_path):
+    cfg = TrainConfig(data="x", steps=3, rank=2, alpha=1.0)
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.from_file(tmp_path / "c.json") == cfg
+
+
+def test_unknown_key_in_file_is_an_error_with_a_suggestion(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": "x", "learning_rte": 1e-4}))
+    with pytest.raises(UserError, match=r"learning_rte.*did you mean 'learning_rate'"):
+        TrainConfig.from_file(path)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("rank", 0, r"rank \(--rank\) must be at least 1"),
+        ("learning_rate", -1e-4, r"learning_rate \(--learning-rate\) must be a positive number"),
+        ("steps", 0, r"steps \(--steps\) must be at least 1"),
+        ("batch_size", 0, r"batch_size \(--batch-size\) must be at least 1"),
+        ("resolution", 50, r"resolution \(--resolution\) must be 0 \(native\) or a multiple of 8"),
+        ("attention", "all", r"attention \(--attention\) must be one of self, cross, both"),
+        ("mixed_precision", "fp8", r"mixed_precision \(--mixed-precision\) must be one of"),
+        ("steps", "200", r"steps \(--steps\) must be a whole number"),
+        ("output", "x.ckpt", r"output \(--output\) must end in .safetensors"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_cli_command_rebuilds_the_same_config():
+    cfg = TrainConfig(data="my images", steps=12, rank=4, trigger_word="zz", overwrite=True)
+    argv = __import__("shlex").split(cfg.cli_command())[2:]
+    assert parse(argv) == cfg

@@ -1,0 +1,95 @@
+"""Generation: strengths change the picture without reloading, and strength 0 is exactly the base model."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters.errors import UserError
+from adapters.lora import LoraModule, attention_targets
+from adapters.runtime import Studio, parse_adapter_arg
+
+
+def random_lora(unet, scale=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in attention_targets(unet, "both"):
+        layer = unet.get_submodule(path)
+        out[f"unet.{path}"] = LoraModule(
+            down=torch.randn(4, layer.in_features, generator=gen) * scale,
+            up=torch.randn(layer.out_features, 4, generator=gen) * scale,
+            alpha=4.0,
+        )
+    return out
+
+
+def render(studio, scales, seed=3):
+    studio.set_scales(scales)
+    return studio.pipe(
+        "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(seed), output_type="np"
+    ).images
+
+
+def test_strength_zero_is_the_base_model_exactly(tiny_model):
+    base = render(Studio(str(tiny_model), device="cpu"), {})
+    studio = Studio(str(tiny_model), device="cpu")
+    studio.add(random_lora(studio.pipe.unet), "style")
+    assert np.array_equal(render(studio, {"style": 0.0}), base)
+    assert np.abs(render(studio, {"style": 1.0}) - base).max() > 1e-2
+    assert np.array_equal(render(studio, {}), base)  # no adapter selected: the base model again
+
+
+def test_strength_changes_do_not_reload(tiny_model):
+    studio = Studio(str(tiny_model), device="cpu")
+    studio.add(random_lora(studio.pipe.unet), "a")
+    studio.add(random_lora(studio.pipe.unet, seed=1), "b")
+    unet_id, weight_id = id(studio.pipe.unet), studio.pipe.unet.conv_in.weight.data_ptr()
+    first = render(studio, {"a": 1.0})
+    render(studio, {"a": 0.2, "b": 0.7})
+    assert np.array_equal(render(studio, {"a": 1.0}), first)
+    assert id(studio.pipe.unet) == unet_id and studio.pipe.unet.conv_in.weight.data_ptr() == weight_id
+
+
+def test_unknown_adapter_name_is_an_error(tiny_model):
+    studio = Studio(str(tiny_model), device="cpu")
+    with pytest.raises(UserError, match="not loaded"):
+        studio.set_scales({"nope": 1.0})
+
+
+def test_generate_checks_size(tiny_model):
+    studio = Studio(str(tiny_model), device="cpu")
+    with pytest.raises(UserError, match=r"width must be a positive multiple of 4, got 30"):
+        studio.generate("x", width=30)
+
+
+def test_adapter_argument_parsing():
+    assert parse_adapter_arg("style.safetensors:0.8") == ("style.safetensors", 0.8)
+    assert parse_adapter_arg("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_adapter_arg("C:/x/style.safetensors:-0.5") == ("C:/x/style.safetensors", -0.5)
+    assert parse_adapter_arg("C:/x/style.safetensors") == ("C:/x/style.safetensors", 1.0)
+
+
+def test_pickle_renamed_safetensors_is_refused_without_unpickling(tiny_model, tmp_path):
+    import pickle
+
+    marker = tmp_path / "executed"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(pickle.dumps(Boom()))
+    studio = Studio(str(tiny_model), device="cpu")
+    with pytest.raises(UserError, match="evil.safetensors is not a valid safetensors file"):
+        studio.load(bad)
+    assert not marker.exists()
+
+
+def test_nan_weights_are_refused(tiny_model, tmp_path):
+    studio = Studio(str(tiny_model), device="cpu")
+    name = "lora_unet_" + attention_targets(studio.pipe.unet, "both")[0].replace(".", "_")
+    save_file({f"{name}.lora_down.weight": torch.full((4, 32), float("nan")),
+               f"{name}.lora_up.weight": torch.zeros(32, 4)}, tmp_path / "nan.safetensors")
+    with pytest.raises(UserError, match="NaN or Inf"):
+        studio.load(tmp_path / "nan.safetensors")

@@ -1,0 +1,220 @@
+"""TrainConfig: every training knob, declared once with its help text; the CLI, the UI and config files build it.
+
+A bad value is an error naming the field and the fix; an unknown key in a config file is an error (with the
+closest known name), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.errors import UserError
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+ATTENTION = ("self", "cross", "both")
+
+
+def _f(default, help: str, choices: tuple | None = None, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    base_model: str = _f(
+        "builtin",
+        "Base model: 'builtin' (the small model shipped with lora-studio, works offline), a Hugging Face id "
+        "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x / 2.x).",
+    )
+    data: str = _f("", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.")
+    output: str = _f(
+        "", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder."
+    )
+    overwrite: bool = _f(False, "Allow replacing an existing --output file (otherwise training refuses to start).")
+    run_dir: str = _f(
+        "", "Run folder for the config, events log and samples. Default: a new folder under ./runs/."
+    )
+    # the data
+    resolution: int = _f(0, "Training resolution in pixels (square). 0 = the base model's native size.")
+    trigger_word: str = _f("", "Word put at the start of every caption, to call the style up at generation.")
+    default_caption: str = _f(
+        "", "Caption for images that have no .txt file. Empty = every image must have its own caption."
+    )
+    # the adapter
+    rank: int = _f(8, "LoRA rank (dim): size of the adapter. 4-32 is typical for a style.")
+    alpha: float = _f(0.0, "LoRA alpha; the update is scaled by alpha/rank. 0 = same as rank (scale 1).")
+    attention: str = _f(
+        "both", "Which UNet attention layers get LoRA: self (attn1), cross (attn2) or both.", ATTENTION
+    )
+    # the optimisation
+    steps: int = _f(400, "Number of optimiser steps.")
+    batch_size: int = _f(2, "Images per step (per process).")
+    learning_rate: float = _f(1e-4, "AdamW learning rate for the LoRA weights.")
+    seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.")
+    mixed_precision: str = _f(
+        "auto",
+        "Compute precision: no (fp32), fp16, bf16; auto = bf16 on a GPU that has it, else fp32. "
+        "LoRA weights stay fp32 in every mode.",
+        MIXED_PRECISION,
+    )
+    # watching it learn
+    sample_prompt: str = _f("", "Prompt for preview images made during training. Empty = no previews.")
+    sample_every: int = _f(0, "Make a preview every N steps (and at the end). 0 = only at the end.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise UserError naming the first bad field and how to fix it."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = hints[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            ok = (
+                isinstance(value, bool)
+                if want is bool
+                else (isinstance(value, int) and not isinstance(value, bool))
+                if want is int
+                else (isinstance(value, (int, float)) and not isinstance(value, bool))
+                if want is float
+                else isinstance(value, str)
+            )
+            if not ok:
+                kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[want]
+                raise UserError(f"{f.name} ({flag}) must be {kind}, got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{f.name} ({flag}) must be one of {', '.join(choices)}; got {value!r}")
+        self.alpha = float(self.alpha)
+        self.learning_rate = float(self.learning_rate)
+        checks = [
+            (self.rank >= 1, "rank (--rank) must be at least 1 (try 4, 8 or 16)"),
+            (self.rank <= 1024, "rank (--rank) must be at most 1024"),
+            (self.alpha >= 0, "alpha (--alpha) must be 0 (meaning: equal to rank) or positive"),
+            (self.steps >= 1, "steps (--steps) must be at least 1"),
+            (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
+            (
+                0 < self.learning_rate < 1,
+                f"learning_rate (--learning-rate) must be a positive number below 1 (typical: 1e-4); "
+                f"got {self.learning_rate:g}",
+            ),
+            (
+                self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
+                f"resolution (--resolution) must be 0 (native) or a multiple of 8, at least 8; got {self.resolution}",
+            ),
+            (self.sample_every >= 0, "sample_every (--sample-every) must be 0 or more"),
+            (
+                not self.output or self.output.endswith(".safetensors"),
+                f"output (--output) must end in .safetensors; got {self.output!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+    # -- building --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys are an error that names them and the closest known field."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            parts = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k).replace("-", "_"), names, n=1)
+                parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise UserError(f"{source}: unknown field(s) {', '.join(parts)}; known fields: {', '.join(names)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+    def save(self, path: Path) -> None:
+        from adapters.formats import write_atomic
+
+        write_atomic(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    def cli_command(self) -> str:
+        """The `lora-studio train ...` command line that builds this same config (non-default fields only)."""
+        import shlex
+
+        parts = ["lora-studio", "train"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                parts += [flag, shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+        return " ".join(parts)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a .json, .yaml or .yml config file into a dict, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+    except Exception as exc:
+        raise UserError(f"config file {path} could not be parsed: {exc}") from exc
+    raise UserError(f"config file {path} must end in .json, .yaml or .yml")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (kebab-case), help text from the field; unset flags stay unset."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if hints[f.name] is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=hints[f.name],
+                choices=f.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper() if not f.metadata.get("choices") else None,
+                help=help_text,
+            )
+
+
+def from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
+    """Config file values (if any), overridden by the flags given on the command line."""
+    values = read_config_file(config_path) if config_path else {}
+    source = str(config_path) if config_path else "command line"
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if config_path:
+        TrainConfig.from_dict(dict(values), source=source)  # report unknown keys against the file itself
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values, source=source)

@@ -1,0 +1,309 @@
+"""The training loop: LoRA on the UNet's attention layers, read top to bottom in one function, `train`.
+
+    lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
+
+Inputs are checked before any model loads. The frozen VAE and text encoder run once per image (latent mean/std
+and caption embedding are cached), so a step is one UNet forward and backward. Every random draw of a step
+(which images, latent sample, noise, timestep) comes from one seeded CPU generator and is made for the global
+batch, so a run is reproducible and N processes at batch B see the same data as one process at batch N*B.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adapters.base import base_model_label, load_pipeline
+from adapters.errors import UserError
+from adapters.formats import build_metadata, save_adapter, to_kohya
+from adapters.lora import attach, attention_targets, extract, trainable_parameters
+from trainer.config import TrainConfig
+from trainer.dataset import check_folder, load_examples, tag_frequency
+from trainer.runs import EVENTS, EventLog, new_run_dir
+
+
+@dataclass
+class TrainResult:
+    adapter: Path  # the .safetensors file written
+    run_dir: Path
+    unet: torch.nn.Module  # the trained UNet, LoRA attached as adapter "default" (for tests and previews)
+    loss: float  # the last step's loss
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when a stop was asked for (SIGTERM/SIGINT or the UI's Cancel)."""
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """accelerate's mixed_precision for a TrainConfig value; fp16 without a GPU is a clear error."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp16" and device.type != "cuda":
+        raise UserError("mixed_precision (--mixed-precision) fp16 needs a CUDA GPU; use no or bf16 on the CPU")
+    return requested
+
+
+def output_path(config: TrainConfig, run_dir: Path) -> Path:
+    path = Path(config.output) if config.output else run_dir / "adapter.safetensors"
+    if path.exists() and not config.overwrite:
+        raise UserError(
+            f"output file {path} already exists; choose another --output, or pass --overwrite to replace it"
+        )
+    return path
+
+
+@torch.no_grad()
+def encode_examples(pipe, examples, device, dtype) -> dict[str, torch.Tensor]:
+    """Cache per image: VAE latent mean and std (scaled) and the caption's text-encoder hidden states."""
+    means, stds, embeds = [], [], []
+    scale = pipe.vae.config.scaling_factor
+    for ex in examples:
+        dist = pipe.vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
+        means.append(dist.mean.float() * scale)
+        stds.append(dist.std.float() * scale)
+        ids = pipe.tokenizer(
+            ex.caption, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        embeds.append(pipe.text_encoder(ids.to(device))[0].float())
+    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "text_embeds": torch.cat(embeds)}
+
+
+class BatchDrawer:
+    """Every random choice of every step, from one seeded generator: reproducible, and split across processes.
+
+    `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation each epoch),
+    latent sample, noise and timestep; each process then takes its own slice of it.
+    """
+
+    def __init__(self, num_images: int, global_batch: int, num_timesteps: int, latent_shape, seed: int):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.num_images, self.global_batch = num_images, global_batch
+        self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
+        self.order: list[int] = []
+
+    def _indices(self) -> torch.Tensor:
+        while len(self.order) < self.global_batch:
+            self.order += torch.randperm(self.num_images, generator=self.generator).tolist()
+        idx, self.order = self.order[: self.global_batch], self.order[self.global_batch :]
+        return torch.tensor(idx)
+
+    def draw(self) -> dict[str, torch.Tensor]:
+        n = self.global_batch
+        return {
+            "index": self._indices(),
+            "latent_noise": torch.randn((n, *self.latent_shape), generator=self.generator),
+            "noise": torch.randn((n, *self.latent_shape), generator=self.generator),
+            "timesteps": torch.randint(0, self.num_timesteps, (n,), generator=self.generator),
+        }
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
+
+
+def make_batch(draw: dict, cache: dict, device, process: int = 0, processes: int = 1) -> dict[str, torch.Tensor]:
+    """This process's slice of a drawn global batch, with the cached latents and embeddings looked up."""
+    per = len(draw["index"]) // processes
+    part = slice(process * per, (process + 1) * per)
+    idx = draw["index"][part]
+    latents = cache["latent_mean"][idx] + cache["latent_std"][idx] * draw["latent_noise"][part].to(device)
+    return {
+        "latents": latents,
+        "noise": draw["noise"][part].to(device),
+        "timesteps": draw["timesteps"][part].to(device),
+        "text_embeds": cache["text_embeds"][idx],
+    }
+
+
+def diffusion_loss(unet, batch: dict, noise_scheduler) -> torch.Tensor:
+    """MSE between the UNet's prediction and the scheduler's target (epsilon or v) at the batch's timesteps."""
+    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = batch["noise"]
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
+    else:
+        raise UserError(f"base model scheduler has prediction_type {kind!r}; only epsilon and v_prediction train")
+    weight_dtype = next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
+    pred = unet(noisy.to(weight_dtype), batch["timesteps"], batch["text_embeds"].to(weight_dtype)).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _stop_on_signals() -> dict:
+    """Turn SIGTERM/SIGINT into a flag the loop checks, so a cancel still saves what was learned."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (tests); cancellation then comes through `should_stop`
+            pass
+    return flag
+
+
+def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal: bool = True) -> TrainResult:
+    """Train one adapter as `config` says; the .safetensors file is written before this returns."""
+    from accelerate import Accelerator, PartialState
+    from diffusers import DDPMScheduler
+
+    # 1. Check every input before loading a model: the data folder, the output file, the run folder.
+    check_folder(config.data, config.default_caption)
+    run_dir = Path(config.run_dir) if config.run_dir else new_run_dir("runs")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / EVENTS).exists():
+        raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir")
+    output = output_path(config, run_dir)
+    cpu = device is not None and torch.device(device).type == "cpu"
+    precision = resolve_precision(config.mixed_precision, PartialState(cpu=cpu).device)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    main = accelerator.is_main_process
+    events = EventLog(run_dir, enabled=main)
+    if main:
+        config.run_dir = str(run_dir)
+        config.save(run_dir / "config.json")
+    stop_flag = _stop_on_signals()
+
+    # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
+    pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
+    unet = pipe.unet
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+    targets = attention_targets(unet, config.attention)
+    torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
+    attach(unet, targets, config.rank, config.effective_alpha)
+    params = trainable_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
+
+    # 3. Data: every image and caption encoded once by the frozen VAE and text encoder.
+    examples = load_examples(
+        config.data, resolution, default_caption=config.default_caption, trigger_word=config.trigger_word
+    )
+    cache = encode_examples(pipe, examples, accelerator.device, weight_dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    processes = accelerator.num_processes
+    drawer = BatchDrawer(
+        len(examples),
+        config.batch_size * processes,
+        noise_scheduler.config.num_train_timesteps,
+        cache["latent_mean"].shape[1:],
+        config.seed,
+    )
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    events.emit(
+        "start",
+        steps=config.steps,
+        images=len(examples),
+        resolution=resolution,
+        targets=len(targets),
+        trainable_parameters=sum(p.numel() for p in params),
+        device=str(accelerator.device),
+        precision=precision,
+        processes=processes,
+    )
+
+    # 4. The loop: one UNet forward and backward per step.
+    def make_sample(step: int) -> None:
+        if not (main and config.sample_prompt):
+            return
+        pipe.unet = accelerator.unwrap_model(unet)
+        pipe.unet.eval()
+        image = pipe(
+            config.sample_prompt,
+            num_inference_steps=20,
+            generator=torch.Generator("cpu").manual_seed(config.seed),
+            height=resolution,
+            width=resolution,
+        ).images[0]
+        pipe.unet.train()
+        path = run_dir / "samples" / f"step_{step:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        image.save(path)
+        events.emit("sample", step=step, path=str(path), prompt=config.sample_prompt)
+
+    bar = tqdm(total=config.steps, disable=not (main and log_to_terminal), desc="training", unit="step")
+    started, step, loss_value = time.perf_counter(), 0, math.nan
+    unet.train()
+    try:
+        for step in range(1, config.steps + 1):
+            if stop_flag["stop"] or (should_stop is not None and should_stop()):
+                raise Cancelled
+            batch = make_batch(drawer.draw(), cache, accelerator.device, accelerator.process_index, processes)
+            with accelerator.autocast():
+                loss = diffusion_loss(unet, batch, noise_scheduler)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            elapsed = time.perf_counter() - started
+            rate = step / elapsed
+            events.emit(
+                "progress",
+                step=step,
+                total=config.steps,
+                loss=loss_value,
+                steps_per_s=rate,
+                images_per_s=rate * config.batch_size * processes,
+                eta_s=(config.steps - step) / rate,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if config.sample_every and step % config.sample_every == 0 and step != config.steps:
+                make_sample(step)
+    except Cancelled:
+        step -= 1
+        bar.close()
+        path = _save(config, accelerator.unwrap_model(unet), examples, resolution, output, step) if main else output
+        events.emit("cancelled", step=step, adapter=str(path))
+        raise
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    # 5. The adapter file (main process only), then the last preview.
+    if main:
+        _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps)
+        make_sample(config.steps)
+        events.emit("done", step=config.steps, loss=loss_value, adapter=str(output),
+                    seconds=time.perf_counter() - started)
+    accelerator.wait_for_everyone()
+    return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
+
+
+def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int) -> Path:
+    tensors = to_kohya(extract(unet, "unet"))
+    metadata = build_metadata(
+        tensors=tensors,
+        rank=config.rank,
+        alpha=config.effective_alpha,
+        base_model=base_model_label(config.base_model),
+        output_name=output.stem,
+        resolution=resolution,
+        num_images=len(examples),
+        tag_frequency=tag_frequency(examples, config.data),
+        trigger_word=config.trigger_word,
+        config=config.to_dict(),
+        steps=steps,
+    )
+    save_adapter(output, tensors, metadata)
+    return output
