@@ -10,6 +10,7 @@ caption word is one token and any other word still splits into known pieces. Not
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import string
 from collections import Counter
@@ -146,8 +147,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists (left by an interrupted save?); remove it and run again")
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    pipe.to(torch.float32)
+    copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # leave `pipe` as it is
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         out_dir.rename(old)

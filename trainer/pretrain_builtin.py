@@ -115,9 +115,14 @@ def train_vae(vae, args, device, autocast) -> dict:
     with torch.no_grad():
         sample = _to_unit(next(loader), device)
         std = vae.encode(sample).latent_dist.sample(generator=gen).float().std().item()
+        rec = vae.decode(vae.encode(sample).latent_dist.mode()).sample.float().clamp(-1, 1)
+        mse = ((rec - sample) ** 2).mean(dim=(1, 2, 3)) / 4  # in [0, 1] units
+        psnr = (10 * torch.log10(1 / mse)).tolist()
+    half = len(psnr) // 2
+    quality = {"psnr_plain": sum(psnr[:half]) / half, "psnr_outlined": sum(psnr[half:]) / (len(psnr) - half)}
     vae.register_to_config(scaling_factor=1.0 / std)
-    print(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.5f}", flush=True)
-    return {"steps": args.vae_steps, "log": log, "scaling_factor": 1.0 / std}
+    print(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.5f}; {quality}", flush=True)
+    return {"steps": args.vae_steps, "log": log, "scaling_factor": 1.0 / std, **quality}
 
 
 def train_unet(pipe, args, device, autocast, total: int, save: bool = True) -> dict:

@@ -1,0 +1,194 @@
+"""LoRA training and generation speed on the Stable Diffusion 1.5 architecture (random weights), against the floor.
+
+    python benchmarks/sd15.py --json benchmarks/sd15.json          # on a CUDA machine
+    python benchmarks/sd15.py --tiny --device cpu                  # the same code path, small, for a check
+
+It builds an SD-1.5-shaped pipeline from configs (no download), saves it as a diffusers folder, trains through
+the real `trainer.loop.train` at 512x512 in bf16 and reads the step times from the run's events.jsonl, counts
+the FLOPs of one training step with torch's FlopCounterMode to give the compute floor at the measured matmul
+rate, then times generation, a strength change and a cold adapter load through `adapters.runtime.Studio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapters.make_builtin import build_tokenizer  # noqa: E402
+
+
+def build_sd15(tiny: bool):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    if tiny:
+        te = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        unet = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, layers_per_block=1)
+        vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16)
+        size = 64
+    else:  # the published SD 1.5 shapes
+        te = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        unet = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2)
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+        size = 512
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **te)
+    )
+    unet_model = UNet2DConditionModel(
+        sample_size=size // 8, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **unet,
+    )
+    vae_model = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, sample_size=size, scaling_factor=0.18215, **vae,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe, size
+
+
+def write_data(folder: Path, size: int, count: int = 16) -> None:
+    from PIL import Image
+
+    from trainer.scenes import render, sample_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    scenes = [sample_scene(rng) for _ in range(count)]
+    for i, (s, px) in enumerate(zip(scenes, render(scenes, size=size, style="neon"))):
+        Image.fromarray(px.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(s.caption)
+
+
+def step_flops(model_dir: Path, size: int, batch: int, device) -> float:
+    """FLOPs of one LoRA training step (UNet forward + backward), counted by torch on the real modules."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adapters.base import load_pipeline
+    from adapters.lora import attach, attention_targets
+
+    pipe = load_pipeline(str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else
+                         torch.float32)
+    unet = pipe.unet.requires_grad_(False)
+    attach(unet, attention_targets(unet, "both"), 8, 8)
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    lat = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=unet.dtype)
+    emb = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        unet(lat, t, emb).sample.float().pow(2).mean().backward()
+    del pipe, unet
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(device) -> float:
+    """Measured bf16 matmul rate (FLOP/s) on this device: the ceiling the floor is computed against."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the code path quickly")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-bench"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    from adapters.runtime import Studio
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+    from trainer.runs import read_events
+
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch}
+    pipe, size = build_sd15(args.tiny)
+    results["resolution"] = size
+    model_dir = args.work / ("sd15-tiny" if args.tiny else "sd15")
+    if not (model_dir / "model_index.json").exists():
+        pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
+    del pipe
+    write_data(args.work / "data", size)
+
+    # Training through the real loop; the speed is taken from its own event log, past the first 10 steps.
+    run_dir = args.work / f"run-{time.time():.0f}"
+    config = TrainConfig(base_model=str(model_dir), data=str(args.work / "data"), steps=args.steps,
+                         batch_size=args.batch, rank=8, mixed_precision="bf16" if device.type == "cuda" else "no",
+                         run_dir=str(run_dir), output=str(run_dir / "bench.safetensors"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train(config, device=args.device, log_to_terminal=False)
+    progress = [e for e in read_events(run_dir) if e["type"] == "progress"]
+    times = [e["time"] for e in progress]
+    steady = (times[-1] - times[10]) / (len(times) - 11)
+    results["train_step_s"] = steady
+    results["train_images_per_s"] = args.batch / steady
+    if device.type == "cuda":
+        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    flops = step_flops(model_dir, size, args.batch, device)
+    rate = matmul_rate(device)
+    results.update(step_tflop=flops / 1e12, matmul_tflops=rate / 1e12, floor_step_s=flops / rate,
+                   fraction_of_floor=(flops / rate) / steady)
+
+    # Generation: 30 steps, CFG 7.5, median of 3 after a warm-up; strength change; cold adapter load.
+    studio = Studio(str(model_dir), device=args.device)
+    t0 = time.perf_counter()
+    studio.load(config.output, name="bench")
+    results["adapter_cold_load_s"] = time.perf_counter() - t0
+    studio.generate("a red circle", steps=30, scales={"bench": 1.0})
+    gen = []
+    for seed in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        studio.generate("a red circle", steps=30, seed=seed, scales={"bench": 0.7})
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        gen.append(time.perf_counter() - t0)
+    results["generate_30_steps_s"] = statistics.median(gen)
+    changes = []
+    for s in (0.1, 0.5, 0.9, 1.3, 0.2):
+        t0 = time.perf_counter()
+        studio.set_scales({"bench": s})
+        changes.append(time.perf_counter() - t0)
+    results["strength_change_ms"] = 1000 * statistics.median(changes)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
