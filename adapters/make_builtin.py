@@ -128,6 +128,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         prediction_type="v_prediction",
         rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -93,11 +93,15 @@ def train_vae(vae, args, device, autocast) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     loader = iter(_loader(SceneBatches("vae", args.vae_batch, args.seed), args.workers, device))
     gen = torch.Generator(device).manual_seed(args.seed)
+    crop_gen = torch.Generator().manual_seed(args.seed)
     start, log = time.time(), []
     for step in range(args.vae_steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.vae_steps, args.vae_lr)
         x = _to_unit(next(loader), device)
+        if args.vae_crop:  # the VAE is convolutional: it learns edges and colours from crops at a fraction of the cost
+            i, j = (int(v) for v in torch.randint(0, x.shape[-1] - args.vae_crop + 1, (2,), generator=crop_gen))
+            x = x[:, :, i : i + args.vae_crop, j : j + args.vae_crop]
         with autocast():
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample(generator=gen)).sample
@@ -210,6 +214,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=128)
     parser.add_argument("--vae-lr", type=float, default=5e-4)
+    parser.add_argument("--vae-crop", type=int, default=0, help="train the VAE on random crops of this size")
     parser.add_argument("--unet-steps", default="auto", help="a number, or auto (fit into --unet-minutes)")
     parser.add_argument("--unet-minutes", type=float, default=12.0)
     parser.add_argument("--unet-batch", type=int, default=256)
