@@ -58,6 +58,18 @@ def base_model_label(base_model: str | None) -> str:
     return path.name if path.exists() else base_model
 
 
+def model_family(pipe) -> str:
+    """`lora-studio builtin`, `SD 1.x`, `SD 2.x` or `SDXL`, read from the loaded model itself, else `custom`."""
+    source = Path(str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")))
+    if source.exists() and source.resolve() == BUILTIN_DIR:
+        return "lora-studio builtin"
+    return _family_of_dim(pipe.unet.config.cross_attention_dim)
+
+
+def _family_of_dim(cross_attention_dim: int) -> str:
+    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(cross_attention_dim, "custom")
+
+
 def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = torch.float32):
     """Load a StableDiffusionPipeline (no safety checker) onto `device` in `dtype`; errors name the model."""
     from diffusers import StableDiffusionPipeline
@@ -68,7 +80,9 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
             source,
             dtype=dtype,
             use_safetensors=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     except UserError:
         raise
@@ -79,3 +93,28 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
         ) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or pick_device())
+
+
+def model_modules(base_model: str | None) -> tuple[dict[str, dict[str, tuple[int, int]]], str]:
+    """The LoRA-able layers of a base model's UNet and text encoder, and its family, from its configs alone.
+
+    The models are built on the meta device (no weights read), so this is cheap even for SDXL-sized models.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adapters.lora import module_shapes
+
+    source = resolve_base_model(base_model)
+    try:
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
+        text_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
+    except Exception as exc:
+        raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text_encoder = CLIPTextModel(text_config)
+    builtin = Path(source).exists() and Path(source).resolve() == BUILTIN_DIR
+    family = "lora-studio builtin" if builtin else _family_of_dim(unet.config.cross_attention_dim)
+    return {"unet": module_shapes(unet), "text_encoder": module_shapes(text_encoder)}, family

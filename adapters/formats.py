@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,8 +26,12 @@ from adapters.lora import Lora, LoraModule
 
 FORMAT_VERSION = "1"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-_KOHYA_READ_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                        ("lora_te_", "text_encoder"))
+_KOHYA_READ_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+)
 
 
 def to_kohya(lora: Lora, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -40,44 +46,194 @@ def to_kohya(lora: Lora, dtype: torch.dtype = torch.float32) -> dict[str, torch.
     return out
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]], *, source: str) -> Lora:
-    """Read kohya-layout tensors against the modules of a loaded model ({component: [module paths]}).
+_PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"))
+_OLD_DIFFUSERS_SUFFIXES = (
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+)
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_COMPONENT_PREFIXES = ("unet.", "text_encoder_2.", "text_encoder.")
+_UNSUPPORTED = (
+    ("hada_w1_a", "a LoHa (LyCORIS) file"),
+    ("lokr_w1", "a LoKr (LyCORIS) file"),
+    ("dora_scale", "a DoRA adapter"),
+    ("lora_mid.weight", "a LoCon file with a Tucker middle weight"),
+)
 
-    A missing `.alpha` means alpha = rank (scale 1), as kohya's own loader assumes. Keys that match no module
-    of the model are an error naming them, since applying part of an adapter silently gives wrong pictures.
+
+def detect_layout(keys) -> str:
+    """`kohya`, `diffusers` (peft lora_A/lora_B), `diffusers-old` (lora.down/lora.up) or `unknown`, by content."""
+    keys = list(keys)
+    if any(k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+        return "kohya"
+    if any(k.endswith(suffix) for k in keys for suffix, _ in _PEFT_SUFFIXES):
+        return "diffusers"
+    if any(k.endswith(suffix) for k in keys for suffix, _ in _OLD_DIFFUSERS_SUFFIXES):
+        return "diffusers-old"
+    return "unknown"
+
+
+def _split_component(name: str) -> tuple[str, str]:
+    for prefix in _COMPONENT_PREFIXES:
+        if name.startswith(prefix):
+            return prefix[:-1], name[len(prefix) :]
+    return "unet", name  # a bare peft state dict of a UNet
+
+
+def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None, dict]]:
+    """{component: (lora_alpha, alpha_pattern)} from diffusers' `lora_adapter_metadata` header, if present."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    info = json.loads(raw)
+    out = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        alpha = info.get(f"{component}.lora_alpha")
+        pattern = info.get(f"{component}.alpha_pattern") or {}
+        if alpha is not None or pattern:
+            out[component] = (alpha, pattern)
+    return out
+
+
+def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: str, source: str):
+    """(component, name as written, down, up, alpha or None) per LoRA module, in the file's own naming."""
+    pieces: dict[tuple[str, str], dict] = {}
+    if layout == "kohya":
+        for key, t in tensors.items():
+            for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
+                if key.endswith(suffix):
+                    name = key[: -len(suffix)]
+                    component = next((c for p, c in _KOHYA_READ_PREFIXES if name.startswith(p)), None)
+                    if component is None:
+                        raise UserError(f"{source}: key {key} has no lora_unet_/lora_te_ prefix")
+                    prefix = next(p for p, c in _KOHYA_READ_PREFIXES if name.startswith(p))
+                    pieces.setdefault((component, name[len(prefix) :]), {})[part] = t
+    else:
+        suffixes = _PEFT_SUFFIXES if layout == "diffusers" else _OLD_DIFFUSERS_SUFFIXES
+        for key, t in tensors.items():
+            for suffix, part in (*suffixes, (".alpha", "alpha")):
+                if key.endswith(suffix):
+                    component, path = _split_component(key[: -len(suffix)])
+                    match = _OLD_PROCESSOR.search(path)
+                    if match:  # diffusers' oldest attention-processor layout
+                        proj = "to_out.0" if match.group(1) == "to_out" else match.group(1)
+                        path = path[: match.start()] + "." + proj
+                    pieces.setdefault((component, path), {})[part] = t
+                    break
+    alphas = _diffusers_alphas(metadata)
+    for (component, name), parts in sorted(pieces.items()):
+        if "down" not in parts or "up" not in parts:
+            missing = "lora_up" if "down" in parts else "lora_down"
+            raise UserError(f"{source}: module {name} has no {missing} weight; the file is incomplete")
+        alpha = parts.get("alpha")
+        alpha = float(alpha) if alpha is not None else None
+        if alpha is None and component in alphas:
+            default, pattern = alphas[component]
+            alpha = next((float(v) for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), None)
+            alpha = alpha if alpha is not None else (float(default) if default is not None else None)
+        yield component, name, parts["down"], parts["up"], alpha
+
+
+def read_lora(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    modules: dict[str, dict[str, tuple[int, int]]],
+    *,
+    source: str,
+    base_family: str = "this base model",
+) -> Lora:
+    """Read a LoRA file of any supported layout against a loaded model ({component: {path: (in, out)}}).
+
+    A missing alpha means alpha = rank (scale 1), as kohya and diffusers assume. Keys that match no layer and
+    shapes that do not fit are errors (applying part of an adapter silently gives wrong pictures); when the file
+    was made for another model family, the message says which.
     """
+    for needle, what in _UNSUPPORTED:
+        if any(needle in k for k in tensors):
+            raise UserError(f"{source} is {what}; lora-studio reads plain LoRA (kohya or diffusers layout) only")
+    layout = detect_layout(tensors)
+    if layout == "unknown":
+        raise UserError(
+            f"{source} holds no LoRA weights in a layout lora-studio knows (kohya lora_unet_/lora_te_ "
+            f"or diffusers lora_A/lora_B); first keys: {sorted(tensors)[:3]}"
+        )
+    family = adapter_family(tensors, metadata)
+    mismatch = (
+        f"{source} is an {family} adapter but the loaded base model is {base_family}; use it with an {family} base"
+        if family not in ("unknown", base_family)
+        else None
+    )
     index = {
-        (component, path.replace(".", "_")): path for component, paths in module_names.items() for path in paths
+        component: {path.replace(".", "_"): path for path in paths} if layout == "kohya" else dict.fromkeys(paths)
+        for component, paths in modules.items()
     }
     lora: Lora = {}
     unknown = []
-    for key in tensors:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key[: -len(".lora_down.weight")]
-        for prefix, component in _KOHYA_READ_PREFIXES:
-            if name.startswith(prefix):
-                path = index.get((component, name[len(prefix) :]))
-                break
-        else:
-            component, path = None, None
+    for component, name, down, up, alpha in raw_modules(tensors, metadata, layout, source):
+        table = index.get(component, {})
+        path = table.get(name) if layout == "kohya" else (name if name in table else None)
         if path is None:
             unknown.append(name)
             continue
-        up = tensors.get(f"{name}.lora_up.weight")
-        if up is None:
-            raise UserError(f"{source}: {name} has lora_down but no lora_up weight; the file is incomplete")
-        down = tensors[key]
-        alpha = tensors.get(f"{name}.alpha")
+        in_features, out_features = modules[component][path]
+        if down.shape[1] != in_features or up.shape[0] != out_features:
+            raise UserError(
+                mismatch
+                or f"{source}: {component}.{path} expects in {in_features} / out {out_features}, the file has "
+                f"in {down.shape[1]} / out {up.shape[0]}; the adapter was made for a different base model"
+            )
         lora[f"{component}.{path}"] = LoraModule(
-            down=down.float(), up=up.float(), alpha=float(alpha) if alpha is not None else float(down.shape[0])
+            down=down.float(), up=up.float(), alpha=alpha if alpha is not None else float(down.shape[0])
         )
     if unknown:
         raise UserError(
-            f"{source}: {len(unknown)} LoRA key(s) match no layer of this base model, e.g. {unknown[:3]}; "
+            mismatch
+            or f"{source}: {len(unknown)} LoRA module(s) match no layer of {base_family}, e.g. {unknown[:3]}; "
             "the adapter was made for a different model architecture"
         )
     return lora
+
+
+def adapter_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """`SDXL`, `SD 2.x`, `SD 1.x`, `lora-studio builtin` or `unknown`: from the header, else from the shapes."""
+    version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+    for needle, family in (("builtin", "lora-studio builtin"), ("xl", "SDXL"), ("v2", "SD 2.x"), ("v1", "SD 1.x")):
+        if needle in version:
+            return family
+    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
+        return "SDXL"
+    dims = {
+        t.shape[1]
+        for k, t in tensors.items()
+        if re.search(r"attn2[._]to_k", k) and k.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))
+    }
+    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(next(iter(dims), 0), "unknown")
+
+
+def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors in diffusers/peft layout plus the `lora_adapter_metadata` header that keeps every alpha."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, object] = {}
+    for component in sorted({k.split(".", 1)[0] for k in lora}):
+        modules = {k.split(".", 1)[1]: m for k, m in lora.items() if k.startswith(component + ".")}
+        for path, m in sorted(modules.items()):
+            tensors[f"{component}.{path}.lora_A.weight"] = m.down.contiguous()
+            tensors[f"{component}.{path}.lora_B.weight"] = m.up.contiguous()
+        ranks = Counter(m.rank for m in modules.values())
+        alphas = Counter(m.alpha for m in modules.values())
+        rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+        info.update(
+            {
+                f"{component}.r": rank,
+                f"{component}.lora_alpha": alpha,
+                f"{component}.target_modules": sorted(modules),
+                f"{component}.rank_pattern": {p: m.rank for p, m in modules.items() if m.rank != rank},
+                f"{component}.alpha_pattern": {p: m.alpha for p, m in modules.items() if m.alpha != alpha},
+            }
+        )
+    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(info, indent=2, sort_keys=True)}
 
 
 def model_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -137,16 +293,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def architecture_of(base_model: str) -> tuple[str, str, bool]:
-    """(kohya ss_base_model_version, modelspec architecture, is SD 2.x) for a base model name."""
-    name = base_model.lower()
-    if name == "builtin":
-        return "lora_studio_builtin", "lora-studio-builtin/lora", False
-    if "xl" in name:
-        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", False
-    if "stable-diffusion-2" in name or "sd2" in name or "v2-" in name:
-        return "sd_v2", "stable-diffusion-v2/lora", True
-    return "sd_v1", "stable-diffusion-v1/lora", False
+_ARCHITECTURES = {  # family -> (kohya ss_base_model_version, modelspec.architecture, ss_v2)
+    "lora-studio builtin": ("lora_studio_builtin", "lora-studio-builtin/lora", False),
+    "SD 1.x": ("sd_v1", "stable-diffusion-v1/lora", False),
+    "SD 2.x": ("sd_v2", "stable-diffusion-v2-768-v/lora", True),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", False),
+    "custom": ("custom", "custom/lora", False),
+}
 
 
 def build_metadata(
@@ -155,6 +308,7 @@ def build_metadata(
     rank: int,
     alpha: float,
     base_model: str,
+    family: str,
     output_name: str,
     resolution: int,
     num_images: int,
@@ -164,7 +318,7 @@ def build_metadata(
     steps: int,
 ) -> dict[str, str]:
     """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig and format version)."""
-    version, architecture, v2 = architecture_of(base_model)
+    version, architecture, v2 = _ARCHITECTURES[family]
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

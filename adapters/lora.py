@@ -44,10 +44,27 @@ def attention_targets(unet: torch.nn.Module, attention: str = "both") -> list[st
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
     attns = {"self": ("attn1",), "cross": ("attn2",), "both": ("attn1", "attn2")}[attention]
     pattern = re.compile(r"(^|\.)transformer_blocks\.\d+\.(" + "|".join(attns) + r")\.(to_q|to_k|to_v|to_out\.0)$")
-    return [name for name, module in unet.named_modules() if pattern.search(name) and isinstance(module, torch.nn.Linear)]
+    return [
+        name
+        for name, module in unet.named_modules()
+        if pattern.search(name) and isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+    ]
 
 
-def attach(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, adapter_name: str = "default") -> None:
+def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """{path: (in, out)} of the layers LoRA can sit on (Linear and Conv2d)."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[name] = (m.in_features, m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            shapes[name] = (m.in_channels, m.out_channels)
+    return shapes
+
+
+def attach(
+    model: torch.nn.Module, targets: list[str], rank: int, alpha: float, adapter_name: str = "default"
+) -> None:
     """Add a fresh, trainable LoRA (B = 0, so the model is unchanged until trained) to exactly `targets`.
 
     Trap: a second call with the same adapter_name raises; pick another name or `remove` the first.

@@ -3,11 +3,16 @@
     studio = Studio("builtin")
     studio.load("style.safetensors", name="style")
     images = studio.generate("a red circle", seed=7, scales={"style": 0.8})
+
+The verbs: `load`/`add` (attach), `set_scales` (strengths, any number of adapters), `fuse`/`unfuse` (bake
+strengths into the weights and restore them bit-exactly), `swap` (replace an adapter's weights in place),
+`unload`. Nothing here reloads the base model.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -18,17 +23,12 @@ from diffusers.loaders.lora_base import (
 )
 from PIL import Image
 
-from adapters.base import load_pipeline, pick_device
+from adapters.base import load_pipeline, model_family, pick_device
 from adapters.errors import UserError
-from adapters.formats import from_kohya, read_safetensors
-from adapters.lora import Lora, install, split_components
+from adapters.formats import read_lora, read_safetensors
+from adapters.lora import Lora, install, lora_layers, module_shapes, split_components
 
 COMPONENTS = ("unet", "text_encoder")
-
-
-def module_names(model: torch.nn.Module) -> list[str]:
-    """Paths of the layers LoRA can sit on (Linear and Conv2d)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -42,60 +42,110 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _delete_adapter(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "delete_adapters"):  # diffusers models
+        model.delete_adapters(name)
+    else:  # transformers models
+        model.delete_adapter(name)
+
+
 class Studio:
     """One base pipeline and the adapters attached to it; nothing here reloads the base model."""
 
-    def __init__(self, base_model: str = "builtin", *, device=None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, base_model: str = "builtin", *, device=None, dtype: torch.dtype | None = None, max_loaded: int = 8
+    ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, device=self.device, dtype=dtype)
-        self._names = {c: module_names(getattr(self.pipe, c)) for c in COMPONENTS}
-        self.adapters: dict[str, list[str]] = {}  # adapter name -> components it has weights for
+        self.family = model_family(self.pipe)
+        self._shapes = {c: module_shapes(getattr(self.pipe, c)) for c in COMPONENTS}
+        self.max_loaded = max_loaded
+        self.adapters: OrderedDict[str, list[str]] = OrderedDict()  # name -> components, least recently used first
+        self._sources: dict[str, tuple] = {}  # name -> (path, size, mtime) of the file it came from
+        self.scales: dict[str, float] = {}
+        self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
 
     @property
     def native_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    # -- attaching ---------------------------------------------------------------------------------------------
     def read(self, path: Path) -> Lora:
-        """Read an adapter file against this base model (errors name the file and the reason)."""
-        tensors, _ = read_safetensors(Path(path))
-        return from_kohya(tensors, self._names, source=str(path))
+        """Read an adapter file of any supported layout against this base model (errors name file and reason)."""
+        tensors, metadata = read_safetensors(Path(path))
+        return read_lora(tensors, metadata, self._shapes, source=str(path), base_family=self.family)
 
     def add(self, lora: Lora, name: str) -> str:
-        """Attach in-memory LoRA weights under `name` (inactive until a strength is set)."""
+        """Attach in-memory LoRA weights under `name`, inactive until a strength is set.
+
+        Trap: the name must be new; `load` is the one that reuses or replaces by name.
+        """
         if name in self.adapters:
             raise UserError(f"an adapter named {name!r} is already loaded; unload it first or choose another name")
+        if not lora:
+            raise UserError(f"adapter {name!r} has no LoRA weights to attach")
+        self._require_unfused("attach an adapter")
+        self._evict(keep=len(self.adapters) + 1 - self.max_loaded)
         parts = split_components(lora)
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for component, modules in parts.items():
                 install(getattr(self.pipe, component), modules, name)
         self.adapters[name] = sorted(parts)
-        self.set_scales({})
+        self.set_scales(self.scales)
         return name
 
     def load(self, path: Path, name: str | None = None) -> str:
-        """Read and attach an adapter file; the name defaults to the file's stem."""
-        return self.add(self.read(path), name or Path(path).stem)
+        """Attach an adapter file (name: the file's stem); the same unchanged file under the same name is reused."""
+        path = Path(path)
+        name = name or path.stem
+        stat = path.stat() if path.is_file() else None
+        source = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
+        if name in self.adapters:
+            if self._sources.get(name) == source:
+                self.adapters.move_to_end(name)
+                return name
+            self.unload(name)
+        lora = self.read(path)
+        self.add(lora, name)
+        self._sources[name] = source
+        return name
 
     def unload(self, name: str) -> None:
-        """Remove an adapter's layers from the model entirely."""
+        """Remove an adapter's layers from the model entirely (its strength is dropped too)."""
+        self._require_unfused("unload an adapter")
         for component in self.adapters.pop(name):
-            getattr(self.pipe, component).delete_adapters(name)
+            _delete_adapter(getattr(self.pipe, component), name)
+        self._sources.pop(name, None)
+        self.scales.pop(name, None)
 
+    def _evict(self, keep: int) -> None:
+        """Unload least-recently-used adapters, never an active one, until at most max_loaded would remain."""
+        for name in list(self.adapters):
+            if keep <= 0:
+                return
+            if name not in self.scales:
+                self.unload(name)
+                keep -= 1
+
+    # -- strengths -----------------------------------------------------------------------------------------------
     def set_scales(self, scales: dict[str, float]) -> None:
         """Activate exactly the adapters in `scales`, each at its strength; all others off. No reload."""
         unknown = set(scales) - set(self.adapters)
         if unknown:
             raise UserError(f"adapter(s) {sorted(unknown)} are not loaded; loaded: {sorted(self.adapters)}")
+        if self._fused is not None and scales:
+            raise UserError("the pipeline has adapters fused into its weights; unfuse() before changing strengths")
+        for name in scales:
+            self.adapters.move_to_end(name)
         for component in COMPONENTS:
             model = getattr(self.pipe, component)
-            names = [n for n in scales if component in self.adapters[n]]
-            has_any = any(component in parts for parts in self.adapters.values())
-            if not has_any:
+            if not any(component in parts for parts in self.adapters.values()):
                 continue
+            names = [n for n in scales if component in self.adapters[n]]
             weights = [float(scales[n]) for n in names]
             if component == "unet":
                 if names:
@@ -108,7 +158,78 @@ class Studio:
                 set_adapters_for_text_encoder(names, model, weights)
             else:
                 disable_lora_for_text_encoder(model)
+        self.scales = dict(scales)
 
+    # -- fuse / swap -----------------------------------------------------------------------------------------------
+    def fuse(self, scales: dict[str, float]) -> None:
+        """Add the adapters' deltas at these strengths into the base weights and switch the LoRA layers off.
+
+        Generation then costs what the base model costs. `unfuse` puts the saved base weights back, so the
+        restoration is bit-for-bit. Trap: while fused, strengths cannot change and adapters cannot be attached.
+        """
+        self._require_unfused("fuse again")
+        self.set_scales({n: s for n, s in scales.items()})  # validates the names
+        saved: dict[str, torch.Tensor] = {}
+        for component in COMPONENTS:
+            model = getattr(self.pipe, component)
+            for name, strength in scales.items():
+                for path, layer in lora_layers(model, name):
+                    weight = layer.base_layer.weight
+                    key = f"{component}.{path}"
+                    if key not in saved:
+                        saved[key] = weight.detach().clone()
+                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                    delta = (b.float().flatten(1) @ a.float().flatten(1)).view(weight.shape[0], *a.shape[1:])
+                    scale = strength * layer.lora_alpha[name] / layer.r[name]
+                    with torch.no_grad():
+                        weight += (delta * scale).to(weight.dtype)
+        self._fused = saved
+        self.set_scales({})
+
+    def unfuse(self) -> None:
+        """Restore the exact base weights saved by `fuse` (bit-for-bit)."""
+        if self._fused is None:
+            return
+        for key, original in self._fused.items():
+            component, path = key.split(".", 1)
+            layer = getattr(self.pipe, component).get_submodule(path)
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(original)
+        self._fused = None
+
+    def swap(self, name: str, lora: Lora) -> None:
+        """Replace loaded adapter `name`'s weights in place with another of the same targets and ranks.
+
+        No layer is added or removed, so this is a copy of the new tensors; the current strength is kept.
+        """
+        self._require_unfused("swap an adapter")
+        if name not in self.adapters:
+            raise UserError(f"adapter {name!r} is not loaded; load it before swapping its weights")
+        layers = {
+            f"{component}.{path}": layer
+            for component in self.adapters[name]
+            for path, layer in lora_layers(getattr(self.pipe, component), name)
+        }
+        if set(layers) != set(lora):
+            raise UserError(f"cannot hot-swap {name!r}: the new adapter targets other layers; unload and load it")
+        for key, module in lora.items():
+            layer = layers[key]
+            if layer.r[name] != module.rank:
+                raise UserError(f"cannot hot-swap {name!r}: rank {module.rank} at {key}, loaded rank {layer.r[name]}")
+        with torch.no_grad():
+            for key, module in lora.items():
+                layer = layers[key]
+                layer.lora_A[name].weight.copy_(module.down)
+                layer.lora_B[name].weight.copy_(module.up)
+                layer.lora_alpha[name] = module.alpha
+        self._sources.pop(name, None)
+        self.set_scales(self.scales)  # recomputes each layer's scaling from the new alphas
+
+    def _require_unfused(self, what: str) -> None:
+        if self._fused is not None:
+            raise UserError(f"cannot {what} while adapters are fused into the weights; unfuse() first")
+
+    # -- pictures ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,

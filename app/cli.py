@@ -1,8 +1,8 @@
-"""The `lora-studio` command line: train, generate, inspect (and the demo that `make run` starts).
+"""The `lora-studio` command line: train, generate, export, inspect, demo.
 
-    lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
-    lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --out out.png
-    lora-studio inspect style.safetensors
+lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
+lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --out out.png
+lora-studio inspect style.safetensors
 """
 
 from __future__ import annotations
@@ -96,13 +96,21 @@ def _demo(args: argparse.Namespace) -> int:
     result = train(TrainConfig(data=str(data), output=str(out_dir / f"demo-{stamp}.safetensors")))
     studio = Studio("builtin")
     studio.load(result.adapter, name="demo")
-    rows = [
-        [studio.generate(p, seed=7, scales={"demo": s})[0] for s in DEMO_STRENGTHS] for p in DEMO_PROMPTS
-    ]
+    rows = [[studio.generate(p, seed=7, scales={"demo": s})[0] for s in DEMO_STRENGTHS] for p in DEMO_PROMPTS]
     grid = labelled_grid(rows, [f"strength {s:g}" for s in DEMO_STRENGTHS], list(DEMO_PROMPTS))
     path = out_dir / f"demo-{stamp}.png"
     save_image(grid, path)
     print(f"wrote {result.adapter} and the preview grid {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from adapters.export import export_adapter
+
+    out = export_adapter(
+        Path(args.file), args.format, Path(args.out), base_model=args.base_model, overwrite=args.overwrite
+    )
+    print(f"wrote {out} ({args.format} layout)")
     return 0
 
 
@@ -136,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")
     p.add_argument("--out-dir", default="outputs", help="where the adapter and grid go (default: %(default)s)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("export", help="convert an adapter to the kohya/A1111 or the diffusers layout")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, choices=("kohya", "diffusers"))
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="the model the adapter is for (default: the one in its header, else builtin)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="print an adapter file's format and metadata as JSON")
     p.add_argument("file")

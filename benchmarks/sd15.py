@@ -42,23 +42,48 @@ def build_sd15(tiny: bool):
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
         size = 512
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **te)
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **te,
+        )
     )
     unet_model = UNet2DConditionModel(
-        sample_size=size // 8, attention_head_dim=8,
+        sample_size=size // 8,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **unet,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **unet,
     )
     vae_model = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4, sample_size=size, scaling_factor=0.18215, **vae,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=size,
+        scaling_factor=0.18215,
+        **vae,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae_model,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet_model,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     return pipe, size
 
 
@@ -82,8 +107,9 @@ def step_flops(model_dir: Path, size: int, batch: int, device) -> float:
     from adapters.base import load_pipeline
     from adapters.lora import attach, attention_targets
 
-    pipe = load_pipeline(str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else
-                         torch.float32)
+    pipe = load_pipeline(
+        str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     unet = pipe.unet.requires_grad_(False)
     attach(unet, attention_targets(unet, "both"), 8, 8)
     for n, p in unet.named_parameters():
@@ -133,8 +159,12 @@ def main() -> None:
     from trainer.loop import train
     from trainer.runs import read_events
 
-    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch}
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "batch": args.batch,
+    }
     pipe, size = build_sd15(args.tiny)
     results["resolution"] = size
     model_dir = args.work / ("sd15-tiny" if args.tiny else "sd15")
@@ -145,9 +175,16 @@ def main() -> None:
 
     # Training through the real loop; the speed is taken from its own event log, past the first 10 steps.
     run_dir = args.work / f"run-{time.time():.0f}"
-    config = TrainConfig(base_model=str(model_dir), data=str(args.work / "data"), steps=args.steps,
-                         batch_size=args.batch, rank=8, mixed_precision="bf16" if device.type == "cuda" else "no",
-                         run_dir=str(run_dir), output=str(run_dir / "bench.safetensors"))
+    config = TrainConfig(
+        base_model=str(model_dir),
+        data=str(args.work / "data"),
+        steps=args.steps,
+        batch_size=args.batch,
+        rank=8,
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        run_dir=str(run_dir),
+        output=str(run_dir / "bench.safetensors"),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train(config, device=args.device, log_to_terminal=False)
@@ -160,8 +197,12 @@ def main() -> None:
         results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     flops = step_flops(model_dir, size, args.batch, device)
     rate = matmul_rate(device)
-    results.update(step_tflop=flops / 1e12, matmul_tflops=rate / 1e12, floor_step_s=flops / rate,
-                   fraction_of_floor=(flops / rate) / steady)
+    results.update(
+        step_tflop=flops / 1e12,
+        matmul_tflops=rate / 1e12,
+        floor_step_s=flops / rate,
+        fraction_of_floor=(flops / rate) / steady,
+    )
 
     # Generation: 30 steps, CFG 7.5, median of 3 after a warm-up; strength change; cold adapter load.
     studio = Studio(str(model_dir), device=args.device)

@@ -30,8 +30,16 @@ def trained(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     data = write_scene_folder(tmp / "data")
     config = TrainConfig(
-        base_model=str(tiny_model), data=str(data), steps=20, batch_size=2, learning_rate=5e-3, rank=4,
-        alpha=2.0, trigger_word="zz", output=str(tmp / "style.safetensors"), run_dir=str(tmp / "run"),
+        base_model=str(tiny_model),
+        data=str(data),
+        steps=20,
+        batch_size=2,
+        learning_rate=5e-3,
+        rank=4,
+        alpha=2.0,
+        trigger_word="zz",
+        output=str(tmp / "style.safetensors"),
+        run_dir=str(tmp / "run"),
     )
     return config, train(config, device="cpu", log_to_terminal=False)
 

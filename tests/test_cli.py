@@ -21,8 +21,25 @@ def run_cli(args, capsys):
 def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(
-        ["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 4, "--rank", 4,
-         "--output", "style.safetensors", "--sample-prompt", "a red circle", "--sample-every", 2], capsys)
+        [
+            "train",
+            "--base-model",
+            tiny_model,
+            "--data",
+            image_folder,
+            "--steps",
+            4,
+            "--rank",
+            4,
+            "--output",
+            "style.safetensors",
+            "--sample-prompt",
+            "a red circle",
+            "--sample-every",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert Path("style.safetensors").is_file()
     run = next(Path("runs").iterdir())  # default run folder under ./runs
@@ -30,9 +47,25 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
 
     code, out, err = run_cli(
-        ["generate", "--base-model", tiny_model, "--prompt", "a red circle", "--adapter",
-         "style.safetensors:0.8", "--adapter", "style.safetensors:0.1", "--seed", 7, "--steps", 3,
-         "--out", "out.png"], capsys)
+        [
+            "generate",
+            "--base-model",
+            tiny_model,
+            "--prompt",
+            "a red circle",
+            "--adapter",
+            "style.safetensors:0.8",
+            "--adapter",
+            "style.safetensors:0.1",
+            "--seed",
+            7,
+            "--steps",
+            3,
+            "--out",
+            "out.png",
+        ],
+        capsys,
+    )
     assert code == 0, err
     image = Image.open("out.png")
     assert image.size == (32, 32) and "Seed: 7" in image.info["parameters"]
@@ -45,8 +78,22 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
 def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_path, capsys):
     existing = tmp_path / "mine.safetensors"
     existing.write_bytes(b"precious")
-    code, _, err = run_cli(["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 1,
-                            "--output", existing, "--run-dir", tmp_path / "r"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--base-model",
+            tiny_model,
+            "--data",
+            image_folder,
+            "--steps",
+            1,
+            "--output",
+            existing,
+            "--run-dir",
+            tmp_path / "r",
+        ],
+        capsys,
+    )
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert existing.read_bytes() == b"precious"
     out = tmp_path / "o.png"
@@ -90,7 +137,11 @@ def test_local_folder_without_model_index(tmp_path, image_folder, capsys):
 def test_console_script_exit_code(tmp_path):
     """The installed `lora-studio` command itself exits non-zero with the message on stderr."""
     exe = Path(sys.executable).with_name("lora-studio")
-    proc = subprocess.run([str(exe), "train", "--data", str(tmp_path), "--rank", "0"], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [str(exe), "train", "--data", str(tmp_path), "--rank", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2
     assert "rank (--rank) must be at least 1" in proc.stderr and "Traceback" not in proc.stderr

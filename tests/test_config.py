@@ -19,10 +19,36 @@ def parse(argv, config=None):
 
 def test_flags_are_kebab_case_field_names():
     cfg = parse(
-        ["--base-model", "builtin", "--data", "d", "--output", "o.safetensors", "--resolution", "64",
-         "--batch-size", "3", "--steps", "7", "--learning-rate", "2e-4", "--rank", "4", "--alpha", "2",
-         "--attention", "cross", "--seed", "5", "--mixed-precision", "bf16", "--trigger-word", "tw",
-         "--default-caption", "a thing"]
+        [
+            "--base-model",
+            "builtin",
+            "--data",
+            "d",
+            "--output",
+            "o.safetensors",
+            "--resolution",
+            "64",
+            "--batch-size",
+            "3",
+            "--steps",
+            "7",
+            "--learning-rate",
+            "2e-4",
+            "--rank",
+            "4",
+            "--alpha",
+            "2",
+            "--attention",
+            "cross",
+            "--seed",
+            "5",
+            "--mixed-precision",
+            "bf16",
+            "--trigger-word",
+            "tw",
+            "--default-caption",
+            "a thing",
+        ]
     )
     assert (cfg.resolution, cfg.batch_size, cfg.steps, cfg.rank, cfg.alpha) == (64, 3, 7, 4, 2.0)
     assert (cfg.learning_rate, cfg.attention, cfg.seed, cfg.mixed_precision) == (2e-4, "cross", 5, "bf16")

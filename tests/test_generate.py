@@ -89,7 +89,9 @@ def test_pickle_renamed_safetensors_is_refused_without_unpickling(tiny_model, tm
 def test_nan_weights_are_refused(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), device="cpu")
     name = "lora_unet_" + attention_targets(studio.pipe.unet, "both")[0].replace(".", "_")
-    save_file({f"{name}.lora_down.weight": torch.full((4, 32), float("nan")),
-               f"{name}.lora_up.weight": torch.zeros(32, 4)}, tmp_path / "nan.safetensors")
+    save_file(
+        {f"{name}.lora_down.weight": torch.full((4, 32), float("nan")), f"{name}.lora_up.weight": torch.zeros(32, 4)},
+        tmp_path / "nan.safetensors",
+    )
     with pytest.raises(UserError, match="NaN or Inf"):
         studio.load(tmp_path / "nan.safetensors")

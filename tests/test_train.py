@@ -23,8 +23,9 @@ def expected_projections(unet, attns):
     return sorted(names)
 
 
-@pytest.mark.parametrize("attention,attns", [("both", ("attn1", "attn2")), ("self", ("attn1",)),
-                                             ("cross", ("attn2",))])
+@pytest.mark.parametrize(
+    "attention,attns", [("both", ("attn1", "attn2")), ("self", ("attn1",)), ("cross", ("attn2",))]
+)
 def test_injection_touches_exactly_the_attention_projections(tiny_model, attention, attns):
     unet = load_pipeline(tiny_model, device="cpu").unet
     expected = expected_projections(unet, attns)
@@ -52,8 +53,15 @@ def test_training_changes_only_lora_and_lowers_the_loss(tiny_model, image_folder
         loss_before = diffusion_loss(base.unet, batch, _noise_scheduler(base)).item()
 
     config = TrainConfig(
-        base_model=str(tiny_model), data=str(image_folder), steps=120, batch_size=4, learning_rate=1e-3,
-        rank=8, output=str(tmp_path / "a.safetensors"), run_dir=str(tmp_path / "run"), seed=1,
+        base_model=str(tiny_model),
+        data=str(image_folder),
+        steps=120,
+        batch_size=4,
+        learning_rate=1e-3,
+        rank=8,
+        output=str(tmp_path / "a.safetensors"),
+        run_dir=str(tmp_path / "run"),
+        seed=1,
     )
     result = train(config, device="cpu", log_to_terminal=False)
 
@@ -82,8 +90,12 @@ def _noise_scheduler(pipe):
 
 def test_v_prediction_base_trains(tiny_vpred_model, image_folder, tmp_path):
     config = TrainConfig(
-        base_model=str(tiny_vpred_model), data=str(image_folder), steps=3, batch_size=2,
-        output=str(tmp_path / "v.safetensors"), run_dir=str(tmp_path / "run"),
+        base_model=str(tiny_vpred_model),
+        data=str(image_folder),
+        steps=3,
+        batch_size=2,
+        output=str(tmp_path / "v.safetensors"),
+        run_dir=str(tmp_path / "run"),
     )
     result = train(config, device="cpu", log_to_terminal=False)
     assert result.adapter.is_file() and torch.isfinite(torch.tensor(result.loss))
@@ -95,8 +107,13 @@ def test_same_seed_same_adapter(tiny_model, image_folder, tmp_path):
     outs = []
     for i in range(2):
         config = TrainConfig(
-            base_model=str(tiny_model), data=str(image_folder), steps=5, batch_size=2, seed=3,
-            output=str(tmp_path / f"s{i}.safetensors"), run_dir=str(tmp_path / f"run{i}"),
+            base_model=str(tiny_model),
+            data=str(image_folder),
+            steps=5,
+            batch_size=2,
+            seed=3,
+            output=str(tmp_path / f"s{i}.safetensors"),
+            run_dir=str(tmp_path / f"run{i}"),
         )
         outs.append(load_file(train(config, device="cpu", log_to_terminal=False).adapter))
     assert outs[0].keys() == outs[1].keys()

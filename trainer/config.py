@@ -33,13 +33,9 @@ class TrainConfig:
         "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x / 2.x).",
     )
     data: str = _f("", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.")
-    output: str = _f(
-        "", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder."
-    )
+    output: str = _f("", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder.")
     overwrite: bool = _f(False, "Allow replacing an existing --output file (otherwise training refuses to start).")
-    run_dir: str = _f(
-        "", "Run folder for the config, events log and samples. Default: a new folder under ./runs/."
-    )
+    run_dir: str = _f("", "Run folder for the config, events log and samples. Default: a new folder under ./runs/.")
     # the data
     resolution: int = _f(0, "Training resolution in pixels (square). 0 = the base model's native size.")
     trigger_word: str = _f("", "Word put at the start of every caption, to call the style up at generation.")

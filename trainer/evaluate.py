@@ -35,8 +35,16 @@ def style_eval_prompts(colors, shapes, count: int, prefix: str = "") -> list[tup
     return out
 
 
-def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int = 20, guidance: float = 7.5,
-                   batch: int = 50, cross_attention_kwargs=None) -> list:
+def generate_batch(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int = 20,
+    guidance: float = 7.5,
+    batch: int = 50,
+    cross_attention_kwargs=None,
+) -> list:
     """One image per (prompt, seed), generated in batches with a CPU generator per image (reproducible)."""
     images = []
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -80,4 +88,3 @@ def prompt_fidelity(pipe, count: int = 100, steps: int = 20) -> Score:
     items = held_out_prompts(count)
     images = generate_batch(pipe, [p for p, *_ in items], [s for _, s, *_ in items], steps=steps)
     return score(images, items)
-

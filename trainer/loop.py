@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.base import base_model_label, load_pipeline
+from adapters.base import base_model_label, load_pipeline, model_family
 from adapters.errors import UserError
 from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.lora import attach, attention_targets, extract, trainable_parameters
@@ -71,7 +71,10 @@ def encode_examples(pipe, examples, device, dtype) -> dict[str, torch.Tensor]:
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
         ids = pipe.tokenizer(
-            ex.caption, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+            ex.caption,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         embeds.append(pipe.text_encoder(ids.to(device))[0].float())
@@ -183,7 +186,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
     # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
     pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
-    unet = pipe.unet
+    unet, family = pipe.unet, model_family(pipe)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
     targets = attention_targets(unet, config.attention)
@@ -274,7 +277,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     except Cancelled:
         step -= 1
         bar.close()
-        path = _save(config, accelerator.unwrap_model(unet), examples, resolution, output, step) if main else output
+        unwrapped = accelerator.unwrap_model(unet)
+        path = _save(config, unwrapped, examples, resolution, output, step, family) if main else output
         events.emit("cancelled", step=step, adapter=str(path))
         raise
     bar.close()
@@ -282,21 +286,23 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
     # 5. The adapter file (main process only), then the last preview.
     if main:
-        _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps)
+        _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
         make_sample(config.steps)
-        events.emit("done", step=config.steps, loss=loss_value, adapter=str(output),
-                    seconds=time.perf_counter() - started)
+        events.emit(
+            "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
+        )
     accelerator.wait_for_everyone()
     return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
 
 
-def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int) -> Path:
+def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: str) -> Path:
     tensors = to_kohya(extract(unet, "unet"))
     metadata = build_metadata(
         tensors=tensors,
         rank=config.rank,
         alpha=config.effective_alpha,
         base_model=base_model_label(config.base_model),
+        family=family,
         output_name=output.stem,
         resolution=resolution,
         num_images=len(examples),

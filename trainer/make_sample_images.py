@@ -38,8 +38,15 @@ def style_scenes(seed: int = 0, count: int = 16) -> list[Scene]:
             size = rng.choice(list(SIZES))
             pos = rng.choice(list(POSITIONS))
             px, py = POSITIONS[pos]
-            objs = (Obj(shape, color, px + rng.uniform(-0.03, 0.03), py + rng.uniform(-0.03, 0.03),
-                        rng.uniform(*SIZES[size])),)
+            objs = (
+                Obj(
+                    shape,
+                    color,
+                    px + rng.uniform(-0.03, 0.03),
+                    py + rng.uniform(-0.03, 0.03),
+                    rng.uniform(*SIZES[size]),
+                ),
+            )
             words = ["a"] + ([size] if size != "medium" else []) + [color, shape]
             if pos != "center":
                 words += POSITION_PHRASES[pos].split()

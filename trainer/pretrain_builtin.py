@@ -63,7 +63,10 @@ class SceneBatches(IterableDataset):
             else:
                 captions = ["" if rng.random() < self.drop_caption else s.caption for s in scenes]
                 ids = self.tokenizer(
-                    captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                    captions,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
                     return_tensors="pt",
                 ).input_ids
                 yield render(scenes, style="plain"), ids
@@ -78,8 +81,12 @@ def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
 
 def _loader(dataset, workers: int, device) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=bool(workers),
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=bool(workers),
     )
 
 
@@ -99,7 +106,9 @@ def train_vae(vae, args, device, autocast) -> dict:
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.vae_steps, args.vae_lr)
         x = _to_unit(next(loader), device)
-        if args.vae_crop:  # the VAE is convolutional: it learns edges and colours from crops at a fraction of the cost
+        if (
+            args.vae_crop
+        ):  # the VAE is convolutional: it learns edges and colours from crops at a fraction of the cost
             i, j = (int(v) for v in torch.randint(0, x.shape[-1] - args.vae_crop + 1, (2,), generator=crop_gen))
             x = x[:, :, i : i + args.vae_crop, j : j + args.vae_crop]
         with autocast():
@@ -238,8 +247,11 @@ def main() -> None:
         autocast = contextlib.nullcontext
     started = time.time()
     pipe = load_pipeline(args.init, device=device)
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     report["vae"] = train_vae(pipe.vae, args, device, autocast)
     steps = fit_steps(pipe, args, device, autocast) if args.unet_steps == "auto" else int(args.unet_steps)
     report["unet"] = train_unet(pipe, args, device, autocast, total=steps)

@@ -300,7 +300,12 @@ class Reading:
 def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
     """Fill the enclosed holes of a bool mask (H, W): an outline becomes the shape it outlines."""
     outside = torch.zeros_like(mask)
-    outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = ~mask[0, :], ~mask[-1, :], ~mask[:, 0], ~mask[:, -1]
+    outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = (
+        ~mask[0, :],
+        ~mask[-1, :],
+        ~mask[:, 0],
+        ~mask[:, -1],
+    )
     free = ~mask
     while True:
         grown = outside.clone()
