@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lora-studio demo
+	$(VENV)/bin/lora-studio ui --preload sample_images
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -114,6 +114,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local tool
+    from app.ui import launch
+
+    launch(args.host, args.port, args.auth, args.workspace, args.base_model, args.preload)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer.config import add_arguments
 
@@ -140,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .webp)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("ui", help="start the web app (Train, Generate, Adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument("--workspace", default=".", help="folder holding runs/ and library/ (default: here)")
+    p.add_argument("--base-model", default="builtin", help="base model preselected in the page")
+    p.add_argument("--preload", default=None, metavar="FOLDER", help="put this folder's images in the upload box")
+    p.set_defaults(func=_ui)
 
     p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")
     p.add_argument("--out-dir", default="outputs", help="where the adapter and grid go (default: %(default)s)")

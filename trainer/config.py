@@ -35,6 +35,10 @@ class TrainConfig:
     data: str = _f("", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.")
     output: str = _f("", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder.")
     overwrite: bool = _f(False, "Allow replacing an existing --output file (otherwise training refuses to start).")
+    name: str = _f("", "Adapter name, as shown in the library. Default: the run folder's name.")
+    library: str = _f(
+        "", "Adapter library folder to add the finished adapter to (with its last preview). Empty = none."
+    )
     run_dir: str = _f("", "Run folder for the config, events log and samples. Default: a new folder under ./runs/.")
     # the data
     resolution: int = _f(0, "Training resolution in pixels (square). 0 = the base model's native size.")

@@ -184,115 +184,126 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         config.save(run_dir / "config.json")
     stop_flag = _stop_on_signals()
 
-    # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
-    pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
-    unet, family = pipe.unet, model_family(pipe)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.requires_grad_(False)
-    targets = attention_targets(unet, config.attention)
-    torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
-    attach(unet, targets, config.rank, config.effective_alpha)
-    params = trainable_parameters(unet)
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-
-    # 3. Data: every image and caption encoded once by the frozen VAE and text encoder.
-    examples = load_examples(
-        config.data, resolution, default_caption=config.default_caption, trigger_word=config.trigger_word
-    )
-    cache = encode_examples(pipe, examples, accelerator.device, weight_dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    processes = accelerator.num_processes
-    drawer = BatchDrawer(
-        len(examples),
-        config.batch_size * processes,
-        noise_scheduler.config.num_train_timesteps,
-        cache["latent_mean"].shape[1:],
-        config.seed,
-    )
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    events.emit(
-        "start",
-        steps=config.steps,
-        images=len(examples),
-        resolution=resolution,
-        targets=len(targets),
-        trainable_parameters=sum(p.numel() for p in params),
-        device=str(accelerator.device),
-        precision=precision,
-        processes=processes,
-    )
-
-    # 4. The loop: one UNet forward and backward per step.
-    def make_sample(step: int) -> None:
-        if not (main and config.sample_prompt):
-            return
-        pipe.unet = accelerator.unwrap_model(unet)
-        pipe.unet.eval()
-        image = pipe(
-            config.sample_prompt,
-            num_inference_steps=20,
-            generator=torch.Generator("cpu").manual_seed(config.seed),
-            height=resolution,
-            width=resolution,
-        ).images[0]
-        pipe.unet.train()
-        path = run_dir / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        image.save(path)
-        events.emit("sample", step=step, path=str(path), prompt=config.sample_prompt)
-
-    bar = tqdm(total=config.steps, disable=not (main and log_to_terminal), desc="training", unit="step")
-    started, step, loss_value = time.perf_counter(), 0, math.nan
-    unet.train()
     try:
-        for step in range(1, config.steps + 1):
-            if stop_flag["stop"] or (should_stop is not None and should_stop()):
-                raise Cancelled
-            batch = make_batch(drawer.draw(), cache, accelerator.device, accelerator.process_index, processes)
-            with accelerator.autocast():
-                loss = diffusion_loss(unet, batch, noise_scheduler)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            elapsed = time.perf_counter() - started
-            rate = step / elapsed
-            events.emit(
-                "progress",
-                step=step,
-                total=config.steps,
-                loss=loss_value,
-                steps_per_s=rate,
-                images_per_s=rate * config.batch_size * processes,
-                eta_s=(config.steps - step) / rate,
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if config.sample_every and step % config.sample_every == 0 and step != config.steps:
-                make_sample(step)
-    except Cancelled:
-        step -= 1
-        bar.close()
-        unwrapped = accelerator.unwrap_model(unet)
-        path = _save(config, unwrapped, examples, resolution, output, step, family) if main else output
-        events.emit("cancelled", step=step, adapter=str(path))
-        raise
-    bar.close()
-    accelerator.wait_for_everyone()
+        # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
+        pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
+        unet, family = pipe.unet, model_family(pipe)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.requires_grad_(False)
+        targets = attention_targets(unet, config.attention)
+        torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
+        attach(unet, targets, config.rank, config.effective_alpha)
+        params = trainable_parameters(unet)
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
 
-    # 5. The adapter file (main process only), then the last preview.
-    if main:
-        _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
-        make_sample(config.steps)
-        events.emit(
-            "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
+        # 3. Data: every image and caption encoded once by the frozen VAE and text encoder.
+        examples = load_examples(
+            config.data, resolution, default_caption=config.default_caption, trigger_word=config.trigger_word
         )
-    accelerator.wait_for_everyone()
-    return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
+        cache = encode_examples(pipe, examples, accelerator.device, weight_dtype)
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        processes = accelerator.num_processes
+        drawer = BatchDrawer(
+            len(examples),
+            config.batch_size * processes,
+            noise_scheduler.config.num_train_timesteps,
+            cache["latent_mean"].shape[1:],
+            config.seed,
+        )
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        events.emit(
+            "start",
+            steps=config.steps,
+            images=len(examples),
+            resolution=resolution,
+            targets=len(targets),
+            trainable_parameters=sum(p.numel() for p in params),
+            device=str(accelerator.device),
+            precision=precision,
+            processes=processes,
+        )
+
+        # 4. The loop: one UNet forward and backward per step.
+        def make_sample(step: int) -> Path | None:
+            if not (main and config.sample_prompt):
+                return None
+            pipe.unet = accelerator.unwrap_model(unet)
+            pipe.unet.eval()
+            image = pipe(
+                config.sample_prompt,
+                num_inference_steps=20,
+                generator=torch.Generator("cpu").manual_seed(config.seed),
+                height=resolution,
+                width=resolution,
+            ).images[0]
+            pipe.unet.train()
+            path = run_dir / "samples" / f"step_{step:06d}.png"
+            path.parent.mkdir(exist_ok=True)
+            image.save(path)
+            events.emit("sample", step=step, path=str(path), prompt=config.sample_prompt)
+            return path
+
+        bar = tqdm(total=config.steps, disable=not (main and log_to_terminal), desc="training", unit="step")
+        started, step, loss_value = time.perf_counter(), 0, math.nan
+        unet.train()
+        try:
+            for step in range(1, config.steps + 1):
+                if stop_flag["stop"] or (should_stop is not None and should_stop()):
+                    raise Cancelled
+                batch = make_batch(drawer.draw(), cache, accelerator.device, accelerator.process_index, processes)
+                with accelerator.autocast():
+                    loss = diffusion_loss(unet, batch, noise_scheduler)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                elapsed = time.perf_counter() - started
+                rate = step / elapsed
+                events.emit(
+                    "progress",
+                    step=step,
+                    total=config.steps,
+                    loss=loss_value,
+                    steps_per_s=rate,
+                    images_per_s=rate * config.batch_size * processes,
+                    eta_s=(config.steps - step) / rate,
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if config.sample_every and step % config.sample_every == 0 and step != config.steps:
+                    make_sample(step)
+        except Cancelled:
+            step -= 1
+            bar.close()
+            unwrapped = accelerator.unwrap_model(unet)
+            path = _save(config, unwrapped, examples, resolution, output, step, family) if main else output
+            events.emit("cancelled", step=step, adapter=str(path))
+            raise
+        bar.close()
+        accelerator.wait_for_everyone()
+
+        # 5. The adapter file (main process only), then the last preview.
+        if main:
+            _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
+            sample = make_sample(config.steps)
+            if config.library:
+                name = _add_to_library(config, output, run_dir, sample)
+                events.emit("library", name=name, library=config.library)
+            events.emit(
+                "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
+            )
+        accelerator.wait_for_everyone()
+        return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
+    except Cancelled:
+        raise
+    except Exception as exc:  # the UI tails events.jsonl: say what went wrong there, not only on the terminal
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        events.emit("error", message=message)
+        raise
 
 
 def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: str) -> Path:
@@ -303,7 +314,7 @@ def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, st
         alpha=config.effective_alpha,
         base_model=base_model_label(config.base_model),
         family=family,
-        output_name=output.stem,
+        output_name=config.name or output.stem,
         resolution=resolution,
         num_images=len(examples),
         tag_frequency=tag_frequency(examples, config.data),
@@ -313,3 +324,15 @@ def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, st
     )
     save_adapter(output, tensors, metadata)
     return output
+
+
+def _add_to_library(config: TrainConfig, output: Path, run_dir: Path, sample: Path | None) -> str:
+    """Copy the finished adapter into the library under a free name (an existing adapter is never replaced)."""
+    from adapters.library import Library, sanitize_name
+
+    library = Library(config.library)
+    base = sanitize_name(config.name or run_dir.name)
+    taken = {e.name for e in library.list()}
+    name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if n not in taken)
+    library.add(output, name, sample=sample)
+    return name

@@ -1,0 +1,212 @@
+"""Training jobs for the UI: stage an upload, start the trainer as a subprocess, watch, cancel, list runs.
+
+The trainer runs as its own process (`python -m app.cli train --config runs/<id>/config.json`) in its own
+session, so closing the browser or restarting the UI neither stops nor loses it. Its events.jsonl is the only
+channel back; everything the page shows is read from run folders, so a restarted UI finds every run again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.errors import UserError
+from trainer.config import TrainConfig
+from trainer.dataset import IMAGE_EXTENSIONS, check_folder
+from trainer.runs import TERMINAL, new_run_dir, read_events
+
+PID_FILE = "trainer.pid"
+LOG_FILE = "train.log"
+
+
+@dataclass
+class Upload:
+    """One uploaded image and the caption the person gave it (typed in the table or from a .txt file)."""
+
+    path: Path
+    caption: str
+
+
+def pair_uploads(paths: list[str | Path]) -> tuple[list[Upload], list[str]]:
+    """Match uploaded images with same-stem .txt files. Returns the images and a list of problems (per file)."""
+    images, captions, problems = [], {}, []
+    for raw in paths:
+        path = Path(raw)
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            captions[path.stem] = path.read_text(encoding="utf-8", errors="replace").strip()
+        elif suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            problems.append(f"{path.name}: not a .png/.jpg/.jpeg/.webp image or a .txt caption; remove it")
+    stems = [p.stem for p in images]
+    for stem in sorted({s for s in stems if stems.count(s) > 1}):
+        problems.append(f"{stem}: two images share this name, so one caption cannot tell them apart; rename one")
+    return [Upload(p, captions.get(p.stem, "")) for p in sorted(images, key=lambda p: p.name)], problems
+
+
+def stage_dataset(uploads: list[Upload], default_caption: str = "") -> Path:
+    """Copy uploads and their captions into a fresh folder and check it; a UserError lists every problem."""
+    staging = Path(tempfile.mkdtemp(prefix="lora-studio-upload-"))
+    try:
+        for up in uploads:
+            shutil.copy2(up.path, staging / up.path.name)
+            if up.caption.strip():
+                (staging / up.path.with_suffix(".txt").name).write_text(up.caption.strip() + "\n", encoding="utf-8")
+        if not uploads:
+            raise UserError("no images uploaded: drop .png, .jpg or .webp files (and their .txt captions) first")
+        check_folder(staging, default_caption)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+@dataclass
+class RunView:
+    """What the page shows for one run, read from its folder."""
+
+    run_dir: Path
+    status: str  # starting, running, done, error, cancelled, interrupted
+    step: int = 0
+    total: int = 0
+    steps_per_s: float = 0.0
+    eta_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[str, int]] = field(default_factory=list)  # (image path, step)
+    adapter: str | None = None
+    library_name: str | None = None
+    message: str = ""
+    name: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.status in ("starting", "running")
+
+
+_CHILDREN: dict[int, subprocess.Popen] = {}  # trainers started by this process, reaped as they end
+
+
+def _pid_alive(run_dir: Path) -> bool:
+    try:
+        pid = int((run_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if pid in _CHILDREN:
+        return _CHILDREN[pid].poll() is None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not stat.exists():
+        return True  # no /proc here: trust kill(0)
+    if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    return b"train" in cmdline.read_bytes()  # a reused pid is not our trainer
+
+
+def view_run(run_dir: str | Path) -> RunView:
+    """Fold a run's events (and whether its process lives) into what the page shows."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    alive = _pid_alive(run_dir)
+    view = RunView(run_dir, "starting" if alive else "interrupted")
+    try:
+        view.name = TrainConfig.from_file(run_dir / "config.json").name or run_dir.name
+    except UserError:
+        view.name = run_dir.name
+    for e in events:
+        kind = e["type"]
+        if kind == "start":
+            view.status, view.total = "running", e["steps"]
+        elif kind == "progress":
+            view.step, view.total = e["step"], e["total"]
+            view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
+            view.losses.append((e["step"], e["loss"]))
+        elif kind == "sample":
+            view.samples.append((e["path"], e["step"]))
+        elif kind == "library":
+            view.library_name = e["name"]
+        elif kind in TERMINAL:
+            view.status = kind
+            view.adapter = e.get("adapter", view.adapter)
+            view.message = e.get("message", "")
+            view.step = e.get("step", view.step)
+    if view.status in ("running", "starting") and not alive:
+        view.status = "interrupted"
+    if view.status == "interrupted":
+        log = run_dir / LOG_FILE
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
+        view.message = "the trainer stopped without finishing" + (": " + " | ".join(tail) if tail else "")
+    return view
+
+
+def list_runs(runs_root: str | Path) -> list[RunView]:
+    """Every run folder under `runs_root`, newest first."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if (d / "config.json").is_file()]
+    return [view_run(d) for d in sorted(dirs, key=lambda d: d.name, reverse=True)]
+
+
+def active_run(runs_root: str | Path) -> RunView | None:
+    """The run whose trainer process is alive, if any (there is at most one)."""
+    return next((v for v in list_runs(runs_root) if v.live), None)
+
+
+def start_run(config: TrainConfig, staged: Path, runs_root: str | Path, library: str | Path) -> Path:
+    """Create `runs/<id>/` (config, data), start the trainer process on it, and return the folder.
+
+    Refuses while another run's trainer is alive: one GPU job at a time.
+    """
+    busy = active_run(runs_root)
+    if busy is not None:
+        raise UserError(
+            f"a training run is already in progress ({busy.run_dir.name}, step {busy.step}/{busy.total}); "
+            "wait for it to finish or cancel it first"
+        )
+    run_dir = new_run_dir(runs_root, config.name)
+    shutil.move(str(staged), run_dir / "data")
+    values = config.to_dict()
+    values.update(
+        data=str((run_dir / "data").resolve()),
+        run_dir=str(run_dir.resolve()),
+        library=str(Path(library).resolve()),
+        output="",
+    )
+    final = TrainConfig.from_dict(values)
+    final.save(run_dir / "config.json")
+    with open(run_dir / LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "train", "--config", str(run_dir / "config.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the UI: its own process group and session
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    _CHILDREN[proc.pid] = proc
+    (run_dir / PID_FILE).write_text(str(proc.pid))
+    return run_dir
+
+
+def cancel_run(run_dir: str | Path) -> bool:
+    """Ask a live trainer to stop (SIGTERM): it saves the adapter learned so far and records `cancelled`."""
+    run_dir = Path(run_dir)
+    if not _pid_alive(run_dir):
+        return False
+    pid = int((run_dir / PID_FILE).read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        os.kill(pid, signal.SIGTERM)
+    return True

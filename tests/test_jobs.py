@@ -1,0 +1,103 @@
+"""UI logic without a browser: pairing uploads, staging, run folders, the one-job lock, event parsing."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adapters.errors import UserError
+from app.jobs import PID_FILE, active_run, list_runs, pair_uploads, stage_dataset, start_run, view_run
+from trainer.config import TrainConfig
+from trainer.runs import EventLog, read_events
+
+
+def test_uploads_pair_by_name_and_odd_files_are_reported(image_folder, tmp_path):
+    (tmp_path / "notes.pdf").write_text("x")
+    (tmp_path / "img0.jpg").write_bytes((image_folder / "img0.png").read_bytes())
+    paths = sorted(image_folder.iterdir()) + [tmp_path / "notes.pdf", tmp_path / "img0.jpg"]
+    uploads, problems = pair_uploads(paths)
+    assert {u.path.name: u.caption for u in uploads}["img1.png"] == (image_folder / "img1.txt").read_text()
+    assert "notes.pdf: not a .png/.jpg/.jpeg/.webp image or a .txt caption; remove it" in problems
+    assert any(p.startswith("img0: two images share this name") for p in problems)
+
+
+def test_staging_uses_typed_captions_and_lists_every_problem(image_folder):
+    uploads, _ = pair_uploads(sorted(p for p in image_folder.iterdir() if p.suffix == ".png"))
+    assert all(u.caption == "" for u in uploads)
+    with pytest.raises(UserError) as err:
+        stage_dataset(uploads)
+    assert str(err.value).count("is missing") == 4
+    for u in uploads:
+        u.caption = f"typed for {u.path.stem}"
+    staged = stage_dataset(uploads)
+    assert (staged / "img2.txt").read_text().strip() == "typed for img2"
+    assert (image_folder / "img2.txt").read_text() != "typed for img2"  # the user's own files are untouched
+
+
+def test_view_folds_events_and_tolerates_a_torn_line(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d", name="neon").save(run / "config.json")
+    log = EventLog(run)
+    log.emit("start", steps=3)
+    for step in (1, 2, 3):
+        log.emit("progress", step=step, total=3, loss=1.0 / step, steps_per_s=2.0, eta_s=3 - step)
+    log.emit("sample", step=3, path=str(run / "s.png"))
+    log.emit("library", name="neon")
+    log.emit("done", step=3, adapter=str(run / "adapter.safetensors"))
+    with open(run / "events.jsonl", "a") as f:
+        f.write('{"type": "progr')  # a writer caught mid-line
+    assert len(read_events(run)) == 7
+    view = view_run(run)
+    assert (view.status, view.step, view.total, view.name, view.library_name) == ("done", 3, 3, "neon", "neon")
+    assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and view.samples == [(str(run / "s.png"), 3)]
+
+
+def test_a_dead_trainer_without_a_final_event_reads_interrupted(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d").save(run / "config.json")
+    EventLog(run).emit("start", steps=10)
+    (run / PID_FILE).write_text("999999999")
+    (run / "train.log").write_text("Traceback...\nMemoryError: out of memory\n")
+    view = view_run(run)
+    assert view.status == "interrupted" and "MemoryError" in view.message
+
+
+def test_one_job_at_a_time(tmp_path, image_folder):
+    runs = tmp_path / "runs"
+    busy = runs / "busy"
+    busy.mkdir(parents=True)
+    TrainConfig(data="d").save(busy / "config.json")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    try:
+        (busy / PID_FILE).write_text(str(sleeper.pid))
+        assert active_run(runs).run_dir == busy
+        staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0])
+        with pytest.raises(UserError, match=r"already in progress \(busy"):
+            start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
+        assert [v.run_dir.name for v in list_runs(runs)] == ["busy"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert active_run(runs) is None
+
+
+def test_started_run_survives_the_ui_forgetting_it(tiny_model, image_folder, tmp_path):
+    """The trainer is its own process: a UI that restarts (forgets its child) still finds and follows it."""
+    import app.jobs as jobs
+
+    staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0])
+    config = TrainConfig(data="x", base_model=str(tiny_model), steps=5, batch_size=2, name="t")
+    run = start_run(config, staged, tmp_path / "runs", tmp_path / "lib")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"] == str((run / "data").resolve()) and saved["library"] == str((tmp_path / "lib").resolve())
+    jobs._CHILDREN.clear()  # as after a UI restart: no handle on the child any more
+    deadline = time.time() + 120
+    while active_run(tmp_path / "runs") is not None and time.time() < deadline:
+        time.sleep(0.5)
+    view = view_run(run)
+    assert view.status == "done", (run / "train.log").read_text()[-2000:]
+    assert view.step == 5 and (tmp_path / "lib" / "t.safetensors").is_file()
