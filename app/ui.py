@@ -360,7 +360,9 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                 try:
                     values = [float(v) for v in strengths_text.replace(";", ",").split(",") if v.strip()]
                 except ValueError:
-                    raise UserError(f"strengths must be numbers separated by commas, got {strengths_text!r}")
+                    raise UserError(
+                        f"strengths must be numbers separated by commas, got {strengths_text!r}"
+                    ) from None
                 if not values:
                     raise UserError("give at least one strength to compare, e.g. 0, 0.5, 1")
                 sets = [{**scales, first: v} for v in values]

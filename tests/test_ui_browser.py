@@ -44,9 +44,9 @@ class Server:
             try:
                 urllib.request.urlopen(self.url, timeout=2)
                 return
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None:
-                    raise RuntimeError((workspace / f"ui-{self.port}.log").read_text())
+                    raise RuntimeError((workspace / f"ui-{self.port}.log").read_text()) from exc
                 time.sleep(0.5)
         raise RuntimeError("the UI did not come up in 120 s")
 
