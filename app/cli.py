@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,13 +21,64 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.loop import Cancelled, train
 
     config = from_args(args, args.config)
+    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(config)
     try:
         result = train(config)
     except Cancelled:
         print("training cancelled; the adapter learned so far was saved", file=sys.stderr)
         return 130
-    print(f"wrote {result.adapter}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"wrote {result.adapter}")
     return 0
+
+
+def _launch(config) -> int:
+    """Run this same training on `num_processes` processes through accelerate's launcher (torchrun underneath).
+
+    The run folder is made here, once, so that every process writes to the same one; the processes then read
+    the config back from it. Ctrl-C and the UI's Cancel reach every process (one process group), and each saves
+    nothing but the main one, which writes the adapter learned so far.
+    """
+    import signal
+    import socket
+    import subprocess
+
+    from trainer.runs import new_run_dir
+
+    run_dir = Path(config.run_dir) if config.run_dir else new_run_dir("runs", config.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.run_dir = str(run_dir)
+    launch_config = run_dir / "launch.json"
+    config.save(launch_config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(config.num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "app.cli",
+        "train",
+        "--config",
+        str(launch_config),
+    ]
+    print(f"launching {config.num_processes} processes: {' '.join(cmd[2:])}", file=sys.stderr)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the workers get the signal too and stop cleanly
+        signal.signal(sig, signal.SIG_IGN)
+    return subprocess.call(cmd)
 
 
 def _generate(args: argparse.Namespace) -> int:

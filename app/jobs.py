@@ -133,6 +133,10 @@ def view_run(run_dir: str | Path) -> RunView:
             view.losses.append((e["step"], e["loss"]))
         elif kind == "sample":
             view.samples.append((e["path"], e["step"]))
+        elif kind == "resume":  # the steps after the checkpoint were lost with the old process; drop them
+            view.losses = [(st, loss) for st, loss in view.losses if st <= e["step"]]
+            view.samples = [(path, st) for path, st in view.samples if st <= e["step"]]
+            view.status, view.message = "running", ""
         elif kind == "library":
             view.library_name = e["name"]
         elif kind in TERMINAL:
@@ -185,9 +189,30 @@ def start_run(config: TrainConfig, staged: Path, runs_root: str | Path, library:
     )
     final = TrainConfig.from_dict(values)
     final.save(run_dir / "config.json")
+    _spawn(run_dir, ["--config", str(run_dir / "config.json")])
+    return run_dir
+
+
+def resume_run(run_dir: str | Path, runs_root: str | Path) -> None:
+    """Start the trainer again on a stopped run, from its newest checkpoint."""
+    from trainer.checkpoint import list_checkpoints
+
+    run_dir = Path(run_dir)
+    busy = active_run(runs_root)
+    if busy is not None:
+        raise UserError(f"a training run is already in progress ({busy.run_dir.name}); wait for it or cancel it")
+    view = view_run(run_dir)
+    if view.status == "done":
+        raise UserError(f"run {run_dir.name} has finished; there is nothing to resume")
+    if not list_checkpoints(run_dir):
+        raise UserError(f"run {run_dir.name} has no checkpoints to resume from (set 'Save every' before training)")
+    _spawn(run_dir, ["--run-dir", str(run_dir), "--resume", "latest"])
+
+
+def _spawn(run_dir: Path, args: list[str]) -> None:
     with open(run_dir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "train", "--config", str(run_dir / "config.json")],
+            [sys.executable, "-m", "app.cli", "train", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -196,7 +221,6 @@ def start_run(config: TrainConfig, staged: Path, runs_root: str | Path, library:
         )
     _CHILDREN[proc.pid] = proc
     (run_dir / PID_FILE).write_text(str(proc.pid))
-    return run_dir
 
 
 def cancel_run(run_dir: str | Path) -> bool:

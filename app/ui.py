@@ -21,15 +21,25 @@ import gradio as gr
 
 from adapters.errors import UserError
 from adapters.library import Library
-from app.jobs import active_run, cancel_run, list_runs, pair_uploads, stage_dataset, start_run, view_run
+from app.jobs import (
+    active_run,
+    cancel_run,
+    list_runs,
+    pair_uploads,
+    resume_run,
+    stage_dataset,
+    start_run,
+    view_run,
+)
 from trainer.config import TrainConfig
 
 COMMON_FIELDS = (
     "name base_model trigger_word steps rank alpha learning_rate resolution batch_size attention seed "
     "sample_prompt sample_every"
 ).split()
-HIDDEN_FIELDS = {"data", "output", "run_dir", "library", "overwrite"}
-UI_DEFAULTS = {"sample_every": 100}  # the page shows previews as training goes; the CLI default is the end only
+HIDDEN_FIELDS = {"data", "output", "run_dir", "library", "overwrite", "resume"}
+# The page shows previews as training goes and keeps runs resumable; the CLI defaults are leaner.
+UI_DEFAULTS = {"sample_every": 100, "save_every": 200}
 SCHEDULERS = {
     "model default": None,
     "DPM++ 2M": "DPMSolverMultistepScheduler",
@@ -61,6 +71,12 @@ def _setting(f: dataclasses.Field, hint) -> gr.components.Component:
     if hint is float:
         return gr.Number(value=value, **common)
     return gr.Textbox(value=value, **common)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _progress_html(view) -> str:
@@ -113,7 +129,10 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
     runs_root, library = workspace / "runs", Library(workspace / "library")
     studios = StudioCache()
     hints = typing.get_type_hints(TrainConfig)
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN_FIELDS]
+    hidden = set(HIDDEN_FIELDS)
+    if _gpu_count() < 2:  # the number of GPUs is offered only where there is a choice
+        hidden.add("num_processes")
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in hidden]
     common = [f for f in fields if f.name in COMMON_FIELDS]
     advanced = [f for f in fields if f.name not in COMMON_FIELDS]
     preload_files = sorted(str(p) for p in Path(preload).iterdir() if p.is_file()) if preload else None
@@ -157,6 +176,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+                resume_button = gr.Button("Resume", elem_id="resume-button")
             train_status = gr.Markdown(elem_id="train-status")
             run_picker = gr.Dropdown(label="Runs (running and past)", choices=run_choices(), elem_id="run-picker")
             progress = gr.HTML(_progress_html(None))
@@ -279,6 +299,15 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                 return "No running training to cancel."
             return f"Cancelling **{name}**: the adapter learned so far will be saved."
 
+        def on_resume(name):
+            if not name:
+                return "Choose a run to resume."
+            try:
+                resume_run(runs_root / name, runs_root)
+            except UserError as exc:
+                return f"❌ {exc}"
+            return f"Resuming **{name}** from its newest checkpoint."
+
         def refresh(name):
             view = view_run(runs_root / name) if name and (runs_root / name).is_dir() else None
             import pandas as pd
@@ -298,6 +327,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
             component.change(show_command, setting_inputs, [command, config_json])
         train_button.click(on_train, [files, table, *setting_inputs], [train_status, run_picker])
         cancel_button.click(on_cancel, run_picker, train_status)
+        resume_button.click(on_resume, run_picker, train_status)
         timer.tick(refresh, run_picker, [progress, loss_plot, samples, train_status])
         run_picker.change(refresh, run_picker, [progress, loss_plot, samples, train_status])
         app.load(on_load, None, run_picker)

@@ -101,3 +101,25 @@ def test_started_run_survives_the_ui_forgetting_it(tiny_model, image_folder, tmp
     view = view_run(run)
     assert view.status == "done", (run / "train.log").read_text()[-2000:]
     assert view.step == 5 and (tmp_path / "lib" / "t.safetensors").is_file()
+
+
+def test_resume_from_the_page_continues_a_cancelled_run(tiny_model, image_folder, tmp_path):
+    from app.jobs import resume_run
+    from trainer.loop import Cancelled, train
+
+    run = tmp_path / "runs" / "r"
+    calls = []
+    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=10, batch_size=2,
+                         save_every=3, run_dir=str(run))
+    with pytest.raises(Cancelled):
+        train(config, should_stop=lambda: calls.append(1) or len(calls) > 5, device="cpu", log_to_terminal=False)
+    assert view_run(run).status == "cancelled"
+    resume_run(run, tmp_path / "runs")
+    deadline = time.time() + 120
+    while active_run(tmp_path / "runs") is not None and time.time() < deadline:
+        time.sleep(0.5)
+    view = view_run(run)
+    assert view.status == "done", (run / "train.log").read_text()[-2000:]
+    assert [s for s, _ in view.losses] == list(range(1, 11))  # steps 4-5 of the first attempt were replaced
+    with pytest.raises(UserError, match="has finished; there is nothing to resume"):
+        resume_run(run, tmp_path / "runs")

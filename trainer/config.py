@@ -67,6 +67,16 @@ class TrainConfig:
     sample_prompt: str = _f("", "Prompt for preview images made during training. Empty = no previews.")
     sample_every: int = _f(0, "Make a preview every N steps (and at the end). 0 = only at the end.")
 
+    # long runs and several GPUs
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps. 0 = none.")
+    keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep. 0 = all.")
+    resume: str = _f(
+        "", "Resume a run: 'latest' (its newest checkpoint in --run-dir) or a checkpoint folder. Empty = start fresh."
+    )
+    num_processes: int = _f(
+        1, "Processes to train on, one per GPU, through accelerate launch (data parallel; batch size is per process)."
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -111,6 +121,13 @@ class TrainConfig:
                 f"resolution (--resolution) must be 0 (native) or a multiple of 8, at least 8; got {self.resolution}",
             ),
             (self.sample_every >= 0, "sample_every (--sample-every) must be 0 or more"),
+            (self.save_every >= 0, "save_every (--save-every) must be 0 or more"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints (--keep-checkpoints) must be 0 (all) or more"),
+            (self.num_processes >= 1, "num_processes (--num-processes) must be at least 1"),
+            (
+                not self.resume or bool(self.run_dir) or self.resume != "latest",
+                "resume (--resume latest) needs the run folder too: add --run-dir runs/<run-id>",
+            ),
             (
                 not self.output or self.output.endswith(".safetensors"),
                 f"output (--output) must end in .safetensors; got {self.output!r}",
@@ -211,6 +228,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
     """Config file values (if any), overridden by the flags given on the command line."""
+    given = vars(args)
+    if not config_path and given.get("resume") and given.get("run_dir"):  # resume with the run's own settings
+        saved = Path(given["run_dir"]) / "config.json"
+        config_path = saved if saved.is_file() else None
     values = read_config_file(config_path) if config_path else {}
     source = str(config_path) if config_path else "command line"
     names = {f.name for f in dataclasses.fields(TrainConfig)}

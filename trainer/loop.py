@@ -24,6 +24,7 @@ from adapters.base import base_model_label, load_pipeline, model_family
 from adapters.errors import UserError
 from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.lora import attach, attention_targets, extract, trainable_parameters
+from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, tag_frequency
 from trainer.runs import EVENTS, EventLog, new_run_dir
@@ -52,9 +53,25 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _shared_run_dir(config: TrainConfig, accelerator) -> Path:
+    """The run folder: the configured one, or a new one made by the main process and told to the others."""
+    if config.run_dir:
+        path = Path(config.run_dir)
+    else:
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(new_run_dir("runs")) if accelerator.is_main_process else ""]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(box)
+        path = Path(box[0])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def output_path(config: TrainConfig, run_dir: Path) -> Path:
     path = Path(config.output) if config.output else run_dir / "adapter.safetensors"
-    if path.exists() and not config.overwrite:
+    resumed_own = config.resume and path.resolve().parent == run_dir.resolve()  # a resumed run may replace its own
+    if path.exists() and not config.overwrite and not resumed_own:
         raise UserError(
             f"output file {path} already exists; choose another --output, or pass --overwrite to replace it"
         )
@@ -168,16 +185,17 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
     # 1. Check every input before loading a model: the data folder, the output file, the run folder.
     check_folder(config.data, config.default_caption)
-    run_dir = Path(config.run_dir) if config.run_dir else new_run_dir("runs")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / EVENTS).exists():
-        raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir")
-    output = output_path(config, run_dir)
-    cpu = device is not None and torch.device(device).type == "cpu"
+    # On a machine without CUDA, accelerate only joins a multi-process (gloo) group when told it runs on the CPU.
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, PartialState(cpu=cpu).device)
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    main = accelerator.is_main_process
+    main, processes = accelerator.is_main_process, accelerator.num_processes
+    run_dir = _shared_run_dir(config, accelerator)
+    if (run_dir / EVENTS).exists() and not config.resume:
+        raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume")
+    output = output_path(config, run_dir)
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
     events = EventLog(run_dir, enabled=main)
     if main:
         config.run_dir = str(run_dir)
@@ -205,7 +223,6 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         )
         cache = encode_examples(pipe, examples, accelerator.device, weight_dtype)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        processes = accelerator.num_processes
         drawer = BatchDrawer(
             len(examples),
             config.batch_size * processes,
@@ -215,6 +232,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         )
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
         unet, optimizer = accelerator.prepare(unet, optimizer)
+        start_step = 0
+        if config.resume:  # LoRA weights, AdamW moments and the batch generator: the run continues bit-exactly
+            checkpoint = find_checkpoint(run_dir, config.resume)
+            start_step = load_checkpoint(checkpoint, params, optimizer, drawer, config.to_dict())
+            if start_step >= config.steps:
+                raise UserError(f"checkpoint {checkpoint} is at step {start_step}; raise --steps above it to go on")
         events.emit(
             "start",
             steps=config.steps,
@@ -226,6 +249,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             precision=precision,
             processes=processes,
         )
+        if config.resume:
+            events.emit("resume", step=start_step, checkpoint=str(checkpoint))
 
         # 4. The loop: one UNet forward and backward per step.
         def make_sample(step: int) -> Path | None:
@@ -247,12 +272,15 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             events.emit("sample", step=step, path=str(path), prompt=config.sample_prompt)
             return path
 
-        bar = tqdm(total=config.steps, disable=not (main and log_to_terminal), desc="training", unit="step")
-        started, step, loss_value = time.perf_counter(), 0, math.nan
+        bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
+        started, step, loss_value = time.perf_counter(), start_step, math.nan
         unet.train()
         try:
-            for step in range(1, config.steps + 1):
-                if stop_flag["stop"] or (should_stop is not None and should_stop()):
+            for step in range(start_step + 1, config.steps + 1):
+                stop = stop_flag["stop"] or (should_stop is not None and should_stop())
+                if processes > 1:  # all processes stop at the same step, or the others would wait forever
+                    stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0
+                if stop:
                     raise Cancelled
                 batch = make_batch(drawer.draw(), cache, accelerator.device, accelerator.process_index, processes)
                 with accelerator.autocast():
@@ -262,7 +290,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
                 elapsed = time.perf_counter() - started
-                rate = step / elapsed
+                rate = (step - start_step) / elapsed
                 events.emit(
                     "progress",
                     step=step,
@@ -276,12 +304,20 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if config.sample_every and step % config.sample_every == 0 and step != config.steps:
                     make_sample(step)
+                if config.save_every and step % config.save_every == 0 and step != config.steps:
+                    if main:
+                        path = save_checkpoint(
+                            run_dir, step, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
+                        )
+                        events.emit("checkpoint", step=step, path=str(path))
+                    accelerator.wait_for_everyone()
         except Cancelled:
             step -= 1
             bar.close()
             unwrapped = accelerator.unwrap_model(unet)
             path = _save(config, unwrapped, examples, resolution, output, step, family) if main else output
             events.emit("cancelled", step=step, adapter=str(path))
+            accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
         bar.close()
         accelerator.wait_for_everyone()
@@ -297,6 +333,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
             )
         accelerator.wait_for_everyone()
+        if processes > 1:
+            accelerator.end_training()
         return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
     except Cancelled:
         raise

@@ -1,0 +1,96 @@
+"""Resumable checkpoints: everything a resume needs, in one folder, written atomically, never pickled.
+
+`runs/<id>/checkpoints/step_000500/` holds `state.safetensors` (LoRA weights, AdamW moments, the batch
+generator's state) and `state.json` (step, optimizer hyper-parameters, the batch order, the config). A folder
+appears under its final name only when complete (written as `.tmp`, then renamed), so a run killed mid-save
+leaves the previous checkpoint as `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.errors import UserError
+
+RESUME_MUST_MATCH = ("base_model", "rank", "alpha", "attention", "batch_size", "seed", "learning_rate")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config: dict, keep: int) -> Path:
+    """Write checkpoint `step` and delete all but the newest `keep` (0 keeps all)."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"param.{i}": p.detach().float().cpu().contiguous() for i, p in enumerate(params)}
+    state = optimizer.state_dict()
+    for i, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    drawer_state = drawer.state()
+    tensors["drawer.generator"] = drawer_state["generator"]
+    save_file(tensors, tmp / "state.safetensors")
+    info = {"step": step, "param_groups": state["param_groups"], "order": drawer_state["order"], "config": config}
+    (tmp / "state.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`latest` -> the newest complete checkpoint of the run; anything else is a checkpoint folder path."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise UserError(
+                f"resume (--resume latest): run folder {run_dir} has no checkpoints; train with --save-every N "
+                "to make them, or start a new run"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.safetensors").is_file():
+        raise UserError(f"resume (--resume): {path} is not a checkpoint folder (no state.safetensors in it)")
+    return path
+
+
+def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
+    """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
+    info = json.loads((path / "state.json").read_text())
+    saved = info["config"]
+    different = [k for k in RESUME_MUST_MATCH if saved.get(k) != config.get(k)]
+    if different:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in different)
+        raise UserError(f"cannot resume from {path}: settings differ ({detail}); use the run's own settings")
+    tensors = load_file(path / "state.safetensors")
+    if sum(k.startswith("param.") for k in tensors) != len(params):
+        raise UserError(f"cannot resume from {path}: it holds a different number of LoRA tensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
+    state: dict = {"state": {}, "param_groups": info["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+    drawer.load_state({"generator": tensors["drawer.generator"], "order": info["order"]})
+    return int(info["step"])
