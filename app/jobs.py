@@ -146,6 +146,9 @@ def view_run(run_dir: str | Path) -> RunView:
             view.step = e.get("step", view.step)
     if view.status in ("running", "starting") and not alive:
         view.status = "interrupted"
+    ended = [e["time"] for e in events if e["type"] in TERMINAL]
+    if alive and ended and (run_dir / PID_FILE).stat().st_mtime > ended[-1]:
+        view.status, view.message = "starting", ""  # a resumed attempt whose process has not spoken yet
     if view.status == "interrupted":
         log = run_dir / LOG_FILE
         tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
