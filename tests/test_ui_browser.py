@@ -28,6 +28,8 @@ def free_port() -> int:
 class Server:
     """`lora-studio ui` as a user starts it, in its own process, on a workspace folder."""
 
+    started: list[Server] = []
+
     def __init__(self, workspace: Path):
         self.workspace, self.port = workspace, free_port()
         exe = Path(sys.executable).with_name("lora-studio")
@@ -38,6 +40,7 @@ class Server:
             stderr=subprocess.STDOUT,
             env=env,
         )
+        Server.started.append(self)
         self.url = f"http://127.0.0.1:{self.port}/"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -74,7 +77,11 @@ def workspace(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     yield ws
-    for pid_file in ws.glob("runs/*/trainer.pid"):  # never leave a trainer behind
+    for server in Server.started:  # never leave a UI or a trainer behind, whatever the test did
+        if server.proc.poll() is None:
+            server.kill()
+    Server.started.clear()
+    for pid_file in ws.glob("runs/*/trainer.pid"):
         try:
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         except OSError:
@@ -158,7 +165,6 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     }
     assert meta["ss_network_dim"] == "8" and meta["ss_output_name"] == "neon"
     assert meta["modelspec.architecture"] == "lora-studio-builtin/lora"
-    server.kill()
 
 
 def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path):
@@ -176,7 +182,6 @@ def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path)
     assert "fake.png: not a readable image" in text
     assert "real.png: caption real.txt is missing" in text  # every problem at once
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
-    server.kill()
 
 
 def test_cancel_keeps_what_was_made(browser, workspace):
@@ -192,4 +197,3 @@ def test_cancel_keeps_what_was_made(browser, workspace):
     page.locator("#train-status").get_by_text("Cancelled at step").wait_for(timeout=60_000)
     run = next((workspace / "runs").iterdir())
     assert (run / "adapter.safetensors").is_file()
-    server.kill()
