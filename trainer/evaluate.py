@@ -88,3 +88,42 @@ def prompt_fidelity(pipe, count: int = 100, steps: int = 20) -> Score:
     items = held_out_prompts(count)
     images = generate_batch(pipe, [p for p, *_ in items], [s for _, s, *_ in items], steps=steps)
     return score(images, items)
+
+
+def main() -> None:
+    """Score a scene-world model: prompt fidelity on held-out pairs and the CPU time of one picture."""
+    import argparse
+    import json
+    import statistics
+    import time
+    from dataclasses import asdict
+
+    from adapters.base import load_pipeline
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="builtin", help="builtin or a diffusers folder")
+    parser.add_argument("--count", type=int, default=100, help="held-out (prompt, seed) pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, device="cpu")
+    result = {"model": args.model, **asdict(prompt_fidelity(pipe, count=args.count))}
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    times = []
+    for seed in range(4):
+        start = time.perf_counter()
+        pipe(
+            "a red circle",
+            num_inference_steps=20,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        times.append(time.perf_counter() - start)
+    result["seconds_per_image_20_steps"] = statistics.median(times[1:])
+    result["threads"] = args.threads
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -183,6 +183,9 @@ def train_unet(pipe, args, device, autocast, total: int, save: bool = True) -> d
             print(f"unet step {step}/{total} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if save and args.save_every and step and step % args.save_every == 0:
             _save_ema(pipe, params, ema, args.out)
+        if args.stop_after and step == args.stop_after:  # the same weights as that step's snapshot
+            total = step + 1
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     if save:
@@ -230,6 +233,12 @@ def main() -> None:
     parser.add_argument("--unet-lr", type=float, default=3e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--save-every", type=int, default=2000, help="save the EMA weights every N UNet steps")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="end the UNet phase at this step (the learning-rate schedule still spans --unet-steps)",
+    )
     parser.add_argument("--eval-count", type=int, default=100)
     args = parser.parse_args()
     device = torch.device(args.device)
