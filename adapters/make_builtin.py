@@ -77,46 +77,34 @@ def build_tokenizer(words: list[str] = WORDS) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def assemble_pipeline(*, text: dict, unet: dict, vae: dict, scheduler, vocab_size: int | None = None):
+    """A StableDiffusionPipeline with random weights from component settings, using the built-in tokenizer.
+
+    `text`, `unet` and `vae` are keyword arguments of CLIPTextConfig, UNet2DConditionModel and AutoencoderKL
+    (tests and the SD 1.5 benchmark build their own sizes through this too).
+    """
+    tokenizer = build_tokenizer()
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=77, **ids, **text)
+    )
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **vae),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **unet),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """The built-in architecture with seeded random weights (fp32)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=RESOLUTION,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(64, 128, 128),
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=128,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -130,15 +118,27 @@ def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         timestep_spacing="trailing",
         steps_offset=1,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+    return assemble_pipeline(
+        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=RESOLUTION,
+        ),
+        unet=dict(
+            sample_size=RESOLUTION // 4,
+            layers_per_block=1,
+            block_out_channels=(64, 128, 128),
+            down_block_types=("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=128,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 

@@ -23,14 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.make_builtin import build_tokenizer  # noqa: E402
+from adapters.make_builtin import assemble_pipeline  # noqa: E402
 
 
 def build_sd15(tiny: bool):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler
 
-    tokenizer = build_tokenizer()
     if tiny:
         te = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         unet = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, layers_per_block=1)
@@ -41,48 +39,31 @@ def build_sd15(tiny: bool):
         unet = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2)
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
         size = 512
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **te,
-        )
-    )
-    unet_model = UNet2DConditionModel(
-        sample_size=size // 8,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        **unet,
-    )
-    vae_model = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=size,
-        scaling_factor=0.18215,
-        **vae,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae_model,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet_model,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        text=te,
+        unet=dict(
+            sample_size=size // 8,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            **unet,
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=size,
+            scaling_factor=0.18215,
+            **vae,
+        ),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        vocab_size=49408,
     )
     return pipe, size
 

@@ -17,83 +17,58 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler
 
-    from adapters.make_builtin import build_tokenizer
+    from adapters.make_builtin import assemble_pipeline
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    return assemble_pipeline(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        unet=dict(
+            sample_size=8,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=32,
+        ),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type=prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
     )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+
+
+def _saved(tmp_path_factory, prediction_type: str) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / f"tiny-sd-{prediction_type}"
+    build_tiny_pipeline(prediction_type).save_pretrained(path, safe_serialization=True)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A local diffusers folder of the tiny epsilon-prediction pipeline (loaded like any real model)."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
-    build_tiny_pipeline("epsilon").save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "epsilon")
 
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "tiny-sd-v"
-    build_tiny_pipeline("v_prediction").save_pretrained(path, safe_serialization=True)
-    return path
+    return _saved(tmp_path_factory, "v_prediction")
 
 
 def write_scene_folder(folder: Path, count: int = 4, size: int = 32, style: str = "neon", seed: int = 0) -> Path:

@@ -38,6 +38,18 @@ def kohya_name(component, path):
     return {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + path.replace(".", "_")
 
 
+def kohya_tensors(modules, with_alpha=True):
+    """An independent writer of the kohya layout: lora_down [r, in], lora_up [out, r], optional 0-dim alpha."""
+    tensors = {}
+    for (component, path), m in modules.items():
+        name = kohya_name(component, path)
+        tensors[f"{name}.lora_down.weight"] = m.down
+        tensors[f"{name}.lora_up.weight"] = m.up
+        if with_alpha:
+            tensors[f"{name}.alpha"] = torch.tensor(m.alpha)
+    return tensors
+
+
 def random_modules(pipe, rank=4, alpha=2.0, seed=0, text_encoder=True, scale=0.2):
     """Random LoRA on every attention projection of the UNet and (optionally) the text encoder's q/v."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,13 +83,7 @@ def merged_reference(model_dir, modules, strength):
 def test_kohya_file_from_an_independent_writer(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), device="cpu")
     modules = random_modules(studio.pipe, rank=4, alpha=2.0)
-    tensors = {}
-    for (component, path), m in modules.items():
-        name = kohya_name(component, path)
-        tensors[f"{name}.lora_down.weight"] = m.down
-        tensors[f"{name}.lora_up.weight"] = m.up
-        tensors[f"{name}.alpha"] = torch.tensor(m.alpha)
-    save_file(tensors, tmp_path / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
+    save_file(kohya_tensors(modules), tmp_path / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
     reference = draw(merged_reference(tiny_model, modules, 0.7))
     studio.load(tmp_path / "kohya.safetensors", name="k")
     studio.set_scales({"k": 0.7})
@@ -89,11 +95,7 @@ def test_kohya_file_from_an_independent_writer(tiny_model, tmp_path):
 def test_kohya_file_without_alpha_means_alpha_equals_rank(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), device="cpu")
     modules = random_modules(studio.pipe, rank=4, alpha=4.0, text_encoder=False)
-    tensors = {}
-    for (component, path), m in modules.items():
-        tensors[f"{kohya_name(component, path)}.lora_down.weight"] = m.down
-        tensors[f"{kohya_name(component, path)}.lora_up.weight"] = m.up
-    save_file(tensors, tmp_path / "noalpha.safetensors")
+    save_file(kohya_tensors(modules, with_alpha=False), tmp_path / "noalpha.safetensors")
     studio.load(tmp_path / "noalpha.safetensors", name="k")
     studio.set_scales({"k": 1.0})
     assert np.abs(draw(studio.pipe) - draw(merged_reference(tiny_model, modules, 1.0))).max() < 1e-4
@@ -252,11 +254,7 @@ def test_export_round_trip_keeps_alpha_and_diffusers_reads_the_export(tiny_model
 
     studio = Studio(str(tiny_model), device="cpu")
     modules = random_modules(studio.pipe, rank=4, alpha=1.5, text_encoder=False)
-    tensors = {}
-    for (component, path), m in modules.items():
-        tensors[f"{kohya_name(component, path)}.lora_down.weight"] = m.down
-        tensors[f"{kohya_name(component, path)}.lora_up.weight"] = m.up
-        tensors[f"{kohya_name(component, path)}.alpha"] = torch.tensor(1.5)
+    tensors = kohya_tensors(modules)
     save_file(tensors, tmp_path / "k.safetensors", metadata={"ss_network_dim": "4"})
     export_adapter(tmp_path / "k.safetensors", "diffusers", tmp_path / "d.safetensors", base_model=str(tiny_model))
     export_adapter(tmp_path / "d.safetensors", "kohya", tmp_path / "k2.safetensors", base_model=str(tiny_model))

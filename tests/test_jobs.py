@@ -109,8 +109,9 @@ def test_resume_from_the_page_continues_a_cancelled_run(tiny_model, image_folder
 
     run = tmp_path / "runs" / "r"
     calls = []
-    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=10, batch_size=2,
-                         save_every=3, run_dir=str(run))
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=10, batch_size=2, save_every=3, run_dir=str(run)
+    )
     with pytest.raises(Cancelled):
         train(config, should_stop=lambda: calls.append(1) or len(calls) > 5, device="cpu", log_to_terminal=False)
     assert view_run(run).status == "cancelled"

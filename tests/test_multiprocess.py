@@ -20,8 +20,9 @@ EXE = str(Path(sys.executable).with_name("lora-studio"))
 
 def cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([EXE, "train", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, **kwargs)
+    return subprocess.Popen(
+        [EXE, "train", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+    )
 
 
 def common(tiny_model, data):
@@ -42,16 +43,35 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
     assert events[0]["processes"] == 2
 
     # 2. One process at batch 4 sees the same data in the same order: same adapter, to float rounding.
-    config = TrainConfig(base_model=str(tiny_model), data=str(data), steps=40, learning_rate=1e-3, seed=2,
-                         batch_size=4, run_dir=str(tmp_path / "p1"))
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        data=str(data),
+        steps=40,
+        learning_rate=1e-3,
+        seed=2,
+        batch_size=4,
+        run_dir=str(tmp_path / "p1"),
+    )
     single = load_file(train(config, device="cpu", log_to_terminal=False).adapter)
     double = load_file(tmp_path / "p2" / "adapter.safetensors")
     # Measured on this CPU: max |difference| 5e-6 after 60 steps, LoRA entries up to 0.56. Allow 1e-4.
     assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-4
 
     # 3. The same two-process run, killed (SIGKILL, whole process group) after a checkpoint, then resumed.
-    cut = cli([*common(tiny_model, data), "--batch-size", 2, "--num-processes", 2, "--run-dir", tmp_path / "cut",
-               "--save-every", 2], start_new_session=True)
+    cut = cli(
+        [
+            *common(tiny_model, data),
+            "--batch-size",
+            2,
+            "--num-processes",
+            2,
+            "--run-dir",
+            tmp_path / "cut",
+            "--save-every",
+            2,
+        ],
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (tmp_path / "cut" / "checkpoints" / "step_000004").is_dir():
         assert cut.poll() is None and time.time() < deadline, "the run ended before it could be killed"

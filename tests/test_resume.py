@@ -12,8 +12,15 @@ from trainer.runs import read_events
 
 
 def config_for(tiny_model, data, run, **extra):
-    values = dict(base_model=str(tiny_model), data=str(data), steps=8, batch_size=2, learning_rate=1e-3,
-                  run_dir=str(run), seed=4)
+    values = dict(
+        base_model=str(tiny_model),
+        data=str(data),
+        steps=8,
+        batch_size=2,
+        learning_rate=1e-3,
+        run_dir=str(run),
+        seed=4,
+    )
     return TrainConfig(**{**values, **extra})
 
 
@@ -31,8 +38,11 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
         train(cut, should_stop=stop_at_six, device="cpu", log_to_terminal=False)
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_000002", "step_000004"]
 
-    resumed = train(config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, resume="latest"),
-                    device="cpu", log_to_terminal=False)
+    resumed = train(
+        config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, resume="latest"),
+        device="cpu",
+        log_to_terminal=False,
+    )
     a, b = load_file(whole.adapter), load_file(resumed.adapter)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kinds = [e["type"] for e in read_events(tmp_path / "cut")]
@@ -41,8 +51,11 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
 
 
 def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):
-    train(config_for(tiny_model, image_folder, tmp_path / "r", steps=4, save_every=2), device="cpu",
-          log_to_terminal=False)
+    train(
+        config_for(tiny_model, image_folder, tmp_path / "r", steps=4, save_every=2),
+        device="cpu",
+        log_to_terminal=False,
+    )
     with pytest.raises(UserError, match="settings differ \\(rank: checkpoint 8, now 4\\)"):
         train(config_for(tiny_model, image_folder, tmp_path / "r", steps=6, rank=4, resume="latest"), device="cpu")
     with pytest.raises(UserError, match="is at step 2; raise --steps above it"):
