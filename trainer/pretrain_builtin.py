@@ -61,7 +61,7 @@ class SceneBatches(IterableDataset):
                 images = torch.cat([torch.where(k[:half], plain, plain_bg), torch.where(k[half:], neon, neon_bg)])
                 yield images
             else:
-                captions = ["" if rng.random() < self.drop_caption else s.caption for s in scenes]
+                captions = ["" if rng.random() < self.drop_caption else _noisy(s.caption, rng) for s in scenes]
                 ids = self.tokenizer(
                     captions,
                     padding="max_length",
@@ -70,6 +70,26 @@ class SceneBatches(IterableDataset):
                     return_tensors="pt",
                 ).input_ids
                 yield render(scenes, style="plain"), ids
+
+
+def _noisy(caption: str, rng: random.Random, p: float = 0.3) -> str:
+    """Sometimes add a nonsense word (a stand-in for trigger words, names, typos) that says nothing about the scene.
+
+    The text encoder is causal and every later token state, padding included, sees an earlier word, so a model
+    that never met an unknown word lets one (a LoRA's trigger word, say) garble the whole prompt. Trained like
+    this it learns that such words carry no content, as a real CLIP model has.
+    """
+    if rng.random() >= p:
+        return caption
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 10)))
+    where = rng.random()
+    if where < 0.5:
+        return f"{word}, {caption}"
+    if where < 0.8:
+        return f"{caption}, {word}"
+    words = caption.split()
+    i = rng.randint(1, len(words))
+    return " ".join(words[:i] + [word] + words[i:])
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
@@ -224,6 +244,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8, help="data-rendering processes")
     parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="skip phase 1 and use the VAE of this pipeline folder (from an earlier run)",
+    )
     parser.add_argument("--vae-batch", type=int, default=128)
     parser.add_argument("--vae-lr", type=float, default=5e-4)
     parser.add_argument("--vae-crop", type=int, default=0, help="train the VAE on random crops of this size")
@@ -261,7 +287,14 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    report["vae"] = train_vae(pipe.vae, args, device, autocast)
+    if args.vae_from:  # phase 1 already ran (same seed and settings): take its VAE, scaling factor included
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).to(device)
+        pipe.vae.eval().requires_grad_(False)
+        report["vae"] = {"from": str(args.vae_from), "scaling_factor": pipe.vae.config.scaling_factor}
+    else:
+        report["vae"] = train_vae(pipe.vae, args, device, autocast)
     steps = fit_steps(pipe, args, device, autocast) if args.unet_steps == "auto" else int(args.unet_steps)
     report["unet"] = train_unet(pipe, args, device, autocast, total=steps)
     final = load_pipeline(args.out, device=device)

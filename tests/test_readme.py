@@ -1,0 +1,26 @@
+"""The README documents what the program offers: every train flag and every command."""
+
+import dataclasses
+from pathlib import Path
+
+from app.cli import build_parser
+from trainer.config import TrainConfig
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_train_flag_is_documented():
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}" not in README]
+    assert not missing, f"README lacks these train flags: {missing}"
+
+
+def test_every_command_is_documented():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [name for name in sub.choices if f"lora-studio {name}" not in README]
+    assert not missing, f"README lacks these commands: {missing}"
+
+
+def test_the_two_setup_commands_come_first():
+    first_block = README.split("```")[1]
+    assert first_block.strip().splitlines()[0].startswith("make run")
+    assert first_block.strip().splitlines()[1].startswith("make test")
