@@ -17,7 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from adapters.errors import UserError
 
-RESUME_MUST_MATCH = ("base_model", "rank", "alpha", "attention", "batch_size", "seed", "learning_rate")
+RESUME_MUST_MATCH = (
+    "base_model",
+    "rank",
+    "alpha",
+    "attention",
+    "batch_size",
+    "seed",
+    "learning_rate",
+    "caption_dropout",
+)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -46,6 +46,11 @@ class TrainConfig:
     default_caption: str = _f(
         "", "Caption for images that have no .txt file. Empty = every image must have its own caption."
     )
+    caption_dropout: float = _f(
+        0.1,
+        "Share of training images shown with an empty caption, so the style holds without its prompt too and "
+        "classifier-free guidance keeps it. 0 = never.",
+    )
     # the adapter
     rank: int = _f(8, "LoRA rank (dim): size of the adapter. 4-32 is typical for a style.")
     alpha: float = _f(0.0, "LoRA alpha; the update is scaled by alpha/rank. 0 = same as rank (scale 1).")
@@ -105,6 +110,7 @@ class TrainConfig:
                 raise UserError(f"{f.name} ({flag}) must be one of {', '.join(choices)}; got {value!r}")
         self.alpha = float(self.alpha)
         self.learning_rate = float(self.learning_rate)
+        self.caption_dropout = float(self.caption_dropout)
         checks = [
             (self.rank >= 1, "rank (--rank) must be at least 1 (try 4, 8 or 16)"),
             (self.rank <= 1024, "rank (--rank) must be at most 1024"),
@@ -121,6 +127,10 @@ class TrainConfig:
                 f"resolution (--resolution) must be 0 (native) or a multiple of 8, at least 8; got {self.resolution}",
             ),
             (self.sample_every >= 0, "sample_every (--sample-every) must be 0 or more"),
+            (
+                0 <= self.caption_dropout < 1,
+                f"caption_dropout (--caption-dropout) must be at least 0 and below 1; got {self.caption_dropout:g}",
+            ),
             (self.save_every >= 0, "save_every (--save-every) must be 0 or more"),
             (self.keep_checkpoints >= 0, "keep_checkpoints (--keep-checkpoints) must be 0 (all) or more"),
             (self.num_processes >= 1, "num_processes (--num-processes) must be at least 1"),

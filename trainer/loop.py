@@ -81,21 +81,29 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 @torch.no_grad()
 def encode_examples(pipe, examples, device, dtype) -> dict[str, torch.Tensor]:
     """Cache per image: VAE latent mean and std (scaled) and the caption's text-encoder hidden states."""
-    means, stds, embeds = [], [], []
+    means, stds = [], []
     scale = pipe.vae.config.scaling_factor
     for ex in examples:
         dist = pipe.vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
+
+    def embed(caption: str) -> torch.Tensor:
         ids = pipe.tokenizer(
-            ex.caption,
+            caption,
             padding="max_length",
             max_length=pipe.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        embeds.append(pipe.text_encoder(ids.to(device))[0].float())
-    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "text_embeds": torch.cat(embeds)}
+        return pipe.text_encoder(ids.to(device))[0].float()
+
+    return {
+        "latent_mean": torch.cat(means),
+        "latent_std": torch.cat(stds),
+        "text_embeds": torch.cat([embed(ex.caption) for ex in examples]),
+        "empty_embed": embed(""),  # what classifier-free guidance conditions the unconditional branch on
+    }
 
 
 class BatchDrawer:
@@ -105,8 +113,11 @@ class BatchDrawer:
     latent sample, noise and timestep; each process then takes its own slice of it.
     """
 
-    def __init__(self, num_images: int, global_batch: int, num_timesteps: int, latent_shape, seed: int):
+    def __init__(
+        self, num_images: int, global_batch: int, num_timesteps: int, latent_shape, seed: int, dropout: float = 0.0
+    ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.dropout = dropout
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
         self.order: list[int] = []
@@ -124,6 +135,7 @@ class BatchDrawer:
             "latent_noise": torch.randn((n, *self.latent_shape), generator=self.generator),
             "noise": torch.randn((n, *self.latent_shape), generator=self.generator),
             "timesteps": torch.randint(0, self.num_timesteps, (n,), generator=self.generator),
+            "drop_caption": torch.rand(n, generator=self.generator) < self.dropout,
         }
 
     def state(self) -> dict:
@@ -140,11 +152,12 @@ def make_batch(draw: dict, cache: dict, device, process: int = 0, processes: int
     part = slice(process * per, (process + 1) * per)
     idx = draw["index"][part]
     latents = cache["latent_mean"][idx] + cache["latent_std"][idx] * draw["latent_noise"][part].to(device)
+    drop = draw["drop_caption"][part].to(device)[:, None, None]
     return {
         "latents": latents,
         "noise": draw["noise"][part].to(device),
         "timesteps": draw["timesteps"][part].to(device),
-        "text_embeds": cache["text_embeds"][idx],
+        "text_embeds": torch.where(drop, cache["empty_embed"], cache["text_embeds"][idx]),
     }
 
 
@@ -229,6 +242,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             noise_scheduler.config.num_train_timesteps,
             cache["latent_mean"].shape[1:],
             config.seed,
+            config.caption_dropout,
         )
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
         unet, optimizer = accelerator.prepare(unet, optimizer)
