@@ -1,0 +1,90 @@
+"""Make the README's pictures: a screenshot of each tab after a real training run, and the strength grid.
+
+    .venv/bin/python app/screenshots/make_screenshots.py     # needs /usr/bin/chromium; about two minutes on a CPU
+
+It starts `lora-studio ui` on a temporary workspace with the sample images preloaded, presses Train with the
+default settings, waits for the run to finish, compares strengths in Generate and opens the adapter in the
+library, taking a screenshot of each tab. The grid shows one prompt and seed at strength 0, 0.5 and 1.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PROMPT, SEED = "glowline, a large green triangle", 3
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+
+    workspace = Path(tempfile.mkdtemp(prefix="lora-studio-shots-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("lora-studio")
+    server = subprocess.Popen([str(exe), "ui", "--port", str(port), "--workspace", str(workspace),
+                               "--preload", str(ROOT / "sample_images")])
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("neon_15.png").last.wait_for(timeout=60_000)
+            page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
+            page.locator("#train-button").click()
+            page.locator("#train-status").get_by_text("Done").wait_for(timeout=600_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(HERE / "train.png"), full_page=True)
+
+            page.get_by_role("tab", name="Generate").click()
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#seed input").fill(str(SEED))
+            page.locator("#adapter-0 input").click()
+            page.get_by_role("option", name="neon").click()
+            page.locator("#compare-button").click()
+            page.get_by_text("the same for every picture").wait_for(timeout=120_000)
+            page.screenshot(path=str(HERE / "generate.png"), full_page=True)
+
+            page.get_by_role("tab", name="Adapters").click()
+            page.locator("#library-pick input").click()
+            page.get_by_role("option", name="neon").click()
+            page.get_by_text("Download neon.safetensors").wait_for()
+            page.screenshot(path=str(HERE / "adapters.png"), full_page=True)
+            browser.close()
+        strength_grid(workspace / "library" / "neon.safetensors")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def strength_grid(adapter: Path) -> None:
+    from adapters.runtime import Studio
+    from app.images import labelled_grid
+
+    studio = Studio("builtin", device="cpu")
+    studio.load(adapter, name="neon")
+    strengths = (0.0, 0.5, 1.0)
+    row = [studio.generate(PROMPT, seed=SEED, scales={"neon": s})[0] for s in strengths]
+    grid = labelled_grid([row], [f"strength {s:g}" for s in strengths], cell=192)
+    grid.save(HERE / "strengths.png")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
