@@ -24,3 +24,11 @@ def test_the_two_setup_commands_come_first():
     first_block = README.split("```")[1]
     assert first_block.strip().splitlines()[0].startswith("make run")
     assert first_block.strip().splitlines()[1].startswith("make test")
+
+
+def test_the_flag_table_matches_the_fields():
+    """Regenerate with `python -m trainer.config` and paste between the FLAGS markers."""
+    from trainer.config import markdown_table
+
+    table = README.split("<!-- FLAGS -->\n", 1)[1].split("\n<!-- /FLAGS -->", 1)[0]
+    assert table == markdown_table()

@@ -249,3 +249,19 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
         TrainConfig.from_dict(dict(values), source=source)  # report unknown keys against the file itself
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig.from_dict(values, source=source)
+
+
+def markdown_table() -> str:
+    """The README's table of train flags, from the fields themselves (`python -m trainer.config`)."""
+    rows = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("choices"):
+            flag += " " + "\\|".join(f.metadata["choices"])
+        default = "(empty)" if f.default == "" else f"`{f.default}`"
+        rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
