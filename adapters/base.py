@@ -58,6 +58,27 @@ def base_model_label(base_model: str | None) -> str:
     return path.name if path.exists() else base_model
 
 
+SETTINGS_FILE = "lora_studio.json"  # a model folder's recommended sampling settings, if it has them
+
+
+def generation_defaults(source: str | Path | None, scheduler_config: dict | None = None) -> dict[str, float]:
+    """The guidance and guidance rescale to use when the user gives none, for a model.
+
+    A local model folder may recommend its own in `lora_studio.json` (the built-in model does). Otherwise SD's
+    usual guidance 7.5, and guidance rescale 0.7 for zero-terminal-SNR schedules, as Lin et al. 2023 prescribe
+    (without it, guidance over-exposes such models).
+    """
+    folder = Path(resolve_base_model(str(source))) if source else None  # None: a pipeline built in memory
+    if scheduler_config is None:
+        config_file = folder / "scheduler" / "scheduler_config.json" if folder else None
+        scheduler_config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
+    settings = {"guidance": 7.5, "guidance_rescale": 0.7 if scheduler_config.get("rescale_betas_zero_snr") else 0.0}
+    recommended = folder / SETTINGS_FILE if folder else None
+    if recommended and recommended.is_file():
+        settings.update({k: float(v) for k, v in json.loads(recommended.read_text()).items() if k in settings})
+    return settings
+
+
 def model_family(pipe) -> str:
     """`lora-studio builtin`, `SD 1.x`, `SD 2.x` or `SDXL`, read from the loaded model itself, else `custom`."""
     source = Path(str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import string
 from collections import Counter
@@ -25,8 +26,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from adapters.base import SETTINGS_FILE
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 RESOLUTION = 64  # pixels; the VAE downsamples by 4, so the UNet works on 16x16 latents
+# Sampling settings the built-in model is used with when none are given (adapters/base.py generation_defaults):
+# measured best for it and its LoRAs; guidance rescale is what its zero-terminal-SNR schedule calls for.
+RECOMMENDED = {"guidance": 5.0, "guidance_rescale": 0.7}
 
 # The words the built-in model is trained to understand (the scene world's vocabulary; kept here so that
 # `adapters` does not import `trainer`). tests/test_builtin.py checks it matches trainer.scenes.vocabulary().
@@ -149,6 +155,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> None:
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists (left by an interrupted save?); remove it and run again")
     copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # leave `pipe` as it is
+    (tmp / SETTINGS_FILE).write_text(json.dumps(RECOMMENDED, indent=1) + "\n")
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         out_dir.rename(old)

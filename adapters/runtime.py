@@ -23,7 +23,7 @@ from diffusers.loaders.lora_base import (
 )
 from PIL import Image
 
-from adapters.base import load_pipeline, model_family, pick_device
+from adapters.base import generation_defaults, load_pipeline, model_family, pick_device
 from adapters.errors import UserError
 from adapters.formats import read_lora, read_safetensors
 from adapters.lora import Lora, install, lora_layers, module_shapes, split_components
@@ -61,6 +61,7 @@ class Studio:
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, device=self.device, dtype=dtype)
         self.family = model_family(self.pipe)
+        self.defaults = generation_defaults(base_model, dict(self.pipe.scheduler.config))
         self._shapes = {c: module_shapes(getattr(self.pipe, c)) for c in COMPONENTS}
         self.max_loaded = max_loaded
         self.adapters: OrderedDict[str, list[str]] = OrderedDict()  # name -> components, least recently used first
@@ -238,13 +239,17 @@ class Studio:
         negative_prompt: str = "",
         seed: int = 0,
         steps: int = 20,
-        guidance: float = 7.5,
+        guidance: float | None = None,
+        guidance_rescale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         scales: dict[str, float] | None = None,
         num_images: int = 1,
     ) -> list[Image.Image]:
-        """Images for one prompt; the same seed and settings give the same picture on the same machine."""
+        """Images for one prompt; the same seed and settings give the same picture on the same machine.
+
+        Guidance and guidance rescale default to the model's recommended values (`self.defaults`).
+        """
         width, height = width or self.native_size, height or self.native_size
         for field, value in (("width", width), ("height", height)):
             if value % self.pipe.vae_scale_factor or value <= 0:
@@ -258,7 +263,8 @@ class Studio:
             prompt,
             negative_prompt=negative_prompt or None,
             num_inference_steps=steps,
-            guidance_scale=guidance,
+            guidance_scale=self.defaults["guidance"] if guidance is None else guidance,
+            guidance_rescale=self.defaults["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
             width=width,
             height=height,
             generator=generator,

@@ -101,6 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
         width=args.width,
         height=args.height,
         scales=scales,
@@ -117,8 +118,8 @@ def _parameters_text(args: argparse.Namespace, scales: dict[str, float]) -> str:
     loras = ", ".join(f"{n.split('_', 1)[1]}:{s:g}" for n, s in scales.items())
     return (
         f"{args.prompt}\nNegative prompt: {args.negative_prompt}\n"
-        f"Steps: {args.steps}, CFG scale: {args.guidance}, Seed: {args.seed}, Model: {args.base_model}"
-        + (f", Lora: {loras}" if loras else "")
+        f"Steps: {args.steps}, CFG scale: {args.guidance or 'model default'}, Seed: {args.seed}, "
+        f"Model: {args.base_model}" + (f", Lora: {loras}" if loras else "")
     )
 
 
@@ -193,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's recommended (7.5 for SD)")
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="default: 0.7 for zero-terminal-SNR models (the built-in one), else 0",
+    )
     p.add_argument("--width", type=int, default=None, help="default: the base model's native size")
     p.add_argument("--height", type=int, default=None, help="default: the base model's native size")
     p.add_argument(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from adapters.base import generation_defaults
 from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import (
@@ -136,6 +137,10 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
     common = [f for f in fields if f.name in COMMON_FIELDS]
     advanced = [f for f in fields if f.name not in COMMON_FIELDS]
     preload_files = sorted(str(p) for p in Path(preload).iterdir() if p.is_file()) if preload else None
+    try:
+        defaults = generation_defaults(base_model)  # the model's recommended guidance, for the sliders
+    except UserError:
+        defaults = {"guidance": 7.5, "guidance_rescale": 0.0}
 
     def library_names() -> list[str]:
         return [e.name for e in library.list()]
@@ -196,7 +201,10 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                         random_seed = gr.Checkbox(value=False, label="Random seed")
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                        guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                        guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance")
+                        rescale = gr.Slider(
+                            0, 1, value=defaults["guidance_rescale"], step=0.05, label="Guidance rescale"
+                        )
                     with gr.Row():
                         width = gr.Number(value=0, precision=0, label="Width (0 = model's size)")
                         height = gr.Number(value=0, precision=0, label="Height (0 = model's size)")
@@ -348,7 +356,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                     out[name] = float(strength)
             return out
 
-        def render(base, text, neg, seed_value, randomize, n_steps, cfg, w, h, sched, scale_sets, labels):
+        def render(base, text, neg, seed_value, randomize, n_steps, cfg, rs, w, h, sched, scale_sets, labels):
             seed_used = random.randint(0, 2**31 - 1) if randomize else int(seed_value or 0)
             with studios.lock:
                 studio = studios.get(base.strip() or "builtin")
@@ -363,6 +371,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                         seed=seed_used,
                         steps=int(n_steps),
                         guidance=float(cfg),
+                        guidance_rescale=float(rs),
                         width=int(w) or None,
                         height=int(h) or None,
                         scales=scales,
@@ -370,18 +379,18 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                     pictures.append((image, label))
             return pictures, seed_used
 
-        def on_generate(base, text, neg, seed_value, randomize, n_steps, cfg, w, h, sched, *slots):
+        def on_generate(base, text, neg, seed_value, randomize, n_steps, cfg, rs, w, h, sched, *slots):
             try:
                 scales = chosen(list(slots))
                 label = ", ".join(f"{n} {s:g}" for n, s in scales.items()) or "base model"
                 pictures, used = render(
-                    base, text, neg, seed_value, randomize, n_steps, cfg, w, h, sched, [scales], [label]
+                    base, text, neg, seed_value, randomize, n_steps, cfg, rs, w, h, sched, [scales], [label]
                 )
             except UserError as exc:
                 return gr.Gallery(), f"❌ {exc}"
             return pictures, f"Seed {used}. {label}."
 
-        def on_compare(base, text, neg, seed_value, randomize, n_steps, cfg, w, h, sched, strengths_text, *slots):
+        def on_compare(base, text, neg, seed_value, randomize, n_steps, cfg, rs, w, h, sched, strengths_text, *slots):
             try:
                 scales = chosen(list(slots))
                 first = next((n for n in slots[:SLOTS] if n and n != NONE), None)
@@ -404,6 +413,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                     randomize,
                     n_steps,
                     cfg,
+                    rs,
                     w,
                     h,
                     sched,
@@ -421,7 +431,19 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                 return [*slot_updates(), f"❌ {exc}"]
             return [*slot_updates(), f"Added **{entry.name}** to the library."]
 
-        gen_inputs = [gen_base, prompt, negative, seed, random_seed, steps, guidance, width, height, scheduler]
+        gen_inputs = [
+            gen_base,
+            prompt,
+            negative,
+            seed,
+            random_seed,
+            steps,
+            guidance,
+            rescale,
+            width,
+            height,
+            scheduler,
+        ]
         generate_button.click(on_generate, [*gen_inputs, *slot_names, *slot_strengths], [gallery, gen_status])
         compare_button.click(
             on_compare, [*gen_inputs, compare_strengths, *slot_names, *slot_strengths], [gallery, gen_status]

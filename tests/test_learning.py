@@ -22,7 +22,7 @@ from trainer.scenes import COLORS, SHAPES, analyse
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 HELD_OUT_COLORS = tuple(c for c in COLORS if c not in STYLE_COLORS)
 HELD_OUT_SHAPES = tuple(s for s in SHAPES if s not in STYLE_SHAPES)
-PROMPTS = 27  # 3 colours x 3 shapes, 3 seeds each
+PROMPTS = 30  # 2 colours x 3 shapes, 5 seeds each
 
 
 def style_luminance() -> float:

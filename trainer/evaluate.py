@@ -35,17 +35,11 @@ def style_eval_prompts(colors, shapes, count: int, prefix: str = "") -> list[tup
     return out
 
 
-def generate_batch(
-    pipe,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    steps: int = 20,
-    guidance: float = 7.5,
-    batch: int = 50,
-    cross_attention_kwargs=None,
-) -> list:
-    """One image per (prompt, seed), generated in batches with a CPU generator per image (reproducible)."""
+def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int = 20, batch: int = 50) -> list:
+    """One image per (prompt, seed), in batches, a CPU generator per image, at the model's recommended guidance."""
+    from adapters.base import generation_defaults
+
+    defaults = generation_defaults(pipe.name_or_path, dict(pipe.scheduler.config))
     images = []
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in range(0, len(prompts), batch):
@@ -53,11 +47,11 @@ def generate_batch(
         out = pipe(
             prompts[i : i + batch],
             num_inference_steps=steps,
-            guidance_scale=guidance,
+            guidance_scale=defaults["guidance"],
+            guidance_rescale=defaults["guidance_rescale"],
             generator=gens,
             height=size,
             width=size,
-            cross_attention_kwargs=cross_attention_kwargs,
         )
         images += out.images
     return images

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.base import base_model_label, load_pipeline, model_family
+from adapters.base import base_model_label, generation_defaults, load_pipeline, model_family
 from adapters.errors import UserError
 from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.lora import attach, attention_targets, extract, trainable_parameters
@@ -219,6 +219,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
         pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
         unet, family = pipe.unet, model_family(pipe)
+        sampling = generation_defaults(config.base_model, dict(pipe.scheduler.config))  # for the previews
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             model.requires_grad_(False)
         targets = attention_targets(unet, config.attention)
@@ -275,6 +276,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             image = pipe(
                 config.sample_prompt,
                 num_inference_steps=20,
+                guidance_scale=sampling["guidance"],
+                guidance_rescale=sampling["guidance_rescale"],
                 generator=torch.Generator("cpu").manual_seed(config.seed),
                 height=resolution,
                 width=resolution,

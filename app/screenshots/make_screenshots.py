@@ -30,8 +30,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).with_name("lora-studio")
-    server = subprocess.Popen([str(exe), "ui", "--port", str(port), "--workspace", str(workspace),
-                               "--preload", str(ROOT / "sample_images")])
+    server = subprocess.Popen(
+        [str(exe), "ui", "--port", str(port), "--workspace", str(workspace), "--preload", str(ROOT / "sample_images")]
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(240):
@@ -41,8 +42,10 @@ def main() -> None:
             except OSError:
                 time.sleep(0.5)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.get_by_text("neon_15.png").last.wait_for(timeout=60_000)
