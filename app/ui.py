@@ -124,6 +124,19 @@ class StudioCache:
         return self.studio
 
 
+def loss_frame(losses: list[tuple[int, float]]):
+    """The loss plot's data, typed as numbers even when empty: the browser keeps the axis types of the first
+    data it gets, and an untyped empty frame would make every step and loss value a category label."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "step": pd.Series([s for s, _ in losses], dtype="int64"),
+            "loss": pd.Series([v for _, v in losses], dtype="float64"),
+        }
+    )
+
+
 def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload: str | Path | None = None):
     """The Blocks app for a workspace folder (holding `runs/` and `library/`)."""
     workspace = Path(workspace)
@@ -318,9 +331,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
 
         def refresh(name):
             view = view_run(runs_root / name) if name and (runs_root / name).is_dir() else None
-            import pandas as pd
-
-            losses = pd.DataFrame(view.losses if view else [], columns=["step", "loss"])
+            losses = loss_frame(view.losses if view else [])
             pictures = [(path, f"step {step}") for path, step in (view.samples if view else [])]
             return _progress_html(view), losses, pictures, _status_text(view)
 
@@ -337,6 +348,17 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
         cancel_button.click(on_cancel, run_picker, train_status)
         resume_button.click(on_resume, run_picker, train_status)
         timer.tick(refresh, run_picker, [progress, loss_plot, samples, train_status])
+        shown_choices = gr.State([])
+
+        def refresh_choices(name, shown):
+            """Keep each run's state in the run list current (a run shown as starting reads done when it ends);
+            the list is only re-sent when it changed, so an open dropdown is not closed under the user."""
+            runs = run_choices()
+            if [list(c) for c in runs] == [list(c) for c in shown or []]:
+                return gr.skip(), shown
+            return gr.Dropdown(choices=runs, value=name), runs
+
+        timer.tick(refresh_choices, [run_picker, shown_choices], [run_picker, shown_choices])
         run_picker.change(refresh, run_picker, [progress, loss_plot, samples, train_status])
         app.load(on_load, None, run_picker)
         app.load(show_command, setting_inputs, [command, config_json])

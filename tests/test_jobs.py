@@ -124,3 +124,17 @@ def test_resume_from_the_page_continues_a_cancelled_run(tiny_model, image_folder
     assert [s for s, _ in view.losses] == list(range(1, 11))  # steps 4-5 of the first attempt were replaced
     with pytest.raises(UserError, match="has finished; there is nothing to resume"):
         resume_run(run, tmp_path / "runs")
+
+
+def test_loss_plot_axes_are_numbers_from_the_first_refresh():
+    """The page's loss plot keeps the axis types of its first data; an empty run must already plot as numbers,
+    or every step and loss becomes its own category label (an unreadable black smear of ticks)."""
+    import gradio as gr
+
+    from app.ui import loss_frame
+
+    plot = gr.LinePlot(x="step", y="loss")
+    for losses in ([], [(1, 0.31), (2, 0.29), (3, 0.30)]):
+        sent = plot.postprocess(loss_frame(losses)).model_dump()
+        assert sent["datatypes"] == {"step": "quantitative", "loss": "quantitative"}
+        assert [row[0] for row in sent["data"]] == [s for s, _ in losses]

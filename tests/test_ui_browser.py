@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -132,6 +134,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page = open_page(browser, server.url)
     page.locator("#train-progress-text").get_by_text("step 60/60").wait_for(timeout=240_000)
     page.locator("#train-status").get_by_text("Done").wait_for(timeout=60_000)
+    expect(page.locator("#run-picker input")).to_have_value(re.compile(r"· done$"), timeout=15_000)
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
     page.locator("#samples img").first.wait_for()
     assert page.locator("#samples img").count() >= 3  # steps 20, 40 and the end

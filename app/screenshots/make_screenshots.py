@@ -48,7 +48,7 @@ def main() -> None:
             )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
-            page.get_by_text("neon_15.png").last.wait_for(timeout=60_000)
+            page.get_by_text("glowline, a red circle at the top").first.wait_for(timeout=60_000)  # the caption table
             page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
             page.locator("#train-button").click()
             page.locator("#train-status").get_by_text("Done").wait_for(timeout=600_000)
@@ -76,18 +76,22 @@ def main() -> None:
         server.wait()
 
 
-def strength_grid(adapter: Path) -> None:
+def strength_grid(adapter: Path, seeds=range(4)) -> None:
+    """One held-out prompt (green triangles: the style set has neither) at strength 0, 0.5, 1; seeds 0-3, unpicked."""
     from adapters.runtime import Studio
     from app.images import labelled_grid
 
     studio = Studio("builtin", device="cpu")
     studio.load(adapter, name="neon")
     strengths = (0.0, 0.5, 1.0)
-    row = [studio.generate(PROMPT, seed=SEED, scales={"neon": s})[0] for s in strengths]
-    grid = labelled_grid([row], [f"strength {s:g}" for s in strengths], cell=192)
+    rows = [[studio.generate(PROMPT, seed=seed, scales={"neon": s})[0] for s in strengths] for seed in seeds]
+    grid = labelled_grid(rows, [f"strength {s:g}" for s in strengths], [f"seed {seed}" for seed in seeds], cell=128)
     grid.save(HERE / "strengths.png")
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--grid-only":  # redraw the grid from an adapter file
+        strength_grid(Path(sys.argv[2]))
+    else:
+        main()
