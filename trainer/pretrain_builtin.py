@@ -6,7 +6,8 @@ The shipped weights (adapters/builtin/) were made on a 2-core CPU with these thr
     python -m trainer.pretrain_builtin --init .pretrain/init --out .pretrain/vae --device cpu --workers 1 \
         --vae-steps 3000 --vae-batch 32 --vae-crop 32 --unet-steps 0 --eval-count 0
     python -m trainer.pretrain_builtin --init .pretrain/init --out adapters/builtin --device cpu --workers 1 \
-        --vae-from .pretrain/vae --unet-steps 5000 --unet-batch 32 --unet-lr 3e-4 --save-every 1000
+        --vae-from .pretrain/vae --unet-steps 5000 --unet-batch 32 --unet-lr 3e-4 --save-every 1000 \
+        --stop-after 3000
 
 Two phases. (1) The VAE learns to encode and decode 64x64 pictures. As a generic image codec it sees plain
 scenes and also outlined, glowing shapes on random background colours, so it can represent looks that the
