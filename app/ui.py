@@ -195,6 +195,9 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
                 resume_button = gr.Button("Resume", elem_id="resume-button")
+            # What the last button press or upload did, and, below it, the selected run's live state: two places,
+            # so the once-a-second run refresh never wipes a message the person has not read yet.
+            train_message = gr.Markdown(elem_id="train-message")
             train_status = gr.Markdown(elem_id="train-status")
             run_picker = gr.Dropdown(label="Runs (running and past)", choices=run_choices(), elem_id="run-picker")
             progress = gr.HTML(_progress_html(None))
@@ -341,12 +344,12 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
             value = live.run_dir.name if live else (runs[0][1] if runs else None)
             return gr.Dropdown(choices=runs, value=value)
 
-        files.change(fill_table, files, [table, train_status])
+        files.change(fill_table, files, [table, train_message])
         for component in setting_inputs:
             component.change(show_command, setting_inputs, [command, config_json])
-        train_button.click(on_train, [files, table, *setting_inputs], [train_status, run_picker])
-        cancel_button.click(on_cancel, run_picker, train_status)
-        resume_button.click(on_resume, run_picker, train_status)
+        train_button.click(on_train, [files, table, *setting_inputs], [train_message, run_picker])
+        cancel_button.click(on_cancel, run_picker, train_message)
+        resume_button.click(on_resume, run_picker, train_message)
         timer.tick(refresh, run_picker, [progress, loss_plot, samples, train_status])
         shown_choices = gr.State([])
 
@@ -363,7 +366,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
         app.load(on_load, None, run_picker)
         app.load(show_command, setting_inputs, [command, config_json])
         if preload_files:
-            app.load(fill_table, files, [table, train_status])
+            app.load(fill_table, files, [table, train_message])
 
         # -- Generate tab -----------------------------------------------------------------------------------------
         def slot_updates():

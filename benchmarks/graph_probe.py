@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sd15 import build_sd15  # noqa: E402
+from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
 
 
 class Predict(torch.nn.Module):
@@ -34,17 +34,9 @@ class Predict(torch.nn.Module):
 
 
 def main() -> None:
-    from adapters.lora import attach, attention_targets
-
     device = torch.device("cuda")
     pipe, size = build_sd15(tiny=False)
-    unet = pipe.unet.to(device, torch.bfloat16).requires_grad_(False)
-    attach(unet, attention_targets(unet, "both"), 8, 8)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    unet.train()
+    unet, params = with_lora(pipe.unet, device)
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
     opt = torch.optim.AdamW(params, lr=1e-4)
     for batch in (1, 4, 8):

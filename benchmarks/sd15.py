@@ -68,6 +68,21 @@ def build_sd15(tiny: bool):
     return pipe, size
 
 
+def with_lora(unet, device, dtype=torch.bfloat16):
+    """The UNet frozen in `dtype` on `device`, with rank-8 LoRA on attn1 + attn2 in fp32, as the trainer sets it up.
+
+    Returns the UNet (in train mode) and its LoRA parameters."""
+    from adapters.lora import attach, attention_targets, trainable_parameters
+
+    unet = unet.to(device, dtype).requires_grad_(False)
+    attach(unet, attention_targets(unet, "both"), 8, 8)
+    params = trainable_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return unet.train(), params
+
+
 def write_data(folder: Path, size: int, count: int = 16) -> None:
     from PIL import Image
 
@@ -86,17 +101,10 @@ def step_flops(model_dir: Path, size: int, batch: int, device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from adapters.base import load_pipeline
-    from adapters.lora import attach, attention_targets
 
-    pipe = load_pipeline(
-        str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    unet = pipe.unet.requires_grad_(False)
-    attach(unet, attention_targets(unet, "both"), 8, 8)
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(str(model_dir), device=device, dtype=dtype)
+    unet, _ = with_lora(pipe.unet, device, dtype)
     lat = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=unet.dtype)
     emb = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
     t = torch.randint(0, 1000, (batch,), device=device)

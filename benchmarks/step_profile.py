@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sd15 import build_sd15  # noqa: E402
+from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
 
 
 def sync() -> None:
@@ -46,20 +46,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (takes minutes)")
     args = parser.parse_args()
-    from adapters.lora import attach, attention_targets
-
     tiny = not torch.cuda.is_available()  # on a machine without CUDA: the same code path, small, for a check
     device = torch.device("cpu" if tiny else "cuda")
     pipe, size = build_sd15(tiny=tiny)
     dim = pipe.unet.config.cross_attention_dim
-    unet = pipe.unet.to(device, torch.bfloat16).requires_grad_(False)
-    attach(unet, attention_targets(unet, "both"), 8, 8)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    unet, params = with_lora(pipe.unet, device)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    unet.train()
     name = "cpu (tiny)" if tiny else torch.cuda.get_device_name(device)
     results: dict = {"device": name, "torch": torch.__version__}
 

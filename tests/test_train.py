@@ -134,3 +134,20 @@ def test_caption_dropout_swaps_in_the_empty_caption_at_the_configured_rate():
             for _ in range(20)
         ]
         assert abs(float(sum(dropped) / len(dropped)) - expected) < 0.03
+
+
+def test_bf16_run_draws_its_previews(tiny_model, image_folder, tmp_path):
+    """bf16 is what a GPU trains in by default; previews made mid-run and at the end are drawn, not a crash."""
+    run = tmp_path / "run"
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        data=str(image_folder),
+        steps=4,
+        batch_size=1,
+        mixed_precision="bf16",
+        sample_prompt="a red circle",
+        sample_every=2,
+        run_dir=str(run),
+    )
+    train(config, device="cpu", log_to_terminal=False)
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]

@@ -107,16 +107,17 @@ def upload(page, paths) -> None:
     page.locator("#upload input[type=file]").set_input_files([str(p) for p in paths])
 
 
-def status(page) -> str:
-    return page.locator("#train-status").inner_text()
+def message(page) -> str:
+    """What the page says about the last button press or upload."""
+    return page.locator("#train-message").inner_text()
 
 
 def test_train_watch_generate_download(browser, workspace, tmp_path):
     server = Server(workspace)
     page = open_page(browser, server.url)
     upload(page, sorted(SAMPLES.iterdir()))
-    page.get_by_text("neon_15.png").last.wait_for()  # the caption table lists every image
-    assert "glowline, a red circle at the top" in page.locator("#captions").inner_text()
+    page.get_by_text("neon_15.png").last.wait_for()  # the upload lists every file
+    page.locator("#captions").get_by_text("glowline, a red circle at the top").wait_for()  # the table fills
     set_number(page, "setting-steps", 60)
     set_number(page, "setting-sample_every", 20)
     page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
@@ -180,8 +181,9 @@ def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path)
     upload(page, [fake, tmp_path / "fake.txt", tmp_path / "real.png"])
     page.get_by_text("real.png").last.wait_for()
     page.locator("#train-button").click()
-    page.get_by_text("Nothing started").wait_for(timeout=30_000)
-    text = status(page)
+    page.locator("#train-message").get_by_text("Nothing started").wait_for(timeout=30_000)
+    page.wait_for_timeout(3000)  # several refreshes of the run view later, the message is still there to read
+    text = message(page)
     assert "fake.png: not a readable image" in text
     assert "real.png: caption real.txt is missing" in text  # every problem at once
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())

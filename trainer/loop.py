@@ -312,15 +312,19 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 return None
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
-            image = pipe(
-                config.sample_prompt,
-                num_inference_steps=20,
-                guidance_scale=sampling["guidance"],
-                guidance_rescale=sampling["guidance_rescale"],
-                generator=torch.Generator("cpu").manual_seed(config.seed),
-                height=resolution,
-                width=resolution,
-            ).images[0]
+            # The frozen model is in the compute dtype and the LoRA weights in fp32: the pipeline mixes them under
+            # the same autocast the training step runs in (without it, bf16 and fp16 previews fail on a dtype clash).
+            mixed = weight_dtype != torch.float32
+            with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
+                image = pipe(
+                    config.sample_prompt,
+                    num_inference_steps=20,
+                    guidance_scale=sampling["guidance"],
+                    guidance_rescale=sampling["guidance_rescale"],
+                    generator=torch.Generator("cpu").manual_seed(config.seed),
+                    height=resolution,
+                    width=resolution,
+                ).images[0]
             pipe.unet.train()
             path = run_dir / "samples" / f"step_{step:06d}.png"
             path.parent.mkdir(exist_ok=True)
