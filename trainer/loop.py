@@ -186,19 +186,23 @@ def capture_unet(unet, batch: dict, noise_scheduler, dtype: torch.dtype):
     shapes are fixed, which a run's are. Returns (None, why) where capture is not possible: train eagerly."""
     if getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None):
         torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
-    sample = (noisy.to(dtype).clone(), batch["timesteps"].clone(), batch["text_embeds"].to(dtype).clone())
+    sample = tuple(t.clone() for t in unet_inputs(batch, noise_scheduler, dtype))
     try:
         return torch.cuda.make_graphed_callables(_Predict(unet, dtype), sample, num_warmup_iters=3), ""
     except Exception as exc:  # an exotic model or driver: the same training, eagerly
         return None, f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
 
 
+def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The UNet's arguments for a batch: noised latents, timesteps, text embeddings, in the compute dtype."""
+    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    return noisy.to(dtype), batch["timesteps"], batch["text_embeds"].to(dtype)
+
+
 def diffusion_loss(unet, batch: dict, noise_scheduler, predict=None) -> torch.Tensor:
     """MSE between the UNet's prediction and the scheduler's target (epsilon or v) at the batch's timesteps.
 
     `predict`, when given, stands in for the UNet call (a captured CUDA graph of it)."""
-    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = batch["noise"]
@@ -207,7 +211,7 @@ def diffusion_loss(unet, batch: dict, noise_scheduler, predict=None) -> torch.Te
     else:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only epsilon and v_prediction train")
     weight_dtype = next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
-    inputs = (noisy.to(weight_dtype), batch["timesteps"], batch["text_embeds"].to(weight_dtype))
+    inputs = unet_inputs(batch, noise_scheduler, weight_dtype)
     pred = predict(*inputs) if predict is not None else unet(*inputs).sample
     return F.mse_loss(pred.float(), target.float())
 
@@ -230,6 +234,7 @@ def _stop_on_signals() -> dict:
 def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal: bool = True) -> TrainResult:
     """Train one adapter as `config` says; the .safetensors file is written before this returns."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
 
     # 1. Check every input before loading a model: the data folder, the output file, the run folder.
@@ -237,6 +242,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     # On a machine without CUDA, accelerate only joins a multi-process (gloo) group when told it runs on the CPU.
     cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, PartialState(cpu=cpu).device)
+    # accelerate keeps one precision per process; a second run in the same process (a notebook, a benchmark)
+    # may ask for another. The process group lives in PartialState, which stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     main, processes = accelerator.is_main_process, accelerator.num_processes
