@@ -88,6 +88,15 @@ def trainable_parameters(model: torch.nn.Module, adapter_name: str = "default") 
     return params
 
 
+def train_in_fp32(model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The adapter's LoRA parameters, made fp32 and trainable whatever dtype the frozen base is in."""
+    params = trainable_parameters(model, adapter_name)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
 def extract(model: torch.nn.Module, component: str, adapter_name: str = "default") -> Lora:
     """Copy one adapter's weights out of `model` as a `Lora` (fp32, detached, on the CPU)."""
     out: Lora = {}

@@ -72,15 +72,11 @@ def with_lora(unet, device, dtype=torch.bfloat16):
     """The UNet frozen in `dtype` on `device`, with rank-8 LoRA on attn1 + attn2 in fp32, as the trainer sets it up.
 
     Returns the UNet (in train mode) and its LoRA parameters."""
-    from adapters.lora import attach, attention_targets, trainable_parameters
+    from adapters.lora import attach, attention_targets, train_in_fp32
 
     unet = unet.to(device, dtype).requires_grad_(False)
     attach(unet, attention_targets(unet, "both"), 8, 8)
-    params = trainable_parameters(unet)
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return unet.train(), params
+    return unet.train(), train_in_fp32(unet)
 
 
 def write_data(folder: Path, size: int, count: int = 16) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from adapters.base import base_model_label, generation_defaults, load_pipeline, model_family
 from adapters.errors import UserError
 from adapters.formats import build_metadata, save_adapter, to_kohya
-from adapters.lora import attach, attention_targets, extract, trainable_parameters
+from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, tag_frequency
@@ -269,10 +269,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         targets = attention_targets(unet, config.attention)
         torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
         attach(unet, targets, config.rank, config.effective_alpha)
-        params = trainable_parameters(unet)
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+        params = train_in_fp32(unet)
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
 
         # 3. Data: every image and caption encoded once by the frozen VAE and text encoder.
