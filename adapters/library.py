@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from adapters.errors import UserError
 from adapters.formats import detect_layout, read_safetensors, write_atomic
@@ -72,15 +72,25 @@ class Library:
         sample = path.with_suffix(".png")
         return Entry(path.stem, path, sample if sample.is_file() else None, path.stat().st_size, metadata)
 
-    def list(self) -> list[Entry]:
-        """Every readable adapter, newest first; unreadable files are skipped, never deleted."""
-        entries = []
+    def _scan(self) -> tuple[list[Entry], list[tuple[Path, str]]]:
+        entries, problems = [], []
         for path in self.root.glob("*.safetensors"):
             try:
-                entries.append(self._entry(path))
-            except Exception:
-                continue
-        return sorted(entries, key=lambda e: e.path.stat().st_mtime, reverse=True)
+                entries.append((path.stat().st_mtime, self._entry(path)))
+            except FileNotFoundError:
+                continue  # deleted while we listed: no longer in the library
+            except (OSError, SafetensorError) as exc:
+                problems.append((path, f"not a readable safetensors file ({exc}); replace or delete it"))
+        entries.sort(key=lambda pair: pair[0], reverse=True)
+        return [entry for _, entry in entries], sorted(problems)
+
+    def list(self) -> list[Entry]:
+        """Every readable adapter, newest first. Unreadable files are left out (see `problems`), never deleted."""
+        return self._scan()[0]
+
+    def problems(self) -> list[tuple[Path, str]]:
+        """The `*.safetensors` files `list` leaves out because they cannot be read, each with the reason."""
+        return self._scan()[1]
 
     def get(self, name: str) -> Entry:
         path, _ = self._paths(name)

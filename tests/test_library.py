@@ -85,6 +85,20 @@ def test_import_refuses_non_adapters(tmp_path):
     assert lib.list() == []
 
 
+def test_unreadable_files_are_reported_with_the_reason_and_kept(tmp_path):
+    lib = Library(tmp_path / "lib")
+    lib.add(make_adapter(tmp_path / "a.safetensors"), "good")
+    broken = tmp_path / "lib" / "broken.safetensors"
+    broken.write_bytes(b"\x80\x04a pickle, not safetensors")
+    assert [e.name for e in lib.list()] == ["good"]
+    [(path, reason)] = lib.problems()
+    assert path == broken and reason.startswith("not a readable safetensors file (")
+    assert "header" in reason and reason.endswith("replace or delete it")
+    assert broken.read_bytes() == b"\x80\x04a pickle, not safetensors"
+    broken.unlink()
+    assert lib.problems() == []
+
+
 def test_missing_names_are_clear_errors(tmp_path):
     lib = Library(tmp_path / "lib")
     for call in (lambda: lib.get("nope"), lambda: lib.delete("nope"), lambda: lib.rename("nope", "x")):
