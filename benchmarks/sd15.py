@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.make_builtin import assemble_pipeline  # noqa: E402
+from trainer.builtin.builder import assemble_pipeline  # noqa: E402
 
 
 def build_sd15(tiny: bool):
@@ -82,7 +82,7 @@ def with_lora(unet, device, dtype=torch.bfloat16):
 def write_data(folder: Path, size: int, count: int = 16) -> None:
     from PIL import Image
 
-    from trainer.scenes import render, sample_scene
+    from trainer.builtin.scenes import render, sample_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

@@ -19,7 +19,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
     from diffusers import DDIMScheduler
 
-    from adapters.make_builtin import assemble_pipeline
+    from trainer.builtin.builder import assemble_pipeline
 
     torch.manual_seed(seed)
     return assemble_pipeline(
@@ -75,7 +75,7 @@ def write_scene_folder(folder: Path, count: int = 4, size: int = 32, style: str 
     """`count` rendered scene images with their captions, as a training folder."""
     from PIL import Image
 
-    from trainer.scenes import render, sample_scene
+    from trainer.builtin.scenes import render, sample_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from adapters.runtime import Studio
+from trainer.builtin.evaluate import generate_batch, score, style_eval_prompts
+from trainer.builtin.scenes import COLORS, SHAPES, analyse
+from trainer.builtin.style_set import STYLE_COLORS, STYLE_SHAPES, TRIGGER
 from trainer.config import TrainConfig
 from trainer.dataset import find_images, prepare_image
-from trainer.evaluate import generate_batch, score, style_eval_prompts
 from trainer.loop import train
-from trainer.make_sample_images import STYLE_COLORS, STYLE_SHAPES, TRIGGER
-from trainer.scenes import COLORS, SHAPES, analyse
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 HELD_OUT_COLORS = tuple(c for c in COLORS if c not in STYLE_COLORS)

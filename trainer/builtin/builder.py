@@ -1,10 +1,12 @@
 """Build the small built-in Stable Diffusion pipeline (architecture, tokenizer, seeded weights) in diffusers layout.
 
-    python -m adapters.make_builtin                 # random weights into adapters/builtin/
-    python -m trainer.pretrain_builtin ...          # then trains those weights (see README)
+    python -m trainer.builtin.builder               # random weights into adapters/builtin/
+    python -m trainer.builtin.pretrain ...          # then trains those weights (see README)
 
-The tokenizer is a real CLIP byte-level BPE whose merges are learned here from the scene vocabulary, so every
-caption word is one token and any other word still splits into known pieces. Nothing is downloaded.
+The tokenizer is a real CLIP byte-level BPE whose merges are learned here from the scene vocabulary
+(`trainer.builtin.scenes.vocabulary()`), so every caption word is one token and any other word still splits into
+known pieces; tests/test_builtin.py checks this for the tokenizer built here and for the shipped one. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -26,21 +28,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from adapters.base import SETTINGS_FILE
+from adapters.base import BUILTIN_DIR, SETTINGS_FILE
+from trainer.builtin.scenes import vocabulary
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 RESOLUTION = 64  # pixels; the VAE downsamples by 4, so the UNet works on 16x16 latents
 # Sampling settings the built-in model is used with when none are given (adapters/base.py generation_defaults):
 # measured best for it and its LoRAs; guidance rescale is what its zero-terminal-SNR schedule calls for.
 RECOMMENDED = {"guidance": 5.0, "guidance_rescale": 0.7}
-
-# The words the built-in model is trained to understand (the scene world's vocabulary; kept here so that
-# `adapters` does not import `trainer`). tests/test_builtin.py checks it matches trainer.scenes.vocabulary().
-WORDS = (
-    "a above at background beige below blue bottom center circle circles diamond diamonds gray green in large "
-    "left medium of on orange purple red right small square squares star stars the to top triangle triangles "
-    "two white yellow"
-).split()
 
 
 def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -67,8 +61,9 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
             pieces[w] = out
 
 
-def build_tokenizer(words: list[str] = WORDS) -> CLIPTokenizer:
-    """A CLIP tokenizer over printable ASCII whose merges make each of `words` a single token."""
+def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
+    """A CLIP tokenizer over printable ASCII whose merges make each of `words` (default: scene words) one token."""
+    words = vocabulary() if words is None else words
     chars = [c for c in string.printable if not c.isspace() and c.lower() == c]
     vocab: dict[str, int] = {}
     for c in chars:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.scenes import HELD_OUT_PAIRS, analyse, single_object_scene
+from trainer.builtin.scenes import HELD_OUT_PAIRS, analyse, single_object_scene
 
 
 def held_out_prompts(count: int = 100) -> list[tuple[str, int, str, str]]:

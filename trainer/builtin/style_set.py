@@ -1,6 +1,6 @@
 """Draw the demo style set in `sample_images/`: glowing neon outlines on black, a caption file per image.
 
-    python -m trainer.make_sample_images            # rewrites sample_images/*.png and *.txt (seeded)
+    python -m trainer.builtin.style_set             # rewrites sample_images/*.png and *.txt (seeded)
 
 The set covers only red, orange, yellow and blue circles and squares, so the learning test can ask for green
 and purple triangles, stars and diamonds and see whether the style transfers rather than the pictures being
@@ -16,12 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from trainer.scenes import POSITION_PHRASES, POSITIONS, SIZES, Obj, Scene, render
+from trainer.builtin.scenes import POSITION_PHRASES, POSITIONS, SIZES, Obj, Scene, render
 
 TRIGGER = "glowline"
 STYLE_COLORS = ("red", "orange", "yellow", "blue")
 STYLE_SHAPES = ("circle", "square")
-OUT_DIR = Path(__file__).resolve().parent.parent / "sample_images"
+OUT_DIR = Path(__file__).resolve().parents[2] / "sample_images"
 
 
 def style_scenes(seed: int = 0, count: int = 16) -> list[Scene]:
@@ -59,7 +59,9 @@ def style_scenes(seed: int = 0, count: int = 16) -> list[Scene]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help="folder to write the style set to (default: %(default)s)"
+    )
     parser.add_argument("--size", type=int, default=128, help="pixels per side (training resizes as needed)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

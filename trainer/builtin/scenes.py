@@ -1,7 +1,7 @@
 """The procedural world of simple scenes: sampling, captions, rendering, and an analyser that reads pictures back.
 
-The built-in base model is pretrained on this world (`trainer/pretrain_builtin.py`), the demo style set in
-`sample_images/` is drawn from it (`trainer/make_sample_images.py`), and the learning tests score generated
+The built-in base model is pretrained on this world (`trainer/builtin/pretrain.py`), the demo style set in
+`sample_images/` is drawn from it (`trainer/builtin/style_set.py`), and the learning tests score generated
 pictures with `analyse`. Rendering is signed-distance based and batched in torch, so the pretraining can draw
 its data on the GPU as fast as it trains, and the same code draws the sample images on a laptop.
 """

@@ -2,10 +2,10 @@
 
 The shipped weights (adapters/builtin/) were made on a 2-core CPU with these three commands:
 
-    python -m adapters.make_builtin --out .pretrain/init          # architecture + tokenizer, seeded random weights
-    python -m trainer.pretrain_builtin --init .pretrain/init --out .pretrain/vae --device cpu --workers 1 \
+    python -m trainer.builtin.builder --out .pretrain/init         # architecture + tokenizer, seeded random weights
+    python -m trainer.builtin.pretrain --init .pretrain/init --out .pretrain/vae --device cpu --workers 1 \
         --vae-steps 3000 --vae-batch 32 --vae-crop 32 --unet-steps 0 --eval-count 0
-    python -m trainer.pretrain_builtin --init .pretrain/init --out adapters/builtin --device cpu --workers 1 \
+    python -m trainer.builtin.pretrain --init .pretrain/init --out adapters/builtin --device cpu --workers 1 \
         --vae-from .pretrain/vae --unet-steps 5000 --unet-batch 32 --unet-lr 3e-4 --save-every 1000 \
         --stop-after 3000
 
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapters.base import load_pipeline
-from adapters.make_builtin import save_pipeline
-from trainer.evaluate import prompt_fidelity
-from trainer.scenes import render, sample_scene
+from trainer.builtin.builder import save_pipeline
+from trainer.builtin.evaluate import prompt_fidelity
+from trainer.builtin.scenes import render, sample_scene
 
 
 class SceneBatches(IterableDataset):
@@ -243,7 +243,7 @@ def _save_ema(pipe, params, ema, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", type=Path, required=True, help="folder made by adapters.make_builtin")
+    parser.add_argument("--init", type=Path, required=True, help="folder made by python -m trainer.builtin.builder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the trained pipeline to")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
