@@ -19,7 +19,7 @@ from pathlib import Path
 from adapters.errors import UserError
 from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, check_folder
-from trainer.runs import TERMINAL, new_run_dir, read_events
+from trainer.runs import TERMINAL, new_run_dir, scan_events
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
@@ -84,6 +84,7 @@ class RunView:
     library_name: str | None = None
     message: str = ""
     name: str = ""
+    problems: list[str] = field(default_factory=list)  # malformed lines of events.jsonl, left out of the view
 
     @property
     def live(self) -> bool:
@@ -114,11 +115,12 @@ def _pid_alive(run_dir: Path) -> bool:
 
 
 def view_run(run_dir: str | Path) -> RunView:
-    """Fold a run's events (and whether its process lives) into what the page shows."""
+    """Fold a run's events (and whether its process lives) into what the page shows; malformed lines of its log
+    are left out and listed in `problems`, so a damaged log still shows the run."""
     run_dir = Path(run_dir)
-    events = read_events(run_dir)
+    events, problems = scan_events(run_dir)
     alive = _pid_alive(run_dir)
-    view = RunView(run_dir, "starting" if alive else "interrupted")
+    view = RunView(run_dir, "starting" if alive else "interrupted", problems=problems)
     try:
         view.name = TrainConfig.from_file(run_dir / "config.json").name or run_dir.name
     except UserError:

@@ -53,6 +53,27 @@ def test_view_folds_events_and_tolerates_a_torn_line(tmp_path):
     view = view_run(run)
     assert (view.status, view.step, view.total, view.name, view.library_name) == ("done", 3, 3, "neon", "neon")
     assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and view.samples == [(str(run / "s.png"), 3)]
+    assert view.problems == []
+
+
+def test_a_malformed_line_inside_the_log_is_named_not_skipped(tmp_path):
+    """Only the last line may be torn; a bad line before it is an error for readers of the log, and the page
+    still shows the run with the line named as a problem."""
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d", name="neon").save(run / "config.json")
+    log = EventLog(run)
+    log.emit("start", steps=2)
+    log.emit("progress", step=1, total=2, loss=0.5, steps_per_s=2.0, eta_s=1)
+    with open(run / "events.jsonl", "a") as f:
+        f.write('{"type": "progr\n[1, 2]\n')  # line 3: cut short, line 4: JSON but no event
+    log.emit("progress", step=2, total=2, loss=0.25, steps_per_s=2.0, eta_s=0)
+    log.emit("done", step=2)
+    with pytest.raises(UserError, match=r"events\.jsonl line 3: not JSON .*\n.*events\.jsonl line 4: JSON, but not"):
+        read_events(run)
+    view = view_run(run)
+    assert (view.status, view.step, view.losses) == ("done", 2, [(1, 0.5), (2, 0.25)])
+    assert [p.split(": ", 1)[0] for p in view.problems] == [f"{run / 'events.jsonl'} line {n}" for n in (3, 4)]
 
 
 def test_a_dead_trainer_without_a_final_event_reads_interrupted(tmp_path):

@@ -13,6 +13,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from adapters.errors import UserError
+
 EVENTS = "events.jsonl"
 TERMINAL = ("done", "error", "cancelled")
 
@@ -50,15 +52,37 @@ class EventLog:
             os.fsync(f.fileno())
 
 
-def read_events(run_dir: Path) -> list[dict]:
-    """All complete events of a run; a torn last line (a writer mid-append) is skipped, not an error."""
+def scan_events(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """A run's events, and one problem per malformed line (left out of the events), naming the file and line.
+
+    An event is a JSON object with a `type`. A torn last line (no newline yet: a writer caught mid-append) is
+    skipped without a problem; any other line that is not an event is a problem.
+    """
     path = Path(run_dir) / EVENTS
     if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    events, problems = [], []
+    for number, line in enumerate(lines, start=1):
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            event = json.loads(line)
+        except json.JSONDecodeError as exc:
+            why = f"not JSON ({exc.msg} at column {exc.colno})"
+        else:
+            why = "" if isinstance(event, dict) and "type" in event else "JSON, but not an event with a type"
+        if not why:
+            events.append(event)
+        elif number < len(lines):  # after the last newline comes "" or a line still being written: no problem
+            problems.append(f"{path} line {number}: {why}")
+    return events, problems
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    """All events of a run; a torn last line (a writer mid-append) is skipped, any other malformed line is a
+    UserError naming the file and line (`scan_events` reads past them instead)."""
+    events, problems = scan_events(run_dir)
+    if problems:
+        raise UserError(
+            "the run's event log has malformed lines:\n  " + "\n  ".join(problems) + "\nfix or delete those lines"
+        )
     return events
