@@ -67,7 +67,8 @@ def attach(
 ) -> None:
     """Add a fresh, trainable LoRA (B = 0, so the model is unchanged until trained) to exactly `targets`.
 
-    Trap: a second call with the same adapter_name raises; pick another name or `remove` the first.
+    Trap: a second call with the same adapter_name raises (ValueError); pick another name or first undo this one
+    with `model.delete_adapters(adapter_name)` (peft's, through diffusers; there is no `remove` here).
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
     model.add_adapter(config, adapter_name=adapter_name)
