@@ -1,6 +1,7 @@
 """The README documents what the program offers: every train flag and every command."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 from app.cli import build_parser
@@ -32,3 +33,18 @@ def test_the_flag_table_matches_the_fields():
 
     table = README.split("<!-- FLAGS -->\n", 1)[1].split("\n<!-- /FLAGS -->", 1)[0]
     assert table == markdown_table()
+
+
+def test_the_builtin_models_lora_target_count_is_counted_from_it():
+    """The README's count of the built-in UNet's LoRA targets is what `attention_targets` finds in the shipped one."""
+    from diffusers import UNet2DConditionModel
+
+    from adapters.lora import attention_targets
+
+    shipped = Path(__file__).resolve().parent.parent / "adapters" / "builtin" / "unet"
+    config = UNet2DConditionModel.load_config(shipped)
+    unet = UNet2DConditionModel.from_config(config)  # the shipped architecture; its weights do not matter here
+    stated = re.search(r"(\d+) LoRA targets, (\d+) in attn1 and (\d+) in attn2", README)
+    assert stated, "README no longer states the built-in model's LoRA target count"
+    counted = [len(attention_targets(unet, attention)) for attention in ("both", "self", "cross")]
+    assert [int(n) for n in stated.groups()] == counted
