@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from adapters.errors import UserError
+from adapters.families import BUILTIN_DIR, Family, family_of_config, family_of_index, family_of_pipeline
 
 BUILTIN = "builtin"
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-_SUPPORTED_CLASSES = ("StableDiffusionPipeline",)
 
 
 def pick_device() -> torch.device:
@@ -29,17 +28,10 @@ def resolve_base_model(base_model: str | None) -> str:
         return str(BUILTIN_DIR)
     path = Path(base_model).expanduser()
     if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
+        if not (path / "model_index.json").is_file():
             raise UserError(
                 f"base model folder {path} has no model_index.json: pass a folder in diffusers layout "
                 "(as written by save_pretrained), a Hugging Face id, or 'builtin'"
-            )
-        cls = json.loads(index.read_text()).get("_class_name")
-        if cls not in _SUPPORTED_CLASSES:
-            raise UserError(
-                f"base model {path} is a {cls}; lora-studio trains on Stable Diffusion 1.x/2.x "
-                f"({', '.join(_SUPPORTED_CLASSES)}) for now"
             )
         return str(path)
     if base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
@@ -48,6 +40,31 @@ def resolve_base_model(base_model: str | None) -> str:
             "check the path, or use 'builtin'"
         )
     return base_model
+
+
+def check_base_model(base_model: str | None) -> tuple[str, Family]:
+    """The resolved source and its family, from its `model_index.json` alone (for a hub id, only that small
+    file is fetched): a model lora-studio cannot use is refused here, before any weight is read, however it
+    was named (folder, hub id, `builtin`)."""
+    from diffusers import DiffusionPipeline
+
+    source = resolve_base_model(base_model)
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except Exception as exc:  # hub or file errors: say which model and what to try
+        raise UserError(
+            f"could not read the model_index.json of base model {base_model!r} ({type(exc).__name__}: {exc}). "
+            "For a hub id, check the name and your network or log in with `hf auth login`; or pass a local "
+            "diffusers folder"
+        ) from exc
+    family = family_of_index(index, source=source)
+    if family is None:
+        raise UserError(
+            f"base model {base_model!r} is a {index.get('_class_name')}, not a Stable Diffusion text-to-image "
+            "pipeline; lora-studio trains on Stable Diffusion 1.x/2.x models"
+        )
+    family.require_supported(repr(base_model))
+    return source, family
 
 
 def base_model_label(base_model: str | None) -> str:
@@ -79,25 +96,13 @@ def generation_defaults(source: str | Path | None, scheduler_config: dict | None
     return settings
 
 
-def model_family(pipe) -> str:
-    """`lora-studio builtin`, `SD 1.x`, `SD 2.x` or `SDXL`, read from the loaded model itself, else `custom`."""
-    source = Path(str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")))
-    if source.exists() and source.resolve() == BUILTIN_DIR:
-        return "lora-studio builtin"
-    return _family_of_dim(pipe.unet.config.cross_attention_dim)
-
-
-def _family_of_dim(cross_attention_dim: int) -> str:
-    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(cross_attention_dim, "custom")
-
-
 def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = torch.float32):
-    """Load a StableDiffusionPipeline (no safety checker) onto `device` in `dtype`; errors name the model."""
-    from diffusers import StableDiffusionPipeline
+    """Load a base pipeline (no safety checker) onto `device` in `dtype`; errors name the model."""
+    import diffusers
 
-    source = resolve_base_model(base_model)
+    source, family = check_base_model(base_model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
             source,
             dtype=dtype,
             use_safetensors=True,
@@ -112,30 +117,38 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
             f"could not load base model {base_model!r} ({type(exc).__name__}: {exc}). For a hub id, check the "
             "name and your network or log in with `hf auth login`; or pass a local diffusers folder"
         ) from exc
+    family_of_pipeline(pipe).require_supported(repr(base_model))  # what the weights say, not only the index
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or pick_device())
 
 
-def model_modules(base_model: str | None) -> tuple[dict[str, dict[str, tuple[int, int]]], str]:
-    """The LoRA-able layers of a base model's UNet and text encoder, and its family, from its configs alone.
+def model_modules(base_model: str | None) -> tuple[dict[str, dict[str, tuple[int, int]]], Family]:
+    """The LoRA-able layers of a base model's UNet and text encoder(s), and its family, from its configs alone.
 
     The models are built on the meta device (no weights read), so this is cheap even for SDXL-sized models.
     """
+    import transformers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     from adapters.lora import module_shapes
 
-    source = resolve_base_model(base_model)
+    source, _ = check_base_model(base_model)
     try:
+        index = DiffusionPipeline.load_config(source)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
-        text_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
+        scheduler = DDPMScheduler.load_config(source, subfolder="scheduler")
+        family = family_of_config(
+            unet_config,
+            source=source,
+            prediction_type=scheduler.get("prediction_type"),
+            pipeline_class=index.get("_class_name"),
+        )
+        with init_empty_weights():
+            models = {"unet": UNet2DConditionModel.from_config(unet_config)}
+            for name in family.text_encoders:
+                cls = getattr(transformers, index[name][1])  # e.g. ["transformers", "CLIPTextModel"]
+                models[name] = cls(cls.config_class.from_pretrained(source, subfolder=name))
     except Exception as exc:
         raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(text_config)
-    builtin = Path(source).exists() and Path(source).resolve() == BUILTIN_DIR
-    family = "lora-studio builtin" if builtin else _family_of_dim(unet.config.cross_attention_dim)
-    return {"unet": module_shapes(unet), "text_encoder": module_shapes(text_encoder)}, family
+    return {name: module_shapes(model) for name, model in models.items()}, family

@@ -25,19 +25,19 @@ def export_adapter(
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if out.suffix != ".safetensors":
-        raise UserError(f"--out {out} must end in .safetensors")
+        raise UserError(f"--output {out} must end in .safetensors")
     if out.exists() and out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the input file itself; choose a new name")
+        raise UserError(f"--output {out} is the input file itself; choose a new name")
     if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose another name or pass --overwrite")
+        raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
     tensors, metadata = read_safetensors(source)
     if base_model is None and "lora_studio.config" in metadata:
         base_model = json.loads(metadata["lora_studio.config"]).get("base_model")
     modules, family = model_modules(base_model)
-    lora = read_lora(tensors, metadata, modules, source=str(source), base_family=family)
+    lora = read_lora(tensors, metadata, modules, source=str(source), base_family=family.name)
     kept = {k: v for k, v in metadata.items() if k.startswith(_KEPT_HEADER)}
     if fmt == "kohya":
-        new = to_kohya(lora)
+        new = to_kohya(lora, two_text_encoders="text_encoder_2" in modules)
         header = {**kept, "sshs_model_hash": model_hash(new)}
     else:
         new, header = to_diffusers(lora)

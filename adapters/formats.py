@@ -1,8 +1,9 @@
 """Adapter files: the kohya / AUTOMATIC1111 key layout we write, its header metadata, and safe reading.
 
 Keys: `lora_unet_<module path with . as _>.lora_down.weight` [r, in], `.lora_up.weight` [out, r], `.alpha`
-(0-dim; scale = alpha / rank); text-encoder modules use `lora_te_` (`lora_te1_`/`lora_te2_` on SDXL). diffusers'
-`load_lora_weights`, AUTOMATIC1111 and ComfyUI all read this layout.
+(0-dim; scale = alpha / rank). Text-encoder modules are named as in transformers 4's `CLIPTextModel`, which kohya
+sd-scripts, AUTOMATIC1111 and ComfyUI match against: `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj`
+(`lora_te1_`/`lora_te2_` when there are two text encoders, as on SDXL), whatever transformers is installed here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import re
 import struct
 import tempfile
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,10 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 from adapters.errors import UserError
-from adapters.lora import Lora, LoraModule
+from adapters.families import Family, family_of_adapter
+from adapters.lora import Lora, LoraModule, common_rank_alpha
 
 FORMAT_VERSION = "1"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_TEXT_MODEL = "text_model."  # the CLIP level transformers 5's CLIPTextModel dropped; the other tools' names keep it
 _KOHYA_READ_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lora_te1_", "text_encoder"),
@@ -34,12 +36,41 @@ _KOHYA_READ_PREFIXES = (
 )
 
 
-def to_kohya(lora: Lora, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Tensors in the kohya layout (nothing else in the dict)."""
+def kohya_name(component: str, path: str, two_text_encoders: bool = False) -> str:
+    """The kohya / A1111 / ComfyUI name of one module: `lora_unet_down_blocks_0_..._attn1_to_q`,
+    `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (the first encoder is `lora_te1_` when there are two)."""
+    if component == "unet":
+        return KOHYA_PREFIXES["unet"] + path.replace(".", "_")
+    prefix = "lora_te1_" if component == "text_encoder" and two_text_encoders else KOHYA_PREFIXES[component]
+    path = path if path.startswith(_TEXT_MODEL) else _TEXT_MODEL + path
+    return prefix + path.replace(".", "_")
+
+
+def _kohya_lookup(component: str, paths) -> dict[str, str]:
+    """{name in a kohya file, prefix removed: module path}; text encoders answer with and without `text_model_`
+    (the other tools write it; our own files written under transformers 5 before we did too lack it)."""
+    table = {}
+    for path in paths:
+        table[path.replace(".", "_")] = path
+        if component != "unet":
+            bare = path.removeprefix(_TEXT_MODEL).replace(".", "_")
+            table[bare] = table[_TEXT_MODEL.replace(".", "_") + bare] = path
+    return table
+
+
+def to_kohya(
+    lora: Lora, dtype: torch.dtype = torch.float32, two_text_encoders: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors in the kohya layout (nothing else in the dict), named by `kohya_name`.
+
+    `two_text_encoders` (the base model has two, as SDXL): default, whether the LoRA itself has `text_encoder_2`.
+    """
     out = {}
+    if two_text_encoders is None:
+        two_text_encoders = any(key.startswith("text_encoder_2.") for key in lora)
     for key, m in sorted(lora.items()):
         component, path = key.split(".", 1)
-        name = KOHYA_PREFIXES[component] + path.replace(".", "_")
+        name = kohya_name(component, path, two_text_encoders)
         out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=dtype)
@@ -159,14 +190,15 @@ def read_lora(
             f"{source} holds no LoRA weights in a layout lora-studio knows (kohya lora_unet_/lora_te_ "
             f"or diffusers lora_A/lora_B); first keys: {sorted(tensors)[:3]}"
         )
-    family = adapter_family(tensors, metadata)
+    made_for = family_of_adapter(tensors, metadata)
     mismatch = (
-        f"{source} is an {family} adapter but the loaded base model is {base_family}; use it with an {family} base"
-        if family not in ("unknown", base_family)
+        f"{source} is an {made_for.name} adapter but the loaded base model is {base_family}; "
+        f"use it with an {made_for.name} base"
+        if made_for is not None and made_for.name != base_family
         else None
     )
     index = {
-        component: {path.replace(".", "_"): path for path in paths} if layout == "kohya" else dict.fromkeys(paths)
+        component: _kohya_lookup(component, paths) if layout == "kohya" else dict.fromkeys(paths)
         for component, paths in modules.items()
     }
     lora: Lora = {}
@@ -177,6 +209,8 @@ def read_lora(
         if path is None:
             unknown.append(name)
             continue
+        if f"{component}.{path}" in lora:  # e.g. lora_te_ and lora_te1_, or with and without text_model_
+            raise UserError(f"{source}: two LoRA modules name the layer {component}.{path}; keep one of them")
         in_features, out_features = modules[component][path]
         if down.shape[1] != in_features or up.shape[0] != out_features:
             raise UserError(
@@ -196,22 +230,6 @@ def read_lora(
     return lora
 
 
-def adapter_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """`SDXL`, `SD 2.x`, `SD 1.x`, `lora-studio builtin` or `unknown`: from the header, else from the shapes."""
-    version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
-    for needle, family in (("builtin", "lora-studio builtin"), ("xl", "SDXL"), ("v2", "SD 2.x"), ("v1", "SD 1.x")):
-        if needle in version:
-            return family
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
-        return "SDXL"
-    dims = {
-        t.shape[1]
-        for k, t in tensors.items()
-        if re.search(r"attn2[._]to_k", k) and k.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))
-    }
-    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(next(iter(dims), 0), "unknown")
-
-
 def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors in diffusers/peft layout plus the `lora_adapter_metadata` header that keeps every alpha."""
     tensors: dict[str, torch.Tensor] = {}
@@ -221,9 +239,7 @@ def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         for path, m in sorted(modules.items()):
             tensors[f"{component}.{path}.lora_A.weight"] = m.down.contiguous()
             tensors[f"{component}.{path}.lora_B.weight"] = m.up.contiguous()
-        ranks = Counter(m.rank for m in modules.values())
-        alphas = Counter(m.alpha for m in modules.values())
-        rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+        rank, alpha = common_rank_alpha(modules)
         info.update(
             {
                 f"{component}.r": rank,
@@ -293,22 +309,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-_ARCHITECTURES = {  # family -> (kohya ss_base_model_version, modelspec.architecture, ss_v2)
-    "lora-studio builtin": ("lora_studio_builtin", "lora-studio-builtin/lora", False),
-    "SD 1.x": ("sd_v1", "stable-diffusion-v1/lora", False),
-    "SD 2.x": ("sd_v2", "stable-diffusion-v2-768-v/lora", True),
-    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", False),
-    "custom": ("custom", "custom/lora", False),
-}
-
-
 def build_metadata(
     *,
     tensors: dict[str, torch.Tensor],
     rank: int,
     alpha: float,
     base_model: str,
-    family: str,
+    family: Family,
     output_name: str,
     resolution: int,
     num_images: int,
@@ -318,13 +325,12 @@ def build_metadata(
     steps: int,
 ) -> dict[str, str]:
     """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig and format version)."""
-    version, architecture, v2 = _ARCHITECTURES[family]
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": version,
-        "ss_v2": str(v2),
+        "ss_base_model_version": family.kohya_version,
+        "ss_v2": str(family.v2),
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model,
         "ss_resolution": f"({resolution}, {resolution})",
@@ -333,7 +339,7 @@ def build_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency),
         "sshs_model_hash": model_hash(tensors),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
+        "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": output_name,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

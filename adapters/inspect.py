@@ -10,7 +10,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from adapters.formats import adapter_family, detect_layout, model_hash, raw_modules, read_safetensors
+from adapters.families import family_of_adapter
+from adapters.formats import detect_layout, model_hash, raw_modules, read_safetensors
 
 
 def describe(path: Path) -> dict:
@@ -30,7 +31,7 @@ def describe(path: Path) -> dict:
         "file": str(path),
         "format": layout,
         "base_model": metadata.get("ss_sd_model_name", "unknown"),
-        "base_model_family": adapter_family(tensors, metadata),
+        "base_model_family": getattr(family_of_adapter(tensors, metadata), "name", "unknown"),
         "ranks": sorted({down.shape[0] for _, _, down, _, _ in modules}),
         "alphas": alphas if alphas else "not stored (alpha = rank)",
         "modules": len(modules),

@@ -38,6 +38,13 @@ class LoraModule:
 Lora = dict[str, LoraModule]
 
 
+def common_rank_alpha(modules: dict[str, LoraModule]) -> tuple[int, float]:
+    """The most common rank and alpha among `modules`: a peft config's defaults, the rest go into its patterns."""
+    ranks = Counter(m.rank for m in modules.values())
+    alphas = Counter(m.alpha for m in modules.values())
+    return ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+
+
 def attention_targets(unet: torch.nn.Module, attention: str = "both") -> list[str]:
     """Module paths of to_q/to_k/to_v/to_out.0 in attn1 (self), attn2 (cross) or both, in every transformer block."""
     if attention not in ATTENTION_CHOICES:
@@ -125,9 +132,7 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
     Trap: the model keeps the adapter until `model.delete_adapters(adapter_name)`; installing many without
     deleting slows every forward pass and set_adapters call.
     """
-    ranks = Counter(m.rank for m in modules.values())
-    alphas = Counter(m.alpha for m in modules.values())
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rank, alpha = common_rank_alpha(modules)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -2,11 +2,11 @@
 
     studio = Studio("builtin")
     studio.load("style.safetensors", name="style")
-    images = studio.generate("a red circle", seed=7, scales={"style": 0.8})
+    images = studio.generate("a red circle", seed=7, strengths={"style": 0.8})
 
-The verbs: `load`/`add` (attach), `set_scales` (strengths, any number of adapters), `fuse`/`unfuse` (bake
-strengths into the weights and restore them bit-exactly), `swap` (replace an adapter's weights in place),
-`unload`. Nothing here reloads the base model.
+The verbs: `load`/`add` (attach), `set_strengths` (any number of adapters, each at its strength), `fuse`/`unfuse`
+(bake strengths into the weights and restore them bit-exactly), `swap` (replace an adapter's weights in place),
+`unload`, `set_scheduler` (another sampler on the same noise schedule). Nothing here reloads the base model.
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ from diffusers.loaders.lora_base import (
 )
 from PIL import Image
 
-from adapters.base import generation_defaults, load_pipeline, model_family, pick_device
+from adapters.base import generation_defaults, load_pipeline, pick_device
 from adapters.errors import UserError
+from adapters.families import family_of_pipeline, native_size
 from adapters.formats import read_lora, read_safetensors
 from adapters.lora import Lora, install, lora_layers, module_shapes, split_components
 
-COMPONENTS = ("unet", "text_encoder")
+# The samplers the page and CLI offer: a name a person knows -> the diffusers scheduler class.
+SCHEDULERS = {
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -60,18 +68,19 @@ class Studio:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, device=self.device, dtype=dtype)
-        self.family = model_family(self.pipe)
+        self.family = family_of_pipeline(self.pipe)
         self.defaults = generation_defaults(base_model, dict(self.pipe.scheduler.config))
-        self._shapes = {c: module_shapes(getattr(self.pipe, c)) for c in COMPONENTS}
+        self._model_scheduler = self.pipe.scheduler
+        self._shapes = {c: module_shapes(getattr(self.pipe, c)) for c in self.family.components}
         self.max_loaded = max_loaded
         self.adapters: OrderedDict[str, list[str]] = OrderedDict()  # name -> components, least recently used first
         self._sources: dict[str, tuple] = {}  # name -> (path, size, mtime) of the file it came from
-        self.scales: dict[str, float] = {}
+        self.strengths: dict[str, float] = {}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
 
     @property
     def native_size(self) -> int:
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return native_size(self.pipe)
 
     # -- attaching ---------------------------------------------------------------------------------------------
     def read(self, path: Path) -> Lora:
@@ -96,7 +105,7 @@ class Studio:
             for component, modules in parts.items():
                 install(getattr(self.pipe, component), modules, name)
         self.adapters[name] = sorted(parts)
-        self.set_scales(self.scales)
+        self.set_strengths(self.strengths)
         return name
 
     def load(self, path: Path, name: str | None = None) -> str:
@@ -121,33 +130,33 @@ class Studio:
         for component in self.adapters.pop(name):
             _delete_adapter(getattr(self.pipe, component), name)
         self._sources.pop(name, None)
-        self.scales.pop(name, None)
+        self.strengths.pop(name, None)
 
     def _evict(self, keep: int) -> None:
         """Unload least-recently-used adapters, never an active one, until at most max_loaded would remain."""
         for name in list(self.adapters):
             if keep <= 0:
                 return
-            if name not in self.scales:
+            if name not in self.strengths:
                 self.unload(name)
                 keep -= 1
 
     # -- strengths -----------------------------------------------------------------------------------------------
-    def set_scales(self, scales: dict[str, float]) -> None:
-        """Activate exactly the adapters in `scales`, each at its strength; all others off. No reload."""
-        unknown = set(scales) - set(self.adapters)
+    def set_strengths(self, strengths: dict[str, float]) -> None:
+        """Activate exactly the adapters in `strengths`, each at its strength; all others off. No reload."""
+        unknown = set(strengths) - set(self.adapters)
         if unknown:
             raise UserError(f"adapter(s) {sorted(unknown)} are not loaded; loaded: {sorted(self.adapters)}")
-        if self._fused is not None and scales:
+        if self._fused is not None and strengths:
             raise UserError("the pipeline has adapters fused into its weights; unfuse() before changing strengths")
-        for name in scales:
+        for name in strengths:
             self.adapters.move_to_end(name)
-        for component in COMPONENTS:
+        for component in self.family.components:
             model = getattr(self.pipe, component)
             if not any(component in parts for parts in self.adapters.values()):
                 continue
-            names = [n for n in scales if component in self.adapters[n]]
-            weights = [float(scales[n]) for n in names]
+            names = [n for n in strengths if component in self.adapters[n]]
+            weights = [float(strengths[n]) for n in names]
             if component == "unet":
                 if names:
                     model.enable_adapters()
@@ -159,21 +168,21 @@ class Studio:
                 set_adapters_for_text_encoder(names, model, weights)
             else:
                 disable_lora_for_text_encoder(model)
-        self.scales = dict(scales)
+        self.strengths = dict(strengths)
 
     # -- fuse / swap -----------------------------------------------------------------------------------------------
-    def fuse(self, scales: dict[str, float]) -> None:
+    def fuse(self, strengths: dict[str, float]) -> None:
         """Add the adapters' deltas at these strengths into the base weights and switch the LoRA layers off.
 
         Generation then costs what the base model costs. `unfuse` puts the saved base weights back, so the
         restoration is bit-for-bit. Trap: while fused, strengths cannot change and adapters cannot be attached.
         """
         self._require_unfused("fuse again")
-        self.set_scales({n: s for n, s in scales.items()})  # validates the names
+        self.set_strengths(dict(strengths))  # validates the names
         saved: dict[str, torch.Tensor] = {}
-        for component in COMPONENTS:
+        for component in self.family.components:
             model = getattr(self.pipe, component)
-            for name, strength in scales.items():
+            for name, strength in strengths.items():
                 for path, layer in lora_layers(model, name):
                     weight = layer.base_layer.weight
                     key = f"{component}.{path}"
@@ -185,7 +194,7 @@ class Studio:
                     with torch.no_grad():
                         weight += (delta * scale).to(weight.dtype)
         self._fused = saved
-        self.set_scales({})
+        self.set_strengths({})
 
     def unfuse(self) -> None:
         """Restore the exact base weights saved by `fuse` (bit-for-bit)."""
@@ -224,7 +233,7 @@ class Studio:
                 layer.lora_B[name].weight.copy_(module.up)
                 layer.lora_alpha[name] = module.alpha
         self._sources.pop(name, None)
-        self.set_scales(self.scales)  # recomputes each layer's scaling from the new alphas
+        self.set_strengths(self.strengths)  # recomputes each layer's scaling from the new alphas
 
     def _require_unfused(self, what: str) -> None:
         if self._fused is not None:
@@ -238,31 +247,32 @@ class Studio:
         *,
         negative_prompt: str = "",
         seed: int = 0,
-        steps: int = 20,
+        sampling_steps: int = 20,
         guidance: float | None = None,
         guidance_rescale: float | None = None,
         width: int | None = None,
         height: int | None = None,
-        scales: dict[str, float] | None = None,
+        strengths: dict[str, float] | None = None,
         num_images: int = 1,
     ) -> list[Image.Image]:
         """Images for one prompt; the same seed and settings give the same picture on the same machine.
 
-        Guidance and guidance rescale default to the model's recommended values (`self.defaults`).
+        Guidance and guidance rescale default to the model's recommended values (`self.defaults`); `strengths`,
+        when given, is applied first (`set_strengths`), else the current strengths stay.
         """
         width, height = width or self.native_size, height or self.native_size
         for field, value in (("width", width), ("height", height)):
             if value % self.pipe.vae_scale_factor or value <= 0:
                 raise UserError(f"{field} must be a positive multiple of {self.pipe.vae_scale_factor}, got {value}")
-        if steps < 1:
-            raise UserError(f"steps must be at least 1, got {steps}")
-        if scales is not None:
-            self.set_scales(scales)
+        if sampling_steps < 1:
+            raise UserError(f"sampling steps must be at least 1, got {sampling_steps}")
+        if strengths is not None:
+            self.set_strengths(strengths)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         return self.pipe(
             prompt,
             negative_prompt=negative_prompt or None,
-            num_inference_steps=steps,
+            num_inference_steps=sampling_steps,
             guidance_scale=self.defaults["guidance"] if guidance is None else guidance,
             guidance_rescale=self.defaults["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
             width=width,
@@ -270,3 +280,15 @@ class Studio:
             generator=generator,
             num_images_per_prompt=num_images,
         ).images
+
+    def set_scheduler(self, name: str | None) -> None:
+        """Sample with another solver on the same noise schedule (a `SCHEDULERS` name); None: the model's own."""
+        import diffusers
+
+        if name is None:
+            self.pipe.scheduler = self._model_scheduler
+            return
+        if name not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        cls = getattr(diffusers, SCHEDULERS[name])
+        self.pipe.scheduler = cls.from_config(self._model_scheduler.config)

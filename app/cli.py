@@ -1,7 +1,7 @@
 """The `lora-studio` command line: train, generate, export, inspect, demo.
 
 lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
-lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --out out.png
+lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --output out.png
 lora-studio inspect style.safetensors
 """
 
@@ -84,41 +84,41 @@ def _launch(config) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from adapters.runtime import Studio, parse_adapter_arg
 
-    out = Path(args.out)
+    out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out} already exists; choose another name or pass --overwrite")
+        raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UserError(f"--out {out} must end in .png, .jpg or .webp")
+        raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     studio = Studio(args.base_model)
-    scales = {}
+    strengths = {}
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
-        name = studio.load(Path(path), name=f"{len(scales)}_{Path(path).stem}")
-        scales[name] = strength
+        name = studio.load(Path(path), name=f"{len(strengths)}_{Path(path).stem}")
+        strengths[name] = strength
     image = studio.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
-        steps=args.steps,
+        sampling_steps=args.sampling_steps,
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
         width=args.width,
         height=args.height,
-        scales=scales,
+        strengths=strengths,
     )[0]
     from app.images import save_image
 
-    save_image(image, out, _parameters_text(args, scales))
+    save_image(image, out, _parameters_text(args, strengths))
     print(f"wrote {out}")
     return 0
 
 
-def _parameters_text(args: argparse.Namespace, scales: dict[str, float]) -> str:
+def _parameters_text(args: argparse.Namespace, strengths: dict[str, float]) -> str:
     """AUTOMATIC1111-style 'parameters' text, stored in the PNG so the picture says how it was made."""
-    loras = ", ".join(f"{n.split('_', 1)[1]}:{s:g}" for n, s in scales.items())
+    loras = ", ".join(f"{n.split('_', 1)[1]}:{s:g}" for n, s in strengths.items())
     return (
         f"{args.prompt}\nNegative prompt: {args.negative_prompt}\n"
-        f"Steps: {args.steps}, CFG scale: {args.guidance or 'model default'}, Seed: {args.seed}, "
+        f"Steps: {args.sampling_steps}, CFG scale: {args.guidance or 'model default'}, Seed: {args.seed}, "
         f"Model: {args.base_model}" + (f", Lora: {loras}" if loras else "")
     )
 
@@ -143,13 +143,13 @@ def _demo(args: argparse.Namespace) -> int:
     from trainer.config import TrainConfig
     from trainer.loop import train
 
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data = Path(__file__).resolve().parent.parent / "sample_images"
     result = train(TrainConfig(data=str(data), output=str(out_dir / f"demo-{stamp}.safetensors")))
     studio = Studio("builtin")
     studio.load(result.adapter, name="demo")
-    rows = [[studio.generate(p, seed=7, scales={"demo": s})[0] for s in DEMO_STRENGTHS] for p in DEMO_PROMPTS]
+    rows = [[studio.generate(p, seed=7, strengths={"demo": s})[0] for s in DEMO_STRENGTHS] for p in DEMO_PROMPTS]
     grid = labelled_grid(rows, [f"strength {s:g}" for s in DEMO_STRENGTHS], list(DEMO_PROMPTS))
     path = out_dir / f"demo-{stamp}.png"
     save_image(grid, path)
@@ -161,7 +161,7 @@ def _export(args: argparse.Namespace) -> int:
     from adapters.export import export_adapter
 
     out = export_adapter(
-        Path(args.file), args.format, Path(args.out), base_model=args.base_model, overwrite=args.overwrite
+        Path(args.file), args.format, Path(args.output), base_model=args.base_model, overwrite=args.overwrite
     )
     print(f"wrote {out} ({args.format} layout)")
     return 0
@@ -175,6 +175,23 @@ def _ui(args: argparse.Namespace) -> int:
 
     launch(args.host, args.port, args.auth, args.workspace, args.base_model, args.preload)
     return 0
+
+
+class _OldSpelling(argparse.Action):
+    """Stores an option's value; given under its old spelling, first says the new one on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(
+                f"lora-studio: {option_string} is now {self.option_strings[0]}; the old spelling works for now",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
+def _option(parser: argparse.ArgumentParser, new: str, old: str, **kwargs) -> None:
+    """An option under its one name, still accepting the spelling it had before (with a notice)."""
+    parser.add_argument(new, old, action=_OldSpelling, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
+    _option(p, "--sampling-steps", "--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's recommended (7.5 for SD)")
     p.add_argument(
         "--guidance-rescale",
@@ -206,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter", action="append", metavar="FILE[:STRENGTH]", help="adapter file and strength (repeatable)"
     )
-    p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .webp)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _option(p, "--output", "--out", required=True, help="image file to write (.png, .jpg or .webp)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("ui", help="start the web app (Train, Generate, Adapters)")
@@ -220,19 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_ui)
 
     p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")
-    p.add_argument("--out-dir", default="outputs", help="where the adapter and grid go (default: %(default)s)")
+    _option(
+        p, "--output-dir", "--out-dir", default="outputs", help="where the adapter and grid go (default: %(default)s)"
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("export", help="convert an adapter to the kohya/A1111 or the diffusers layout")
     p.add_argument("file")
     p.add_argument("--format", required=True, choices=("kohya", "diffusers"))
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    _option(p, "--output", "--out", required=True, help="the .safetensors file to write")
     p.add_argument(
         "--base-model",
         default=None,
         help="the model the adapter is for (default: the one in its header, else builtin)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="print an adapter file's format and metadata as JSON")

@@ -79,7 +79,7 @@ class RunView:
     steps_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
-    samples: list[tuple[str, int]] = field(default_factory=list)  # (image path, step)
+    previews: list[tuple[str, int]] = field(default_factory=list)  # (image path, step)
     adapter: str | None = None
     library_name: str | None = None
     message: str = ""
@@ -133,11 +133,11 @@ def view_run(run_dir: str | Path) -> RunView:
             view.step, view.total = e["step"], e["total"]
             view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
             view.losses.append((e["step"], e["loss"]))
-        elif kind == "sample":
-            view.samples.append((e["path"], e["step"]))
+        elif kind in ("preview", "sample"):  # runs made before the rename say "sample"
+            view.previews.append((e["path"], e["step"]))
         elif kind == "resume":  # the steps after the checkpoint were lost with the old process; drop them
             view.losses = [(st, loss) for st, loss in view.losses if st <= e["step"]]
-            view.samples = [(path, st) for path, st in view.samples if st <= e["step"]]
+            view.previews = [(path, st) for path, st in view.previews if st <= e["step"]]
             view.status, view.message = "running", ""
         elif kind == "library":
             view.library_name = e["name"]

@@ -22,6 +22,7 @@ import gradio as gr
 from adapters.base import generation_defaults
 from adapters.errors import UserError
 from adapters.library import Library
+from adapters.runtime import SCHEDULERS as RUNTIME_SCHEDULERS
 from app.jobs import (
     active_run,
     cancel_run,
@@ -36,19 +37,12 @@ from trainer.config import TrainConfig
 
 COMMON_FIELDS = (
     "name base_model trigger_word steps rank alpha learning_rate resolution batch_size attention seed "
-    "sample_prompt sample_every"
+    "preview_prompt preview_every"
 ).split()
 HIDDEN_FIELDS = {"data", "output", "run_dir", "library", "overwrite", "resume"}
 # The page shows previews as training goes and keeps runs resumable; the CLI defaults are leaner.
-UI_DEFAULTS = {"sample_every": 100, "save_every": 200}
-SCHEDULERS = {
-    "model default": None,
-    "DPM++ 2M": "DPMSolverMultistepScheduler",
-    "Euler": "EulerDiscreteScheduler",
-    "Euler a": "EulerAncestralDiscreteScheduler",
-    "DDIM": "DDIMScheduler",
-    "UniPC": "UniPCMultistepScheduler",
-}
+UI_DEFAULTS = {"preview_every": 100, "save_every": 200}
+SCHEDULERS = {"model default": None, **{name: name for name in RUNTIME_SCHEDULERS}}
 NONE = "(none)"
 SLOTS = 4
 THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -203,7 +197,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
             progress = gr.HTML(_progress_html(None))
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="loss-plot")
-                samples = gr.Gallery(label="Samples as training goes", columns=4, height=260, elem_id="samples")
+                previews = gr.Gallery(label="Previews as training goes", columns=4, height=260, elem_id="previews")
             timer = gr.Timer(1.0)
 
         with gr.Tab("Generate", id="generate") as generate_tab:
@@ -309,9 +303,9 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                     if str(typed.get(up.path.name, "") or "").strip():
                         up.caption = str(typed[up.path.name]).strip()
                 staged = stage_dataset(uploads, config.default_caption)
-                if not config.sample_prompt:  # previews default to the first caption, with the trigger word
+                if not config.preview_prompt:  # previews default to the first caption, with the trigger word
                     first = next(u.caption for u in uploads if u.caption) if any(u.caption for u in uploads) else ""
-                    config.sample_prompt = first or config.default_caption
+                    config.preview_prompt = first or config.default_caption
                 run_dir = start_run(config, staged, runs_root, library.root)
             except UserError as exc:
                 message = str(exc).replace("\n", "<br>")
@@ -335,7 +329,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
         def refresh(name):
             view = view_run(runs_root / name) if name and (runs_root / name).is_dir() else None
             losses = loss_frame(view.losses if view else [])
-            pictures = [(path, f"step {step}") for path, step in (view.samples if view else [])]
+            pictures = [(path, f"step {step}") for path, step in (view.previews if view else [])]
             return _progress_html(view), losses, pictures, _status_text(view)
 
         def on_load():
@@ -350,7 +344,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
         train_button.click(on_train, [files, table, *setting_inputs], [train_message, run_picker])
         cancel_button.click(on_cancel, run_picker, train_message)
         resume_button.click(on_resume, run_picker, train_message)
-        timer.tick(refresh, run_picker, [progress, loss_plot, samples, train_status])
+        timer.tick(refresh, run_picker, [progress, loss_plot, previews, train_status])
         shown_choices = gr.State([])
 
         def refresh_choices(name, shown):
@@ -362,7 +356,7 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
             return gr.Dropdown(choices=runs, value=name), runs
 
         timer.tick(refresh_choices, [run_picker, shown_choices], [run_picker, shown_choices])
-        run_picker.change(refresh, run_picker, [progress, loss_plot, samples, train_status])
+        run_picker.change(refresh, run_picker, [progress, loss_plot, previews, train_status])
         app.load(on_load, None, run_picker)
         app.load(show_command, setting_inputs, [command, config_json])
         if preload_files:
@@ -387,19 +381,19 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
                 studio = studios.get(base.strip() or "builtin")
                 for name in {n for scales in scale_sets for n in scales}:
                     studio.load(library.get(name).path, name=name)
-                _set_scheduler(studio, sched)
+                studio.set_scheduler(SCHEDULERS[sched])
                 pictures = []
                 for scales, label in zip(scale_sets, labels):
                     image = studio.generate(
                         text,
                         negative_prompt=neg,
                         seed=seed_used,
-                        steps=int(n_steps),
+                        sampling_steps=int(n_steps),
                         guidance=float(cfg),
                         guidance_rescale=float(rs),
                         width=int(w) or None,
                         height=int(h) or None,
-                        scales=scales,
+                        strengths=scales,
                     )[0]
                     pictures.append((image, label))
             return pictures, seed_used
@@ -524,19 +518,6 @@ def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload:
         confirm_delete.click(on_delete, picked, [library_table, picked, library_status, confirm_row])
         import_button.upload(on_import, import_button, [library_table, picked, library_status])
     return app
-
-
-def _set_scheduler(studio, choice: str) -> None:
-    """Swap the sampling scheduler (same noise schedule, another solver); `model default` restores the saved one."""
-    import diffusers
-
-    if not hasattr(studio, "_default_scheduler"):
-        studio._default_scheduler = studio.pipe.scheduler
-    name = SCHEDULERS.get(choice)
-    if name is None:
-        studio.pipe.scheduler = studio._default_scheduler
-    else:
-        studio.pipe.scheduler = getattr(diffusers, name).from_config(studio._default_scheduler.config)
 
 
 def launch(

@@ -11,7 +11,7 @@ What each figure measures (milliseconds; a median over `--repeats` calls after o
 - cold_load_ms, cold_load_read_ms: loading a new adapter file while `--adapters` others are loaded; each of the
   `--repeats` loads is a file never loaded before (written just before, so in the OS file cache) and is unloaded
   again afterwards. The read is timed in the same loads as the total it is part of; no warm-up call.
-- strength_change_one_ms / strength_change_all_ms: `set_scales` on one / all of the loaded adapters.
+- strength_change_one_ms / strength_change_all_ms: `set_strengths` on one / all of the loaded adapters.
 - hot_swap_ms: new weights into a loaded adapter of the same rank and targets (`swap`).
 - fuse_unfuse_ms: `fuse` one adapter at 0.8, then `unfuse`.
 - generate_20_steps_one_of_n_active_ms: the picture with `--adapters` loaded, one of them at strength 0.8.
@@ -114,7 +114,7 @@ def main() -> None:
     studio = Studio("builtin", device="cpu", max_loaded=n + 1)
 
     def picture(strengths: dict[str, float]) -> None:
-        studio.generate("a red circle", scales=strengths)
+        studio.generate("a red circle", strengths=strengths)
 
     results = {}
     results["generate_20_steps_no_adapter_ms"] = timed(lambda: picture({}), args.repeats_generate)
@@ -138,9 +138,9 @@ def main() -> None:
         results["cold_load_ms"], results["cold_load_read_ms"] = statistics.median(totals), statistics.median(reads)
         other = studio.read(adapter_file(n + args.repeats))
         results["strength_change_one_ms"] = timed(
-            lambda: studio.set_scales({"a0": float(torch.rand(1))}), args.repeats
+            lambda: studio.set_strengths({"a0": float(torch.rand(1))}), args.repeats
         )
-        results["strength_change_all_ms"] = timed(lambda: studio.set_scales({m: 0.5 for m in names}), args.repeats)
+        results["strength_change_all_ms"] = timed(lambda: studio.set_strengths({m: 0.5 for m in names}), args.repeats)
         results["hot_swap_ms"] = timed(lambda: studio.swap("a0", other), args.repeats)
         results["fuse_unfuse_ms"] = timed(lambda: (studio.fuse({"a0": 0.8}), studio.unfuse()), args.repeats)
         results["generate_20_steps_one_of_n_active_ms"] = timed(lambda: picture({"a0": 0.8}), args.repeats_generate)

@@ -235,13 +235,13 @@ def main() -> None:
     t0 = time.perf_counter()
     studio.load(config.output, name="bench")
     results["adapter_cold_load_s"] = time.perf_counter() - t0
-    studio.generate("a red circle", steps=30, scales={"bench": 1.0})
+    studio.generate("a red circle", sampling_steps=30, strengths={"bench": 1.0})
     gen = []
     for seed in range(3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        studio.generate("a red circle", steps=30, seed=seed, scales={"bench": 0.7})
+        studio.generate("a red circle", sampling_steps=30, seed=seed, strengths={"bench": 0.7})
         if device.type == "cuda":
             torch.cuda.synchronize()
         gen.append(time.perf_counter() - t0)
@@ -249,7 +249,7 @@ def main() -> None:
     changes = []
     for s in (0.1, 0.5, 0.9, 1.3, 0.2):
         t0 = time.perf_counter()
-        studio.set_scales({"bench": s})
+        studio.set_strengths({"bench": s})
         changes.append(time.perf_counter() - t0)
     results["strength_change_ms"] = 1000 * statistics.median(changes)
     print(json.dumps(results, indent=1))

@@ -96,7 +96,7 @@ def test_alpha_other_than_rank_is_honoured(tiny_model):
     with torch.no_grad():
         base_out = layer(x)
     studio.add({f"unet.{path}": module}, "hand")
-    studio.set_scales({"hand": 0.5})
+    studio.set_strengths({"hand": 0.5})
     with torch.no_grad():
         got = studio.pipe.unet.get_submodule(path)(x)
     expected = base_out + 0.5 * x @ (module.up @ module.down * (1.0 / 4)).T

@@ -33,9 +33,9 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
             4,
             "--output",
             "style.safetensors",
-            "--sample-prompt",
+            "--preview-prompt",
             "a red circle",
-            "--sample-every",
+            "--preview-every",
             2,
         ],
         capsys,
@@ -44,7 +44,7 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     assert Path("style.safetensors").is_file()
     run = next(Path("runs").iterdir())  # default run folder under ./runs
     assert (run / "config.json").is_file() and (run / "events.jsonl").is_file()
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_000002.png", "step_000004.png"]
 
     code, out, err = run_cli(
         [
@@ -59,14 +59,15 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
             "style.safetensors:0.1",
             "--seed",
             7,
-            "--steps",
+            "--sampling-steps",
             3,
-            "--out",
+            "--output",
             "out.png",
         ],
         capsys,
     )
     assert code == 0, err
+    assert "is now" not in err  # the current spellings raise no notice
     image = Image.open("out.png")
     assert image.size == (32, 32) and "Seed: 7" in image.info["parameters"]
 
@@ -98,8 +99,25 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert existing.read_bytes() == b"precious"
     out = tmp_path / "o.png"
     out.write_bytes(b"also precious")
-    code, _, err = run_cli(["generate", "--base-model", tiny_model, "--prompt", "x", "--out", out], capsys)
+    code, _, err = run_cli(["generate", "--base-model", tiny_model, "--prompt", "x", "--output", out], capsys)
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
+
+
+def test_old_spellings_still_work_with_a_notice(tiny_model, image_folder, tmp_path, capsys):
+    """Flags renamed for one name per concept (--out, --steps of generate, --sample-*) keep working for now."""
+    code, _, err = run_cli(
+        ["generate", "--base-model", tiny_model, "--prompt", "x", "--steps", 2, "--out", tmp_path / "o.png"], capsys
+    )
+    assert code == 0, err
+    assert "--out is now --output" in err and "--steps is now --sampling-steps" in err
+    assert Image.open(tmp_path / "o.png").info["parameters"].count("Steps: 2") == 1
+    old_file = tmp_path / "old.json"
+    old_file.write_text(json.dumps({"data": str(image_folder), "sample_prompt": "a red circle", "sample_every": 3}))
+    from trainer.config import TrainConfig
+
+    config = TrainConfig.from_file(old_file)
+    assert (config.preview_prompt, config.preview_every) == ("a red circle", 3)
+    assert "'sample_prompt' (--sample-prompt) is now 'preview_prompt'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def random_lora(unet, scale=0.3, seed=0):
 
 
 def render(studio, scales, seed=3):
-    studio.set_scales(scales)
+    studio.set_strengths(scales)
     return studio.pipe(
         "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(seed), output_type="np"
     ).images
@@ -53,7 +53,7 @@ def test_strength_changes_do_not_reload(tiny_model):
 def test_unknown_adapter_name_is_an_error(tiny_model):
     studio = Studio(str(tiny_model), device="cpu")
     with pytest.raises(UserError, match="not loaded"):
-        studio.set_scales({"nope": 1.0})
+        studio.set_strengths({"nope": 1.0})
 
 
 def test_generate_checks_size(tiny_model):

@@ -6,6 +6,7 @@ the [0, 1] float output).
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from adapters.base import load_pipeline
 from adapters.errors import UserError
 from adapters.export import export_adapter
-from adapters.formats import read_lora, read_safetensors
+from adapters.formats import read_lora, read_safetensors, to_kohya
 from adapters.inspect import describe
 from adapters.lora import LoraModule, attention_targets
 from adapters.runtime import Studio
@@ -33,16 +34,96 @@ def draw(pipe, seed=11):
     ).images
 
 
-def kohya_name(component, path):
-    """The published kohya naming: a prefix per model part, then the module path with '.' replaced by '_'."""
-    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + path.replace(".", "_")
+# How the other tools name LoRA modules, read in their source (not copied):
+# - kohya sd-scripts, networks/lora.py (LoRANetwork.create_modules): "lora_unet" / "lora_te" (SDXL: "lora_te1",
+#   "lora_te2") + "." + the module's name in the model sd-scripts loads, every "." then "_". Its targets: the
+#   Linear / 1x1 Conv children of Transformer2DModel (UNet) and of CLIPAttention / CLIPMLP (text encoder). Its SD 1.x
+#   UNet keeps diffusers' module names (library/original_unet.py); its text encoder is transformers 4's
+#   CLIPTextModel (requirements.txt pins 4.44), whose layers sit under `text_model.`.
+# - AUTOMATIC1111, extensions-builtin/Lora/networks.py (convert_diffusers_name_to_compvis): rewrites
+#   `lora_te_text_model_encoder_layers_<i>_<rest>` to its CLIP module `transformer_text_model_encoder_layers_<i>_
+#   <rest>` and `lora_unet_{down,mid,up}_block(s)_...` (diffusers names) to the compvis UNet's; on SDXL it reads
+#   `lora_te1_text_model_...` and `lora_te2_text_model_encoder_layers_...`. Anything else is "failed to match".
+# - ComfyUI, comfy/lora.py (model_lora_keys_clip, model_lora_keys_unet) with comfy/utils.py (unet_to_diffusers):
+#   re-derived as `comfyui_lora_keys` below.
+CLIP_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+CLIP_LAYER = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])$")
+
+# What sd-scripts writes (and A1111 / ComfyUI map) for the tiny pipeline's text encoder, two CLIP layers, written out.
+TINY_TEXT_ENCODER_NAMES = {
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    "lora_te_text_model_encoder_layers_0_self_attn_k_proj",
+    "lora_te_text_model_encoder_layers_0_self_attn_v_proj",
+    "lora_te_text_model_encoder_layers_0_self_attn_out_proj",
+    "lora_te_text_model_encoder_layers_0_mlp_fc1",
+    "lora_te_text_model_encoder_layers_0_mlp_fc2",
+    "lora_te_text_model_encoder_layers_1_self_attn_q_proj",
+    "lora_te_text_model_encoder_layers_1_self_attn_k_proj",
+    "lora_te_text_model_encoder_layers_1_self_attn_v_proj",
+    "lora_te_text_model_encoder_layers_1_self_attn_out_proj",
+    "lora_te_text_model_encoder_layers_1_mlp_fc1",
+    "lora_te_text_model_encoder_layers_1_mlp_fc2",
+}
 
 
-def kohya_tensors(modules, with_alpha=True):
-    """An independent writer of the kohya layout: lora_down [r, in], lora_up [out, r], optional 0-dim alpha."""
+def sd_scripts_name(component, path, te_prefix="lora_te_text_model_"):
+    """The name sd-scripts gives an SD 1.x module: the UNet's diffusers path, or CLIP layer i's projection under
+    transformers 4's `text_model.` (whatever level this transformers version has). `te_prefix` makes the
+    variants: `lora_te1_text_model_` (SDXL's first encoder; A1111 and ComfyUI accept it on SD 1.x too) and
+    `lora_te_` (what lora-studio wrote under transformers 5 before it followed the other tools)."""
+    if component == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    layer, module = CLIP_LAYER.search(path).groups()
+    return f"{te_prefix}encoder_layers_{layer}_{module.replace('.', '_')}"
+
+
+def comfyui_lora_keys(unet_config, clip_layers, sdxl=False):
+    """{LoRA module name ComfyUI maps: (component, module it patches, as a diffusers / CLIP path)}.
+
+    Text encoders (model_lora_keys_clip): per CLIP layer b and each of CLIP_MODULES, with '.' as '_',
+    `lora_te_text_model_encoder_layers_<b>_<m>` and `lora_te1_...` patch clip_l; on SDXL `lora_te2_...` patch clip_g.
+    UNet (model_lora_keys_unet): `lora_unet_` + every diffusers weight name unet_to_diffusers lists, '.' as '_';
+    for an attention block that is proj_in, proj_out and, per transformer block, attn1/attn2 to_q/to_k/to_v/
+    to_out.0, ff.net.0.proj, ff.net.2 (resnets, samplers and embeddings are listed too; we never target them).
+    One transformer block per attention block, as in SD 1.x and the tiny pipeline.
+    """
+    keys = {}
+    for b in range(clip_layers):
+        for m in CLIP_MODULES:
+            suffix = f"text_model_encoder_layers_{b}_{m.replace('.', '_')}"
+            keys[f"lora_te_{suffix}"] = keys[f"lora_te1_{suffix}"] = ("text_encoder", f"encoder.layers.{b}.{m}")
+            if sdxl:
+                keys[f"lora_te2_{suffix}"] = ("text_encoder_2", f"encoder.layers.{b}.{m}")
+    per_block = ["proj_in", "proj_out"] + [
+        f"transformer_blocks.0.{attn}.{m}"
+        for attn in ("attn1", "attn2")
+        for m in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    per_block += ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
+    n = unet_config["layers_per_block"]
+    blocks = ["mid_block.attentions.0"]
+    for i, kind in enumerate(unet_config["down_block_types"]):
+        blocks += [f"down_blocks.{i}.attentions.{j}" for j in range(n)] if kind.startswith("CrossAttn") else []
+    for i, kind in enumerate(unet_config["up_block_types"]):
+        blocks += [f"up_blocks.{i}.attentions.{j}" for j in range(n + 1)] if kind.startswith("CrossAttn") else []
+    for block in blocks:
+        for m in per_block:
+            keys["lora_unet_" + f"{block}.{m}".replace(".", "_")] = ("unet", f"{block}.{m}")
+    return keys
+
+
+def kohya_tensors(modules, with_alpha=True, te_prefix="lora_te_text_model_"):
+    """A kohya-layout writer as sd-scripts lays files out: lora_down [r, in], lora_up [out, r], 0-dim alpha."""
     tensors = {}
     for (component, path), m in modules.items():
-        name = kohya_name(component, path)
+        name = sd_scripts_name(component, path, te_prefix)
         tensors[f"{name}.lora_down.weight"] = m.down
         tensors[f"{name}.lora_up.weight"] = m.up
         if with_alpha:
@@ -50,8 +131,8 @@ def kohya_tensors(modules, with_alpha=True):
     return tensors
 
 
-def random_modules(pipe, rank=4, alpha=2.0, seed=0, text_encoder=True, scale=0.2):
-    """Random LoRA on every attention projection of the UNet and (optionally) the text encoder's q/v."""
+def random_modules(pipe, rank=4, alpha=2.0, seed=0, text_encoder=True, scale=0.2, text_targets=("q_proj", "v_proj")):
+    """Random LoRA on every attention projection of the UNet and (optionally) the text encoder's `text_targets`."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     paths = [("unet", p) for p in attention_targets(pipe.unet, "both")]
@@ -59,7 +140,7 @@ def random_modules(pipe, rank=4, alpha=2.0, seed=0, text_encoder=True, scale=0.2
         paths += [
             ("text_encoder", n)
             for n, m in pipe.text_encoder.named_modules()
-            if n.endswith(("q_proj", "v_proj")) and isinstance(m, torch.nn.Linear)
+            if n.endswith(text_targets) and isinstance(m, torch.nn.Linear)
         ]
     for component, path in paths:
         layer = getattr(pipe, component).get_submodule(path)
@@ -80,13 +161,21 @@ def merged_reference(model_dir, modules, strength):
     return pipe
 
 
-def test_kohya_file_from_an_independent_writer(tiny_model, tmp_path):
+ALL_CLIP = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("te_prefix", ["lora_te_text_model_", "lora_te1_text_model_", "lora_te_"])
+def test_kohya_file_as_sd_scripts_writes_it_applies_every_key(tiny_model, tmp_path, te_prefix):
+    """sd-scripts' naming (and `lora_te1_`, and our own earlier `lora_te_encoder_...`) with alphas: every UNet and
+    text-encoder module lands on its layer, so the picture equals the base with the deltas merged by hand."""
     studio = Studio(str(tiny_model), device="cpu")
-    modules = random_modules(studio.pipe, rank=4, alpha=2.0)
-    save_file(kohya_tensors(modules), tmp_path / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
+    modules = random_modules(studio.pipe, rank=4, alpha=2.0, text_targets=ALL_CLIP)
+    tensors = kohya_tensors(modules, te_prefix=te_prefix)
+    assert sum(k.startswith("lora_te") and k.endswith(".alpha") for k in tensors) == 12  # 2 CLIP layers x 6
+    save_file(tensors, tmp_path / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
     reference = draw(merged_reference(tiny_model, modules, 0.7))
     studio.load(tmp_path / "kohya.safetensors", name="k")
-    studio.set_scales({"k": 0.7})
+    studio.set_strengths({"k": 0.7})
     ours = draw(studio.pipe)
     assert np.abs(ours - draw(Studio(str(tiny_model), device="cpu").pipe)).max() > 1e-2  # it does something
     assert np.abs(ours - reference).max() < 1e-4
@@ -97,9 +186,72 @@ def test_kohya_file_without_alpha_means_alpha_equals_rank(tiny_model, tmp_path):
     modules = random_modules(studio.pipe, rank=4, alpha=4.0, text_encoder=False)
     save_file(kohya_tensors(modules, with_alpha=False), tmp_path / "noalpha.safetensors")
     studio.load(tmp_path / "noalpha.safetensors", name="k")
-    studio.set_scales({"k": 1.0})
+    studio.set_strengths({"k": 1.0})
     assert np.abs(draw(studio.pipe) - draw(merged_reference(tiny_model, modules, 1.0))).max() < 1e-4
     assert describe(tmp_path / "noalpha.safetensors")["alphas"] == "not stored (alpha = rank)"
+
+
+def test_kohya_export_writes_the_names_sd_scripts_a1111_and_comfyui_use(tiny_model, tmp_path):
+    """`export --format kohya` of a UNet + text-encoder LoRA: every module name is one ComfyUI maps, onto the layer
+    it came from, the text encoder's are exactly sd-scripts' (which A1111 rewrites to its CLIP modules), and
+    diffusers' own `load_lora_weights` draws the merged picture from the file."""
+    from diffusers import StableDiffusionPipeline
+
+    from adapters.formats import to_diffusers
+
+    studio = Studio(str(tiny_model), device="cpu")
+    modules = random_modules(studio.pipe, text_targets=ALL_CLIP)
+    tensors, header = to_diffusers({f"{c}.{p}": m for (c, p), m in modules.items()})
+    save_file(tensors, tmp_path / "d.safetensors", metadata=header)
+    export_adapter(tmp_path / "d.safetensors", "kohya", tmp_path / "k.safetensors", base_model=str(tiny_model))
+    names = {key.split(".")[0] for key in read_safetensors(tmp_path / "k.safetensors")[0]}
+    assert {n for n in names if n.startswith("lora_te")} == TINY_TEXT_ENCODER_NAMES
+    comfy = comfyui_lora_keys(studio.pipe.unet.config, clip_layers=2)
+    assert sorted(names - comfy.keys()) == []  # names ComfyUI would log as "lora key not loaded"
+    assert {comfy[n] for n in names} == {(c, p.removeprefix("text_model.")) for c, p in modules}
+    assert len(names) == len(modules) == 56 + 12  # 7 attention blocks x 2 x 4 projections, 2 CLIP layers x 6
+
+    theirs = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(tmp_path), weight_name="k.safetensors", adapter_name="k")
+    assert np.abs(draw(theirs) - draw(merged_reference(tiny_model, modules, 1.0))).max() < 1e-4
+
+
+def test_sdxl_text_encoders_are_written_te1_and_te2_and_read_back():
+    """Two text encoders: `lora_te1_` / `lora_te2_` with `text_model_` (what sd-scripts writes, A1111 and ComfyUI
+    read on SDXL); told the base has two, the first encoder is `lora_te1_` even when the LoRA skips the second."""
+    m = LoraModule(down=torch.randn(2, 8), up=torch.randn(8, 2), alpha=1.0)
+    unet = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    te1, te2 = "encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc2"  # transformers 5's paths
+    lora = {f"unet.{unet}": m, f"text_encoder.{te1}": m, f"text_encoder_2.{te2}": m}
+    tensors = to_kohya(lora)
+    names = {key.split(".")[0] for key in tensors}
+    assert names == {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_1_mlp_fc2",
+    }
+    sdxl_unet = {"layers_per_block": 2, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2}
+    sdxl_unet["up_block_types"] = ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]
+    assert names <= comfyui_lora_keys(sdxl_unet, clip_layers=2, sdxl=True).keys()
+    only_first = {f"text_encoder.{te1}": m}
+    assert list(to_kohya(only_first, two_text_encoders=True))[0].startswith("lora_te1_text_model_encoder_layers_0_")
+    shapes = {"unet": {unet: (8, 8)}, "text_encoder": {te1: (8, 8)}, "text_encoder_2": {te2: (8, 8)}}
+    back = read_lora(tensors, {}, shapes, source="xl.safetensors", base_family="SDXL")
+    assert sorted(back) == sorted(lora) and all(torch.equal(back[k].up, lora[k].up) for k in lora)
+
+
+def test_two_keys_for_one_layer_are_refused():
+    """Both spellings of one text-encoder layer in a file: refused, not one silently dropped."""
+    tensors = {}
+    for name in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_encoder_layers_0_self_attn_q_proj"):
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(2, 8)
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(8, 2)
+    shapes = {"unet": {}, "text_encoder": {"encoder.layers.0.self_attn.q_proj": (8, 8)}}
+    with pytest.raises(
+        UserError, match=r"d.safetensors: two LoRA modules name the layer text_encoder.encoder.layers.0"
+    ):
+        read_lora(tensors, {}, shapes, source="d.safetensors", base_family="SD 1.x")
 
 
 def peft_pipeline_with_lora(tiny_model, rank=4, alpha=2.0):
@@ -147,7 +299,7 @@ def test_diffusers_saved_file_draws_like_diffusers(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), device="cpu")
     studio.load(path, name="d")
     assert studio.adapters["d"] == ["text_encoder", "unet"]  # the text-encoder LoRA is applied too
-    studio.set_scales({"d": 1.0})
+    studio.set_strengths({"d": 1.0})
     assert np.abs(draw(studio.pipe) - reference).max() < 1e-4
     info = describe(path)
     assert info["format"] == "diffusers" and info["ranks"] == [4] and info["alphas"] == [2.0]
@@ -168,7 +320,7 @@ def test_diffusers_file_without_metadata_and_old_layout(tiny_model, tmp_path):
     for file in (path, tmp_path / "old.safetensors"):
         studio = Studio(str(tiny_model), device="cpu")
         studio.load(file, name="d")
-        studio.set_scales({"d": 1.0})
+        studio.set_strengths({"d": 1.0})
         assert np.abs(draw(studio.pipe) - reference).max() < 1e-4, file.name
 
 
@@ -178,7 +330,7 @@ def test_two_adapters_equal_their_weighted_sum(tiny_model):
     b = random_modules(studio.pipe, seed=2, text_encoder=False, rank=2, alpha=3.0)
     studio.add({f"{c}.{p}": m for (c, p), m in a.items()}, "a")
     studio.add({f"{c}.{p}": m for (c, p), m in b.items()}, "b")
-    studio.set_scales({"a": 0.7, "b": 0.3})
+    studio.set_strengths({"a": 0.7, "b": 0.3})
     combined = draw(studio.pipe)
     # the single adapter whose delta is 0.7 * delta_a + 0.3 * delta_b, written full-rank (down = I, alpha = rank)
     summed = {}
@@ -187,7 +339,7 @@ def test_two_adapters_equal_their_weighted_sum(tiny_model):
         n = delta.shape[1]
         summed[f"{key[0]}.{key[1]}"] = LoraModule(down=torch.eye(n), up=delta, alpha=float(n))
     studio.add(summed, "sum")
-    studio.set_scales({"sum": 1.0})
+    studio.set_strengths({"sum": 1.0})
     assert np.abs(draw(studio.pipe) - combined).max() < 1e-4
 
 
@@ -197,18 +349,18 @@ def test_fuse_matches_unfused_and_unfuse_restores_bit_for_bit(tiny_model):
     base_image = draw(studio.pipe)
     studio.add({f"{c}.{p}": m for (c, p), m in random_modules(studio.pipe, seed=3).items()}, "a")
     studio.add({f"{c}.{p}": m for (c, p), m in random_modules(studio.pipe, seed=4).items()}, "b")
-    studio.set_scales({"a": 0.6, "b": -0.4})
+    studio.set_strengths({"a": 0.6, "b": -0.4})
     live = draw(studio.pipe)
     studio.fuse({"a": 0.6, "b": -0.4})
     assert np.abs(draw(studio.pipe) - live).max() < 1e-4  # fp32 rounding: the sum is done in another order
     with pytest.raises(UserError, match="unfuse"):
-        studio.set_scales({"a": 1.0})
+        studio.set_strengths({"a": 1.0})
     studio.unfuse()
     after = studio.pipe.unet.state_dict()
     for key, value in base_weights.items():  # bit-for-bit: the saved base weights are put back
         wrapped = key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]
         assert torch.equal(after[key] if key in after else after[wrapped], value), key
-    studio.set_scales({})
+    studio.set_strengths({})
     assert np.array_equal(draw(studio.pipe), base_image)
 
 
@@ -219,14 +371,14 @@ def test_hot_swap_replaces_weights_in_place(tiny_model):
         f"{c}.{p}": m for (c, p), m in random_modules(studio.pipe, seed=7, alpha=1.0, text_encoder=False).items()
     }
     studio.add(first, "slot")
-    studio.set_scales({"slot": 0.8})
+    studio.set_strengths({"slot": 0.8})
     layer_ids = [id(m) for m in studio.pipe.unet.modules()]
     studio.swap("slot", second)
     swapped = draw(studio.pipe)
     assert [id(m) for m in studio.pipe.unet.modules()] == layer_ids  # no layer added or removed
     fresh = Studio(str(tiny_model), device="cpu")
     fresh.add(second, "other")
-    fresh.set_scales({"other": 0.8})
+    fresh.set_strengths({"other": 0.8})
     assert np.abs(swapped - draw(fresh.pipe)).max() < 1e-5
     wrong_rank = {
         k: LoraModule(torch.zeros(2, m.down.shape[1]), torch.zeros(m.up.shape[0], 2), 2.0) for k, m in second.items()
@@ -242,7 +394,7 @@ def test_loaded_adapters_are_bounded_and_evicted_ones_deleted(tiny_model):
             {f"{c}.{p}": m for (c, p), m in random_modules(studio.pipe, seed=i, text_encoder=False).items()}, f"a{i}"
         )
         if i == 0:
-            studio.set_scales({"a0": 1.0})  # active: never evicted
+            studio.set_strengths({"a0": 1.0})  # active: never evicted
     assert sorted(studio.adapters) == ["a0", "a2"]
     assert sorted(studio.pipe.unet.peft_config) == ["a0", "a2"]
     layer = studio.pipe.unet.get_submodule(attention_targets(studio.pipe.unet, "both")[0])
@@ -253,7 +405,7 @@ def test_export_round_trip_keeps_alpha_and_diffusers_reads_the_export(tiny_model
     from diffusers import StableDiffusionPipeline
 
     studio = Studio(str(tiny_model), device="cpu")
-    modules = random_modules(studio.pipe, rank=4, alpha=1.5, text_encoder=False)
+    modules = random_modules(studio.pipe, rank=4, alpha=1.5, text_targets=ALL_CLIP)
     tensors = kohya_tensors(modules)
     save_file(tensors, tmp_path / "k.safetensors", metadata={"ss_network_dim": "4"})
     export_adapter(tmp_path / "k.safetensors", "diffusers", tmp_path / "d.safetensors", base_model=str(tiny_model))
@@ -303,7 +455,7 @@ def test_keys_matching_no_layer_are_refused(tiny_model, tmp_path):
 
 def test_shape_that_does_not_fit_is_refused(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), device="cpu")
-    name = kohya_name("unet", attention_targets(studio.pipe.unet, "both")[0])
+    name = sd_scripts_name("unet", attention_targets(studio.pipe.unet, "both")[0])
     save_file(
         {f"{name}.lora_down.weight": torch.zeros(4, 99), f"{name}.lora_up.weight": torch.zeros(32, 4)},
         tmp_path / "shape.safetensors",

@@ -46,7 +46,7 @@ def test_style_transfers_to_unseen_colours_and_shapes(tmp_path):
         config = TrainConfig(data=str(SAMPLES), attention=attention, run_dir=str(tmp_path / attention))
         studio.load(train(config, device="cpu", log_to_terminal=False).adapter, name=attention)
         for strength in (0.5, 1.0) if attention == "both" else (1.0,):
-            studio.set_scales({attention: strength})
+            studio.set_strengths({attention: strength})
             results[f"{attention} {strength:g}"] = score(generate_batch(studio.pipe, prompts, seeds), items)
     target, base = style_luminance(), results["base"].luminance
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from adapters.base import load_pipeline
+from adapters.families import SD1, family_of_pipeline
 from adapters.lora import attach, attention_targets
 from trainer.config import TrainConfig
 from trainer.dataset import load_examples
-from trainer.loop import BatchDrawer, diffusion_loss, encode_examples, make_batch, train
+from trainer.loop import BatchDrawer, encode_examples, make_batch, train
+from trainer.step import batch_loss
 
 
 def expected_projections(unet, attns):
@@ -40,9 +42,10 @@ def test_injection_touches_exactly_the_attention_projections(tiny_model, attenti
 
 def fixed_batch(pipe, folder, resolution, seed=123):
     examples = load_examples(folder, resolution)
-    cache = encode_examples(pipe, examples, torch.device("cpu"), torch.float32)
+    family = family_of_pipeline(pipe)
+    cache = encode_examples(pipe, family, examples, resolution, torch.device("cpu"), torch.float32)
     drawer = BatchDrawer(len(examples), len(examples) * 4, 1000, cache["latent_mean"].shape[1:], seed)
-    return make_batch(drawer.draw(), cache, "cpu")
+    return make_batch(drawer.draw(), cache, family, "cpu")
 
 
 def test_training_changes_only_lora_and_lowers_the_loss(tiny_model, image_folder, tmp_path):
@@ -50,7 +53,7 @@ def test_training_changes_only_lora_and_lowers_the_loss(tiny_model, image_folder
     before_state = {k: v.clone() for k, v in base.unet.state_dict().items()}
     batch = fixed_batch(base, image_folder, 32)  # 16 fixed (image, noise, timestep) triples
     with torch.no_grad():
-        loss_before = diffusion_loss(base.unet, batch, _noise_scheduler(base)).item()
+        loss_before = batch_loss(base.unet, batch, _noise_scheduler(base), SD1).item()
 
     config = TrainConfig(
         base_model=str(tiny_model),
@@ -76,7 +79,7 @@ def test_training_changes_only_lora_and_lowers_the_loss(tiny_model, image_folder
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
 
     with torch.no_grad():
-        loss_after = diffusion_loss(result.unet.eval(), batch, _noise_scheduler(base)).item()
+        loss_after = batch_loss(result.unet.eval(), batch, _noise_scheduler(base), SD1).item()
     # Measured with this seed on CPU: 1.1103 -> 0.8144 (-27%). Assert a clear fall of at least 10%.
     print(f"fixed-set loss {loss_before:.4f} -> {loss_after:.4f}")
     assert loss_after < 0.9 * loss_before
@@ -86,6 +89,44 @@ def _noise_scheduler(pipe):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in UNet that answers with a fixed tensor, whatever it is asked."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # batch_loss reads the compute dtype from a parameter
+
+    def forward(self, *args, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.answer)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_target_is_what_the_model_predicts(prediction_type):
+    """A UNet that predicts exactly the right thing has zero loss: the noise for epsilon models, the velocity
+    sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0 for v-prediction models (written out here, not taken from
+    diffusers); the other target gives a large loss, so training a v-model towards epsilon fails this test."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([10, 300, 600, 990])
+    abar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    batch = {
+        "latents": latents,
+        "noise": noise,
+        "timesteps": timesteps,
+        "cond": {"text_embeds": torch.zeros(4, 2, 3)},
+    }
+    right, wrong = (noise, velocity) if prediction_type == "epsilon" else (velocity, noise)
+    assert batch_loss(_Oracle(right), batch, scheduler, SD1).item() < 1e-10
+    assert batch_loss(_Oracle(wrong), batch, scheduler, SD1).item() > 0.1
 
 
 def test_v_prediction_base_trains(tiny_vpred_model, image_folder, tmp_path):
@@ -124,13 +165,13 @@ def test_caption_dropout_swaps_in_the_empty_caption_at_the_configured_rate():
     cache = {
         "latent_mean": torch.zeros(4, 4, 2, 2),
         "latent_std": torch.ones(4, 4, 2, 2),
-        "text_embeds": torch.ones(4, 3, 5),
-        "empty_embed": torch.zeros(1, 3, 5),
+        "cond": {"text_embeds": torch.ones(4, 3, 5)},
+        "empty_cond": {"text_embeds": torch.zeros(1, 3, 5)},
     }
     for rate, expected in ((0.0, 0.0), (0.3, 0.3)):
         drawer = BatchDrawer(4, 100, 1000, (4, 2, 2), seed=0, dropout=rate)
         dropped = [
-            (make_batch(drawer.draw(), cache, "cpu")["text_embeds"].sum(dim=(1, 2)) == 0).float().mean()
+            (make_batch(drawer.draw(), cache, SD1, "cpu")["cond"]["text_embeds"].sum(dim=(1, 2)) == 0).float().mean()
             for _ in range(20)
         ]
         assert abs(float(sum(dropped) / len(dropped)) - expected) < 0.03
@@ -145,9 +186,9 @@ def test_bf16_run_draws_its_previews(tiny_model, image_folder, tmp_path):
         steps=4,
         batch_size=1,
         mixed_precision="bf16",
-        sample_prompt="a red circle",
-        sample_every=2,
+        preview_prompt="a red circle",
+        preview_every=2,
         run_dir=str(run),
     )
     train(config, device="cpu", log_to_terminal=False)
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_000002.png", "step_000004.png"]

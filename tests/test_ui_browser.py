@@ -119,7 +119,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.get_by_text("neon_15.png").last.wait_for()  # the upload lists every file
     page.locator("#captions").get_by_text("glowline, a red circle at the top").wait_for()  # the table fills
     set_number(page, "setting-steps", 60)
-    set_number(page, "setting-sample_every", 20)
+    set_number(page, "setting-preview_every", 20)
     page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
     page.locator("#train-button").click()
     page.get_by_text("Started run").wait_for(timeout=30_000)
@@ -137,8 +137,8 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#train-status").get_by_text("Done").wait_for(timeout=60_000)
     expect(page.locator("#run-picker input")).to_have_value(re.compile(r"· done$"), timeout=15_000)
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
-    page.locator("#samples img").first.wait_for()
-    assert page.locator("#samples img").count() >= 3  # steps 20, 40 and the end
+    page.locator("#previews img").first.wait_for()
+    assert page.locator("#previews img").count() >= 3  # steps 20, 40 and the end
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#adapter-0 input").click()

@@ -10,18 +10,40 @@ import argparse
 import dataclasses
 import difflib
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import UserError
+from adapters.lora import ATTENTION_CHOICES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-ATTENTION = ("self", "cross", "both")
+# Old spellings still read from config files and flags, with a one-line notice: old name -> field.
+RENAMED = {"sample_prompt": "preview_prompt", "sample_every": "preview_every"}
+# Groups, in the order the page shows them; `files` are chosen by the page itself (uploads, run folder, library).
+GROUPS = ("model", "data", "adapter", "training", "previews", "runs", "files")
 
 
-def _f(default, help: str, choices: tuple | None = None, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def _f(default, help: str, group: str, choices: tuple | None = None, basic: bool = False):
+    """A field with its help text, its group, its choices, and whether the page shows it outside *Advanced*."""
+    assert group in GROUPS, group
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "basic": basic})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: `learning_rate` -> `--learning-rate`."""
+    return "--" + name.replace("_", "-")
+
+
+def notice_renamed(old: str) -> str:
+    """Say once, on stderr, that an old spelling was read; returns the field it stands for."""
+    new = RENAMED[old]
+    print(
+        f"lora-studio: {old!r} ({flag(old)}) is now {new!r} ({flag(new)}); the old name works for now",
+        file=sys.stderr,
+    )
+    return new
 
 
 @dataclass
@@ -31,41 +53,68 @@ class TrainConfig:
         "builtin",
         "Base model: 'builtin' (the small model shipped with lora-studio, works offline), a Hugging Face id "
         "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x / 2.x).",
+        "model",
+        basic=True,
     )
-    data: str = _f("", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.")
-    output: str = _f("", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder.")
-    overwrite: bool = _f(False, "Allow replacing an existing --output file (otherwise training refuses to start).")
-    name: str = _f("", "Adapter name, as shown in the library. Default: the run folder's name.")
+    data: str = _f(
+        "", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.", "files"
+    )
+    output: str = _f(
+        "", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder.", "files"
+    )
+    overwrite: bool = _f(
+        False, "Allow replacing an existing --output file (otherwise training refuses to start).", "files"
+    )
+    name: str = _f(
+        "", "Adapter name, as shown in the library. Default: the run folder's name.", "adapter", basic=True
+    )
     library: str = _f(
-        "", "Adapter library folder to add the finished adapter to (with its last preview). Empty = none."
+        "", "Adapter library folder to add the finished adapter to (with its last preview). Empty = none.", "files"
     )
-    run_dir: str = _f("", "Run folder for the config, events log and samples. Default: a new folder under ./runs/.")
+    run_dir: str = _f(
+        "",
+        "Run folder for the config, events log, previews and checkpoints. Default: a new folder under ./runs/, "
+        "named after the date, time and --name.",
+        "files",
+    )
     # the data
-    resolution: int = _f(0, "Training resolution in pixels (square). 0 = the base model's native size.")
-    trigger_word: str = _f("", "Word put at the start of every caption, to call the style up at generation.")
+    resolution: int = _f(
+        0, "Training resolution in pixels (square). 0 = the base model's native size.", "data", basic=True
+    )
+    trigger_word: str = _f(
+        "", "Word put at the start of every caption, to call the style up at generation.", "data", basic=True
+    )
     default_caption: str = _f(
-        "", "Caption for images that have no .txt file. Empty = every image must have its own caption."
+        "", "Caption for images that have no .txt file. Empty = every image must have its own caption.", "data"
     )
     caption_dropout: float = _f(
         0.1,
         "Share of training images shown with an empty caption, so the style holds without its prompt too and "
         "classifier-free guidance keeps it. 0 = never.",
+        "data",
     )
     # the adapter
-    rank: int = _f(8, "LoRA rank (dim): size of the adapter. 4-32 is typical for a style.")
-    alpha: float = _f(0.0, "LoRA alpha; the update is scaled by alpha/rank. 0 = same as rank (scale 1).")
+    rank: int = _f(8, "LoRA rank (dim): size of the adapter. 4-32 is typical for a style.", "adapter", basic=True)
+    alpha: float = _f(
+        0.0, "LoRA alpha; the update is scaled by alpha/rank. 0 = same as rank (scale 1).", "adapter", basic=True
+    )
     attention: str = _f(
-        "both", "Which UNet attention layers get LoRA: self (attn1), cross (attn2) or both.", ATTENTION
+        "both",
+        "Which UNet attention layers get LoRA: self (attn1), cross (attn2) or both.",
+        "adapter",
+        ATTENTION_CHOICES,
+        basic=True,
     )
     # the optimisation
-    steps: int = _f(400, "Number of optimiser steps.")
-    batch_size: int = _f(2, "Images per step (per process).")
-    learning_rate: float = _f(1e-4, "AdamW learning rate for the LoRA weights.")
-    seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.")
+    steps: int = _f(400, "Number of training steps (optimiser steps).", "training", basic=True)
+    batch_size: int = _f(2, "Images per step (per process).", "training", basic=True)
+    learning_rate: float = _f(1e-4, "AdamW learning rate for the LoRA weights.", "training", basic=True)
+    seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.", "training", basic=True)
     mixed_precision: str = _f(
         "auto",
         "Compute precision: no (fp32), fp16, bf16; auto = bf16 on a GPU that has it, else fp32. "
         "LoRA weights stay fp32 in every mode.",
+        "training",
         MIXED_PRECISION,
     )
     cuda_graphs: bool = _f(
@@ -73,19 +122,28 @@ class TrainConfig:
         "On one CUDA GPU, replay each step's UNet forward and backward as a CUDA graph: the same training, "
         "several times faster at small batches. Not used on the CPU or with several processes; "
         "--no-cuda-graphs turns it off.",
+        "training",
     )
     # watching it learn
-    sample_prompt: str = _f("", "Prompt for preview images made during training. Empty = no previews.")
-    sample_every: int = _f(0, "Make a preview every N steps (and at the end). 0 = only at the end.")
+    preview_prompt: str = _f(
+        "", "Prompt for preview images made during training. Empty = no previews.", "previews", basic=True
+    )
+    preview_every: int = _f(
+        0, "Make a preview every N steps (and at the end). 0 = only at the end.", "previews", basic=True
+    )
 
     # long runs and several GPUs
-    save_every: int = _f(0, "Save a resumable checkpoint every N steps. 0 = none.")
-    keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep. 0 = all.")
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps. 0 = none.", "runs")
+    keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep. 0 = all.", "runs")
     resume: str = _f(
-        "", "Resume a run: 'latest' (its newest checkpoint in --run-dir) or a checkpoint folder. Empty = start fresh."
+        "",
+        "Resume a run: 'latest' (its newest checkpoint in --run-dir) or a checkpoint folder. Empty = start fresh.",
+        "files",
     )
     num_processes: int = _f(
-        1, "Processes to train on, one per GPU, through accelerate launch (data parallel; batch size is per process)."
+        1,
+        "Processes to train on, one per GPU, through accelerate launch (data parallel; batch size is per process).",
+        "runs",
     )
 
     def __post_init__(self) -> None:
@@ -98,7 +156,6 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             want = hints[f.name]
-            flag = "--" + f.name.replace("_", "-")
             ok = (
                 isinstance(value, bool)
                 if want is bool
@@ -110,10 +167,10 @@ class TrainConfig:
             )
             if not ok:
                 kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[want]
-                raise UserError(f"{f.name} ({flag}) must be {kind}, got {value!r}")
+                raise UserError(f"{f.name} ({flag(f.name)}) must be {kind}, got {value!r}")
             choices = f.metadata.get("choices")
             if choices and value not in choices:
-                raise UserError(f"{f.name} ({flag}) must be one of {', '.join(choices)}; got {value!r}")
+                raise UserError(f"{f.name} ({flag(f.name)}) must be one of {', '.join(choices)}; got {value!r}")
         self.alpha = float(self.alpha)
         self.learning_rate = float(self.learning_rate)
         self.caption_dropout = float(self.caption_dropout)
@@ -132,7 +189,7 @@ class TrainConfig:
                 self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
                 f"resolution (--resolution) must be 0 (native) or a multiple of 8, at least 8; got {self.resolution}",
             ),
-            (self.sample_every >= 0, "sample_every (--sample-every) must be 0 or more"),
+            (self.preview_every >= 0, "preview_every (--preview-every) must be 0 or more"),
             (
                 0 <= self.caption_dropout < 1,
                 f"caption_dropout (--caption-dropout) must be at least 0 and below 1; got {self.caption_dropout:g}",
@@ -167,6 +224,9 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise UserError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
+        values = {
+            (notice_renamed(k) if k in RENAMED and RENAMED[k] not in values else k): v for k, v in values.items()
+        }
         unknown = [k for k in values if k not in names]
         if unknown:
             parts = []
@@ -194,11 +254,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if value == f.default:
                 continue
-            flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
-                parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+                parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
             else:
-                parts += [flag, shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+                parts += [flag(f.name), shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
         return " ".join(parts)
 
 
@@ -224,15 +283,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (kebab-case), help text from the field; unset flags stay unset."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
         if hints[f.name] is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         else:
+            old = [flag(o) for o, new in RENAMED.items() if new == f.name]
             parser.add_argument(
-                flag,
+                flag(f.name),
+                *old,
+                action=_Renamed if old else "store",
                 dest=f.name,
                 type=hints[f.name],
                 choices=f.metadata.get("choices"),
@@ -240,6 +301,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar=f.name.upper() if not f.metadata.get("choices") else None,
                 help=help_text,
             )
+
+
+class _Renamed(argparse.Action):
+    """Stores a flag's value, first saying so when it was given under its old spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = (option_string or "")[2:].replace("-", "_")
+        if old in RENAMED:
+            notice_renamed(old)
+        setattr(namespace, self.dest, values)
 
 
 def from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
@@ -261,11 +332,11 @@ def markdown_table() -> str:
     """The README's table of train flags, from the fields themselves (`python -m trainer.config`)."""
     rows = ["| flag | default | what it does |", "|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        spelled = flag(f.name)
         if f.metadata.get("choices"):
-            flag += " " + "\\|".join(f.metadata["choices"])
+            spelled += " " + "\\|".join(f.metadata["choices"])
         default = "(empty)" if f.default == "" else f"`{f.default}`"
-        rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
+        rows.append(f"| `{spelled}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 

@@ -3,7 +3,9 @@
     lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
 
 Inputs are checked before any model loads. The frozen VAE and text encoder run once per image (latent mean/std
-and caption embedding are cached), so a step is one UNet forward and backward. Every random draw of a step
+and the caption's conditioning are cached), so a step is one UNet forward and backward. What differs between
+model families comes from `adapters.families`; how a step runs (eager, CUDA graph) from `trainer.step`. Every
+random draw of a step
 (which images, latent sample, noise, timestep) comes from one seeded CPU generator and is made for the global
 batch, so a run is reproducible and N processes at batch B see the same data as one process at batch N*B.
 """
@@ -18,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.base import base_model_label, generation_defaults, load_pipeline, model_family
+from adapters.base import base_model_label, generation_defaults, load_pipeline
 from adapters.errors import UserError
+from adapters.families import Family, family_of_pipeline, native_size
 from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, tag_frequency
-from trainer.runs import EVENTS, EventLog, new_run_dir
+from trainer.optim import make_lr_schedule, make_optimizer
+from trainer.runs import EVENTS, PREVIEWS, EventLog, new_run_dir
+from trainer.step import make_step
 
 
 @dataclass
@@ -61,7 +65,7 @@ def _shared_run_dir(config: TrainConfig, accelerator) -> Path:
     else:
         from accelerate.utils import broadcast_object_list
 
-        box = [str(new_run_dir("runs")) if accelerator.is_main_process else ""]
+        box = [str(new_run_dir("runs", config.name)) if accelerator.is_main_process else ""]
         if accelerator.num_processes > 1:
             broadcast_object_list(box)
         path = Path(box[0])
@@ -80,30 +84,21 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def encode_examples(pipe, examples, device, dtype) -> dict[str, torch.Tensor]:
-    """Cache per image: VAE latent mean and std (scaled) and the caption's text-encoder hidden states."""
+def encode_examples(pipe, family: Family, examples, resolution: int, device, dtype) -> dict:
+    """Cache per image: VAE latent mean and std (scaled) and the caption's conditioning (`family.conditioning`)."""
     means, stds = [], []
     scale = pipe.vae.config.scaling_factor
     for ex in examples:
         dist = pipe.vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
-
-    def embed(caption: str) -> torch.Tensor:
-        ids = pipe.tokenizer(
-            caption,
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return pipe.text_encoder(ids.to(device))[0].float()
-
+    conds = [family.conditioning(pipe, [ex.caption], resolution) for ex in examples]
     return {
         "latent_mean": torch.cat(means),
         "latent_std": torch.cat(stds),
-        "text_embeds": torch.cat([embed(ex.caption) for ex in examples]),
-        "empty_embed": embed(""),  # what classifier-free guidance conditions the unconditional branch on
+        "cond": {key: torch.cat([c[key] for c in conds]) for key in conds[0]},
+        # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
+        "empty_cond": family.conditioning(pipe, [""], resolution),
     }
 
 
@@ -147,73 +142,28 @@ class BatchDrawer:
         self.order = list(state["order"])
 
 
-def make_batch(draw: dict, cache: dict, device, process: int = 0, processes: int = 1) -> dict[str, torch.Tensor]:
-    """This process's slice of a drawn global batch, with the cached latents and embeddings looked up."""
+def make_batch(
+    draw: dict, cache: dict, family: Family, device, process: int = 0, processes: int = 1
+) -> dict[str, torch.Tensor]:
+    """This process's slice of a drawn global batch, with the cached latents and conditioning looked up."""
     per = len(draw["index"]) // processes
     part = slice(process * per, (process + 1) * per)
     idx = draw["index"][part]
     latents = cache["latent_mean"][idx] + cache["latent_std"][idx] * draw["latent_noise"][part].to(device)
-    drop = draw["drop_caption"][part].to(device)[:, None, None]
+    drop = draw["drop_caption"][part].to(device)
+    cond = {}
+    for key, values in cache["cond"].items():
+        if key in family.caption_keys:  # a dropped caption conditions like the empty one
+            mask = drop.view(-1, *[1] * (values.dim() - 1))
+            cond[key] = torch.where(mask, cache["empty_cond"][key], values[idx])
+        else:
+            cond[key] = values[idx]
     return {
         "latents": latents,
         "noise": draw["noise"][part].to(device),
         "timesteps": draw["timesteps"][part].to(device),
-        "text_embeds": torch.where(drop, cache["empty_embed"], cache["text_embeds"][idx]),
+        "cond": cond,
     }
-
-
-class _Predict(torch.nn.Module):
-    """The UNet as tensors in, one tensor out, under its own autocast: the form CUDA-graph capture needs.
-
-    It calls the UNet class's forward directly, past the autocast wrapper accelerate puts on the instance:
-    capture needs an autocast that does not cache casted weights."""
-
-    def __init__(self, unet, dtype: torch.dtype):
-        super().__init__()
-        self.unet, self.dtype = unet, dtype
-
-    def forward(self, latents, timesteps, embeds):
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
-            return type(self.unet).forward(self.unet, latents, timesteps, embeds, return_dict=False)[0]
-
-
-def capture_unet(unet, batch: dict, noise_scheduler, dtype: torch.dtype):
-    """The UNet's forward and backward recorded once as CUDA graphs, replayed every step after.
-
-    A LoRA step on a Stable Diffusion UNet launches some 3,600 small kernels; launching them, not the GPU's
-    arithmetic, sets its time at common batch sizes, and a replayed graph launches them all at once. The
-    LoRA weights are read in place at each replay, so the optimizer's updates take effect; the batch's
-    shapes are fixed, which a run's are. Returns (None, why) where capture is not possible: train eagerly."""
-    if getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None):
-        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    sample = tuple(t.clone() for t in unet_inputs(batch, noise_scheduler, dtype))
-    try:
-        return torch.cuda.make_graphed_callables(_Predict(unet, dtype), sample, num_warmup_iters=3), ""
-    except Exception as exc:  # an exotic model or driver: the same training, eagerly
-        return None, f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
-
-
-def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The UNet's arguments for a batch: noised latents, timesteps, text embeddings, in the compute dtype."""
-    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
-    return noisy.to(dtype), batch["timesteps"], batch["text_embeds"].to(dtype)
-
-
-def diffusion_loss(unet, batch: dict, noise_scheduler, predict=None) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target (epsilon or v) at the batch's timesteps.
-
-    `predict`, when given, stands in for the UNet call (a captured CUDA graph of it)."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = batch["noise"]
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
-    else:
-        raise UserError(f"base model scheduler has prediction_type {kind!r}; only epsilon and v_prediction train")
-    weight_dtype = next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
-    inputs = unet_inputs(batch, noise_scheduler, weight_dtype)
-    pred = predict(*inputs) if predict is not None else unet(*inputs).sample
-    return F.mse_loss(pred.float(), target.float())
 
 
 def _stop_on_signals() -> dict:
@@ -262,21 +212,21 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     try:
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
         pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
-        unet, family = pipe.unet, model_family(pipe)
+        unet, family = pipe.unet, family_of_pipeline(pipe)
         sampling = generation_defaults(config.base_model, dict(pipe.scheduler.config))  # for the previews
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            model.requires_grad_(False)
+        for name in ("unet", "vae", *family.text_encoders):
+            getattr(pipe, name).requires_grad_(False)
         targets = attention_targets(unet, config.attention)
         torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
         attach(unet, targets, config.rank, config.effective_alpha)
         params = train_in_fp32(unet)
-        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
+        resolution = config.resolution or native_size(pipe)
 
-        # 3. Data: every image and caption encoded once by the frozen VAE and text encoder.
+        # 3. Data: every image and caption encoded once by the frozen VAE and text encoder(s).
         examples = load_examples(
             config.data, resolution, default_caption=config.default_caption, trigger_word=config.trigger_word
         )
-        cache = encode_examples(pipe, examples, accelerator.device, weight_dtype)
+        cache = encode_examples(pipe, family, examples, resolution, accelerator.device, weight_dtype)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         drawer = BatchDrawer(
             len(examples),
@@ -286,7 +236,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.seed,
             config.caption_dropout,
         )
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+        optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
         start_step = 0
         if config.resume:  # LoRA weights, AdamW moments and the batch generator: the run continues bit-exactly
@@ -294,8 +244,22 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             start_step = load_checkpoint(checkpoint, params, optimizer, drawer, config.to_dict())
             if start_step >= config.steps:
                 raise UserError(f"checkpoint {checkpoint} is at step {start_step}; raise --steps above it to go on")
-        use_graphs = config.cuda_graphs and accelerator.device.type == "cuda" and processes == 1
-        predict = None  # the captured step, made from the first batch
+        lr_schedule = make_lr_schedule(optimizer, config, start_step)
+
+        def notice(message: str) -> None:
+            print(f"lora-studio: {message}", file=sys.stderr)
+            events.emit("notice", message=message)
+
+        step = make_step(
+            unet,
+            optimizer,
+            accelerator=accelerator,
+            noise_scheduler=noise_scheduler,
+            family=family,
+            dtype=weight_dtype,
+            cuda_graphs=config.cuda_graphs,
+            notice=notice,
+        )
         events.emit(
             "start",
             steps=config.steps,
@@ -306,14 +270,16 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             device=str(accelerator.device),
             precision=precision,
             processes=processes,
-            cuda_graphs=use_graphs,
+            family=family.name,
+            step_kind=step.kind,
+            step_why=step.why,
         )
         if config.resume:
             events.emit("resume", step=start_step, checkpoint=str(checkpoint))
 
         # 4. The loop: one UNet forward and backward per step.
-        def make_sample(step: int) -> Path | None:
-            if not (main and config.sample_prompt):
+        def make_preview(at: int) -> Path | None:
+            if not (main and config.preview_prompt):
                 return None
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
@@ -322,7 +288,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             mixed = weight_dtype != torch.float32
             with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
                 image = pipe(
-                    config.sample_prompt,
+                    config.preview_prompt,
                     num_inference_steps=20,
                     guidance_scale=sampling["guidance"],
                     guidance_rescale=sampling["guidance_rescale"],
@@ -331,64 +297,55 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     width=resolution,
                 ).images[0]
             pipe.unet.train()
-            path = run_dir / "samples" / f"step_{step:06d}.png"
+            path = run_dir / PREVIEWS / f"step_{at:06d}.png"
             path.parent.mkdir(exist_ok=True)
             image.save(path)
-            events.emit("sample", step=step, path=str(path), prompt=config.sample_prompt)
+            events.emit("preview", step=at, path=str(path), prompt=config.preview_prompt)
             return path
 
         bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
-        started, step, loss_value = time.perf_counter(), start_step, math.nan
+        started, at, loss_value = time.perf_counter(), start_step, math.nan
         unet.train()
         try:
-            for step in range(start_step + 1, config.steps + 1):
+            for at in range(start_step + 1, config.steps + 1):
                 stop = stop_flag["stop"] or (should_stop is not None and should_stop())
                 if processes > 1:  # all processes stop at the same step, or the others would wait forever
                     stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0
                 if stop:
                     raise Cancelled
-                batch = make_batch(drawer.draw(), cache, accelerator.device, accelerator.process_index, processes)
-                if use_graphs and predict is None:
-                    raw_unet = accelerator.unwrap_model(unet)
-                    predict, problem = capture_unet(raw_unet, batch, noise_scheduler, weight_dtype)
-                    if problem:
-                        print(f"lora-studio: {problem}", file=sys.stderr)
-                        events.emit("notice", message=problem)
-                        use_graphs = False
-                with accelerator.autocast():
-                    loss = diffusion_loss(unet, batch, noise_scheduler, predict)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-                elapsed = time.perf_counter() - started
-                rate = (step - start_step) / elapsed
+                batch = make_batch(
+                    drawer.draw(), cache, family, accelerator.device, accelerator.process_index, processes
+                )
+                loss = step(batch)
+                lr_schedule.step()
+                loss_value = accelerator.reduce(loss, reduction="mean").item()
+                rate = (at - start_step) / (time.perf_counter() - started)
                 events.emit(
                     "progress",
-                    step=step,
+                    step=at,
                     total=config.steps,
                     loss=loss_value,
                     steps_per_s=rate,
                     images_per_s=rate * config.batch_size * processes,
-                    eta_s=(config.steps - step) / rate,
+                    eta_s=(config.steps - at) / rate,
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                if config.sample_every and step % config.sample_every == 0 and step != config.steps:
-                    make_sample(step)
-                if config.save_every and step % config.save_every == 0 and step != config.steps:
+                if config.preview_every and at % config.preview_every == 0 and at != config.steps:
+                    make_preview(at)
+                if config.save_every and at % config.save_every == 0 and at != config.steps:
                     if main:
                         path = save_checkpoint(
-                            run_dir, step, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
+                            run_dir, at, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
                         )
-                        events.emit("checkpoint", step=step, path=str(path))
+                        events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()
         except Cancelled:
-            step -= 1
+            at -= 1
             bar.close()
             unwrapped = accelerator.unwrap_model(unet)
-            path = _save(config, unwrapped, examples, resolution, output, step, family) if main else output
-            events.emit("cancelled", step=step, adapter=str(path))
+            path = _save(config, unwrapped, examples, resolution, output, at, family) if main else output
+            events.emit("cancelled", step=at, adapter=str(path))
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
         bar.close()
@@ -397,9 +354,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         # 5. The adapter file (main process only), then the last preview.
         if main:
             _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
-            sample = make_sample(config.steps)
+            preview = make_preview(config.steps)
             if config.library:
-                name = _add_to_library(config, output, run_dir, sample)
+                name = _add_to_library(config, output, run_dir, preview)
                 events.emit("library", name=name, library=config.library)
             events.emit(
                 "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
@@ -416,7 +373,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         raise
 
 
-def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: str) -> Path:
+def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: Family) -> Path:
     tensors = to_kohya(extract(unet, "unet"))
     metadata = build_metadata(
         tensors=tensors,
@@ -436,13 +393,13 @@ def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, st
     return output
 
 
-def _add_to_library(config: TrainConfig, output: Path, run_dir: Path, sample: Path | None) -> str:
+def _add_to_library(config: TrainConfig, output: Path, run_dir: Path, preview: Path | None) -> str:
     """Copy the finished adapter into the library under a free name (an existing adapter is never replaced)."""
     from adapters.library import Library, sanitize_name
 
     library = Library(config.library)
     base = sanitize_name(config.name or run_dir.name)
-    taken = {e.name for e in library.list()}
+    taken = {e.name for e in library.list()} | {path.stem for path, _ in library.problems()}
     name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if n not in taken)
-    library.add(output, name, sample=sample)
+    library.add(output, name, sample=preview)
     return name

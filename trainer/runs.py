@@ -1,7 +1,8 @@
 """Run folders (`runs/<run-id>/`) and their append-only event log, which the UI tails.
 
-A run folder holds config.json, events.jsonl, samples/ and the adapter. Events are JSON lines with a `type`
-(`start`, `progress`, `sample`, `checkpoint`, `error`, `cancelled`, `done`) and a wall-clock `time`.
+A run folder holds config.json, events.jsonl, previews/, checkpoints/ and the adapter. Events are JSON lines with
+a `type` (`start`, `resume`, `notice`, `progress`, `preview`, `checkpoint`, `error`, `cancelled`, `library`,
+`done`) and a wall-clock `time`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from adapters.errors import UserError
 
 EVENTS = "events.jsonl"
+PREVIEWS = "previews"  # the run folder's preview pictures, step_NNNNNN.png
 TERMINAL = ("done", "error", "cancelled")
 
 

@@ -84,7 +84,7 @@ def strength_grid(adapter: Path, seeds=range(4)) -> None:
     studio = Studio("builtin", device="cpu")
     studio.load(adapter, name="neon")
     strengths = (0.0, 0.5, 1.0)
-    rows = [[studio.generate(PROMPT, seed=seed, scales={"neon": s})[0] for s in strengths] for seed in seeds]
+    rows = [[studio.generate(PROMPT, seed=seed, strengths={"neon": s})[0] for s in strengths] for seed in seeds]
     grid = labelled_grid(rows, [f"strength {s:g}" for s in strengths], [f"seed {seed}" for seed in seeds], cell=128)
     grid.save(HERE / "strengths.png")
 

@@ -1,0 +1,170 @@
+"""The training step: noise a batch, one UNet forward and backward, one optimiser step; eager or as a CUDA graph.
+
+    step = make_step(unet, optimizer, accelerator=acc, noise_scheduler=ns, family=family, dtype=torch.bfloat16)
+    print(step.kind, step.why)          # "cuda graph", "one CUDA GPU, --cuda-graphs on"
+    loss = step(batch)                  # the batch's mean loss, detached
+
+The loop calls `step(batch)` and knows nothing of graphs. `compare_with_eager` is the check that a fast step
+trains the adapter the eager one does (within the GPU's own run-to-run noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.errors import UserError
+from adapters.families import Family
+from trainer.optim import diffusion_loss
+
+TARGETS = ("epsilon", "v_prediction")
+
+
+def training_target(noise_scheduler, batch: dict) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon models) or the velocity (v-prediction models)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return batch["noise"]
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
+    raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
+
+
+def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The UNet's inputs for a batch: noised latents, timesteps and the conditioning, in the compute dtype."""
+    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    return noisy.to(dtype), batch["timesteps"], {k: v.to(dtype) for k, v in batch["cond"].items()}
+
+
+def batch_loss(unet, batch: dict, noise_scheduler, family: Family, dtype=None, graphed=None) -> torch.Tensor:
+    """The loss of `unet` on a batch, as a training step computes it; `graphed`, when given, stands in for the
+    UNet call (a captured CUDA graph of it). `dtype` defaults to the frozen UNet's own."""
+    dtype = dtype or next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
+    target = training_target(noise_scheduler, batch)
+    noisy, timesteps, cond = unet_inputs(batch, noise_scheduler, dtype)
+    if graphed is not None:
+        prediction = graphed(noisy, timesteps, *cond.values())
+    else:
+        prediction = unet(noisy, timesteps, **family.unet_kwargs(cond)).sample
+    return diffusion_loss(prediction, target)
+
+
+class _Predict(torch.nn.Module):
+    """The UNet as tensors in, one tensor out, under its own autocast: the form CUDA-graph capture needs.
+
+    It calls the UNet class's forward directly, past the autocast wrapper accelerate puts on the instance:
+    capture needs an autocast that does not cache casted weights."""
+
+    def __init__(self, unet, family: Family, cond_keys: tuple[str, ...], dtype: torch.dtype):
+        super().__init__()
+        self.unet, self.family, self.cond_keys, self.dtype = unet, family, cond_keys, dtype
+
+    def forward(self, latents, timesteps, *cond):
+        kwargs = self.family.unet_kwargs(dict(zip(self.cond_keys, cond)))
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+            return type(self.unet).forward(self.unet, latents, timesteps, **kwargs, return_dict=False)[0]
+
+
+@dataclass
+class Step:
+    """One training step; `kind` says how it runs (`eager` or `cuda graph`) and `why`."""
+
+    kind: str
+    why: str
+    unet: torch.nn.Module  # as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    noise_scheduler: object
+    family: Family
+    dtype: torch.dtype
+    notice: Callable[[str], None] = print  # told when a fast step falls back to eager, and why
+    _graphed: Callable | None = field(default=None, repr=False)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.kind == "cuda graph" and self._graphed is None:
+            self._capture(batch)
+        with self.accelerator.autocast():
+            loss = batch_loss(self.unet, batch, self.noise_scheduler, self.family, self.dtype, self._graphed)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _capture(self, batch: dict) -> None:
+        """Record the UNet's forward and backward once as CUDA graphs, replayed every step after.
+
+        A LoRA step on a Stable Diffusion UNet launches some 3,600 small kernels; launching them, not the GPU's
+        arithmetic, sets its time at common batch sizes, and a replayed graph launches them all at once. The
+        LoRA weights are read in place at each replay, so the optimiser's updates take effect; the batch's
+        shapes are fixed, which a run's are. Where capture fails, the step runs eagerly from then on."""
+        if getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None):
+            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+        noisy, timesteps, cond = unet_inputs(batch, self.noise_scheduler, self.dtype)
+        sample = tuple(t.clone() for t in (noisy, timesteps, *cond.values()))
+        raw = self.accelerator.unwrap_model(self.unet)
+        try:
+            predict = _Predict(raw, self.family, tuple(cond), self.dtype)
+            self._graphed = torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
+        except Exception as exc:  # an exotic model or driver: the same training, eagerly
+            self.kind, self.why = "eager", f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
+            self.notice(self.why)
+
+
+def make_step(
+    unet,
+    optimizer,
+    *,
+    accelerator,
+    noise_scheduler,
+    family: Family,
+    dtype: torch.dtype,
+    cuda_graphs: bool = True,
+    notice: Callable[[str], None] = print,
+) -> Step:
+    """The fastest step this run can take, and why: a CUDA graph on one CUDA GPU unless switched off, else eager."""
+    kind = noise_scheduler.config.prediction_type
+    if kind not in TARGETS:
+        raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
+    if accelerator.device.type != "cuda":
+        choice = ("eager", f"CUDA graphs need a CUDA GPU; this run is on {accelerator.device.type}")
+    elif accelerator.num_processes > 1:
+        choice = ("eager", f"{accelerator.num_processes} processes: the data-parallel step runs eagerly")
+    elif not cuda_graphs:
+        choice = ("eager", "--no-cuda-graphs")
+    else:
+        choice = ("cuda graph", "one CUDA GPU, --cuda-graphs on")
+    return Step(*choice, unet, optimizer, accelerator, noise_scheduler, family, dtype, notice)
+
+
+def compare_with_eager(make: Callable[[bool], Step], params: list[torch.nn.Parameter], batches: list[dict]) -> dict:
+    """How far the fast step's adapter lands from the eager one's, against how far two eager runs land apart.
+
+    `make(fast)` builds a step with a fresh optimiser over `params`; each run starts from the same LoRA weights
+    and trains on the same `batches`. Distances are relative L2 over all LoRA parameters."""
+    start = [p.detach().clone() for p in params]
+
+    def run(fast: bool) -> tuple[list[torch.Tensor], str]:
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        step = make(fast)
+        for batch in batches:
+            step(batch)
+        return [p.detach().float().clone() for p in params], step.kind
+
+    def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
+        return (num / sum(float(y.pow(2).sum()) for y in b)) ** 0.5
+
+    (eager, _), (eager_again, _), (fast, fast_kind) = run(False), run(False), run(True)
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    return {
+        "fast_kind": fast_kind,
+        "eager_vs_eager": distance(eager_again, eager),
+        "fast_vs_eager": distance(fast, eager),
+        "moved": distance(eager, [s.float() for s in start]),  # how far training went: the scale of the above
+    }
