@@ -1,0 +1,97 @@
+"""The Adapters tab: the library's adapters with their metadata and sample; download, rename, delete, import."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from adapters.errors import UserError
+from adapters.library import Library
+
+COLUMNS = ["name", "base_model", "rank", "alpha", "steps", "trigger_word", "date", "size_kb"]
+
+
+def problems_html(problems: list[tuple[Path, str]]) -> str:
+    """One line per library file that cannot be read (and so is not in the table), with the reason."""
+    return "".join(f"<div>⚠ Not listed: {html.escape(p.name)} — {html.escape(why)}</div>" for p, why in problems)
+
+
+class LibraryTab:
+    """The tab's controls (made where it is built, inside the app's Blocks) and its handlers."""
+
+    def __init__(self, library: Library):
+        self.library = library
+        with gr.Tab("Adapters", id="adapters") as self.tab:
+            self.table = gr.Dataframe(
+                headers=COLUMNS, interactive=False, label="Adapter library", elem_id="library-table"
+            )
+            self.problems = gr.HTML(elem_id="library-problems")
+            with gr.Row():
+                self.picked = gr.Dropdown([e.name for e in library.list()], label="Adapter", elem_id="library-pick")
+                self.import_button = gr.UploadButton("Import a .safetensors adapter", file_types=[".safetensors"])
+            with gr.Row():
+                self.sample = gr.Image(label="Sample", height=200, interactive=False)
+                self.info = gr.JSON(label="Metadata")
+            with gr.Row():
+                self.download = gr.DownloadButton("Download", elem_id="download-button", interactive=False)
+                self.new_name = gr.Textbox(label="New name", scale=2)
+                self.rename_button = gr.Button("Rename")
+                self.delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
+            with gr.Row(visible=False) as self.confirm_row:
+                gr.Markdown("Delete this adapter file for good?")
+                self.confirm_delete = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete")
+                self.keep = gr.Button("Keep it")
+            self.status = gr.Markdown(elem_id="library-status")
+
+    def wire(self) -> None:
+        view = [self.table, self.problems, self.picked]
+        self.tab.select(self.view, self.picked, view)
+        self.picked.change(self.show_adapter, self.picked, [self.sample, self.info, self.download, self.confirm_row])
+        self.rename_button.click(self.on_rename, [self.picked, self.new_name], [*view, self.status])
+        self.delete_button.click(lambda: gr.Row(visible=True), None, self.confirm_row)
+        self.keep.click(lambda: gr.Row(visible=False), None, self.confirm_row)
+        self.confirm_delete.click(self.on_delete, self.picked, [*view, self.status, self.confirm_row])
+        self.import_button.upload(self.on_import, self.import_button, [*view, self.status])
+
+    def view(self, selected=None):
+        """The table, the unreadable files under it, and the picker (keeping `selected` when it is still there)."""
+        entries = self.library.list()
+        rows = [[e.summary[k] for k in COLUMNS] for e in entries]
+        names = [e.name for e in entries]
+        value = selected if selected in names else (names[0] if names else None)
+        return rows, problems_html(self.library.problems()), gr.Dropdown(choices=names, value=value)
+
+    def show_adapter(self, name):
+        hidden = None, None, gr.DownloadButton(interactive=False), gr.Row(visible=False)
+        if not name:
+            return hidden
+        try:
+            entry = self.library.get(name)
+        except UserError:
+            return hidden
+        info = {**entry.summary, "file": str(entry.path), "metadata": entry.metadata}
+        button = gr.DownloadButton(f"Download {entry.path.name}", value=str(entry.path), interactive=True)
+        return (str(entry.sample) if entry.sample else None), info, button, gr.Row(visible=False)
+
+    def on_rename(self, old, new):
+        try:
+            entry = self.library.rename(old, new)
+        except UserError as exc:
+            return *self.view(old), f"❌ {exc}"
+        return *self.view(entry.name), f"Renamed **{old}** to **{entry.name}**."
+
+    def on_delete(self, name):
+        try:
+            self.library.delete(name)
+        except UserError as exc:
+            return *self.view(name), f"❌ {exc}", gr.Row(visible=False)
+        return *self.view(), f"Deleted **{name}**.", gr.Row(visible=False)
+
+    def on_import(self, path):
+        try:
+            entry = self.library.add(path)
+        except UserError as exc:
+            return *self.view(), f"❌ {exc}"
+        return *self.view(entry.name), f"Imported **{entry.name}**."
