@@ -1,11 +1,16 @@
 """The page's pieces without a browser: the Train tab's status line, the settings form, the Generate request."""
 
+import subprocess
+import sys
+
 import gradio as gr
 
-from app.jobs import view_run
+from adapters.library import Library
+from app.jobs import PID_FILE, view_run
 from app.ui import GenerateRequest, status_text
 from app.ui.generate import NONE, SLOTS
 from app.ui.settings import SettingsForm
+from app.ui.train import TrainTab
 from trainer.config import TrainConfig
 from trainer.runs import EventLog
 
@@ -49,3 +54,22 @@ def test_generate_request_reads_the_slots_in_order_and_leaves_empty_ones_out():
     assert request.strengths == {"b": 0.5, "a": 1.5} and list(request.strengths) == ["b", "a"]
     assert (request.seed, request.width, request.height, request.sampling_steps) == (7, 0, 64, 20)
     assert request.compare_values() == [0.0, 1.0]
+
+
+def test_a_run_list_refresh_sent_before_trains_answer_keeps_the_new_run_picked(tmp_path):
+    """The once-a-second run list refresh can carry the picker's value from before Train answered (nothing
+    picked); it must not clear the run that was just started, or the page would stop following it."""
+    runs = tmp_path / "runs"
+    started = runs / "20260101-000000"
+    started.mkdir(parents=True)
+    TrainConfig(data="d").save(started / "config.json")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    try:
+        (started / PID_FILE).write_text(str(sleeper.pid))
+        with gr.Blocks():
+            tab = TrainTab(runs, Library(tmp_path / "library"), None)
+        picker, shown = tab.refresh_choices(None, [])
+        assert picker.value == started.name and [value for _, value in shown] == [started.name]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -217,6 +217,9 @@ class TrainTab:
         runs = self.run_choices()
         if [list(c) for c in runs] == [list(c) for c in shown or []]:
             return gr.skip(), shown
+        if not name:  # a tick sent before Train's answer came back must not clear the new run from the picker
+            live = active_run(self.runs_root)
+            name = live.run_dir.name if live else None
         return gr.Dropdown(choices=runs, value=name), runs
 
     def on_load(self):
