@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from trainer.config import TrainConfig
+from trainer.runs import EventLog
+
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
@@ -187,6 +190,30 @@ def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path)
     assert "fake.png: not a readable image" in text
     assert "real.png: caption real.txt is missing" in text  # every problem at once
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+
+
+def test_unreadable_files_are_named_not_hidden(browser, workspace):
+    """A broken adapter file is named under the library table; a damaged run log is named in the run's status."""
+    (workspace / "library").mkdir()
+    (workspace / "library" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    run = workspace / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d", name="neon").save(run / "config.json")
+    log = EventLog(run)
+    log.emit("start", steps=2)
+    with open(run / "events.jsonl", "a") as f:
+        f.write("{oops\n")
+    log.emit("done", step=2)
+    server = Server(workspace)
+    page = open_page(browser, server.url)
+    status = page.locator("#train-status")
+    status.get_by_text("events.jsonl has 1 unreadable line(s), left out of this view").wait_for(timeout=30_000)
+    assert "events.jsonl line 2: not JSON" in status.inner_text()
+
+    page.get_by_role("tab", name="Adapters").click()
+    problems = page.locator("#library-problems")
+    problems.get_by_text("Not listed: broken.safetensors").wait_for(timeout=30_000)
+    assert problems.inner_text().startswith("⚠ Not listed: broken.safetensors — not a readable safetensors file")
 
 
 def test_cancel_keeps_what_was_made(browser, workspace):
