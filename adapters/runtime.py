@@ -86,7 +86,7 @@ class Studio:
     def read(self, path: Path) -> Lora:
         """Read an adapter file of any supported layout against this base model (errors name file and reason)."""
         tensors, metadata = read_safetensors(Path(path))
-        return read_lora(tensors, metadata, self._shapes, source=str(path), base_family=self.family)
+        return read_lora(tensors, metadata, self._shapes, source=str(path), base_family=self.family.name)
 
     def add(self, lora: Lora, name: str) -> str:
         """Attach in-memory LoRA weights under `name`, inactive until a strength is set.

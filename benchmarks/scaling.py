@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def steady_images_per_s(run_dir: Path, batch: int, processes: int) -> float:
-    from trainer.runs import read_events
+    """Images per second over the run's steps after the first 10 (model loading and warm-up left out)."""
+    from trainer.runs import steady_step_seconds
 
-    times = [e["time"] for e in read_events(run_dir) if e["type"] == "progress"]
-    return batch * processes * (len(times) - 11) / (times[-1] - times[10])
+    return batch * processes / steady_step_seconds(run_dir)
 
 
 def main() -> None:

@@ -129,32 +129,42 @@ def matmul_rate(device) -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
-def compare_graphs(config, args) -> dict:
-    """Relative distance between adapters: eager vs eager (the GPU's own run-to-run noise) and eager vs graphs."""
-    import dataclasses
+def random_batches(unet, count: int, batch: int, seed: int = 0, device="cuda") -> list[dict]:
+    """`count` training batches of random latents, noise, timesteps and text embeddings shaped for `unet`."""
+    gen = torch.Generator().manual_seed(seed)
+    side, width = unet.config.sample_size, unet.config.cross_attention_dim
+    return [
+        {
+            "latents": torch.randn(batch, 4, side, side, generator=gen).to(device),
+            "noise": torch.randn(batch, 4, side, side, generator=gen).to(device),
+            "timesteps": torch.randint(0, 1000, (batch,), generator=gen).to(device),
+            "cond": {"text_embeds": torch.randn(batch, 77, width, generator=gen).to(device)},
+        }
+        for _ in range(count)
+    ]
 
-    from adapters.formats import read_safetensors
-    from trainer.loop import train
 
-    tensors = []
-    for i, graphs in enumerate((False, False, True)):
-        run = Path(f"{config.run_dir}-compare{i}")
-        short = dataclasses.replace(
-            config, steps=30, cuda_graphs=graphs, run_dir=str(run), output=str(run / "a.safetensors")
-        )
-        train(short, device=args.device, log_to_terminal=False)
-        tensors.append(read_safetensors(short.output)[0])
+def compare_graphs(model_dir: Path, args) -> dict:
+    """trainer.step.compare_with_eager on this architecture: 30 steps eagerly twice and with CUDA graphs once."""
+    from diffusers import DDPMScheduler
 
-    def distance(a: dict, b: dict) -> float:
-        keys = [k for k in a if not k.endswith(".alpha")]  # the scalars are equal by construction
-        num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in keys)
-        den = sum(float(b[k].float().pow(2).sum()) for k in keys)
-        return (num / den) ** 0.5
+    from adapters.base import load_pipeline
+    from adapters.families import SD1
+    from trainer.step import compare_with_eager
 
-    return {
-        "eager_vs_eager_rel_distance": distance(tensors[1], tensors[0]),
-        "graphs_vs_eager_rel_distance": distance(tensors[2], tensors[0]),
-    }
+    pipe = load_pipeline(str(model_dir), device=args.device, dtype=torch.bfloat16)
+    unet, params = with_lora(pipe.unet, torch.device(args.device))
+    result = compare_with_eager(
+        unet,
+        params,
+        random_batches(unet, 30, args.batch, device=args.device),
+        family=SD1,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        dtype=torch.bfloat16,
+    )
+    del pipe, unet, params
+    torch.cuda.empty_cache()
+    return {f"compare_{k}": v for k, v in result.items()}
 
 
 def main() -> None:
@@ -178,9 +188,11 @@ def main() -> None:
     from adapters.runtime import Studio
     from trainer.config import TrainConfig
     from trainer.loop import train
-    from trainer.runs import read_events
+    from trainer.runs import steady_step_seconds
 
     results: dict = {
+        "command": " ".join(["python3", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "tiny": args.tiny,
@@ -210,13 +222,11 @@ def main() -> None:
         cuda_graphs=args.cuda_graphs,
     )
     if args.compare_graphs:
-        results.update(compare_graphs(config, args))
+        results.update(compare_graphs(model_dir, args))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train(config, device=args.device, log_to_terminal=False)
-    progress = [e for e in read_events(run_dir) if e["type"] == "progress"]
-    times = [e["time"] for e in progress]
-    steady = (times[-1] - times[10]) / (len(times) - 11)
+    steady = steady_step_seconds(run_dir)
     results["train_step_s"] = steady
     results["train_images_per_s"] = args.batch / steady
     if device.type == "cuda":

@@ -88,3 +88,12 @@ def read_events(run_dir: str | Path) -> list[dict]:
             "the run's event log has malformed lines:\n  " + "\n  ".join(problems) + "\nfix or delete those lines"
         )
     return events
+
+
+def steady_step_seconds(run_dir: Path, skip: int = 10) -> float:
+    """Seconds per training step once a run is warm: the progress events after the first `skip` steps (which
+    hold model loading, caching and any graph capture)."""
+    times = [e["time"] for e in read_events(run_dir) if e["type"] == "progress"]
+    if len(times) < skip + 2:
+        raise ValueError(f"{run_dir} has {len(times)} progress events; steady speed needs more than {skip + 1}")
+    return (times[-1] - times[skip]) / (len(times) - skip - 1)

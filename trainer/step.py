@@ -5,7 +5,7 @@
     loss = step(batch)                  # the batch's mean loss, detached
 
 The loop calls `step(batch)` and knows nothing of graphs. `compare_with_eager` is the check that a fast step
-trains the adapter the eager one does (within the GPU's own run-to-run noise).
+trains the adapter the eager one does (within the GPU's own run-to-run noise); tests/test_gpu.py runs it.
 """
 
 from __future__ import annotations
@@ -138,18 +138,36 @@ def make_step(
     return Step(*choice, unet, optimizer, accelerator, noise_scheduler, family, dtype, notice)
 
 
-def compare_with_eager(make: Callable[[bool], Step], params: list[torch.nn.Parameter], batches: list[dict]) -> dict:
-    """How far the fast step's adapter lands from the eager one's, against how far two eager runs land apart.
+def compare_with_eager(
+    unet, params: list[torch.nn.Parameter], batches: list[dict], *, family: Family, noise_scheduler, dtype, lr=1e-4
+) -> dict:
+    """How far the fast step's LoRA lands from the eager one's, against how far two eager runs land apart.
 
-    `make(fast)` builds a step with a fresh optimiser over `params`; each run starts from the same LoRA weights
-    and trains on the same `batches`. Distances are relative L2 over all LoRA parameters."""
+    `unet` (on a CUDA GPU, frozen in `dtype`, LoRA `params` attached in fp32) is trained on `batches` three times
+    from the same LoRA weights with a fresh AdamW: eagerly twice, then with the fastest step `make_step` picks.
+    Distances are relative L2 over all LoRA parameters; `moved` is how far the eager run went from the start."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    precision = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    accelerator = Accelerator(mixed_precision=precision)
     start = [p.detach().clone() for p in params]
 
     def run(fast: bool) -> tuple[list[torch.Tensor], str]:
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-        step = make(fast)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+        step = make_step(
+            unet,
+            optimizer,
+            accelerator=accelerator,
+            noise_scheduler=noise_scheduler,
+            family=family,
+            dtype=dtype,
+            cuda_graphs=fast,
+        )
         for batch in batches:
             step(batch)
         return [p.detach().float().clone() for p in params], step.kind
@@ -166,5 +184,5 @@ def compare_with_eager(make: Callable[[bool], Step], params: list[torch.nn.Param
         "fast_kind": fast_kind,
         "eager_vs_eager": distance(eager_again, eager),
         "fast_vs_eager": distance(fast, eager),
-        "moved": distance(eager, [s.float() for s in start]),  # how far training went: the scale of the above
+        "moved": distance(eager, [s.float() for s in start]),
     }

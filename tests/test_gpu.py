@@ -1,0 +1,104 @@
+"""The default GPU path: on one CUDA GPU a step is a replayed CUDA graph, and it trains what the eager step trains.
+
+    pytest -m gpu -s tests/test_gpu.py        # on a machine with a CUDA GPU; skipped elsewhere
+
+The last recorded run is benchmarks/results/gpu_tests_h100.txt.
+"""
+
+import json
+
+import pytest
+import torch
+
+from adapters.families import SD1
+from adapters.lora import attach, attention_targets, train_in_fp32
+from trainer.config import TrainConfig
+from trainer.loop import train
+from trainer.runs import read_events
+from trainer.step import compare_with_eager
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on one)"),
+]
+
+
+def random_batches(unet, count, batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    side, width = unet.config.sample_size, unet.config.cross_attention_dim
+    return [
+        {
+            "latents": torch.randn(batch, 4, side, side, generator=gen).cuda(),
+            "noise": torch.randn(batch, 4, side, side, generator=gen).cuda(),
+            "timesteps": torch.randint(0, 1000, (batch,), generator=gen).cuda(),
+            "cond": {"text_embeds": torch.randn(batch, 77, width, generator=gen).cuda()},
+        }
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype):
+    """Ten different batches: a graph that replayed stale inputs or stale weights would land far from eager."""
+    from diffusers import DDPMScheduler
+
+    from tests.conftest import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    unet = pipe.unet.to("cuda", dtype).requires_grad_(False)
+    attach(unet, attention_targets(unet, "both"), 4, 4)
+    params = train_in_fp32(unet)
+    result = compare_with_eager(
+        unet,
+        params,
+        random_batches(unet, 10, 2),
+        family=SD1,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        dtype=dtype,
+        lr=1e-3,
+    )
+    print(json.dumps({"dtype": str(dtype), **result}))
+    assert result["fast_kind"] == "cuda graph"
+    assert result["moved"] > 1e-2  # training went somewhere: the distances below are measured against that
+    # As close as two eager runs are to each other, or within 1% of the distance training moved the weights.
+    assert result["fast_vs_eager"] <= max(2 * result["eager_vs_eager"], 1e-2 * result["moved"])
+
+
+def test_a_gpu_run_uses_graphs_by_default_and_previews_checkpoints_and_resume_work(
+    tiny_model, image_folder, tmp_path
+):
+    run = tmp_path / "run"
+    settings = dict(
+        base_model=str(tiny_model),
+        data=str(image_folder),
+        batch_size=2,
+        preview_prompt="a red circle",
+        preview_every=4,
+        save_every=4,
+        run_dir=str(run),
+    )
+    train(TrainConfig(steps=8, **settings), log_to_terminal=False)
+    start = next(e for e in read_events(run) if e["type"] == "start")
+    assert (start["step_kind"], start["precision"]) == ("cuda graph", "bf16"), start
+    train(TrainConfig(steps=12, resume="latest", **settings), log_to_terminal=False)
+    events = read_events(run)
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [
+        4,
+        8,
+    ]  # the last step is the adapter, not a checkpoint
+    assert [e["step"] for e in events if e["type"] == "resume"] == [4]
+    assert [e["step"] for e in events if e["type"] == "preview"] == [4, 8, 8, 12]
+    assert events[-1]["type"] == "done" and not [e for e in events if e["type"] == "notice"]
+
+
+def test_a_failed_capture_falls_back_to_eager_with_a_notice(tiny_model, image_folder, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused for this test")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    run = tmp_path / "run"
+    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=3, run_dir=str(run))
+    result = train(config, log_to_terminal=False)
+    notices = [e["message"] for e in read_events(run) if e["type"] == "notice"]
+    assert len(notices) == 1 and "CUDA graphs not used (RuntimeError: capture refused" in notices[0]
+    assert result.adapter.is_file() and torch.isfinite(torch.tensor(result.loss))
