@@ -97,11 +97,14 @@ def trainable_parameters(model: torch.nn.Module, adapter_name: str = "default") 
 
 
 def train_in_fp32(model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """The adapter's LoRA parameters, made fp32 and trainable whatever dtype the frozen base is in."""
+    """The adapter's LoRA parameters, made trainable and fp32 (diffusers' `cast_training_params`) whatever dtype
+    the frozen base is in. Trap: every other parameter of `model` must already be frozen, or it is cast too."""
+    from diffusers.training_utils import cast_training_params
+
     params = trainable_parameters(model, adapter_name)
     for p in params:
-        p.data = p.data.float()
         p.requires_grad_(True)
+    cast_training_params(model, torch.float32)
     return params
 
 
