@@ -176,7 +176,8 @@ class Studio:
 
         Generation then costs what the base model costs. `unfuse` puts the saved base weights back, so the
         restoration is bit-for-bit (our own, not diffusers' `fuse_lora`/`unfuse_lora`, which subtract the delta
-        again, so the restored weights can differ from the originals by rounding). Trap: while fused, strengths cannot change and adapters cannot be attached.
+        again, so the restored weights can differ from the originals by rounding). Trap: while fused, strengths
+        cannot change and adapters cannot be attached.
         """
         self._require_unfused("fuse again")
         self.set_strengths(dict(strengths))  # validates the names
