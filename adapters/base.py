@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from adapters.errors import UserError
-from adapters.families import BUILTIN_DIR, Family, family_of_config, family_of_index, family_of_pipeline
+from adapters.families import BUILTIN_DIR, Family, family_of_config, family_of_index
+from adapters.formats import refuse_pickle
 
 BUILTIN = "builtin"
 
@@ -27,6 +28,7 @@ def resolve_base_model(base_model: str | None) -> str:
     if not base_model or base_model == BUILTIN:
         return str(BUILTIN_DIR)
     path = Path(base_model).expanduser()
+    refuse_pickle(path, "base model")  # a .ckpt/.pt/.bin is never opened, whether or not it exists
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(
@@ -61,9 +63,8 @@ def check_base_model(base_model: str | None) -> tuple[str, Family]:
     if family is None:
         raise UserError(
             f"base model {base_model!r} is a {index.get('_class_name')}, not a Stable Diffusion text-to-image "
-            "pipeline; lora-studio trains on Stable Diffusion 1.x/2.x models"
+            "pipeline; lora-studio trains on Stable Diffusion 1.x, 2.x and SDXL models"
         )
-    family.require_supported(repr(base_model))
     return source, family
 
 
@@ -101,14 +102,14 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
     import diffusers
 
     source, family = check_base_model(base_model)
+    # SD 1.x/2.x folders may name a safety checker; lora-studio loads none (SDXL pipelines have none to drop)
+    no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
             source,
             dtype=dtype,
             use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **(no_checker if family.pipeline_class == "StableDiffusionPipeline" else {}),
         )
     except UserError:
         raise
@@ -117,7 +118,6 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
             f"could not load base model {base_model!r} ({type(exc).__name__}: {exc}). For a hub id, check the "
             "name and your network or log in with `hf auth login`; or pass a local diffusers folder"
         ) from exc
-    family_of_pipeline(pipe).require_supported(repr(base_model))  # what the weights say, not only the index
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or pick_device())
 

@@ -30,7 +30,6 @@ class Family:
     kohya_version: str  # `ss_base_model_version`, as kohya sd-scripts writes it
     modelspec_architecture: str  # `modelspec.architecture`, as Stability's model spec names it
     v2: bool = False  # `ss_v2`: kohya's flag for the SD 2.x text encoder
-    supported: bool = True  # whether lora-studio trains and generates with it yet
     caption_keys: tuple[str, ...] = ("text_embeds",)  # conditioning that an empty caption replaces
 
     @property
@@ -38,34 +37,48 @@ class Family:
         """The pipeline parts LoRA can sit on: the UNet and each text encoder."""
         return ("unet", *self.text_encoders)
 
-    def require_supported(self, source: str) -> None:
-        from adapters.errors import UserError
-
-        if not self.supported:
-            raise UserError(
-                f"base model {source} is an {self.name} model ({self.pipeline_class}); lora-studio trains and "
-                f"generates with {', '.join(f.name for f in SUPPORTED)} models for now"
-            )
-
     @torch.no_grad()
-    def conditioning(self, pipe, captions: list[str], size: int | None = None) -> dict[str, torch.Tensor]:
-        """The UNet's conditioning for `captions` (at `size` pixels, which SDXL's time ids need), fp32.
+    def conditioning(self, pipe, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning for `captions`, in fp32, as the family's own pipeline computes it.
 
         SD 1.x / 2.x and the built-in model: the text encoder's last hidden states, `text_embeds` [n, 77, dim].
+        SDXL: both encoders' penultimate hidden states side by side, `text_embeds` [n, 77, 768 + 1280], and the
+        second encoder's projected pooled output, `pooled` [n, 1280].
         """
-        ids = pipe.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        encoder = pipe.text_encoder
-        return {"text_embeds": encoder(ids.to(encoder.device))[0].float()}
+        if len(self.text_encoders) == 1:
+            encoder = pipe.text_encoder
+            return {"text_embeds": encoder(token_ids(pipe.tokenizer, captions).to(encoder.device))[0].float()}
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            out = encoder(token_ids(tokenizer, captions).to(encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's projected pooled output
+        return {"text_embeds": torch.cat(hidden, dim=-1).float(), "pooled": pooled.float()}
+
+    def image_conditioning(self, original_size, crop_top_left, target_size) -> dict[str, torch.Tensor]:
+        """Conditioning that depends on the picture, not its caption: SDXL's added time ids (original height and
+        width, crop top and left, target height and width) [1, 6]; nothing for the other families."""
+        if len(self.text_encoders) == 1:
+            return {}
+        return {"time_ids": torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)}
 
     def unet_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         """The UNet's keyword arguments, besides the noisy latents and the timesteps, for a conditioning dict."""
-        return {"encoder_hidden_states": cond["text_embeds"]}
+        if len(self.text_encoders) == 1:
+            return {"encoder_hidden_states": cond["text_embeds"]}
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        return {"encoder_hidden_states": cond["text_embeds"], "added_cond_kwargs": added}
+
+
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids as Stable Diffusion pipelines make them: padded (and cut) to the tokenizer's 77."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 _ONE_ENCODER = ("text_encoder",)
@@ -81,11 +94,9 @@ SDXL = Family(
     ("text_encoder", "text_encoder_2"),
     "sdxl_base_v1-0",
     "stable-diffusion-xl-v1-base/lora",
-    supported=False,
     caption_keys=("text_embeds", "pooled"),
 )
 CUSTOM = Family("custom", "StableDiffusionPipeline", _ONE_ENCODER, "custom", "custom/lora")
-SUPPORTED = (SD1, SD2_EPS, BUILTIN)
 FAMILIES = (BUILTIN, SD1, SD2_EPS, SD2_V, SDXL, CUSTOM)
 _BY_CLASS = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": SDXL}
 

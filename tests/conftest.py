@@ -54,9 +54,57 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """A 32x32-pixel SDXL-shaped pipeline: two text encoders (widths 32 + 32, the second with a 32-wide
+    projection), pooled text and time-id embedding (`text_time`), random weights."""
+    from diffusers import EulerDiscreteScheduler
+
+    from trainer.builtin.builder import assemble_pipeline
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return assemble_pipeline(
+        text=text,
+        text_2=dict(text, projection_dim=32),
+        unet=dict(
+            sample_size=8,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            norm_num_groups=16,
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=32,
+        ),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+    )
+
+
 def _saved(tmp_path_factory, prediction_type: str) -> Path:
     path = tmp_path_factory.mktemp("tiny") / f"tiny-sd-{prediction_type}"
     build_tiny_pipeline(prediction_type).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A local diffusers folder of the tiny SDXL-shaped pipeline."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sdxl"
+    build_tiny_sdxl_pipeline().save_pretrained(path, safe_serialization=True)
     return path
 
 

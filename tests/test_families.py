@@ -18,12 +18,10 @@ from adapters.formats import build_metadata, to_kohya
 from adapters.runtime import Studio
 
 ROOT = Path(__file__).resolve().parent.parent
-SDXL_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
+SD3_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline",
     "_diffusers_version": "0.42.1",
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
@@ -75,18 +73,18 @@ def test_headers_name_the_family_as_kohya_and_modelspec_do():
     assert eps["ss_v2"] == v["ss_v2"] == "True"
 
 
-def _sdxl_folder(root: Path) -> Path:
-    folder = root / "sdxl"
-    folder.mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps(SDXL_INDEX))
-    return folder
-
-
-def test_an_sdxl_folder_is_refused_before_any_weight_is_read(tmp_path):
-    folder = _sdxl_folder(tmp_path)  # a model index and nothing else: loading any weight would fail differently
+def test_a_model_of_another_kind_is_refused_before_any_weight_is_read(tmp_path):
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(SD3_INDEX))  # and nothing else: no weight could load
     for call in (lambda: load_pipeline(str(folder), device="cpu"), lambda: model_modules(str(folder))):
-        with pytest.raises(UserError, match=r"is an SDXL model \(StableDiffusionXLPipeline\); lora-studio trains"):
+        with pytest.raises(UserError, match=r"is a StableDiffusion3Pipeline, not a Stable Diffusion text-to-image"):
             call()
+
+
+def test_sdxl_folders_are_known_from_their_configs(tiny_sdxl_model):
+    modules, family = model_modules(str(tiny_sdxl_model))
+    assert family is SDXL and sorted(modules) == ["text_encoder", "text_encoder_2", "unet"]
 
 
 def _fake_hub_cache(root: Path, repo: str, index: dict) -> Path:
@@ -103,7 +101,7 @@ def _fake_hub_cache(root: Path, repo: str, index: dict) -> Path:
 @pytest.mark.parametrize(
     "index,message",
     [
-        (SDXL_INDEX, "is an SDXL model (StableDiffusionXLPipeline)"),
+        (SD3_INDEX, "is a StableDiffusion3Pipeline, not a Stable Diffusion text-to-image pipeline"),
         ({"_class_name": "FluxPipeline"}, "is a FluxPipeline, not a Stable Diffusion text-to-image pipeline"),
     ],
 )

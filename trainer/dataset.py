@@ -6,6 +6,7 @@ per file, so a person fixes the folder once rather than once per error.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adapters.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+# What a training image may be, by content (whatever its name says); MPO is the JPEG some cameras write.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
+# More pixels than this is refused, not decoded: Pillow's own decompression-bomb limit (about 89 megapixels).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -24,14 +29,24 @@ class Example:
     path: Path
     caption: str
     pixels: torch.Tensor  # (3, H, W) float in [-1, 1]
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the upright image on disk
+    crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts, in resized-image pixels (SDXL's time ids)
 
 
 def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def check_folder(folder: str | Path, default_caption: str = "") -> list[tuple[Path, str]]:
-    """(image, caption) for every image in `folder`, or one UserError listing every problem found."""
+def check_folder(
+    folder: str | Path, default_caption: str = "", notes: list[str] | None = None
+) -> list[tuple[Path, str]]:
+    """(image, caption) for every image in `folder`, or one UserError listing every problem found.
+
+    An image is read by its content: one that is empty, truncated, not a PNG/JPEG/WebP/GIF (a TIFF named .png) or
+    that declares more than MAX_IMAGE_PIXELS pixels (a decompression bomb) is a problem; what training will do to
+    an image that is otherwise fine (the first frame of an animation, a caption read past bad UTF-8) is appended
+    to `notes`, one line each, when a list is given.
+    """
     if not str(folder):
         raise UserError("data (--data) is required: the folder of training images with .txt captions")
     folder = Path(folder)
@@ -40,19 +55,25 @@ def check_folder(folder: str | Path, default_caption: str = "") -> list[tuple[Pa
     images = find_images(folder)
     if not images:
         raise UserError(
-            f"data folder {folder} has no images: put .png, .jpg, .jpeg or .webp files in it, "
+            f"data folder {folder} has no images: put .png, .jpg, .jpeg, .webp or .gif files in it, "
             "each with a .txt caption of the same name"
         )
-    problems, pairs = [], []
+    problems, pairs, said, not_utf8 = [], [], [], []
     for path in images:
-        try:
-            with Image.open(path) as im:
-                im.verify()  # reads the whole file structure without decoding pixels
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            problems.append(f"{path.name}: not a readable image ({exc.__class__.__name__}); replace or remove it")
+        problem, note = _check_image(path)
+        if problem:
+            problems.append(f"{path.name}: {problem}")
             continue
+        said += [f"{path.name}: {note}"] if note else []
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else ""
+        caption = ""
+        if caption_file.is_file():
+            raw = caption_file.read_bytes()
+            try:
+                caption = raw.decode("utf-8-sig").strip()
+            except UnicodeDecodeError:
+                caption = raw.decode("utf-8", errors="replace").strip()
+                not_utf8.append(caption_file.name)
         if not caption:
             if default_caption:
                 caption = default_caption
@@ -66,7 +87,37 @@ def check_folder(folder: str | Path, default_caption: str = "") -> list[tuple[Pa
         pairs.append((path, caption))
     if problems:
         raise UserError(f"data folder {folder} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    if not_utf8:
+        said.append(
+            f"caption(s) not in UTF-8, read with \ufffd in place of the bytes that are not: {', '.join(not_utf8)}; "
+            "save them as UTF-8 to keep every character"
+        )
+    if notes is not None:
+        notes += said
     return pairs
+
+
+def _check_image(path: Path) -> tuple[str, str]:
+    """(problem, note) for one image file; a problem refuses it, a note says what training does to it."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes); replace or remove it", ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, not only warn, past the limit
+            with Image.open(path) as im:
+                kind, frames = im.format, getattr(im, "n_frames", 1)
+                if kind in IMAGE_FORMATS:
+                    im.verify()  # the file's structure and checksums, without decoding
+            if kind not in IMAGE_FORMATS:
+                return f"is a {kind} file, whatever its name says; save it as PNG, JPEG, WebP or GIF", ""
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
+                im.load()  # decodes the (first) frame: a truncated or corrupt file fails here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"refused, too many pixels to decode safely ({exc}); scale it down or remove it", ""
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f": {exc}"  # its text repeats the path
+        return f"not a readable image ({exc.__class__.__name__}{detail}); replace or remove it", ""
+    return "", f"animated ({frames} frames); training uses the first frame" if frames > 1 else ""
 
 
 def with_trigger(caption: str, trigger_word: str) -> str:
@@ -77,10 +128,15 @@ def with_trigger(caption: str, trigger_word: str) -> str:
 
 
 def prepare_image(path: Path, resolution: int) -> torch.Tensor:
-    """EXIF-rotate, flatten transparency onto white, resize the short side and centre-crop to a square."""
-    with Image.open(path) as im:
+    """EXIF-rotate, flatten transparency onto white, resize the short side and centre-crop to a square.
+
+    Any mode comes out RGB: 16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white),
+    CMYK and palette images are converted, an animation gives its first frame."""
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        if im.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit greyscale PNG: keep the high byte
+            im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+        if "A" in im.getbands() or "transparency" in im.info:
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
@@ -89,12 +145,49 @@ def prepare_image(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def crop_geometry(path: Path, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The upright image's (height, width) and the top-left corner of `prepare_image`'s centre crop, measured in
+    the image resized so its short side is `resolution` (what SDXL's added time ids describe)."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the picture a quarter
+            width, height = height, width
+    scale = resolution / min(width, height)
+    top = round((height - min(width, height)) / 2 * scale)
+    left = round((width - min(width, height)) / 2 * scale)
+    return (height, width), (top, left)
+
+
 def load_examples(
-    folder: str | Path, resolution: int, *, default_caption: str = "", trigger_word: str = ""
+    folder: str | Path,
+    resolution: int,
+    *,
+    default_caption: str = "",
+    trigger_word: str = "",
+    notes: list[str] | None = None,
 ) -> list[Example]:
-    """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption."""
-    pairs = check_folder(folder, default_caption)
-    return [Example(p, with_trigger(c, trigger_word), prepare_image(p, resolution)) for p, c in pairs]
+    """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption; what the
+    check has to say about the images and captions is appended to `notes` (see `check_folder`)."""
+    pairs = check_folder(folder, default_caption, notes)
+    return [
+        Example(p, with_trigger(c, trigger_word), prepare_image(p, resolution), *crop_geometry(p, resolution))
+        for p, c in pairs
+    ]
+
+
+def long_captions(examples: list[Example], tokenizer) -> list[str]:
+    """One line per caption longer than the text encoder reads (`tokenizer.model_max_length` tokens, start and end
+    marks included): training sees it cut there, so the line names the file and how many tokens are dropped."""
+    limit = tokenizer.model_max_length
+    lines = []
+    for ex in examples:
+        count = len(tokenizer(ex.caption, truncation=False, verbose=False).input_ids)
+        if count > limit:
+            lines.append(
+                f"{ex.path.name}: its caption is {count - limit} token(s) longer than the {limit} the text encoder "
+                "reads; training drops the end (shorten the caption to keep it)"
+            )
+    return lines
 
 
 def tag_frequency(examples: list[Example], folder: str | Path) -> dict[str, dict[str, int]]:

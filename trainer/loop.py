@@ -27,9 +27,9 @@ from adapters.errors import UserError
 from adapters.families import Family, family_of_pipeline, native_size
 from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
-from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.dataset import check_folder, load_examples, tag_frequency
+from trainer.dataset import check_folder, load_examples, long_captions, tag_frequency
 from trainer.optim import make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, PREVIEWS, EventLog, new_run_dir
 from trainer.step import make_step
@@ -85,20 +85,31 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 
 @torch.no_grad()
 def encode_examples(pipe, family: Family, examples, resolution: int, device, dtype) -> dict:
-    """Cache per image: VAE latent mean and std (scaled) and the caption's conditioning (`family.conditioning`)."""
+    """Cache per image: VAE latent mean and std (scaled), the caption's conditioning (`family.conditioning`) and
+    the picture's own (`family.image_conditioning`: SDXL's time ids), all on `device`."""
+    vae = pipe.vae
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):  # e.g. SDXL's VAE overflows in fp16
+        vae, dtype = vae.float(), torch.float32
     means, stds = [], []
-    scale = pipe.vae.config.scaling_factor
+    scale = vae.config.scaling_factor
     for ex in examples:
-        dist = pipe.vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
+        dist = vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
-    conds = [family.conditioning(pipe, [ex.caption], resolution) for ex in examples]
+    size = (resolution, resolution)
+    conds = [
+        {
+            **family.conditioning(pipe, [ex.caption]),
+            **family.image_conditioning(ex.original_size, ex.crop_top_left, size),
+        }
+        for ex in examples
+    ]
     return {
         "latent_mean": torch.cat(means),
         "latent_std": torch.cat(stds),
-        "cond": {key: torch.cat([c[key] for c in conds]) for key in conds[0]},
+        "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
         # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
-        "empty_cond": family.conditioning(pipe, [""], resolution),
+        "empty_cond": family.conditioning(pipe, [""]),
     }
 
 
@@ -223,9 +234,15 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         resolution = config.resolution or native_size(pipe)
 
         # 3. Data: every image and caption encoded once by the frozen VAE and text encoder(s).
+        notes: list[str] = []  # what the data check has to say (an animation's first frame, a long caption)
         examples = load_examples(
-            config.data, resolution, default_caption=config.default_caption, trigger_word=config.trigger_word
+            config.data,
+            resolution,
+            default_caption=config.default_caption,
+            trigger_word=config.trigger_word,
+            notes=notes,
         )
+        notes += long_captions(examples, pipe.tokenizer)
         cache = encode_examples(pipe, family, examples, resolution, accelerator.device, weight_dtype)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         drawer = BatchDrawer(
@@ -250,6 +267,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             print(f"lora-studio: {message}", file=sys.stderr)
             events.emit("notice", message=message)
 
+        for note in notes:
+            notice(note)
         step = make_step(
             unet,
             optimizer,
@@ -275,6 +294,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             step_why=step.why,
         )
         if config.resume:
+            newest = " (the newest complete one)" if config.resume == "latest" else ""
+            notice(f"resuming at step {start_step} from checkpoint {checkpoint}{newest}")
             events.emit("resume", step=start_step, checkpoint=str(checkpoint))
 
         # 4. The loop: one UNet forward and backward per step.
@@ -319,6 +340,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 loss = step(batch)
                 lr_schedule.step()
                 loss_value = accelerator.reduce(loss, reduction="mean").item()
+                if not math.isfinite(loss_value):  # the weights this step wrote are no good: stop, save nothing
+                    raise _diverged(config, run_dir, at, f"the loss is {loss_value}")
                 rate = (at - start_step) / (time.perf_counter() - started)
                 events.emit(
                     "progress",
@@ -334,6 +357,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 if config.preview_every and at % config.preview_every == 0 and at != config.steps:
                     make_preview(at)
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
+                    _require_finite(params, config, run_dir, at)
                     if main:
                         path = save_checkpoint(
                             run_dir, at, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
@@ -344,6 +368,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             at -= 1
             bar.close()
             unwrapped = accelerator.unwrap_model(unet)
+            _require_finite(params, config, run_dir, at)
             path = _save(config, unwrapped, examples, resolution, output, at, family) if main else output
             events.emit("cancelled", step=at, adapter=str(path))
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
@@ -352,6 +377,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         accelerator.wait_for_everyone()
 
         # 5. The adapter file (main process only), then the last preview.
+        _require_finite(params, config, run_dir, config.steps)
         if main:
             _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
             preview = make_preview(config.steps)
@@ -368,9 +394,49 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     except Cancelled:
         raise
     except Exception as exc:  # the UI tails events.jsonl: say what went wrong there, not only on the terminal
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        error = _out_of_memory(config, run_dir, exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         events.emit("error", message=message)
-        raise
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _kept(run_dir: Path) -> str:
+    """What a stopped run leaves to go on from, in words."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return "no checkpoint had been saved yet (--save-every N makes them)"
+    return f"its newest checkpoint, {found[-1]}, is kept: --run-dir {run_dir} --resume latest continues from it"
+
+
+def _diverged(config: TrainConfig, run_dir: Path, step: int, what: str) -> UserError:
+    """The error for a run whose loss or LoRA weights stopped being finite numbers."""
+    return UserError(
+        f"training stopped at step {step}: {what}; the run diverged. Nothing with NaN/Inf weights was written, "
+        f"any adapter file already there is left as it was, and {_kept(run_dir)} (with the same settings). Start "
+        f"a new run with a lower --learning-rate (now {config.learning_rate:g}; try {config.learning_rate / 10:g}), "
+        "or, if it trains in fp16, with --mixed-precision bf16"
+    )
+
+
+def _require_finite(params, config: TrainConfig, run_dir: Path, step: int) -> None:
+    """Refuse to save LoRA weights that hold NaN or Inf (a diverged run), with the advice `_diverged` gives."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise _diverged(config, run_dir, step, "the LoRA weights hold NaN or Inf values")
+
+
+def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserError:
+    """CUDA ran out of memory: what to change, from the settings this run has."""
+    smaller = f"try {config.batch_size // 2}" if config.batch_size > 1 else "already 1"
+    size = f"now {config.resolution}" if config.resolution else "now the model's native size"
+    precision = "; --mixed-precision bf16 (it trains in fp32 now)" if config.mixed_precision == "no" else ""
+    return UserError(
+        f"the GPU ran out of memory ({str(exc).splitlines()[0][:200]}). Things that need less: a smaller "
+        f"--batch-size (now {config.batch_size}; {smaller}); a smaller --resolution ({size}); a smaller --rank "
+        f"(now {config.rank}); --no-cuda-graphs (graphs keep their own memory pool){precision}; and no other "
+        f"program on the same GPU. The run stopped; {_kept(run_dir)}"
+    )
 
 
 def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: Family) -> Path:

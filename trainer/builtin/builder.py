@@ -26,7 +26,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from adapters.base import BUILTIN_DIR, SETTINGS_FILE
 from trainer.builtin.scenes import vocabulary
@@ -78,28 +78,39 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def assemble_pipeline(*, text: dict, unet: dict, vae: dict, scheduler, vocab_size: int | None = None):
-    """A StableDiffusionPipeline with random weights from component settings, using the built-in tokenizer.
+def assemble_pipeline(
+    *, text: dict, unet: dict, vae: dict, scheduler, vocab_size: int | None = None, text_2: dict | None = None
+):
+    """A StableDiffusionPipeline with random weights from component settings, using the built-in tokenizer; with
+    `text_2` (the second text encoder's settings, with its `projection_dim`), a StableDiffusionXLPipeline.
 
     `text`, `unet` and `vae` are keyword arguments of CLIPTextConfig, UNet2DConditionModel and AutoencoderKL
-    (tests and the SD 1.5 benchmark build their own sizes through this too).
+    (tests and the SD 1.5 / SDXL benchmarks build their own sizes through this too).
     """
     tokenizer = build_tokenizer()
     ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=77, **ids, **text)
-    )
-    return StableDiffusionPipeline(
+
+    def config(settings: dict) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=77, **ids, **settings)
+
+    text_encoder = CLIPTextModel(config(text))  # first: the order of creation fixes the random weights
+    parts = dict(
         vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **vae),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(in_channels=4, out_channels=4, **unet),
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    )
+    if text_2 is None:
+        return StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        **parts, text_encoder_2=CLIPTextModelWithProjection(config(text_2)), tokenizer_2=tokenizer
     )
 
 
