@@ -62,6 +62,14 @@ class Family:
             return {}
         return {"time_ids": torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)}
 
+    def pipeline_kwargs(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]) -> dict:
+        """The family's pipeline arguments that stand in for a prompt and the empty negative prompt, from their
+        `conditioning`: a pipeline so called never runs its text encoders (they may have left the GPU)."""
+        kwargs = {"prompt_embeds": cond["text_embeds"], "negative_prompt_embeds": uncond["text_embeds"]}
+        if "pooled" in self.caption_keys:
+            kwargs.update(pooled_prompt_embeds=cond["pooled"], negative_pooled_prompt_embeds=uncond["pooled"])
+        return kwargs
+
     def unet_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         """The UNet's keyword arguments, besides the noisy latents and the timesteps, for a conditioning dict."""
         if len(self.text_encoders) == 1:

@@ -8,6 +8,7 @@ sd-scripts, AUTOMATIC1111 and ComfyUI match against: `lora_te_text_model_encoder
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -273,17 +274,45 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            before = "is left as it was" if path.exists() else "was not created"
+            raise UserError(
+                f"could not write {path}: the disk is full ({exc.strerror}). The partial file was removed and "
+                f"{path.name} {before}; free some space and try again"
+            ) from exc
         raise
 
 
 def save_adapter(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors adapter atomically; every metadata value must already be a string."""
+    """Write a safetensors adapter atomically; every metadata value must already be a string. Weights holding
+    NaN or Inf are refused (UserError), as reading refuses them: no such file is ever written."""
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise UserError(f"not writing {path}: tensor(s) {broken[:3]} hold NaN or Inf values")
     write_atomic(Path(path), save_bytes(tensors, metadata=metadata))
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # formats that run code when loaded: never read
+HOW_TO_CONVERT = (
+    "To use a .ckpt/.pt/.bin file you trust, convert it once in Python: "
+    "`import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('in.pt', weights_only=True), 'out.safetensors')` (weights_only refuses code; for a "
+    "whole-model .ckpt save its ['state_dict']), or download the .safetensors version its author publishes"
+)
+
+
+def refuse_pickle(path: Path, what: str) -> None:
+    """A UserError for a .ckpt/.pt/.pth/.bin/.pkl file offered as `what`: safetensors only, and how to convert."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(
+            f"{what} {path} is a {Path(path).suffix} file, which can run code when loaded: lora-studio reads "
+            f"weights only from .safetensors. {HOW_TO_CONVERT}"
+        )
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -294,6 +323,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")
+    refuse_pickle(path, "adapter file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -301,7 +331,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except Exception as exc:
         raise UserError(
             f"{path} is not a valid safetensors file ({exc}); lora-studio only reads .safetensors adapters "
-            "and never unpickles .ckpt/.pt files"
+            f"and never unpickles .ckpt/.pt files. {HOW_TO_CONVERT}"
         ) from exc
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -316,6 +346,7 @@ def build_metadata(
     alpha: float,
     base_model: str,
     family: Family,
+    prediction_type: str = "epsilon",
     output_name: str,
     resolution: int,
     num_images: int,
@@ -331,6 +362,7 @@ def build_metadata(
         "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": family.kohya_version,
         "ss_v2": str(family.v2),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model,
         "ss_resolution": f"({resolution}, {resolution})",

@@ -54,6 +54,49 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
+def build_tiny_sd2_pipeline(prediction_type: str, seed: int = 0):
+    """A 32x32-pixel SD-2.x-shaped pipeline: a 1024-wide text encoder (one layer, GELU, as OpenCLIP's), linear
+    attention projections, and the 512-eps or 768-v parameterisation; random weights."""
+    from diffusers import DDIMScheduler
+
+    from trainer.builtin.builder import assemble_pipeline
+
+    torch.manual_seed(seed)
+    return assemble_pipeline(
+        text=dict(
+            hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=16, hidden_act="gelu"
+        ),
+        unet=dict(
+            sample_size=8,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=1024,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=16,
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=32,
+        ),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type=prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+    )
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0):
     """A 32x32-pixel SDXL-shaped pipeline: two text encoders (widths 32 + 32, the second with a 32-wide
     projection), pooled text and time-id embedding (`text_time`), random weights."""

@@ -36,6 +36,7 @@ def sdxl_adapter(tiny_sdxl_model, tmp_path_factory):
         seed=1,
         run_dir=str(root / "run"),
         trigger_word="zq",
+        preview_prompt="zq, a red circle",
     )
     before = load_pipeline(str(tiny_sdxl_model), device="cpu")
     batch = fixed_batch(before, data)
@@ -64,6 +65,7 @@ def test_an_sdxl_lora_trains_and_its_file_says_sdxl(sdxl_adapter, tiny_sdxl_mode
     result, (loss_before, loss_after) = sdxl_adapter
     print(f"SDXL fixed-set loss {loss_before:.4f} -> {loss_after:.4f}")
     assert loss_after < 0.9 * loss_before
+    assert (result.run_dir / "previews" / "step_000120.png").is_file()  # drawn from the cached prompt embeddings
     tensors, metadata = read_safetensors(result.adapter)
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

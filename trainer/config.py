@@ -57,7 +57,7 @@ class TrainConfig:
         basic=True,
     )
     data: str = _f(
-        "", "Folder of training images (png, jpg, jpeg, webp) with a same-named .txt caption each.", "files"
+        "", "Folder of training images (png, jpg, jpeg, webp, gif) with a same-named .txt caption each.", "files"
     )
     output: str = _f(
         "", "Adapter file to write (.safetensors). Default: adapter.safetensors inside the run folder.", "files"
@@ -124,6 +124,13 @@ class TrainConfig:
         "--no-cuda-graphs turns it off.",
         "training",
     )
+    gradient_checkpointing: str = _f(
+        "auto",
+        "Recompute the UNet's activations during the backward pass instead of keeping them: less GPU memory, "
+        "slower steps. auto = on for SDXL on a GPU with less than 24 GB, else off.",
+        "training",
+        ("auto", "on", "off"),
+    )
     # watching it learn
     preview_prompt: str = _f(
         "", "Prompt for preview images made during training. Empty = no previews.", "previews", basic=True
@@ -186,8 +193,8 @@ class TrainConfig:
                 f"got {self.learning_rate:g}",
             ),
             (
-                self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
-                f"resolution (--resolution) must be 0 (native) or a multiple of 8, at least 8; got {self.resolution}",
+                self.resolution == 0 or (self.resolution >= 64 and self.resolution % 8 == 0),
+                f"resolution (--resolution) must be 0 (native) or a multiple of 8 from 64 up; got {self.resolution}",
             ),
             (self.preview_every >= 0, "preview_every (--preview-every) must be 0 or more"),
             (

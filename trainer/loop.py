@@ -32,7 +32,7 @@ from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, long_captions, tag_frequency
 from trainer.optim import make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, PREVIEWS, EventLog, new_run_dir
-from trainer.step import make_step
+from trainer.step import gradient_checkpointing, make_step
 
 
 @dataclass
@@ -231,6 +231,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         torch.manual_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
         attach(unet, targets, config.rank, config.effective_alpha)
         params = train_in_fp32(unet)
+        checkpointing = gradient_checkpointing(config.gradient_checkpointing, family, accelerator.device)
+        if checkpointing[0]:
+            unet.enable_gradient_checkpointing()
         resolution = config.resolution or native_size(pipe)
 
         # 3. Data: every image and caption encoded once by the frozen VAE and text encoder(s).
@@ -244,7 +247,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         )
         notes += long_captions(examples, pipe.tokenizer)
         cache = encode_examples(pipe, family, examples, resolution, accelerator.device, weight_dtype)
+        # The previews' prompt is encoded now too; then the text encoders are done with and leave the GPU.
+        preview_cond = family.conditioning(pipe, [config.preview_prompt]) if config.preview_prompt else None
+        if accelerator.device.type == "cuda":
+            for name in family.text_encoders:
+                getattr(pipe, name).to("cpu")
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
         drawer = BatchDrawer(
             len(examples),
             config.batch_size * processes,
@@ -292,6 +301,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             family=family.name,
             step_kind=step.kind,
             step_why=step.why,
+            gradient_checkpointing=checkpointing[0],
+            gradient_checkpointing_why=checkpointing[1],
         )
         if config.resume:
             newest = " (the newest complete one)" if config.resume == "latest" else ""
@@ -300,7 +311,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         # 4. The loop: one UNet forward and backward per step.
         def make_preview(at: int) -> Path | None:
-            if not (main and config.preview_prompt):
+            if not (main and preview_cond):
                 return None
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
@@ -309,7 +320,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             mixed = weight_dtype != torch.float32
             with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
                 image = pipe(
-                    config.preview_prompt,
+                    **family.pipeline_kwargs(preview_cond, cache["empty_cond"]),
                     num_inference_steps=20,
                     guidance_scale=sampling["guidance"],
                     guidance_rescale=sampling["guidance_rescale"],
@@ -369,7 +380,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             bar.close()
             unwrapped = accelerator.unwrap_model(unet)
             _require_finite(params, config, run_dir, at)
-            path = _save(config, unwrapped, examples, resolution, output, at, family) if main else output
+            path = _save(config, unwrapped, examples, resolution, output, at, model) if main else output
             events.emit("cancelled", step=at, adapter=str(path))
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
@@ -379,7 +390,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         # 5. The adapter file (main process only), then the last preview.
         _require_finite(params, config, run_dir, config.steps)
         if main:
-            _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, family)
+            _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, model)
             preview = make_preview(config.steps)
             if config.library:
                 name = _add_to_library(config, output, run_dir, preview)
@@ -439,14 +450,16 @@ def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserEr
     )
 
 
-def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, family: Family) -> Path:
+def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, model) -> Path:
+    """The adapter file, with the header other tools read; `model` is (family, prediction type)."""
     tensors = to_kohya(extract(unet, "unet"))
     metadata = build_metadata(
         tensors=tensors,
         rank=config.rank,
         alpha=config.effective_alpha,
         base_model=base_model_label(config.base_model),
-        family=family,
+        family=model[0],
+        prediction_type=model[1],
         output_name=config.name or output.stem,
         resolution=resolution,
         num_images=len(examples),

@@ -112,6 +112,18 @@ class Step:
             self.notice(self.why)
 
 
+def gradient_checkpointing(setting: str, family: Family, device: torch.device) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass (`--gradient-checkpointing`), and why."""
+    if setting != "auto":
+        return setting == "on", f"--gradient-checkpointing {setting}"
+    if family.name != "SDXL" or device.type != "cuda":
+        return False, "auto: only SDXL on a GPU needs it"
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if total < 24:
+        return True, f"auto: SDXL on a {total:.0f} GiB GPU (under 24)"
+    return False, f"auto: SDXL on a {total:.0f} GiB GPU (24 or more)"
+
+
 def make_step(
     unet,
     optimizer,
