@@ -1,6 +1,11 @@
-"""The built-in model's tokenizer knows every word of the scene world as one token, as built and as shipped."""
+"""The built-in model: one token per scene word in its tokenizer, built and shipped; pretraining keeps a record."""
 
 from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
 
 from transformers import CLIPTokenizer
 
@@ -36,3 +41,22 @@ def test_shipped_tokenizer_gives_each_scene_word_one_token():
         f"{BUILTIN_DIR / 'tokenizer'} cuts these scene words into pieces: {split}; the built-in model was made "
         "before they were added: rebuild and pretrain it (trainer/builtin/pretrain.py) or drop the words"
     )
+
+
+def test_pretraining_writes_its_record_where_asked(tmp_path):
+    """A pretraining run leaves a record of what it did (the README's pretraining figures come from one)."""
+    from trainer.builtin.builder import build_pipeline, save_pipeline
+
+    save_pipeline(build_pipeline(seed=0), tmp_path / "init")
+    record = tmp_path / "results" / "pretrain.json"
+    args = ["--init", str(tmp_path / "init"), "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0"]
+    args += ["--vae-steps", "6", "--vae-batch", "4", "--vae-crop", "16", "--unet-steps", "7", "--unet-batch", "2"]
+    args += ["--eval-count", "0", "--seed", "3", "--record", str(record)]
+    subprocess.run([sys.executable, "-m", "trainer.builtin.pretrain", *args], check=True, capture_output=True)
+
+    saved = json.loads(record.read_text())
+    assert saved["command"] == shlex.join(["python", "-m", "trainer.builtin.pretrain", *args])
+    assert saved["seed"] == 3 and saved["machine"]["cpu_count"] and saved["date"]
+    assert saved["vae"]["steps"] == 6 and saved["vae"]["psnr_plain"] > 0 and saved["vae"]["seconds_per_step"] > 0
+    assert saved["unet"]["steps"] == 7 and saved["unet"]["seconds_per_step"] > 0
+    assert (tmp_path / "out" / "unet").is_dir() and not (tmp_path / "out" / "pretrain.json").exists()

@@ -16,7 +16,14 @@ scenes (white, gray or beige backgrounds, flat shapes) from their captions: 10% 
 classifier-free guidance, 30% get a nonsense word, the target is v on a zero-terminal-SNR schedule, and the saved
 weights are an EMA. The (colour, shape) pairs in scenes.HELD_OUT_PAIRS never appear in phase 2; prompt fidelity
 is scored on them. On a GPU, `--device cuda` trains in bf16 and `--unet-steps auto` fits the steps into
-`--unet-minutes` after timing a few; pretrain.json beside the weights records the steps taken.
+`--unet-minutes` after timing a few.
+
+Each run writes its record to `--record` (default: pretrain.json beside the weights): the command, date, machine,
+settings and seed, each phase's time and seconds per step, the VAE's PSNR and the prompt-fidelity scores. With
+`--vae-from`, the VAE it takes is scored on the batch that phase 1 with the same --vae-* and --workers settings
+scored its own on. The run that made the shipped weights kept no record in the repo;
+benchmarks/results/builtin_pretrain_cpu.json is a short run of this script against the shipped VAE (its command
+inside, the rest in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ import argparse
 import itertools
 import json
 import math
+import os
+import platform
 import random
+import shlex
+import sys
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -35,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapters.base import load_pipeline
+from adapters.formats import write_atomic
 from trainer.builtin.builder import save_pipeline
 from trainer.builtin.evaluate import prompt_fidelity
 from trainer.builtin.scenes import render, sample_scene
@@ -52,29 +65,31 @@ class SceneBatches(IterableDataset):
         worker = info.id if info else 0
         torch.set_num_threads(1)
         for n in itertools.count():
-            rng = random.Random(f"{self.seed}-{self.kind}-{worker}-{n}")
-            scenes = [sample_scene(rng) for _ in range(self.batch)]
-            if self.kind == "vae":
-                half = self.batch // 2
-                bgs = torch.tensor([[rng.uniform(0, 255) for _ in range(3)] for _ in scenes])
-                keep = torch.tensor([rng.random() < 0.5 for _ in scenes])[:, None]
-                plain = render(scenes[:half], style="plain")
-                plain_bg = render(scenes[:half], style="plain", backgrounds=bgs[:half])
-                neon = render(scenes[half:], style="neon")
-                neon_bg = render(scenes[half:], style="neon", backgrounds=bgs[half:] * 0.3)
-                k = keep[:, :, None, None]
-                images = torch.cat([torch.where(k[:half], plain, plain_bg), torch.where(k[half:], neon, neon_bg)])
-                yield images
-            else:
-                captions = ["" if rng.random() < self.drop_caption else _noisy(s.caption, rng) for s in scenes]
-                ids = self.tokenizer(
-                    captions,
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-                yield render(scenes, style="plain"), ids
+            yield self.nth(n, worker)
+
+    def nth(self, n: int, worker: int = 0):
+        """The n-th batch of data-loading process `worker` (the loader deals out its workers' batches in turn)."""
+        rng = random.Random(f"{self.seed}-{self.kind}-{worker}-{n}")
+        scenes = [sample_scene(rng) for _ in range(self.batch)]
+        if self.kind == "vae":
+            half = self.batch // 2
+            bgs = torch.tensor([[rng.uniform(0, 255) for _ in range(3)] for _ in scenes])
+            keep = torch.tensor([rng.random() < 0.5 for _ in scenes])[:, None]
+            plain = render(scenes[:half], style="plain")
+            plain_bg = render(scenes[:half], style="plain", backgrounds=bgs[:half])
+            neon = render(scenes[half:], style="neon")
+            neon_bg = render(scenes[half:], style="neon", backgrounds=bgs[half:] * 0.3)
+            k = keep[:, :, None, None]
+            return torch.cat([torch.where(k[:half], plain, plain_bg), torch.where(k[half:], neon, neon_bg)])
+        captions = ["" if rng.random() < self.drop_caption else _noisy(s.caption, rng) for s in scenes]
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return render(scenes, style="plain"), ids
 
 
 def _noisy(caption: str, rng: random.Random, p: float = 0.3) -> str:
@@ -128,6 +143,10 @@ def train_vae(vae, args, device, autocast) -> dict:
     crop_gen = torch.Generator().manual_seed(args.seed)
     start, log = time.time(), []
     for step in range(args.vae_steps):
+        if step == 5:  # seconds per step are measured from here, past start-up and warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            warm = time.time()
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.vae_steps, args.vae_lr)
         x = _to_unit(next(loader), device)
@@ -148,19 +167,42 @@ def train_vae(vae, args, device, autocast) -> dict:
         if step % 200 == 0 or step == args.vae_steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
             print(f"vae step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - start
+    per_step = (time.time() - warm) / (args.vae_steps - 5) if args.vae_steps > 5 else float("nan")
     vae.eval().requires_grad_(False)
     # Scale latents to unit variance, as Stable Diffusion does with its 0.18215.
     with torch.no_grad():
         sample = _to_unit(next(loader), device)
         std = vae.encode(sample).latent_dist.sample(generator=gen).float().std().item()
-        rec = vae.decode(vae.encode(sample).latent_dist.mode()).sample.float().clamp(-1, 1)
-        mse = ((rec - sample) ** 2).mean(dim=(1, 2, 3)) / 4  # in [0, 1] units
-        psnr = (10 * torch.log10(1 / mse)).tolist()
-    half = len(psnr) // 2
-    quality = {"psnr_plain": sum(psnr[:half]) / half, "psnr_outlined": sum(psnr[half:]) / (len(psnr) - half)}
+    quality = vae_quality(vae, sample)
     vae.register_to_config(scaling_factor=1.0 / std)
     print(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.5f}; {quality}", flush=True)
-    return {"steps": args.vae_steps, "log": log, "scaling_factor": 1.0 / std, **quality}
+    return {
+        "steps": args.vae_steps,
+        "log": log,
+        "seconds": seconds,
+        "seconds_per_step": per_step,
+        "scaling_factor": 1.0 / std,
+        **quality,
+    }
+
+
+def vae_quality(vae, x: torch.Tensor) -> dict:
+    """Mean PSNR in dB of the VAE's reconstructions of a phase-1 batch in [-1, 1]: plain half, outlined half."""
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        mse = ((rec - x) ** 2).mean(dim=(1, 2, 3)) / 4  # in [0, 1] units
+        psnr = (10 * torch.log10(1 / mse)).tolist()
+    half = len(psnr) // 2
+    return {"psnr_plain": sum(psnr[:half]) / half, "psnr_outlined": sum(psnr[half:]) / (len(psnr) - half)}
+
+
+def phase1_score_batch(args) -> torch.Tensor:
+    """The batch phase 1 scores its VAE on: the loader's next after its --vae-steps training batches (uint8)."""
+    workers = max(1, args.workers)
+    return SceneBatches("vae", args.vae_batch, args.seed).nth(args.vae_steps // workers, args.vae_steps % workers)
 
 
 def train_unet(pipe, args, device, autocast, total: int, save: bool = True) -> dict:
@@ -273,6 +315,13 @@ def main() -> None:
         help="end the UNet phase at this step (the learning-rate schedule still spans --unet-steps)",
     )
     parser.add_argument("--eval-count", type=int, default=100)
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="where to write the run's record (JSON), e.g. benchmarks/results/builtin_pretrain.json "
+        "(default: pretrain.json in --out)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -290,8 +339,19 @@ def main() -> None:
     started = time.time()
     pipe = load_pipeline(args.init, device=device)
     report = {
+        "command": shlex.join(["python", "-m", "trainer.builtin.pretrain", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": {k: str(v) for k, v in vars(args).items()},
+        "seed": args.seed,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            # the CPU is often shared: a load above its core count means other work slowed this run down
+            "load_average_1_5_15_min_at_start": os.getloadavg(),
+        },
         "torch": torch.__version__,
     }
     if args.vae_from:  # phase 1 already ran (same seed and settings): take its VAE, scaling factor included
@@ -299,7 +359,9 @@ def main() -> None:
 
         pipe.vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).to(device)
         pipe.vae.eval().requires_grad_(False)
-        report["vae"] = {"from": str(args.vae_from), "scaling_factor": pipe.vae.config.scaling_factor}
+        quality = vae_quality(pipe.vae, _to_unit(phase1_score_batch(args), device))
+        report["vae"] = {"from": str(args.vae_from), "scaling_factor": pipe.vae.config.scaling_factor, **quality}
+        print(f"vae from {args.vae_from}: {quality}", flush=True)
     else:
         report["vae"] = train_vae(pipe.vae, args, device, autocast)
     steps = fit_steps(pipe, args, device, autocast) if args.unet_steps == "auto" else int(args.unet_steps)
@@ -308,11 +370,15 @@ def main() -> None:
     else:  # phase 1 only: keep the VAE for a later --vae-from
         save_pipeline(pipe, args.out)
     if args.eval_count:
+        scoring = time.time()
         fidelity = prompt_fidelity(load_pipeline(args.out, device=device), count=args.eval_count)
-        report["prompt_fidelity"] = asdict(fidelity)
+        report["prompt_fidelity"] = {**asdict(fidelity), "seconds": time.time() - scoring}
     report["seconds"] = time.time() - started
+    report["machine"]["load_average_1_5_15_min_at_end"] = os.getloadavg()
     print(json.dumps({"prompt_fidelity": report.get("prompt_fidelity"), "seconds": report["seconds"]}), flush=True)
-    (args.out / "pretrain.json").write_text(json.dumps(report, indent=1) + "\n")
+    record = args.record or args.out / "pretrain.json"
+    write_atomic(record, (json.dumps(report, indent=1) + "\n").encode())
+    print(f"wrote {record}", flush=True)
 
 
 if __name__ == "__main__":
