@@ -1,4 +1,5 @@
-"""Base pipelines: resolving `builtin`, a local diffusers folder or a Hugging Face id, and loading it once."""
+"""Base pipelines: resolving `builtin`, a local diffusers folder, a Hugging Face id or a single-file checkpoint, and
+loading it once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from adapters.errors import UserError
 from adapters.families import BUILTIN_DIR, Family, family_of_config, family_of_index
-from adapters.formats import refuse_pickle
+from adapters.formats import PICKLE_SUFFIXES
+from adapters.single_file import checkpoint_family, inspect_checkpoint, is_single_file, read_header
 
 BUILTIN = "builtin"
 
@@ -20,15 +22,19 @@ def pick_device() -> torch.device:
 
 
 def resolve_base_model(base_model: str | None) -> str:
-    """Turn what the user typed into what `from_pretrained` takes: a folder path, or a hub id left as it is.
+    """Turn what the user typed into what `from_pretrained` takes: a folder path, or a hub id left as it is; or the
+    path of a single-file checkpoint (adapters/single_file.py loads it).
 
-    `builtin` (or nothing) is the small model in the repo. A path that exists must be a diffusers folder; a name
-    that is not a path is taken as a hub id, which is the only case that can reach the network.
+    `builtin` (or nothing) is the small model in the repo. A folder must be in diffusers layout; a name that is not a
+    path is taken as a hub id, which is the only case that can reach the network. A pickle (.ckpt) is refused with
+    the command that converts it, unopened.
     """
     if not base_model or base_model == BUILTIN:
         return str(BUILTIN_DIR)
     path = Path(base_model).expanduser()
-    refuse_pickle(path, "base model")  # a .ckpt/.pt/.bin is never opened, whether or not it exists
+    if path.is_file() or path.suffix.lower() in PICKLE_SUFFIXES:
+        read_header(path)  # refuses a pickle, whatever its name, with its conversion command
+        return str(path)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(
@@ -44,13 +50,16 @@ def resolve_base_model(base_model: str | None) -> str:
     return base_model
 
 
-def check_base_model(base_model: str | None) -> tuple[str, Family]:
+def check_base_model(base_model: str | None, prediction_type: str | None = None) -> tuple[str, Family]:
     """The resolved source and its family, from its `model_index.json` alone (for a hub id, only that small
-    file is fetched): a model lora-studio cannot use is refused here, before any weight is read, however it
-    was named (folder, hub id, `builtin`)."""
+    file is fetched), or a single file's header: a model lora-studio cannot use is refused here, before any weight
+    is read, however it was named (folder, hub id, `builtin`, file). `prediction_type` overrides what a single file
+    says (SD 2.x files often say nothing)."""
     from diffusers import DiffusionPipeline
 
     source = resolve_base_model(base_model)
+    if is_single_file(source):
+        return source, checkpoint_family(inspect_checkpoint(source, prediction_type))
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception as exc:  # hub or file errors: say which model and what to try
@@ -97,11 +106,21 @@ def generation_defaults(source: str | Path | None, scheduler_config: dict | None
     return settings
 
 
-def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = torch.float32):
-    """Load a base pipeline (no safety checker) onto `device` in `dtype`; errors name the model."""
+def load_pipeline(
+    base_model: str | None, *, device=None, dtype: torch.dtype = torch.float32, prediction_type: str | None = None
+):
+    """Load a base pipeline (no safety checker) onto `device` in `dtype`; errors name the model. A single-file
+    checkpoint loads through diffusers' `from_single_file` with the shipped configs; `prediction_type` overrides
+    what the file says."""
     import diffusers
 
-    source, family = check_base_model(base_model)
+    from adapters.single_file import load_single_file
+
+    source, family = check_base_model(base_model, prediction_type)
+    if is_single_file(source):
+        pipe = load_single_file(source, dtype=dtype, prediction_type=prediction_type)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device or pick_device())
     # SD 1.x/2.x folders may name a safety checker; lora-studio loads none (SDXL pipelines have none to drop)
     no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
@@ -122,7 +141,9 @@ def load_pipeline(base_model: str | None, *, device=None, dtype: torch.dtype = t
     return pipe.to(device or pick_device())
 
 
-def model_modules(base_model: str | None) -> tuple[dict[str, dict[str, tuple[int, int]]], Family]:
+def model_modules(
+    base_model: str | None, prediction_type: str | None = None
+) -> tuple[dict[str, dict[str, tuple[int, int]]], Family]:
     """The LoRA-able layers of a base model's UNet and text encoder(s), and its family, from its configs alone.
 
     The models are built on the meta device (no weights read), so this is cheap even for SDXL-sized models.
@@ -133,7 +154,9 @@ def model_modules(base_model: str | None) -> tuple[dict[str, dict[str, tuple[int
 
     from adapters.lora import module_shapes
 
-    source, _ = check_base_model(base_model)
+    source, _ = check_base_model(base_model, prediction_type)
+    if is_single_file(source):  # its architecture is that of the shipped configs it loads with
+        source = str(inspect_checkpoint(source, prediction_type).configs)
     try:
         index = DiffusionPipeline.load_config(source)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")

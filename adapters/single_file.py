@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from adapters.errors import UserError
+from adapters.formats import PICKLE_SUFFIXES
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # one diffusers config folder per layout (tests swap it)
 CLIP_VOCAB = Path(__file__).resolve().parent / "configs" / "clip-tokenizer"  # vocab.json + merges.txt, shared
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _UNET = "model.diffusion_model."
 # The text-encoder keys that tell the original layouts apart, and the token embedding that gives each one's width.
