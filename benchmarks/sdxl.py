@@ -1,0 +1,186 @@
+"""LoRA training and generation on the SDXL base 1.0 architecture (random weights) at 1024x1024.
+
+    python benchmarks/sdxl.py --batch 1 --json sdxl_b1.json                         # on a CUDA machine
+    python benchmarks/sdxl.py --batch 1 --gradient-checkpointing on --json ...      # less memory
+    python benchmarks/sdxl.py --tiny --device cpu                                   # the code path, small
+
+It builds an SDXL-shaped pipeline from the published sizes (no download), saves it once as a diffusers folder
+in fp16, trains through the real `trainer.loop.train` in bf16 (speed from its events.jsonl after step 10, peak
+GPU memory over the whole run: loading, caching and training), then optionally times 30-step generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.sd15 import write_data  # noqa: E402
+
+
+def build_sdxl(tiny: bool):
+    """The SDXL base 1.0 architecture (or a small one of the same shape) with random weights."""
+    from diffusers import EulerDiscreteScheduler
+
+    from trainer.builtin.builder import assemble_pipeline
+
+    if tiny:
+        te = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        te2 = dict(te, projection_dim=32)
+        unet = dict(
+            block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 1, 1),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            layers_per_block=1,
+            sample_size=8,
+            norm_num_groups=16,
+        )
+        vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
+        size = 64
+    else:  # the published SDXL base 1.0 shapes
+        te = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        te2 = dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
+        )
+        unet = dict(
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            layers_per_block=2,
+            sample_size=128,
+        )
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024)
+        size = 1024
+    pipe = assemble_pipeline(
+        text=te,
+        text_2=te2,
+        unet=dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            **unet,
+        ),
+        vae=dict(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.13025,
+            force_upcast=True,
+            **vae,
+        ),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+        vocab_size=49408,
+    )
+    return pipe, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the code path quickly")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-bench"))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", default="off", choices=("auto", "on", "off"))
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--generate", action="store_true", help="also time 30-step generation at the native size")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+    from trainer.runs import read_events, steady_step_seconds
+
+    results: dict = {
+        "command": " ".join(["python3", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "batch": args.batch,
+    }
+    model_dir = args.work / ("sdxl-tiny" if args.tiny else "sdxl")
+    if not (model_dir / "model_index.json").exists():  # built once per --work folder
+        t0 = time.perf_counter()
+        with torch.device(device):  # random initialisation on the GPU: minutes faster for 3.5 B parameters
+            pipe, _ = build_sdxl(args.tiny)
+        pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
+        del pipe
+        results["build_s"] = time.perf_counter() - t0
+    size = 64 if args.tiny else 1024
+    results["resolution"] = size
+    write_data(args.work / f"data-{size}", size)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run_dir = args.work / f"run-{time.time():.0f}"
+    config = TrainConfig(
+        base_model=str(model_dir),
+        data=str(args.work / f"data-{size}"),
+        steps=args.steps,
+        batch_size=args.batch,
+        rank=8,
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        cuda_graphs=args.cuda_graphs,
+        run_dir=str(run_dir),
+        output=str(run_dir / "bench.safetensors"),
+    )
+    t0 = time.perf_counter()
+    train(config, device=args.device, log_to_terminal=False)
+    results["train_wall_s"] = time.perf_counter() - t0
+    events = read_events(run_dir)
+    start = next(e for e in events if e["type"] == "start")
+    results.update(
+        {k: start[k] for k in ("step_kind", "step_why", "gradient_checkpointing", "gradient_checkpointing_why")}
+    )
+    results["notices"] = [e["message"] for e in events if e["type"] == "notice"]
+    steady = steady_step_seconds(run_dir)
+    results["train_step_s"] = steady
+    results["train_images_per_s"] = args.batch / steady
+    if device.type == "cuda":
+        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.generate:
+        from adapters.runtime import Studio
+
+        studio = Studio(str(model_dir), device=args.device)
+        studio.load(config.output, name="bench")
+        studio.generate("a red circle", sampling_steps=30, strengths={"bench": 1.0})
+        times = []
+        for seed in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            studio.generate("a red circle", sampling_steps=30, seed=seed, strengths={"bench": 0.7})
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        results["generate_30_steps_s"] = statistics.median(times)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
