@@ -161,6 +161,7 @@ def main() -> None:
     results["train_images_per_s"] = args.batch / steady
     if device.type == "cuda":
         results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["train_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if args.generate:
         from adapters.runtime import Studio
 

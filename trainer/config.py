@@ -52,7 +52,7 @@ class TrainConfig:
     base_model: str = _f(
         "builtin",
         "Base model: 'builtin' (the small model shipped with lora-studio, works offline), a Hugging Face id "
-        "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x / 2.x).",
+        "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x, 2.x, SDXL).",
         "model",
         basic=True,
     )

@@ -84,9 +84,30 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def encode_examples(pipe, family: Family, examples, resolution: int, device, dtype) -> dict:
-    """Cache per image: VAE latent mean and std (scaled), the caption's conditioning (`family.conditioning`) and
-    the picture's own (`family.image_conditioning`: SDXL's time ids), all on `device`."""
+def encode_examples(pipe, family: Family, examples, resolution: int, device, dtype, preview_prompt: str = "") -> dict:
+    """Cache per image: the caption's conditioning (`family.conditioning`), the picture's own
+    (`family.image_conditioning`: SDXL's time ids) and the VAE latent mean and std (scaled), all on `device`.
+
+    The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
+    share its memory (the previews' prompt is encoded with the captions, as `preview_cond`)."""
+    size = (resolution, resolution)
+    conds = [
+        {
+            **family.conditioning(pipe, [ex.caption]),
+            **family.image_conditioning(ex.original_size, ex.crop_top_left, size),
+        }
+        for ex in examples
+    ]
+    cache = {
+        "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
+        # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
+        "empty_cond": family.conditioning(pipe, [""]),
+        "preview_cond": family.conditioning(pipe, [preview_prompt]) if preview_prompt else None,
+    }
+    if torch.device(device).type == "cuda":
+        for name in family.text_encoders:
+            getattr(pipe, name).to("cpu")
+        torch.cuda.empty_cache()
     vae = pipe.vae
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):  # e.g. SDXL's VAE overflows in fp16
         vae, dtype = vae.float(), torch.float32
@@ -96,21 +117,7 @@ def encode_examples(pipe, family: Family, examples, resolution: int, device, dty
         dist = vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
-    size = (resolution, resolution)
-    conds = [
-        {
-            **family.conditioning(pipe, [ex.caption]),
-            **family.image_conditioning(ex.original_size, ex.crop_top_left, size),
-        }
-        for ex in examples
-    ]
-    return {
-        "latent_mean": torch.cat(means),
-        "latent_std": torch.cat(stds),
-        "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
-        # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
-        "empty_cond": family.conditioning(pipe, [""]),
-    }
+    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), **cache}
 
 
 class BatchDrawer:
@@ -246,12 +253,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             notes=notes,
         )
         notes += long_captions(examples, pipe.tokenizer)
-        cache = encode_examples(pipe, family, examples, resolution, accelerator.device, weight_dtype)
-        # The previews' prompt is encoded now too; then the text encoders are done with and leave the GPU.
-        preview_cond = family.conditioning(pipe, [config.preview_prompt]) if config.preview_prompt else None
-        if accelerator.device.type == "cuda":
-            for name in family.text_encoders:
-                getattr(pipe, name).to("cpu")
+        cache = encode_examples(
+            pipe, family, examples, resolution, accelerator.device, weight_dtype, config.preview_prompt
+        )
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
         drawer = BatchDrawer(
@@ -311,7 +315,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         # 4. The loop: one UNet forward and backward per step.
         def make_preview(at: int) -> Path | None:
-            if not (main and preview_cond):
+            if not (main and cache["preview_cond"]):
                 return None
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
@@ -320,7 +324,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             mixed = weight_dtype != torch.float32
             with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
                 image = pipe(
-                    **family.pipeline_kwargs(preview_cond, cache["empty_cond"]),
+                    **family.pipeline_kwargs(cache["preview_cond"], cache["empty_cond"]),
                     num_inference_steps=20,
                     guidance_scale=sampling["guidance"],
                     guidance_rescale=sampling["guidance_rescale"],
