@@ -18,8 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from adapters.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-# What a training image may be, by content (whatever its name says); MPO is the JPEG some cameras write.
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
+# The decoders a training image is opened with, by content (whatever its name says); Pillow opens the MPO files
+# some cameras write as JPEG, then names them MPO.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+_KINDS = (*IMAGE_FORMATS, "MPO")
 # More pixels than this is refused, not decoded: Pillow's own decompression-bomb limit (about 89 megapixels).
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -106,9 +108,9 @@ def _check_image(path: Path) -> tuple[str, str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, not only warn, past the limit
             with Image.open(path) as im:
                 kind, frames = im.format, getattr(im, "n_frames", 1)
-                if kind in IMAGE_FORMATS:
+                if kind in _KINDS:
                     im.verify()  # the file's structure and checksums, without decoding
-            if kind not in IMAGE_FORMATS:
+            if kind not in _KINDS:
                 return f"is a {kind} file, whatever its name says; save it as PNG, JPEG, WebP or GIF", ""
             with Image.open(path, formats=IMAGE_FORMATS) as im:
                 im.load()  # decodes the (first) frame: a truncated or corrupt file fails here
