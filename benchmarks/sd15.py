@@ -167,6 +167,28 @@ def compare_graphs(model_dir: Path, args) -> dict:
     return {f"compare_{k}": v for k, v in result.items()}
 
 
+def run_header(args, device: torch.device) -> dict:
+    """What every result file starts with: the command, the date, the machine and the run's shape."""
+    return {
+        "command": " ".join(["python3", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "batch": args.batch,
+    }
+
+
+def saved_model(folder: Path, build, device: torch.device | None = None) -> Path:
+    """`folder` holding the pipeline `build()` makes, saved once in fp16 (built on `device`, when given)."""
+    if not (folder / "model_index.json").exists():
+        with torch.device(device or "cpu"):  # random initialisation on a GPU is minutes faster at SDXL size
+            pipe = build()
+        pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+        del pipe
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small shapes, to check the code path quickly")
@@ -190,22 +212,11 @@ def main() -> None:
     from trainer.loop import train
     from trainer.runs import steady_step_seconds
 
-    results: dict = {
-        "command": " ".join(["python3", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "batch": args.batch,
-    }
+    results = run_header(args, device)
     size = 64 if args.tiny else 512
     results["resolution"] = size
     results["cuda_graphs"] = args.cuda_graphs and device.type == "cuda"
-    model_dir = args.work / ("sd15-tiny" if args.tiny else "sd15")
-    if not (model_dir / "model_index.json").exists():  # built once per --work folder
-        pipe, _ = build_sd15(args.tiny)
-        pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
-        del pipe
+    model_dir = saved_model(args.work / ("sd15-tiny" if args.tiny else "sd15"), lambda: build_sd15(args.tiny)[0])
     write_data(args.work / "data", size)
 
     # Training through the real loop; the speed is taken from its own event log, past the first 10 steps.

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sd15 import write_data  # noqa: E402
+from benchmarks.sd15 import run_header, saved_model, write_data  # noqa: E402
 
 
 def build_sdxl(tiny: bool):
@@ -112,22 +112,10 @@ def main() -> None:
     from trainer.loop import train
     from trainer.runs import read_events, steady_step_seconds
 
-    results: dict = {
-        "command": " ".join(["python3", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "batch": args.batch,
-    }
-    model_dir = args.work / ("sdxl-tiny" if args.tiny else "sdxl")
-    if not (model_dir / "model_index.json").exists():  # built once per --work folder
-        t0 = time.perf_counter()
-        with torch.device(device):  # random initialisation on the GPU: minutes faster for 3.5 B parameters
-            pipe, _ = build_sdxl(args.tiny)
-        pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
-        del pipe
-        results["build_s"] = time.perf_counter() - t0
+    results = run_header(args, device)
+    model_dir = saved_model(
+        args.work / ("sdxl-tiny" if args.tiny else "sdxl"), lambda: build_sdxl(args.tiny)[0], device
+    )
     size = 64 if args.tiny else 1024
     results["resolution"] = size
     write_data(args.work / f"data-{size}", size)

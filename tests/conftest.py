@@ -15,6 +15,17 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+# The tiny models' VAE: 32x32 pixels to 8x8x4 latents.
+TINY_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=16,
+    sample_size=32,
+)
+
+
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
     from diffusers import DDIMScheduler
@@ -34,14 +45,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
             attention_head_dim=4,
             norm_num_groups=16,
         ),
-        vae=dict(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=16,
-            sample_size=32,
-        ),
+        vae=TINY_VAE,
         scheduler=DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -77,14 +81,7 @@ def build_tiny_sd2_pipeline(prediction_type: str, seed: int = 0):
             use_linear_projection=True,
             norm_num_groups=16,
         ),
-        vae=dict(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=16,
-            sample_size=32,
-        ),
+        vae=TINY_VAE,
         scheduler=DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -123,14 +120,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
             projection_class_embeddings_input_dim=6 * 8 + 32,
             norm_num_groups=16,
         ),
-        vae=dict(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=16,
-            sample_size=32,
-        ),
+        vae=TINY_VAE,
         scheduler=EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
         ),
