@@ -23,7 +23,7 @@ MERGES = 49152 - 256 - 2  # CLIP's vocabulary size less the byte symbols and the
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible map from the 256 bytes to printable characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -46,7 +46,8 @@ def main(bpe_gz: str) -> None:
     lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
     merges = lines[1 : MERGES + 1]  # the first line is a header
     OUT.mkdir(exist_ok=True)
-    (OUT / "vocab.json").write_text(json.dumps(vocabulary(merges), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    vocab = json.dumps(vocabulary(merges), ensure_ascii=False, separators=(",", ":"))
+    (OUT / "vocab.json").write_text(vocab, encoding="utf-8")
     (OUT / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
