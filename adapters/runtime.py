@@ -61,13 +61,19 @@ class Studio:
     """One base pipeline and the adapters attached to it; nothing here reloads the base model."""
 
     def __init__(
-        self, base_model: str = "builtin", *, device=None, dtype: torch.dtype | None = None, max_loaded: int = 8
+        self,
+        base_model: str = "builtin",
+        *,
+        device=None,
+        dtype: torch.dtype | None = None,
+        max_loaded: int = 8,
+        prediction_type: str | None = None,
     ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.base_model = base_model
-        self.pipe = load_pipeline(base_model, device=self.device, dtype=dtype)
+        self.pipe = load_pipeline(base_model, device=self.device, dtype=dtype, prediction_type=prediction_type)
         self.family = family_of_pipeline(self.pipe)
         self.defaults = generation_defaults(base_model, dict(self.pipe.scheduler.config))
         self._model_scheduler = self.pipe.scheduler

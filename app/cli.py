@@ -89,7 +89,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
-    studio = Studio(args.base_model)
+    prediction = None if args.prediction_type == "auto" else args.prediction_type
+    studio = Studio(args.base_model, prediction_type=prediction)
     strengths = {}
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
@@ -173,7 +174,17 @@ def _ui(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local tool
     from app.ui import launch
 
-    launch(args.host, args.port, args.auth, args.workspace, args.base_model, args.preload)
+    launch(
+        args.host,
+        args.port,
+        args.auth,
+        args.workspace,
+        args.base_model,
+        args.preload,
+        insecure_no_auth=args.insecure_no_auth,
+        max_file_mb=args.max_file_mb,
+        max_upload_files=args.max_upload_files,
+    )
     return 0
 
 
@@ -195,6 +206,7 @@ def _option(parser: argparse.ArgumentParser, new: str, old: str, **kwargs) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
     from trainer.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="lora-studio", description="Train and use LoRA style adapters.")
@@ -206,7 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="make an image with zero or more adapters")
-    p.add_argument("--base-model", default="builtin", help="builtin, a Hugging Face id or a diffusers folder")
+    p.add_argument(
+        "--base-model",
+        default="builtin",
+        help="builtin, a Hugging Face id, a diffusers folder or a .safetensors checkpoint file",
+    )
+    p.add_argument(
+        "--prediction-type",
+        default="auto",
+        choices=("auto", "epsilon", "v_prediction"),
+        help="for a single-file checkpoint that does not say what it predicts (SD 2.x 768: v_prediction)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -230,7 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the web app (Train, Generate, Adapters)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument(
+        "--auth", default=None, metavar="USER:PASS", help="require this login (needed with a --host other than local)"
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-local --host without a login (only where every machine that can reach it is trusted)",
+    )
+    p.add_argument(
+        "--max-file-mb", type=int, default=MAX_FILE_MB, help="largest upload, in MB (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-upload-files",
+        type=int,
+        default=MAX_UPLOAD_FILES,
+        help="most files in one Train upload (default: %(default)s)",
+    )
     p.add_argument("--workspace", default=".", help="folder holding runs/ and library/ (default: here)")
     p.add_argument("--base-model", default="builtin", help="base model preselected in the page")
     p.add_argument("--preload", default=None, metavar="FOLDER", help="put this folder's images in the upload box")

@@ -397,3 +397,33 @@ def test_the_shipped_configs_are_the_published_architectures(folder):
     assert json.loads((configs / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == (
         "v_prediction" if folder == "sd2-768-v" else "epsilon"
     )
+
+
+def test_a_bare_sd2_file_trains_once_told_what_it_predicts(tmp_path, monkeypatch, capsys, offline, image_folder):
+    """A single SD 2.x file that does not say eps or v is refused with the flag to add; with it, it trains."""
+    _, file, configs = write_tiny(tmp_path, "sd2")
+    monkeypatch.setattr(single_file, "CONFIGS_DIR", configs)
+    args = [
+        "train",
+        "--base-model",
+        file,
+        "--data",
+        image_folder,
+        "--steps",
+        2,
+        "--rank",
+        2,
+        "--run-dir",
+        tmp_path / "r",
+    ]
+    assert main([str(a) for a in args]) == 2
+    assert "--prediction-type v_prediction" in capsys.readouterr().err
+    out = tmp_path / "v.safetensors"
+    args += ["--prediction-type", "v_prediction", "--output", out]
+    assert main([str(a) for a in [*args[:-4], "--run-dir", tmp_path / "r2", *args[-4:]]]) == 0, (
+        capsys.readouterr().err
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["ss_v_parameterization"] == "True"  # trained with the v target

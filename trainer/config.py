@@ -19,10 +19,13 @@ from adapters.errors import UserError
 from adapters.lora import ATTENTION_CHOICES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# diffusers.optimization's schedules, as `get_scheduler` names them (kohya_ss uses the same names)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Old spellings still read from config files and flags, with a one-line notice: old name -> field.
 RENAMED = {"sample_prompt": "preview_prompt", "sample_every": "preview_every"}
 # Groups, in the order the page shows them; `files` are chosen by the page itself (uploads, run folder, library).
-GROUPS = ("model", "data", "adapter", "training", "previews", "runs", "files")
+GROUPS = ("model", "data", "adapter", "training", "loss", "previews", "runs", "files")
 
 
 def _f(default, help: str, group: str, choices: tuple | None = None, basic: bool = False):
@@ -52,9 +55,17 @@ class TrainConfig:
     base_model: str = _f(
         "builtin",
         "Base model: 'builtin' (the small model shipped with lora-studio, works offline), a Hugging Face id "
-        "such as stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder (SD 1.x, 2.x, SDXL).",
+        "such as stable-diffusion-v1-5/stable-diffusion-v1-5, a local diffusers folder, or a single .safetensors "
+        "checkpoint file (SD 1.x, 2.x, SDXL).",
         "model",
         basic=True,
+    )
+    prediction_type: str = _f(
+        "auto",
+        "What the base model predicts, for a single-file checkpoint that does not say (SD 2.x 768 models: "
+        "v_prediction; 512 models: epsilon). auto = as the model says.",
+        "model",
+        ("auto", "epsilon", "v_prediction"),
     )
     data: str = _f(
         "", "Folder of training images (png, jpg, jpeg, webp, gif) with a same-named .txt caption each.", "files"
@@ -108,7 +119,13 @@ class TrainConfig:
     # the optimisation
     steps: int = _f(400, "Number of training steps (optimiser steps).", "training", basic=True)
     batch_size: int = _f(2, "Images per step (per process).", "training", basic=True)
-    learning_rate: float = _f(1e-4, "AdamW learning rate for the LoRA weights.", "training", basic=True)
+    learning_rate: float = _f(
+        1e-4,
+        "Learning rate for the LoRA weights (the peak, when --lr-scheduler changes it). With --optimizer prodigy it "
+        "multiplies the step size Prodigy finds: use 1.",
+        "training",
+        basic=True,
+    )
     seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.", "training", basic=True)
     mixed_precision: str = _f(
         "auto",
@@ -130,6 +147,67 @@ class TrainConfig:
         "slower steps. auto = on for SDXL on a GPU with less than 24 GB, else off.",
         "training",
         ("auto", "on", "off"),
+    )
+    # how the LoRA weights are optimised (README, "Coming from kohya_ss", maps kohya's names to these)
+    optimizer: str = _f(
+        "adamw",
+        "adamw: torch's AdamW (fused kernels on a CUDA GPU). adamw8bit: bitsandbytes' 8-bit AdamW, less optimiser "
+        "memory (CUDA GPU only; pip install bitsandbytes). prodigy: finds its own step size (pip install "
+        "prodigyopt; set --learning-rate 1; run with bias correction, and safeguarded warm-up, as its authors advise "
+        "for diffusion models).",
+        "training",
+        OPTIMIZERS,
+    )
+    weight_decay: float = _f(0.01, "Decoupled weight decay of the optimiser (AdamW style). 0 = none.", "training")
+    lr_scheduler: str = _f(
+        "constant",
+        "How the learning rate moves over the steps (diffusers' schedules): constant; constant_with_warmup; linear "
+        "or cosine decay to 0; cosine_with_restarts (--lr-scheduler-num-cycles); polynomial decay to 1e-7 "
+        "(--lr-scheduler-power). Every one but constant starts with --lr-warmup-steps.",
+        "training",
+        LR_SCHEDULERS,
+    )
+    lr_warmup_steps: int = _f(
+        0, "Steps over which the learning rate climbs from 0 to --learning-rate at the start. 0 = none.", "training"
+    )
+    lr_scheduler_num_cycles: int = _f(
+        1, "cosine_with_restarts: how many cosine cycles, each restarting at the full learning rate.", "training"
+    )
+    lr_scheduler_power: float = _f(1.0, "polynomial: the power of the decay (1 = linear).", "training")
+    gradient_accumulation_steps: int = _f(
+        1,
+        "Batches whose gradients are summed before each optimiser step: each step learns from batch size x this "
+        "many images, in the memory of one batch. --steps counts optimiser steps.",
+        "training",
+    )
+    max_grad_norm: float = _f(
+        0.0,
+        "Before each optimiser step, scale the LoRA gradients down so their total norm is at most this. 0 = no "
+        "clipping (kohya_ss and the diffusers scripts clip at 1).",
+        "training",
+    )
+    # what each step's error is measured with
+    loss: str = _f(
+        "l2",
+        "l2: mean squared error. huber: kohya_ss's pseudo-Huber loss with a constant --huber-c: squared for small "
+        "errors, linear for large ones, so outlier images pull less.",
+        "loss",
+        ("l2", "huber"),
+    )
+    huber_c: float = _f(
+        0.1, "huber: where the loss turns from squared to linear (kohya_ss's huber_c, constant schedule).", "loss"
+    )
+    min_snr_gamma: float = _f(
+        0.0,
+        "Min-SNR-gamma loss weighting: each timestep's loss is weighted by min(SNR, gamma)/SNR (epsilon models) or "
+        "min(SNR, gamma)/(SNR + 1) (v-prediction), so the easy low-noise steps count less. 5 is usual; 0 = off.",
+        "loss",
+    )
+    noise_offset: float = _f(
+        0.0,
+        "Add this much of a per-image, per-channel constant to the training noise, so the adapter can make darker "
+        "darks and brighter lights. 0.05-0.1 is usual; 0 = off.",
+        "loss",
     )
     # watching it learn
     preview_prompt: str = _f(
@@ -180,6 +258,15 @@ class TrainConfig:
                 raise UserError(f"{f.name} ({flag(f.name)}) must be one of {', '.join(choices)}; got {value!r}")
         self.alpha = float(self.alpha)
         self.learning_rate = float(self.learning_rate)
+        for name in (
+            "weight_decay",
+            "lr_scheduler_power",
+            "max_grad_norm",
+            "huber_c",
+            "min_snr_gamma",
+            "noise_offset",
+        ):
+            setattr(self, name, float(getattr(self, name)))
         self.caption_dropout = float(self.caption_dropout)
         checks = [
             (self.rank >= 1, "rank (--rank) must be at least 1 (try 4, 8 or 16)"),
@@ -188,9 +275,66 @@ class TrainConfig:
             (self.steps >= 1, "steps (--steps) must be at least 1"),
             (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
             (
-                0 < self.learning_rate < 1,
+                self.optimizer == "prodigy" or 0 < self.learning_rate < 1,
                 f"learning_rate (--learning-rate) must be a positive number below 1 (typical: 1e-4); "
                 f"got {self.learning_rate:g}",
+            ),
+            (
+                self.optimizer != "prodigy" or 0.1 <= self.learning_rate <= 10,
+                f"learning_rate (--learning-rate) with --optimizer prodigy multiplies the step size Prodigy finds: "
+                f"use 1, as its authors advise (0.1 to 10 is accepted); got {self.learning_rate:g}",
+            ),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight_decay (--weight-decay) must be at least 0 and below 1 (typical: 0.01); "
+                f"got {self.weight_decay:g}",
+            ),
+            (
+                0 <= self.lr_warmup_steps < self.steps,
+                f"lr_warmup_steps (--lr-warmup-steps) must be 0 or more and below --steps ({self.steps}); "
+                f"got {self.lr_warmup_steps}",
+            ),
+            (
+                self.lr_scheduler != "constant" or self.lr_warmup_steps == 0,
+                "lr_warmup_steps (--lr-warmup-steps) has no effect with --lr-scheduler constant: use "
+                "--lr-scheduler constant_with_warmup, or --lr-warmup-steps 0",
+            ),
+            (
+                self.lr_scheduler_num_cycles >= 1,
+                "lr_scheduler_num_cycles (--lr-scheduler-num-cycles) must be at least 1",
+            ),
+            (
+                0 < self.lr_scheduler_power <= 10,
+                f"lr_scheduler_power (--lr-scheduler-power) must be above 0 and at most 10; "
+                f"got {self.lr_scheduler_power:g}",
+            ),
+            (
+                self.lr_scheduler != "polynomial" or self.learning_rate > 1e-7,
+                "learning_rate (--learning-rate) must be above 1e-7 with --lr-scheduler polynomial "
+                "(it decays to 1e-7)",
+            ),
+            (
+                self.gradient_accumulation_steps >= 1,
+                "gradient_accumulation_steps (--gradient-accumulation-steps) must be at least 1 (1 = none)",
+            ),
+            (
+                0 <= self.max_grad_norm < float("inf"),
+                f"max_grad_norm (--max-grad-norm) must be 0 (no clipping) or a positive number (typical: 1); "
+                f"got {self.max_grad_norm:g}",
+            ),
+            (
+                0 < self.huber_c < float("inf"),
+                f"huber_c (--huber-c) must be above 0 (typical: 0.1); got {self.huber_c:g}",
+            ),
+            (
+                0 <= self.min_snr_gamma < float("inf"),
+                f"min_snr_gamma (--min-snr-gamma) must be 0 (off) or positive (typical: 5); "
+                f"got {self.min_snr_gamma:g}",
+            ),
+            (
+                0 <= self.noise_offset < 1,
+                f"noise_offset (--noise-offset) must be at least 0 and below 1 (typical: 0.05); "
+                f"got {self.noise_offset:g}",
             ),
             (
                 self.resolution == 0 or (self.resolution >= 64 and self.resolution % 8 == 0),

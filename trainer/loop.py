@@ -30,7 +30,7 @@ from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, long_captions, tag_frequency
-from trainer.optim import make_lr_schedule, make_optimizer
+from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, PREVIEWS, EventLog, new_run_dir
 from trainer.step import gradient_checkpointing, make_step
 
@@ -124,14 +124,22 @@ class BatchDrawer:
     """Every random choice of every step, from one seeded generator: reproducible, and split across processes.
 
     `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation each epoch),
-    latent sample, noise and timestep; each process then takes its own slice of it.
+    latent sample, noise (with `noise_offset` times a per-image, per-channel constant added) and timestep; each
+    process then takes its own slice of it.
     """
 
     def __init__(
-        self, num_images: int, global_batch: int, num_timesteps: int, latent_shape, seed: int, dropout: float = 0.0
+        self,
+        num_images: int,
+        global_batch: int,
+        num_timesteps: int,
+        latent_shape,
+        seed: int,
+        dropout: float = 0.0,
+        noise_offset: float = 0.0,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
-        self.dropout = dropout
+        self.dropout, self.noise_offset = dropout, noise_offset
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
         self.order: list[int] = []
@@ -144,13 +152,17 @@ class BatchDrawer:
 
     def draw(self) -> dict[str, torch.Tensor]:
         n = self.global_batch
-        return {
+        drawn = {
             "index": self._indices(),
             "latent_noise": torch.randn((n, *self.latent_shape), generator=self.generator),
             "noise": torch.randn((n, *self.latent_shape), generator=self.generator),
             "timesteps": torch.randint(0, self.num_timesteps, (n,), generator=self.generator),
             "drop_caption": torch.rand(n, generator=self.generator) < self.dropout,
         }
+        if self.noise_offset:  # drawn last, so that a run without it draws what it always did
+            shift = torch.randn((n, self.latent_shape[0], 1, 1), generator=self.generator)
+            drawn["noise"] = drawn["noise"] + self.noise_offset * shift
+        return drawn
 
     def state(self) -> dict:
         return {"generator": self.generator.get_state(), "order": list(self.order)}
@@ -214,6 +226,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     # may ask for another. The process group lives in PartialState, which stays.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    check_optimizer(config, accelerator.device)  # its package and its device, before any model loads
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     main, processes = accelerator.is_main_process, accelerator.num_processes
     run_dir = _shared_run_dir(config, accelerator)
@@ -229,7 +242,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
     try:
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
-        pipe = load_pipeline(config.base_model, device=accelerator.device, dtype=weight_dtype)
+        pipe = load_pipeline(
+            config.base_model,
+            device=accelerator.device,
+            dtype=weight_dtype,
+            prediction_type=None if config.prediction_type == "auto" else config.prediction_type,
+        )
         unet, family = pipe.unet, family_of_pipeline(pipe)
         sampling = generation_defaults(config.base_model, dict(pipe.scheduler.config))  # for the previews
         for name in ("unet", "vae", *family.text_encoders):
@@ -265,6 +283,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             cache["latent_mean"].shape[1:],
             config.seed,
             config.caption_dropout,
+            config.noise_offset,
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -291,6 +310,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             dtype=weight_dtype,
             cuda_graphs=config.cuda_graphs,
             notice=notice,
+            loss=Loss.of(config),
+            max_grad_norm=config.max_grad_norm,
         )
         events.emit(
             "start",
@@ -349,10 +370,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0
                 if stop:
                     raise Cancelled
-                batch = make_batch(
-                    drawer.draw(), cache, family, accelerator.device, accelerator.process_index, processes
-                )
-                loss = step(batch)
+                batches = [  # more than one: gradient accumulation, one optimiser step on them all
+                    make_batch(drawer.draw(), cache, family, accelerator.device, accelerator.process_index, processes)
+                    for _ in range(config.gradient_accumulation_steps)
+                ]
+                loss = step(*batches)
+                lr = lr_schedule.get_last_lr()[0]  # the learning rate this step took
                 lr_schedule.step()
                 loss_value = accelerator.reduce(loss, reduction="mean").item()
                 if not math.isfinite(loss_value):  # the weights this step wrote are no good: stop, save nothing
@@ -363,8 +386,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     step=at,
                     total=config.steps,
                     loss=loss_value,
+                    lr=lr,
                     steps_per_s=rate,
-                    images_per_s=rate * config.batch_size * processes,
+                    images_per_s=rate * config.batch_size * processes * config.gradient_accumulation_steps,
                     eta_s=(config.steps - at) / rate,
                 )
                 bar.update(1)
@@ -446,11 +470,16 @@ def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserEr
     smaller = f"try {config.batch_size // 2}" if config.batch_size > 1 else "already 1"
     size = f"now {config.resolution}" if config.resolution else "now the model's native size"
     precision = "; --mixed-precision bf16 (it trains in fp32 now)" if config.mixed_precision == "no" else ""
+    recompute = (
+        f"; --gradient-checkpointing on (now {config.gradient_checkpointing})"
+        if config.gradient_checkpointing != "on"
+        else ""
+    )
     return UserError(
         f"the GPU ran out of memory ({str(exc).splitlines()[0][:200]}). Things that need less: a smaller "
         f"--batch-size (now {config.batch_size}; {smaller}); a smaller --resolution ({size}); a smaller --rank "
-        f"(now {config.rank}); --no-cuda-graphs (graphs keep their own memory pool){precision}; and no other "
-        f"program on the same GPU. The run stopped; {_kept(run_dir)}"
+        f"(now {config.rank}){recompute}; --no-cuda-graphs (graphs keep their own memory pool){precision}; and "
+        f"no other program on the same GPU. The run stopped; {_kept(run_dir)}"
     )
 
 
