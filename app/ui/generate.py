@@ -91,7 +91,11 @@ class GenerateTab:
         with gr.Tab("Generate", id="generate") as self.tab:
             with gr.Row():
                 with gr.Column(scale=2):
-                    base = gr.Textbox(value=base_model, label="Base model", info="builtin, a hub id, a diffusers folder or a .safetensors checkpoint file")
+                    base = gr.Textbox(
+                        value=base_model,
+                        label="Base model",
+                        info="builtin, a hub id, a diffusers folder or a .safetensors checkpoint file",
+                    )
                     prompt = gr.Textbox(label="Prompt", value="glowline, a green triangle", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Row():
