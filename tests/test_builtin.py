@@ -60,3 +60,25 @@ def test_pretraining_writes_its_record_where_asked(tmp_path):
     assert saved["vae"]["steps"] == 6 and saved["vae"]["psnr_plain"] > 0 and saved["vae"]["seconds_per_step"] > 0
     assert saved["unet"]["steps"] == 7 and saved["unet"]["seconds_per_step"] > 0
     assert (tmp_path / "out" / "unet").is_dir() and not (tmp_path / "out" / "pretrain.json").exists()
+
+
+def test_the_built_in_model_loads_and_draws_with_plain_diffusers_and_no_arguments():
+    """As a new user would try it: no dtype argument, on the CPU (the text encoder is stored in fp32 so that
+    transformers' saved-dtype loading and diffusers' fp32 loading agree); and the whole model stays small."""
+    from diffusers import DiffusionPipeline
+
+    image = DiffusionPipeline.from_pretrained(str(BUILTIN_DIR))("a red circle", num_inference_steps=2).images[0]
+    assert image.size == (64, 64)
+    assert sum(p.stat().st_size for p in BUILTIN_DIR.rglob("*") if p.is_file()) < 30 * 2**20
+
+
+def test_save_pipeline_keeps_the_text_encoder_in_fp32(tmp_path):
+    from safetensors import safe_open
+
+    from trainer.builtin.builder import build_pipeline, save_pipeline
+
+    save_pipeline(build_pipeline(), tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys() if "position_ids" not in k} == {"torch.float32"}
+    with safe_open(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}

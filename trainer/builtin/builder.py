@@ -155,12 +155,16 @@ def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> None:
-    """Save in diffusers layout with fp16 safetensors, into a temp folder renamed into place."""
+    """Save in diffusers layout, into a temp folder renamed into place: the UNet and VAE as fp16 safetensors, the
+    text encoder as fp32 (its fp16 values, widened): transformers loads a model in the dtype it was saved in while
+    diffusers loads in fp32, and a pipeline loaded with no dtype argument must not mix the two."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists (left by an interrupted save?); remove it and run again")
-    copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # leave `pipe` as it is
+    saved = copy.deepcopy(pipe).to(torch.float16)  # leave `pipe` as it is
+    saved.text_encoder.to(torch.float32)
+    saved.save_pretrained(tmp, safe_serialization=True)
     (tmp / SETTINGS_FILE).write_text(json.dumps(RECOMMENDED, indent=1) + "\n")
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
