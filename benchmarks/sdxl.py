@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sd15 import run_header, saved_model, write_data  # noqa: E402
+from benchmarks.sd15 import run_header, saved_model, time_generation, write_data  # noqa: E402
 
 
 def build_sdxl(tiny: bool):
@@ -155,17 +154,7 @@ def main() -> None:
 
         studio = Studio(str(model_dir), device=args.device)
         studio.load(config.output, name="bench")
-        studio.generate("a red circle", sampling_steps=30, strengths={"bench": 1.0})
-        times = []
-        for seed in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            studio.generate("a red circle", sampling_steps=30, seed=seed, strengths={"bench": 0.7})
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        results["generate_30_steps_s"] = statistics.median(times)
+        results["generate_30_steps_s"] = time_generation(studio, "bench", device)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -26,10 +26,23 @@ TINY_VAE = dict(
 )
 
 
-def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
-    """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
+def tiny_scheduler(prediction_type: str):
+    """SD's noise schedule (scaled linear betas) for the tiny models, predicting `prediction_type`."""
     from diffusers import DDIMScheduler
 
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A 32x32-pixel SD-1.x-shaped pipeline (two attention levels, cross-attention dim 32), random weights."""
     from trainer.builtin.builder import assemble_pipeline
 
     torch.manual_seed(seed)
@@ -46,23 +59,13 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
             norm_num_groups=16,
         ),
         vae=TINY_VAE,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type=prediction_type,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=tiny_scheduler(prediction_type),
     )
 
 
 def build_tiny_sd2_pipeline(prediction_type: str, seed: int = 0):
     """A 32x32-pixel SD-2.x-shaped pipeline: a 1024-wide text encoder (one layer, GELU, as OpenCLIP's), linear
     attention projections, and the 512-eps or 768-v parameterisation; random weights."""
-    from diffusers import DDIMScheduler
-
     from trainer.builtin.builder import assemble_pipeline
 
     torch.manual_seed(seed)
@@ -82,15 +85,7 @@ def build_tiny_sd2_pipeline(prediction_type: str, seed: int = 0):
             norm_num_groups=16,
         ),
         vae=TINY_VAE,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type=prediction_type,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=tiny_scheduler(prediction_type),
     )
 
 
