@@ -15,6 +15,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 
+from adapters.errors import UserError
+
 ATTENTION_CHOICES = ("self", "cross", "both")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -75,8 +77,16 @@ def attach(
     """Add a fresh, trainable LoRA (B = 0, so the model is unchanged until trained) to exactly `targets`.
 
     Trap: a second call with the same adapter_name raises (ValueError); pick another name or first undo this one
-    with `model.delete_adapters(adapter_name)` (peft's, through diffusers; there is no `remove` here).
+    with `model.delete_adapters(adapter_name)` (peft's, through diffusers; there is no `remove` here). A rank
+    above a target's smaller side (in or out features) is a UserError: it could learn nothing a smaller one cannot.
     """
+    shapes = module_shapes(model)
+    narrowest = min(targets, key=lambda t: min(shapes[t]), default=None)
+    if narrowest is not None and rank > min(shapes[narrowest]):
+        raise UserError(
+            f"rank (--rank) {rank} is larger than the layer {narrowest} ({shapes[narrowest][0]} in, "
+            f"{shapes[narrowest][1]} out); use a rank of at most {min(shapes[narrowest])}"
+        )
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
     model.add_adapter(config, adapter_name=adapter_name)
 

@@ -23,6 +23,8 @@ from trainer.runs import TERMINAL, new_run_dir, scan_events
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
+MAX_UPLOAD_FILES = 1000  # files (images and captions) in one Train upload; `lora-studio ui --max-upload-files`
+MAX_FILE_MB = 2048  # the largest single upload (image, caption, adapter to import; SDXL adapters pass 1 GB)
 
 
 @dataclass
@@ -33,8 +35,14 @@ class Upload:
     caption: str
 
 
-def pair_uploads(paths: list[str | Path]) -> tuple[list[Upload], list[str]]:
-    """Match uploaded images with same-stem .txt files. Returns the images and a list of problems (per file)."""
+def pair_uploads(paths: list[str | Path], max_files: int = MAX_UPLOAD_FILES) -> tuple[list[Upload], list[str]]:
+    """Match uploaded images with same-stem .txt files. Returns the images and a list of problems (per file); an
+    upload of more than `max_files` files is one problem, and nothing of it is read."""
+    if len(paths) > max_files:
+        return [], [
+            f"the upload has {len(paths)} files, more than the {max_files} allowed; upload fewer "
+            "(the limit is lora-studio ui --max-upload-files)"
+        ]
     images, captions, problems = [], {}, []
     for raw in paths:
         path = Path(raw)
@@ -44,7 +52,7 @@ def pair_uploads(paths: list[str | Path]) -> tuple[list[Upload], list[str]]:
         elif suffix in IMAGE_EXTENSIONS:
             images.append(path)
         else:
-            problems.append(f"{path.name}: not a .png/.jpg/.jpeg/.webp image or a .txt caption; remove it")
+            problems.append(f"{path.name}: not a .png/.jpg/.jpeg/.webp/.gif image or a .txt caption; remove it")
     stems = [p.stem for p in images]
     for stem in sorted({s for s in stems if stems.count(s) > 1}):
         problems.append(f"{stem}: two images share this name, so one caption cannot tell them apart; rename one")
@@ -175,10 +183,11 @@ def active_run(runs_root: str | Path) -> RunView | None:
 def start_run(config: TrainConfig, staged: Path, runs_root: str | Path, library: str | Path) -> Path:
     """Create `runs/<id>/` (config, data), start the trainer process on it, and return the folder.
 
-    Refuses while another run's trainer is alive: one GPU job at a time.
+    Refuses while another run's trainer is alive: one GPU job at a time (the staged folder is then removed).
     """
     busy = active_run(runs_root)
     if busy is not None:
+        shutil.rmtree(staged, ignore_errors=True)
         raise UserError(
             f"a training run is already in progress ({busy.run_dir.name}, step {busy.step}/{busy.total}); "
             "wait for it to finish or cancel it first"

@@ -19,7 +19,7 @@ def test_uploads_pair_by_name_and_odd_files_are_reported(image_folder, tmp_path)
     paths = sorted(image_folder.iterdir()) + [tmp_path / "notes.pdf", tmp_path / "img0.jpg"]
     uploads, problems = pair_uploads(paths)
     assert {u.path.name: u.caption for u in uploads}["img1.png"] == (image_folder / "img1.txt").read_text()
-    assert "notes.pdf: not a .png/.jpg/.jpeg/.webp image or a .txt caption; remove it" in problems
+    assert "notes.pdf: not a .png/.jpg/.jpeg/.webp/.gif image or a .txt caption; remove it" in problems
     assert any(p.startswith("img0: two images share this name") for p in problems)
 
 

@@ -8,6 +8,7 @@ leaves the previous checkpoint as `latest`.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +39,8 @@ def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config:
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp") if root.is_dir() else ():  # left by a save killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {f"param.{i}": p.detach().float().cpu().contiguous() for i, p in enumerate(params)}
     state = optimizer.state_dict()
@@ -47,9 +49,20 @@ def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config:
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     drawer_state = drawer.state()
     tensors["drawer.generator"] = drawer_state["generator"]
-    save_file(tensors, tmp / "state.safetensors")
     info = {"step": step, "param_groups": state["param_groups"], "order": drawer_state["order"], "config": config}
-    (tmp / "state.json").write_text(json.dumps(info, indent=1))
+    try:
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(info, indent=1))
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint, {previous[-1].name}, is kept" if previous else "no earlier one exists"
+            raise UserError(
+                f"could not save checkpoint step {step} in {root}: the disk is full ({exc.strerror}). The partial "
+                f"checkpoint was removed and {kept}; free some space, then resume with --resume latest"
+            ) from exc
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep:

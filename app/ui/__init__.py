@@ -11,12 +11,14 @@ status line of the tab where they happened.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import gradio as gr
 
 from adapters.errors import UserError
 from adapters.library import Library
+from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
 from app.ui.generate import GenerateRequest, GenerateTab
 from app.ui.library import LibraryTab
 from app.ui.train import TrainTab, loss_frame, status_text
@@ -24,23 +26,37 @@ from app.ui.train import TrainTab, loss_frame, status_text
 __all__ = ["GenerateRequest", "build_app", "launch", "loss_frame", "status_text"]
 
 THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "sample_images"
 
 
-def build_app(workspace: str | Path = ".", base_model: str = "builtin", preload: str | Path | None = None):
+def build_app(
+    workspace: str | Path = ".",
+    base_model: str = "builtin",
+    preload: str | Path | None = None,
+    max_upload_files: int = MAX_UPLOAD_FILES,
+):
     """The Blocks app for a workspace folder (holding `runs/` and `library/`)."""
     workspace = Path(workspace)
     runs_root, library = workspace / "runs", Library(workspace / "library")
     preload_files = sorted(str(p) for p in Path(preload).iterdir() if p.is_file()) if preload else None
     with gr.Blocks(title="lora-studio") as app:
         gr.Markdown("# lora-studio\nTrain a LoRA style adapter from a handful of images, then use it.")
-        train = TrainTab(runs_root, library, preload_files)
+        train = TrainTab(runs_root, library, preload_files, max_upload_files)
         generate = GenerateTab(library, base_model)
         adapters = LibraryTab(library)
         train.wire(app)
         generate.wire()
         adapters.wire()
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def launch(
@@ -50,21 +66,44 @@ def launch(
     workspace: str = ".",
     base_model: str = "builtin",
     preload: str | None = None,
-) -> None:
-    """Serve the app; `auth` is `user:password`."""
+    *,
+    insecure_no_auth: bool = False,
+    max_file_mb: int = MAX_FILE_MB,
+    max_upload_files: int = MAX_UPLOAD_FILES,
+    block: bool = True,
+):
+    """Serve the app; `auth` is `user:password`, and a `host` other than a loopback address needs it (or
+    `insecure_no_auth`). Gradio serves files only from the workspace's `runs/` and `library/` (and `preload`), besides
+    its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so is one of more than
+    `max_upload_files` files on the Train tab. `block=False` returns the running app at once (close it with
+    `app.close()`)."""
     credentials = None
     if auth:
         user, sep, password = auth.partition(":")
         if not sep or not user or not password:
             raise UserError("--auth must look like user:password")
         credentials = (user, password)
-    app = build_app(workspace, base_model, preload)
+    if credentials is None and not is_loopback(host) and not insecure_no_auth:
+        raise UserError(
+            f"--host {host} lets other machines open the page, and with it your files and GPU: add --auth "
+            "user:password, or --insecure-no-auth if every machine that can reach this one is trusted"
+        )
+    if max_file_mb < 1 or max_upload_files < 1:
+        raise UserError("--max-file-mb and --max-upload-files must be at least 1")
+    workspace_dir = Path(workspace).resolve()
+    (workspace_dir / "runs").mkdir(parents=True, exist_ok=True)
+    app = build_app(workspace_dir, base_model, preload, max_upload_files)
+    served = [workspace_dir / "runs", workspace_dir / "library", *([Path(preload).resolve()] if preload else [])]
     app.queue(default_concurrency_limit=1).launch(
         server_name=host,
         server_port=port,
         auth=credentials,
+        share=False,
         ssr_mode=False,
         show_error=True,
         theme=gr.themes.Default(**THEME_FONTS),
-        allowed_paths=[str(Path(workspace).resolve()), str(SAMPLE_IMAGES)],
+        allowed_paths=[str(p) for p in served],
+        max_file_size=f"{max_file_mb}mb",
+        prevent_thread_lock=not block,
     )
+    return app

@@ -11,6 +11,7 @@ import gradio as gr
 from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import (
+    MAX_UPLOAD_FILES,
     RunView,
     active_run,
     cancel_run,
@@ -22,6 +23,8 @@ from app.jobs import (
     view_run,
 )
 from app.ui.settings import SettingsForm
+from trainer.checkpoint import list_checkpoints
+from trainer.dataset import IMAGE_EXTENSIONS
 
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
 
@@ -66,6 +69,13 @@ def status_text(view: RunView | None) -> str:
         "interrupted": f"❌ Interrupted: {view.message}",
     }
     text = f"**{view.name}**: {words.get(view.status, view.status)}"
+    if view.status in ("error", "interrupted"):
+        saved = list_checkpoints(view.run_dir)
+        text += (
+            f"\n\nPress **Resume** to go on from its newest checkpoint, {saved[-1].name}."
+            if saved
+            else "\n\nIt saved no checkpoint, so it cannot be resumed; train it again."
+        )
     if view.problems:
         named = "; ".join(f"`{p}`" for p in view.problems[:PROBLEMS_SHOWN])
         more = len(view.problems) - PROBLEMS_SHOWN
@@ -75,9 +85,9 @@ def status_text(view: RunView | None) -> str:
     return text
 
 
-def caption_rows(paths: list | None) -> tuple[list[list[str]], str]:
+def caption_rows(paths: list | None, max_files: int = MAX_UPLOAD_FILES) -> tuple[list[list[str]], str]:
     """The caption table's rows for an upload (thumbnail, file, caption) and the upload's problems, if any."""
-    uploads, problems = pair_uploads(paths or [])
+    uploads, problems = pair_uploads(paths or [], max_files)
     rows = [[f"![{u.path.name}](/gradio_api/file={u.path})", u.path.name, u.caption] for u in uploads]
     note = ("❌ " + "; ".join(problems)) if problems else ""
     return rows, note
@@ -92,15 +102,22 @@ def typed_captions(rows) -> dict[str, str]:
 class TrainTab:
     """The tab's controls (made where it is built, inside the app's Blocks) and its handlers."""
 
-    def __init__(self, runs_root: Path, library: Library, preload_files: list[str] | None):
+    def __init__(
+        self,
+        runs_root: Path,
+        library: Library,
+        preload_files: list[str] | None,
+        max_upload_files: int = MAX_UPLOAD_FILES,
+    ):
         self.runs_root, self.library, self.preload_files = runs_root, library, preload_files
+        self.max_upload_files = max_upload_files
         with gr.Tab("Train", id="train"):
             with gr.Row():
                 with gr.Column(scale=3):
                     self.files = gr.File(
-                        label="Style images (.png, .jpg, .webp) and their .txt captions",
+                        label="Style images (.png, .jpg, .webp, .gif) and their .txt captions",
                         file_count="multiple",
-                        file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt"],
+                        file_types=[*IMAGE_EXTENSIONS, ".txt"],
                         type="filepath",
                         value=preload_files,
                         height=220,
@@ -143,7 +160,7 @@ class TrainTab:
     def wire(self, app: gr.Blocks) -> None:
         settings = self.settings.inputs
         run_view = [self.progress, self.loss_plot, self.previews, self.status]
-        self.files.change(caption_rows, self.files, [self.table, self.message])
+        self.files.change(self.caption_rows, self.files, [self.table, self.message])
         for control in settings:
             control.change(self.show_command, settings, [self.command, self.config_json])
         self.train_button.click(self.on_train, [self.files, self.table, *settings], [self.message, self.run_picker])
@@ -157,7 +174,10 @@ class TrainTab:
         app.load(self.on_load, None, self.run_picker)
         app.load(self.show_command, settings, [self.command, self.config_json])
         if self.preload_files:
-            app.load(caption_rows, self.files, [self.table, self.message])
+            app.load(self.caption_rows, self.files, [self.table, self.message])
+
+    def caption_rows(self, paths):
+        return caption_rows(paths, self.max_upload_files)
 
     def run_choices(self) -> list[tuple[str, str]]:
         return [(f"{v.run_dir.name} · {v.status}", v.run_dir.name) for v in list_runs(self.runs_root)]
@@ -173,7 +193,7 @@ class TrainTab:
     def on_train(self, paths, rows, *settings):
         try:
             config = self.settings.config(settings)
-            uploads, problems = pair_uploads(paths or [])
+            uploads, problems = pair_uploads(paths or [], self.max_upload_files)
             if problems:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
             typed = typed_captions(rows)
