@@ -132,9 +132,9 @@ def test_01_pickle_or_random_bytes_named_safetensors_are_refused_by_content_also
         with pytest.raises(UserError, match=f"{bad.name} is (not a valid safetensors file|a pickled PyTorch)"):
             check_base_model(str(bad))
         *_, status = library_tab.on_import(str(bad))  # the Adapters tab's Import button
-        assert status.startswith("❌") and f"{bad.name} is not a valid safetensors file" in status
+        assert f"{bad.name} is not a valid safetensors file" in status and "Imported" not in status
         *_, status = generate_tab.on_upload_adapter(str(bad))  # the Generate tab's upload
-        assert status.startswith("❌") and f"{bad.name} is not a valid safetensors file" in status
+        assert f"{bad.name} is not a valid safetensors file" in status and "Added" not in status
     assert not marker.exists()
     assert library.list() == [] and list(library.root.iterdir()) == [] and studio.adapters == {}
 
@@ -345,8 +345,9 @@ def test_05_an_upload_of_too_many_files_is_refused_with_the_limit(image_folder, 
     with gr.Blocks():
         tab = TrainTab(tmp_path / "runs", Library(tmp_path / "lib"), None, max_upload_files=7)
     message, _ = tab.on_train([str(p) for p in paths], [], *[c.value for c in tab.settings.inputs])
-    assert message.startswith("❌ Nothing started:") and "more than the 7 allowed" in message
-    assert tab.caption_rows([str(p) for p in paths]) == ([], "❌ " + problems[0])
+    assert "Nothing started" in message and "more than the 7 allowed" in message
+    rows, note = tab.caption_rows([str(p) for p in paths])
+    assert rows == [] and problems[0] in note
     assert not (tmp_path / "runs").exists()
     # The size of each file is gradio's max_file_size, checked over HTTP in test_13_the_server_...
 
@@ -642,7 +643,8 @@ def test_10_cuda_out_of_memory_says_what_to_change_and_the_page_shows_it(
     assert [p.name for p in list_checkpoints(run)] == ["step_000002"]
     view = view_run(run)
     shown = status_text(view)
-    assert view.status == "error" and text in shown
+    assert view.status == "error" and view.message == text
+    assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)." in shown
     assert "Press **Resume** to go on from its newest checkpoint, step_000002." in shown
 
 
@@ -851,11 +853,12 @@ def live_run(tiny_model, tmp_path_factory):
     try:
         wait_for(lambda: list_checkpoints(run) and view_run(run).step >= 4, run)
         yield run
-    finally:
-        try:
-            os.killpg(int((run / PID_FILE).read_text()), signal.SIGKILL)
-        except OSError:
-            pass
+    finally:  # every trainer this module started (a test that fails may have started one more)
+        for pid in {int((run / PID_FILE).read_text()), *jobs._CHILDREN}:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
         for proc in jobs._CHILDREN.values():
             proc.wait(timeout=30)
 
@@ -885,11 +888,11 @@ def test_12_a_restarted_app_reattaches_and_a_trainer_that_died_without_a_word_of
     view = view_run(live_run)
     newest = list_checkpoints(live_run)[-1]
     shown = status_text(view)
-    assert "❌ Interrupted: the trainer stopped without finishing" in shown
+    assert "Interrupted: the trainer stopped without finishing" in shown
     assert f"Press **Resume** to go on from its newest checkpoint, {newest.name}." in shown
     assert [s for s, _ in view.losses] == list(range(1, view.step + 1))  # the history is intact
 
-    assert tab.on_resume(live_run.name) == f"Resuming **{live_run.name}** from its newest checkpoint."
+    assert tab.on_resume(live_run.name).startswith(f"Resuming **{live_run.name}**")
     wait_for(lambda: any(e["type"] == "resume" for e in read_events(live_run)), live_run)
     view, kept = view_run(live_run), int(newest.name.split("_")[1])
     assert view.live and [s for s, _ in view.losses][:kept] == list(range(1, kept + 1))
@@ -902,7 +905,9 @@ def test_14_a_second_training_while_one_runs_is_refused_in_words(live_run, image
     staged_before = set(Path(tempfile.gettempdir()).glob("lora-studio-upload-*"))
     message, _ = tab.on_train(files, [], *[c.value for c in tab.settings.inputs])
     assert set(Path(tempfile.gettempdir()).glob("lora-studio-upload-*")) == staged_before  # nothing left staged
-    assert message.startswith(f"❌ Nothing started: a training run is already in progress ({live_run.name}, step ")
+    assert (
+        "Nothing started" in message and f"a training run is already in progress ({live_run.name}, step " in message
+    )
     assert "wait for it to finish or cancel it first" in message
     assert active_run(live_run.parent).run_dir == live_run
 
