@@ -8,6 +8,7 @@ leaves the previous checkpoint as `latest`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters.errors import UserError
+from trainer.config import TrainConfig
 
 RESUME_MUST_MATCH = (
     "base_model",
@@ -27,6 +29,20 @@ RESUME_MUST_MATCH = (
     "seed",
     "learning_rate",
     "caption_dropout",
+    # the optimiser (its state has its own shape), the schedule (a pure function of the step, given these),
+    # accumulation and noise offset (how many draws a step takes from the batch generator) and the loss
+    "optimizer",
+    "weight_decay",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "lr_scheduler_power",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "loss",
+    "huber_c",
+    "min_snr_gamma",
+    "noise_offset",
 )
 
 
@@ -97,7 +113,8 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
 def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
     """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
     info = json.loads((path / "state.json").read_text())
-    saved = info["config"]
+    # a setting the checkpoint does not name is newer than it: that run trained with the setting's default
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **info["config"]}
     different = [k for k in RESUME_MUST_MATCH if saved.get(k) != config.get(k)]
     if different:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in different)

@@ -3,6 +3,7 @@
     step = make_step(unet, optimizer, accelerator=acc, noise_scheduler=ns, family=family, dtype=torch.bfloat16)
     print(step.kind, step.why)          # "cuda graph", "one CUDA GPU, --cuda-graphs on"
     loss = step(batch)                  # the batch's mean loss, detached
+    loss = step(batch_1, batch_2)       # gradient accumulation: one optimiser step on both batches' gradients
 
 The loop calls `step(batch)` and knows nothing of graphs. `compare_with_eager` is the check that a fast step
 trains the adapter the eager one does (within the GPU's own run-to-run noise); tests/test_gpu.py runs it.
@@ -10,6 +11,7 @@ trains the adapter the eager one does (within the GPU's own run-to-run noise); t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ import torch
 
 from adapters.errors import UserError
 from adapters.families import Family
-from trainer.optim import diffusion_loss
+from trainer.optim import Loss, diffusion_loss
 
 TARGETS = ("epsilon", "v_prediction")
 
@@ -38,9 +40,12 @@ def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch
     return noisy.to(dtype), batch["timesteps"], {k: v.to(dtype) for k, v in batch["cond"].items()}
 
 
-def batch_loss(unet, batch: dict, noise_scheduler, family: Family, dtype=None, graphed=None) -> torch.Tensor:
-    """The loss of `unet` on a batch, as a training step computes it; `graphed`, when given, stands in for the
-    UNet call (a captured CUDA graph of it). `dtype` defaults to the frozen UNet's own."""
+def batch_loss(
+    unet, batch: dict, noise_scheduler, family: Family, dtype=None, graphed=None, loss: Loss = Loss()
+) -> torch.Tensor:
+    """The loss of `unet` on a batch, as a training step computes it (`loss` says how: `trainer.optim.Loss`);
+    `graphed`, when given, stands in for the UNet call (a captured CUDA graph of it). `dtype` defaults to the
+    frozen UNet's own."""
     dtype = dtype or next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
     target = training_target(noise_scheduler, batch)
     noisy, timesteps, cond = unet_inputs(batch, noise_scheduler, dtype)
@@ -48,7 +53,7 @@ def batch_loss(unet, batch: dict, noise_scheduler, family: Family, dtype=None, g
         prediction = graphed(noisy, timesteps, *cond.values())
     else:
         prediction = unet(noisy, timesteps, **family.unet_kwargs(cond)).sample
-    return diffusion_loss(prediction, target)
+    return diffusion_loss(prediction, target, batch["timesteps"], noise_scheduler, loss)
 
 
 class _Predict(torch.nn.Module):
@@ -69,7 +74,11 @@ class _Predict(torch.nn.Module):
 
 @dataclass
 class Step:
-    """One training step; `kind` says how it runs (`eager` or `cuda graph`) and `why`."""
+    """One training step; `kind` says how it runs (`eager` or `cuda graph`) and `why`.
+
+    Given several batches it accumulates: each one's loss, divided by their number, goes backward in turn (on
+    several processes the gradients are averaged across them once, after the last), then the gradients are clipped
+    to `max_grad_norm` (0 = not), and the optimiser steps once."""
 
     kind: str
     why: str
@@ -80,17 +89,35 @@ class Step:
     family: Family
     dtype: torch.dtype
     notice: Callable[[str], None] = print  # told when a fast step falls back to eager, and why
+    loss: Loss = field(default_factory=Loss)
+    max_grad_norm: float = 0.0
     _graphed: Callable | None = field(default=None, repr=False)
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def __call__(self, *batches: dict) -> torch.Tensor:
         if self.kind == "cuda graph" and self._graphed is None:
-            self._capture(batch)
-        with self.accelerator.autocast():
-            loss = batch_loss(self.unet, batch, self.noise_scheduler, self.family, self.dtype, self._graphed)
-        self.accelerator.backward(loss)
+            self._capture(batches[0])
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        losses = []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
+                with self.accelerator.autocast():
+                    loss = batch_loss(
+                        self.unet, batch, self.noise_scheduler, self.family, self.dtype, self._graphed, self.loss
+                    )
+                self.accelerator.backward(loss / len(batches))
+            if self._graphed is not None and not last:
+                # A graph's backward hands out gradients in its own buffers, which the next replay overwrites; a
+                # parameter that has no gradient yet takes the buffer itself. Copies keep the sum.
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
+            losses.append(loss.detach())
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _capture(self, batch: dict) -> None:
         """Record the UNet's forward and backward once as CUDA graphs, replayed every step after.
@@ -134,6 +161,8 @@ def make_step(
     dtype: torch.dtype,
     cuda_graphs: bool = True,
     notice: Callable[[str], None] = print,
+    loss: Loss = Loss(),
+    max_grad_norm: float = 0.0,
 ) -> Step:
     """The fastest step this run can take, and why: a CUDA graph on one CUDA GPU unless switched off, else eager."""
     kind = noise_scheduler.config.prediction_type
@@ -147,16 +176,36 @@ def make_step(
         choice = ("eager", "--no-cuda-graphs")
     else:
         choice = ("cuda graph", "one CUDA GPU, --cuda-graphs on")
-    return Step(*choice, unet, optimizer, accelerator, noise_scheduler, family, dtype, notice)
+    return Step(
+        *choice,
+        unet,
+        optimizer,
+        accelerator,
+        noise_scheduler,
+        family,
+        dtype,
+        notice,
+        loss,
+        max_grad_norm=max_grad_norm,
+    )
 
 
 def compare_with_eager(
-    unet, params: list[torch.nn.Parameter], batches: list[dict], *, family: Family, noise_scheduler, dtype, lr=1e-4
+    unet,
+    params: list[torch.nn.Parameter],
+    batches: list[dict],
+    *,
+    family: Family,
+    noise_scheduler,
+    dtype,
+    lr=1e-4,
+    accumulation: int = 1,
 ) -> dict:
     """How far the fast step's LoRA lands from the eager one's, against how far two eager runs land apart.
 
     `unet` (on a CUDA GPU, frozen in `dtype`, LoRA `params` attached in fp32) is trained on `batches` three times
-    from the same LoRA weights with a fresh AdamW: eagerly twice, then with the fastest step `make_step` picks.
+    from the same LoRA weights with a fresh AdamW: eagerly twice, then with the fastest step `make_step` picks;
+    each step takes `accumulation` batches.
     Distances are relative L2 over all LoRA parameters; `moved` is how far the eager run went from the start."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -180,8 +229,8 @@ def compare_with_eager(
             dtype=dtype,
             cuda_graphs=fast,
         )
-        for batch in batches:
-            step(batch)
+        for i in range(0, len(batches), accumulation):
+            step(*batches[i : i + accumulation])
         return [p.detach().float().clone() for p in params], step.kind
 
     def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
