@@ -24,22 +24,51 @@ def config_for(tiny_model, data, run, **extra):
     return TrainConfig(**{**values, **extra})
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_folder, tmp_path):
-    whole = train(config_for(tiny_model, image_folder, tmp_path / "whole"), device="cpu", log_to_terminal=False)
+# Settings with state or with draws of their own, on together: a schedule past its warm-up (resumed by counting),
+# two batches per step and a noise offset (more draws per step from the batch generator), min-SNR weighting;
+# Prodigy keeps its step-size estimate in the optimizer's param groups, clipping reads each step's gradients.
+OPTIONS = {
+    "defaults": {},
+    "cosine, warm-up, accumulation, min-SNR, noise offset": dict(
+        lr_scheduler="cosine", lr_warmup_steps=3, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05
+    ),
+    "prodigy, restarts, huber, clipping": dict(
+        optimizer="prodigy",
+        learning_rate=1.0,
+        lr_scheduler="cosine_with_restarts",
+        lr_scheduler_num_cycles=2,
+        lr_warmup_steps=1,
+        loss="huber",
+        max_grad_norm=1.0,
+    ),
+}
+
+
+def _lr_by_step(run) -> dict[int, float]:
+    """The learning rate each step took, as the run's progress events say (a resumed step's last word counts)."""
+    return {e["step"]: e["lr"] for e in read_events(run) if e["type"] == "progress"}
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_folder, tmp_path, options):
+    extra = OPTIONS[options]
+    whole = train(
+        config_for(tiny_model, image_folder, tmp_path / "whole", **extra), device="cpu", log_to_terminal=False
+    )
 
     steps_seen = []
 
-    def stop_at_six():  # the run dies after step 5; its newest checkpoint is step 4
+    def stop_at_six():  # the run is cancelled after step 5, which saves a checkpoint of step 5
         steps_seen.append(None)
         return len(steps_seen) > 5
 
-    cut = config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, keep_checkpoints=2)
+    cut = config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, keep_checkpoints=2, **extra)
     with pytest.raises(Cancelled):
         train(cut, should_stop=stop_at_six, device="cpu", log_to_terminal=False)
-    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_000002", "step_000004"]
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_000004", "step_000005"]  # 2 kept
 
     resumed = train(
-        config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, resume="latest"),
+        config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, resume="latest", **extra),
         device="cpu",
         log_to_terminal=False,
     )
@@ -47,7 +76,10 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kinds = [e["type"] for e in read_events(tmp_path / "cut")]
     assert kinds.count("cancelled") == 1 and kinds.count("done") == 1
-    assert next(e for e in read_events(tmp_path / "cut") if e["type"] == "resume")["step"] == 4
+    assert next(e for e in read_events(tmp_path / "cut") if e["type"] == "resume")["step"] == 5
+    assert _lr_by_step(tmp_path / "cut") == _lr_by_step(tmp_path / "whole")  # steps 6-8 at the same rates
+    if extra.get("lr_scheduler") == "cosine":
+        assert len(set(_lr_by_step(tmp_path / "whole").values())) == 8  # the rate moved at every step
 
 
 def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):
