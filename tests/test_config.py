@@ -87,6 +87,17 @@ def test_unknown_key_in_file_is_an_error_with_a_suggestion(tmp_path):
         ("mixed_precision", "fp8", r"mixed_precision \(--mixed-precision\) must be one of"),
         ("steps", "200", r"steps \(--steps\) must be a whole number"),
         ("output", "x.ckpt", r"output \(--output\) must end in .safetensors"),
+        ("optimizer", "adam", r"optimizer \(--optimizer\) must be one of adamw, adamw8bit, prodigy"),
+        ("lr_scheduler", "cosine_annealing", r"lr_scheduler \(--lr-scheduler\) must be one of constant, "),
+        ("lr_scheduler_num_cycles", 0, r"lr_scheduler_num_cycles \(--lr-scheduler-num-cycles\) must be at least 1"),
+        ("lr_scheduler_power", 0.0, r"lr_scheduler_power \(--lr-scheduler-power\) must be above 0"),
+        ("gradient_accumulation_steps", 0, r"gradient_accumulation_steps \(--gradient-accumulation-steps\) must be"),
+        ("max_grad_norm", -1.0, r"max_grad_norm \(--max-grad-norm\) must be 0 \(no clipping\) or a positive"),
+        ("weight_decay", -0.01, r"weight_decay \(--weight-decay\) must be at least 0"),
+        ("loss", "l1", r"loss \(--loss\) must be one of l2, huber"),
+        ("huber_c", 0.0, r"huber_c \(--huber-c\) must be above 0"),
+        ("min_snr_gamma", float("nan"), r"min_snr_gamma \(--min-snr-gamma\) must be 0 \(off\) or positive"),
+        ("noise_offset", 1.5, r"noise_offset \(--noise-offset\) must be at least 0 and below 1"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -98,3 +109,33 @@ def test_cli_command_rebuilds_the_same_config():
     cfg = TrainConfig(data="my images", steps=12, rank=4, trigger_word="zz", overwrite=True)
     argv = __import__("shlex").split(cfg.cli_command())[2:]
     assert parse(argv) == cfg
+
+
+def test_a_kohya_style_recipe_is_spelled_as_flags():
+    cfg = parse(
+        "--data d --optimizer prodigy --learning-rate 1 --weight-decay 0.01 --lr-scheduler cosine_with_restarts "
+        "--lr-warmup-steps 50 --lr-scheduler-num-cycles 3 --gradient-accumulation-steps 4 --max-grad-norm 1 "
+        "--loss huber --huber-c 0.2 --min-snr-gamma 5 --noise-offset 0.05".split()
+    )
+    assert (cfg.optimizer, cfg.learning_rate, cfg.weight_decay) == ("prodigy", 1.0, 0.01)
+    assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles) == ("cosine_with_restarts", 50, 3)
+    assert (cfg.gradient_accumulation_steps, cfg.max_grad_norm) == (4, 1.0)
+    assert (cfg.loss, cfg.huber_c, cfg.min_snr_gamma, cfg.noise_offset) == ("huber", 0.2, 5.0, 0.05)
+    assert parse(__import__("shlex").split(cfg.cli_command())[2:]) == cfg
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (dict(optimizer="prodigy"), r"with --optimizer prodigy multiplies the step size Prodigy finds: use 1"),
+        (dict(learning_rate=1.0), r"learning_rate \(--learning-rate\) must be a positive number below 1"),
+        (
+            dict(lr_warmup_steps=10),
+            r"no effect with --lr-scheduler constant: use --lr-scheduler constant_with_warmup",
+        ),
+        (dict(lr_scheduler="cosine", lr_warmup_steps=400), r"lr_warmup_steps \(--lr-warmup-steps\) must be .*below"),
+    ],
+)
+def test_settings_that_do_not_go_together_are_named(values, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**values)
