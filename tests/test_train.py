@@ -192,3 +192,34 @@ def test_bf16_run_draws_its_previews(tiny_model, image_folder, tmp_path):
     )
     train(config, device="cpu", log_to_terminal=False)
     assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+
+
+def test_a_trained_file_names_no_local_folder_and_the_run_draws_its_loss_curve(tiny_model, image_folder, tmp_path):
+    """Issue 19 item 9: the header keeps names, not this machine's absolute paths (data, library, run folder,
+    output, base model folder); item 4: it keeps the cleaned adapter name. Issue 14: the run folder gets loss.png,
+    the raw loss and the EMA-smoothed line drawn with Pillow."""
+    import json
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from trainer.runs import LOSS_PNG, RAW_COLOR, SMOOTHED_COLOR
+
+    run, library = tmp_path / "runs" / "r1", tmp_path / "lib"
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=6, batch_size=1, run_dir=str(run),
+        library=str(library), output=str(tmp_path / "out" / "a.safetensors"), name="a/b\\c",
+    )  # fmt: skip
+    result = train(config, device="cpu", log_to_terminal=False)
+    with safe_open(str(result.adapter), "pt") as f:
+        meta = f.metadata()
+    leaked = {k: v for k, v in meta.items() if str(tmp_path) in v or "/tmp/" in v or v.startswith("/")}
+    assert not leaked, leaked
+    saved = json.loads(meta["lora_studio.config"])
+    folders = (saved["data"], saved["run_dir"], saved["library"], saved["output"])
+    assert folders == ("data", "r1", "lib", "a.safetensors")
+    assert saved["base_model"] == tiny_model.name
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "a_b_c"
+    with Image.open(run / LOSS_PNG) as im:
+        colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
+    assert RAW_COLOR in colours and SMOOTHED_COLOR in colours

@@ -26,12 +26,13 @@ from adapters.base import base_model_label, generation_defaults, load_pipeline
 from adapters.errors import UserError
 from adapters.families import Family, family_of_pipeline, native_size
 from adapters.formats import build_metadata, save_adapter, to_kohya
+from adapters.library import sanitize_name
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import check_folder, load_examples, long_captions, tag_frequency
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
-from trainer.runs import EVENTS, PREVIEWS, EventLog, new_run_dir
+from trainer.runs import EVENTS, LOSS_PNG, PREVIEWS, EventLog, draw_loss_curve, new_run_dir, run_losses, scan_events
 from trainer.step import gradient_checkpointing, make_step
 
 
@@ -406,9 +407,22 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         except Cancelled:
             at -= 1
             bar.close()
+            if at == 0:  # stopped before the first step: nothing was learned, nothing is saved
+                events.emit("cancelled", step=0)
+                raise
             unwrapped = accelerator.unwrap_model(unet)
             _require_finite(params, config, run_dir, at)
             path = _save(config, unwrapped, examples, resolution, output, at, model) if main else output
+            if main:  # a checkpoint of this very step, so that a resume goes on from here whatever --save-every says
+                if f"step_{at:06d}" not in [c.name for c in list_checkpoints(run_dir)]:
+                    saved = save_checkpoint(
+                        run_dir, at, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
+                    )
+                    events.emit("checkpoint", step=at, path=str(saved))
+                if config.library:  # to try in Generate and download, beside any finished adapter
+                    name = _add_to_library(config, path, run_dir, None, partial=True)
+                    events.emit("library", name=name, library=config.library, partial=True)
+                draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit("cancelled", step=at, adapter=str(path))
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
@@ -423,6 +437,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             if config.library:
                 name = _add_to_library(config, output, run_dir, preview)
                 events.emit("library", name=name, library=config.library)
+            draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit(
                 "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
             )
@@ -493,24 +508,37 @@ def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, st
         base_model=base_model_label(config.base_model),
         family=model[0],
         prediction_type=model[1],
-        output_name=config.name or output.stem,
+        output_name=sanitize_name(config.name) if config.name else output.stem,
         resolution=resolution,
         num_images=len(examples),
         tag_frequency=tag_frequency(examples, config.data),
         trigger_word=config.trigger_word,
-        config=config.to_dict(),
+        config=_header_config(config),
         steps=steps,
     )
     save_adapter(output, tensors, metadata)
     return output
 
 
-def _add_to_library(config: TrainConfig, output: Path, run_dir: Path, preview: Path | None) -> str:
-    """Copy the finished adapter into the library under a free name (an existing adapter is never replaced)."""
-    from adapters.library import Library, sanitize_name
+def _header_config(config: TrainConfig) -> dict:
+    """The settings as an adapter file keeps them: every field, but the folders and files of this machine cut to
+    their names (a file shared or downloaded tells nothing of where it was made)."""
+    values = config.to_dict()
+    for key in ("data", "output", "library", "run_dir", "resume"):
+        values[key] = Path(values[key]).name if values[key] else ""
+    values["base_model"] = base_model_label(config.base_model)
+    return values
+
+
+def _add_to_library(
+    config: TrainConfig, output: Path, run_dir: Path, preview: Path | None, partial: bool = False
+) -> str:
+    """Copy the adapter into the library under a free name (an existing adapter is never replaced); a cancelled
+    run's adapter goes in as `<name>-partial`."""
+    from adapters.library import Library
 
     library = Library(config.library)
-    base = sanitize_name(config.name or run_dir.name)
+    base = sanitize_name(config.name or run_dir.name) + ("-partial" if partial else "")
     taken = {e.name for e in library.list()} | {path.stem for path, _ in library.problems()}
     name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if n not in taken)
     library.add(output, name, sample=preview)
