@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import UserError
+from adapters.library import sanitize_name
 from adapters.lora import ATTENTION_CHOICES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -24,6 +25,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Old spellings still read from config files and flags, with a one-line notice: old name -> field.
 RENAMED = {"sample_prompt": "preview_prompt", "sample_every": "preview_every"}
+MAX_STEPS = 1_000_000  # days of training even at 10 steps/s; a larger count is a typo
 # Groups, in the order the page shows them; `files` are chosen by the page itself (uploads, run folder, library).
 GROUPS = ("model", "data", "adapter", "training", "loss", "previews", "runs", "files")
 
@@ -272,7 +274,10 @@ class TrainConfig:
             (self.rank >= 1, "rank (--rank) must be at least 1 (try 4, 8 or 16)"),
             (self.rank <= 1024, "rank (--rank) must be at most 1024"),
             (self.alpha >= 0, "alpha (--alpha) must be 0 (meaning: equal to rank) or positive"),
-            (self.steps >= 1, "steps (--steps) must be at least 1"),
+            (
+                1 <= self.steps <= MAX_STEPS,
+                f"steps (--steps) must be at least 1 and at most {MAX_STEPS}; got {self.steps}",
+            ),
             (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
             (
                 self.optimizer == "prodigy" or 0 < self.learning_rate < 1,
@@ -360,6 +365,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.name:  # an unusable adapter name is refused now, not when the run ends and the library needs it
+            try:
+                sanitize_name(self.name)
+            except UserError as exc:
+                raise UserError(f"name (--name): {exc}") from None
 
     @property
     def effective_alpha(self) -> float:
