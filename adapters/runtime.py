@@ -68,6 +68,7 @@ class Studio:
         dtype: torch.dtype | None = None,
         max_loaded: int = 8,
         prediction_type: str | None = None,
+        cuda_graphs: bool = True,
     ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
@@ -83,6 +84,9 @@ class Studio:
         self._sources: dict[str, tuple] = {}  # name -> (path, size, mtime) of the file it came from
         self.strengths: dict[str, float] = {}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
+        self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
+        # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
+        self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
 
     @property
     def native_size(self) -> int:
@@ -111,6 +115,7 @@ class Studio:
             for component, modules in parts.items():
                 install(getattr(self.pipe, component), modules, name)
         self.adapters[name] = sorted(parts)
+        self._changed()
         self.set_strengths(self.strengths)
         return name
 
@@ -137,6 +142,7 @@ class Studio:
             _delete_adapter(getattr(self.pipe, component), name)
         self._sources.pop(name, None)
         self.strengths.pop(name, None)
+        self._changed()
 
     def _evict(self, keep: int) -> None:
         """Unload least-recently-used adapters, never an active one, until at most max_loaded would remain."""
@@ -149,7 +155,11 @@ class Studio:
 
     # -- strengths -----------------------------------------------------------------------------------------------
     def set_strengths(self, strengths: dict[str, float]) -> None:
-        """Activate exactly the adapters in `strengths`, each at its strength; all others off. No reload."""
+        """Activate exactly the adapters in `strengths`, each at its strength; all others off. No reload.
+
+        When the same adapters stay active, only their strengths change: each layer's LoRA scale is a number on
+        the model's device that is overwritten in place (one copy per adapter), so a captured generation graph
+        stays valid. Otherwise diffusers' `set_adapters` switches the active set."""
         unknown = set(strengths) - set(self.adapters)
         if unknown:
             raise UserError(f"adapter(s) {sorted(unknown)} are not loaded; loaded: {sorted(self.adapters)}")
@@ -157,6 +167,12 @@ class Studio:
             raise UserError("the pipeline has adapters fused into its weights; unfuse() before changing strengths")
         for name in strengths:
             self.adapters.move_to_end(name)
+        if self._scales is not None and list(strengths) == list(self.strengths):
+            for name, strength in strengths.items():
+                values, bases = self._scales[name]
+                torch.mul(bases, float(strength), out=values)
+            self.strengths = dict(strengths)
+            return
         for component in self.family.components:
             model = getattr(self.pipe, component)
             if not any(component in parts for parts in self.adapters.values()):
@@ -175,6 +191,31 @@ class Studio:
             else:
                 disable_lora_for_text_encoder(model)
         self.strengths = dict(strengths)
+        self._scales = self._scale_slots(strengths)
+        self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
+
+    def _scale_slots(self, strengths: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each active adapter's LoRA scales gathered into one tensor per adapter on the model's device, every
+        layer's scale a view into it: {name: (values, alpha / rank per layer)}."""
+        slots = {}
+        for name, strength in strengths.items():
+            layers = [
+                layer
+                for component in self.adapters[name]
+                for _, layer in lora_layers(getattr(self.pipe, component), name)
+            ]
+            bases = torch.tensor([layer.lora_alpha[name] / layer.r[name] for layer in layers], device=self.device)
+            values = bases * float(strength)
+            for i, layer in enumerate(layers):
+                layer.scaling[name] = values[i]
+            slots[name] = (values, bases)
+        return slots
+
+    def _changed(self) -> None:
+        """Adapters were attached, removed or replaced: the next strengths go through diffusers again, and any
+        captured generation graph (which reads the old layers) is dropped."""
+        self._scales = None
+        self._graphs.clear()
 
     # -- fuse / swap -----------------------------------------------------------------------------------------------
     def fuse(self, strengths: dict[str, float]) -> None:
@@ -202,6 +243,7 @@ class Studio:
                     with torch.no_grad():
                         weight += (delta * scale).to(weight.dtype)
         self._fused = saved
+        self._changed()
         self.set_strengths({})
 
     def unfuse(self) -> None:
@@ -214,6 +256,7 @@ class Studio:
             with torch.no_grad():
                 layer.base_layer.weight.copy_(original)
         self._fused = None
+        self._changed()
 
     def swap(self, name: str, lora: Lora) -> None:
         """Replace loaded adapter `name`'s weights in place with another of the same targets and ranks.
@@ -241,6 +284,7 @@ class Studio:
                 layer.lora_B[name].weight.copy_(module.up)
                 layer.lora_alpha[name] = module.alpha
         self._sources.pop(name, None)
+        self._changed()
         self.set_strengths(self.strengths)  # recomputes each layer's scaling from the new alphas
 
     def _require_unfused(self, what: str) -> None:
@@ -300,3 +344,95 @@ class Studio:
             raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
         cls = getattr(diffusers, SCHEDULERS[name])
         self.pipe.scheduler = cls.from_config(self._model_scheduler.config)
+
+
+class _NoGraphs:
+    """Where there is no CUDA: nothing captured, nothing to drop."""
+
+    def clear(self) -> None:
+        pass
+
+
+class UNetGraphs:
+    """The UNet's forward during generation, captured once per shape as a CUDA graph and replayed every step.
+
+    A denoising step at common sizes is bound by launching some thousands of small kernels, not by the GPU's
+    arithmetic; a replayed graph launches them all at once. Installed on the UNet instance, so the diffusers
+    pipeline calls it as it calls the UNet. What a graph reads (the weights, each LoRA's scale) is read in place,
+    so strengths change without a new capture; attaching, removing, replacing or fusing adapters drops the graphs
+    (`clear`). Training (gradients on) and any call it does not recognise run the UNet as it is."""
+
+    def __init__(self, unet: torch.nn.Module, keep: int = 4):
+        self.unet, self.keep = unet, keep
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.failed = ""  # why capture was given up, if it was
+        self._forward = type(unet).forward
+        unet.forward = self  # the instance's forward: nn.Module.__call__ finds it first
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def _eager(self, *args, **kwargs):
+        return self._forward(self.unet, *args, **kwargs)
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, *args, **kwargs):
+        plain = not args and set(kwargs) <= {
+            "timestep_cond",
+            "cross_attention_kwargs",
+            "added_cond_kwargs",
+            "return_dict",
+        }
+        if (
+            self.failed
+            or not plain
+            or torch.is_grad_enabled()
+            or sample.device.type != "cuda"
+            or kwargs.get("timestep_cond") is not None
+            or kwargs.get("cross_attention_kwargs")
+            or kwargs.get("return_dict", True)
+        ):
+            return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        added = kwargs.get("added_cond_kwargs") or {}
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **added}
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(inputs, list(added))
+            except Exception as exc:  # an exotic model or driver: generate eagerly from now on
+                self.failed = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"lora-studio: generation runs without CUDA graphs ({self.failed})", stacklevel=2)
+                return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            while len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, output = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value)
+        graph.replay()
+        return (output.clone(),)
+
+    def _capture(self, inputs: dict, added_names: list) -> tuple:
+        static = {k: v.clone() for k, v in inputs.items()}
+
+        def run():
+            added = {k: static[k] for k in added_names} or None
+            return self._forward(
+                self.unet,
+                static["sample"],
+                static["timestep"],
+                static["encoder_hidden_states"],
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: lazy initialisations happen here
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run()
+        return graph, static, output

@@ -272,6 +272,11 @@ def main() -> None:
     studio.load(config.output, name="bench")
     results["adapter_cold_load_s"] = time.perf_counter() - t0
     results["generate_30_steps_s"] = time_generation(studio, "bench", device)
+    if device.type == "cuda":  # the same without the runtime's generation graphs
+        eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
+        eager.load(config.output, name="bench")
+        results["generate_30_steps_eager_s"] = time_generation(eager, "bench", device)
+        del eager
     changes = []
     for s in (0.1, 0.5, 0.9, 1.3, 0.2):
         t0 = time.perf_counter()

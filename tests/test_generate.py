@@ -50,6 +50,19 @@ def test_strength_changes_do_not_reload(tiny_model):
     assert id(studio.pipe.unet) == unet_id and studio.pipe.unet.conv_in.weight.data_ptr() == weight_id
 
 
+def test_a_strength_changed_in_place_draws_what_a_fresh_setting_draws(tiny_model):
+    """With the same adapters active, a new strength only overwrites each layer's scale in place; the picture
+    must be the one a studio set to that strength from the start draws."""
+    studio, fresh = Studio(str(tiny_model), device="cpu"), Studio(str(tiny_model), device="cpu")
+    for s in (studio, fresh):
+        s.add(random_lora(s.pipe.unet), "a")
+        s.add(random_lora(s.pipe.unet, seed=1), "b")
+    render(studio, {"a": 0.3, "b": -0.5})
+    changed = render(studio, {"a": 0.8, "b": 0.4})  # same adapters: the in-place path
+    assert np.abs(changed - render(fresh, {"a": 0.8, "b": 0.4})).max() < 1e-6
+    assert np.abs(changed - render(fresh, {"a": 0.3, "b": -0.5})).max() > 1e-3
+
+
 def test_unknown_adapter_name_is_an_error(tiny_model):
     studio = Studio(str(tiny_model), device="cpu")
     with pytest.raises(UserError, match="not loaded"):

@@ -7,6 +7,7 @@ The last recorded run is benchmarks/results/gpu_tests_h100.txt.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,34 @@ def test_a_failed_capture_falls_back_to_eager_with_a_notice(tiny_model, image_fo
     notices = [e["message"] for e in read_events(run) if e["type"] == "notice"]
     assert len(notices) == 1 and "CUDA graphs not used (RuntimeError: capture refused" in notices[0]
     assert result.adapter.is_file() and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
+    """Replayed CUDA graphs of the UNet's denoising step, against the same studio without them: after a strength
+    change in place (no new capture), after another adapter is attached (graphs dropped), in fp16."""
+    from adapters.lora import LoraModule
+    from adapters.runtime import Studio
+
+    studios = [Studio(str(tiny_model), device="cuda", cuda_graphs=graphs) for graphs in (True, False)]
+    for studio in studios:
+        gen = torch.Generator().manual_seed(0)
+        for name in ("a", "b"):
+            lora = {}
+            for path in attention_targets(studio.pipe.unet, "both"):
+                layer = studio.pipe.unet.get_submodule(path)
+                lora[f"unet.{path}"] = LoraModule(
+                    down=torch.randn(4, layer.in_features, generator=gen) * 0.3,
+                    up=torch.randn(layer.out_features, 4, generator=gen) * 0.3,
+                    alpha=4.0,
+                )
+            studio.add(lora, name)
+
+    def draw(studio, strengths):
+        image = studio.generate("a red circle", seed=3, sampling_steps=6, strengths=strengths)[0]
+        return torch.tensor(np.asarray(image), dtype=torch.int16)
+
+    graphed, eager = studios
+    for strengths in ({"a": 0.3}, {"a": 1.0}, {"a": 1.0, "b": -0.5}, {}):
+        assert (draw(graphed, strengths) - draw(eager, strengths)).abs().max() <= 1, strengths
+    assert graphed._graphs.graphs and not graphed._graphs.failed
+    assert not torch.equal(draw(graphed, {"a": 0.3}), draw(graphed, {"a": 1.0}))  # the strength is read, not baked
