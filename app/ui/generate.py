@@ -95,6 +95,7 @@ class GenerateTab:
                         value=base_model,
                         label="Base model",
                         info="builtin, a hub id, a diffusers folder or a .safetensors checkpoint file",
+                        elem_id="generate-base",
                     )
                     prompt = gr.Textbox(label="Prompt", value="glowline, a green triangle", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt")
@@ -193,7 +194,7 @@ class GenerateTab:
             label = ", ".join(f"{n} {s:g}" for n, s in request.strengths.items()) or "base model"
             pictures, seed = self.render(request, [request.strengths], [label])
         except UserError as exc:
-            return gr.Gallery(), f"❌ {exc}"
+            return gr.Gallery(), f"⚠ {exc}"
         return pictures, f"Seed {seed}. {label}."
 
     def on_compare(self, *values):
@@ -206,12 +207,12 @@ class GenerateTab:
             sets = [{**request.strengths, first: v} for v in levels]
             pictures, seed = self.render(request, sets, [f"{first} strength {v:g}" for v in levels])
         except UserError as exc:
-            return gr.Gallery(), f"❌ {exc}"
+            return gr.Gallery(), f"⚠ {exc}"
         return pictures, f"Seed {seed}, the same for every picture."
 
     def on_upload_adapter(self, path):
         try:
             entry = self.library.add(path)
         except UserError as exc:
-            return [*self.slot_updates(), f"❌ {exc}"]
+            return [*self.slot_updates(), f"⚠ {exc}"]
         return [*self.slot_updates(), f"Added **{entry.name}** to the library."]

@@ -1,0 +1,31 @@
+"""The page with an SDXL base: the Generate tab draws with the SDXL pipeline, at the model's own size."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.test_ui_browser import Server, browser, open_page, workspace  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.browser
+
+
+def test_generate_with_an_sdxl_base(browser, workspace):  # noqa: F811
+    from tests.conftest import build_tiny_sdxl_pipeline
+
+    model = workspace / "models" / "tiny-sdxl"
+    build_tiny_sdxl_pipeline().save_pretrained(model, safe_serialization=True)
+    server = Server(workspace)
+    page = open_page(browser, server.url)
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#generate-base textarea, #generate-base input").first.fill(str(model))
+    page.locator("#generate-button").click()
+    status = page.locator("#generate-status")
+    status.get_by_text(re.compile(r"Seed \d+")).wait_for(timeout=120_000)
+    picture = page.locator("#gallery img").first
+    picture.wait_for()
+    # the tiny SDXL model's native size: 8 latent pixels x the VAE's 4
+    assert page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", picture.element_handle()) == [32, 32]
+    log = next(workspace.glob("ui-*.log")).read_text()
+    assert "Traceback" not in log
