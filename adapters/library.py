@@ -92,6 +92,18 @@ class Library:
         """The `*.safetensors` files `list` leaves out because they cannot be read, each with the reason."""
         return self._scan()[1]
 
+    def new_name(self, name: str) -> str:
+        """The name an adapter typed as `name` is saved under (cleaned as `sanitize_name` does); a UserError when it
+        has no usable characters or an adapter (or an unreadable file) in the library already has it. Training and
+        Rename both answer with this, before they do anything."""
+        path, _ = self._paths(name)
+        if path.exists():
+            raise UserError(
+                f"the library already has an adapter named {path.stem!r}; choose another name (or rename or delete "
+                "that one)"
+            )
+        return path.stem
+
     def get(self, name: str) -> Entry:
         path, _ = self._paths(name)
         if not path.is_file():
@@ -105,8 +117,8 @@ class Library:
         if detect_layout(tensors) == "unknown":
             raise UserError(f"{source.name} holds no LoRA weights in a layout lora-studio knows; not imported")
         path, sample_path = self._paths(name or source.stem)
-        if path.exists() and not overwrite:
-            raise UserError(f"the library already has an adapter named {path.stem!r}; choose another name")
+        if not overwrite:
+            self.new_name(path.stem)
         write_atomic(path, source.read_bytes())
         if sample is not None:
             self.set_sample(path.stem, sample)
@@ -128,8 +140,8 @@ class Library:
         dst, dst_sample = self._paths(new)
         if not src.is_file():
             raise UserError(f"no adapter named {old!r} in the library {self.root}")
-        if dst.exists() and dst != src and not overwrite:
-            raise UserError(f"the library already has an adapter named {dst.stem!r}; choose another name")
+        if dst != src and not overwrite:
+            self.new_name(dst.stem)
         os.replace(src, dst)
         if src_sample.is_file():
             os.replace(src_sample, dst_sample)

@@ -19,10 +19,11 @@ from pathlib import Path
 from adapters.errors import UserError
 from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, check_folder
-from trainer.runs import TERMINAL, new_run_dir, scan_events
+from trainer.runs import TERMINAL, new_run_dir, run_losses, scan_events
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
+CANCEL_FILE = "cancel-requested"  # written by Cancel: a trainer stopped before it could say so was cancelled
 MAX_UPLOAD_FILES = 1000  # files (images and captions) in one Train upload; `lora-studio ui --max-upload-files`
 MAX_FILE_MB = 2048  # the largest single upload (image, caption, adapter to import; SDXL adapters pass 1 GB)
 
@@ -59,9 +60,13 @@ def pair_uploads(paths: list[str | Path], max_files: int = MAX_UPLOAD_FILES) -> 
     return [Upload(p, captions.get(p.stem, "")) for p in sorted(images, key=lambda p: p.name)], problems
 
 
-def stage_dataset(uploads: list[Upload], default_caption: str = "") -> Path:
-    """Copy uploads and their captions into a fresh folder and check it; a UserError lists every problem."""
-    staging = Path(tempfile.mkdtemp(prefix="lora-studio-upload-"))
+def stage_dataset(uploads: list[Upload], default_caption: str = "", into: str | Path | None = None) -> Path:
+    """Copy uploads and their captions into a fresh folder and check it; a UserError lists every problem, naming
+    "the upload" rather than the folder. The page stages `into` its runs folder (then starting a run is a rename,
+    and nothing of ours is left in the system temp folder); the folder is removed when the check fails."""
+    if into is not None:
+        Path(into).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".upload-" if into is not None else "lora-studio-upload-", dir=into))
     try:
         for up in uploads:
             shutil.copy2(up.path, staging / up.path.name)
@@ -70,6 +75,9 @@ def stage_dataset(uploads: list[Upload], default_caption: str = "") -> Path:
         if not uploads:
             raise UserError("no images uploaded: drop .png, .jpg or .webp files (and their .txt captions) first")
         check_folder(staging, default_caption)
+    except UserError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(str(exc).replace(f"data folder {staging}", "the upload")) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -93,6 +101,9 @@ class RunView:
     message: str = ""
     name: str = ""
     problems: list[str] = field(default_factory=list)  # malformed lines of events.jsonl, left out of the view
+    resumed_from: int | None = None  # the checkpoint step the current attempt went on from
+    resuming: bool = False  # a resumed attempt whose process has not spoken yet
+    preview_prompt: str = ""
 
     @property
     def live(self) -> bool:
@@ -130,9 +141,11 @@ def view_run(run_dir: str | Path) -> RunView:
     alive = _pid_alive(run_dir)
     view = RunView(run_dir, "starting" if alive else "interrupted", problems=problems)
     try:
-        view.name = TrainConfig.from_file(run_dir / "config.json").name or run_dir.name
+        config = TrainConfig.from_file(run_dir / "config.json")
+        view.name, view.preview_prompt = config.name or run_dir.name, config.preview_prompt
     except UserError:
         view.name = run_dir.name
+    view.losses = run_losses(events)  # the steps after a resumed checkpoint were lost with the old process
     for e in events:
         kind = e["type"]
         if kind == "start":
@@ -140,13 +153,11 @@ def view_run(run_dir: str | Path) -> RunView:
         elif kind == "progress":
             view.step, view.total = e["step"], e["total"]
             view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
-            view.losses.append((e["step"], e["loss"]))
         elif kind in ("preview", "sample"):  # runs made before the rename say "sample"
             view.previews.append((e["path"], e["step"]))
-        elif kind == "resume":  # the steps after the checkpoint were lost with the old process; drop them
-            view.losses = [(st, loss) for st, loss in view.losses if st <= e["step"]]
+        elif kind == "resume":
             view.previews = [(path, st) for path, st in view.previews if st <= e["step"]]
-            view.status, view.message = "running", ""
+            view.status, view.message, view.step, view.resumed_from = "running", "", e["step"], e["step"]
         elif kind == "library":
             view.library_name = e["name"]
         elif kind in TERMINAL:
@@ -157,13 +168,22 @@ def view_run(run_dir: str | Path) -> RunView:
     if view.status in ("running", "starting") and not alive:
         view.status = "interrupted"
     ended = [e["time"] for e in events if e["type"] in TERMINAL]
-    if alive and ended and (run_dir / PID_FILE).stat().st_mtime > ended[-1]:
-        view.status, view.message = "starting", ""  # a resumed attempt whose process has not spoken yet
+    begun = [e["time"] for e in events if e["type"] in ("start", "resume")]
+    if alive and ended and (run_dir / PID_FILE).stat().st_mtime > ended[-1] and not (begun and begun[-1] > ended[-1]):
+        view.status, view.message, view.resuming = "starting", "", True  # a resumed attempt, not speaking yet
+    if view.status == "interrupted" and _cancel_asked(run_dir):
+        view.status = "cancelled"  # stopped by Cancel before the trainer could say so (it was still loading)
     if view.status == "interrupted":
         log = run_dir / LOG_FILE
         tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
         view.message = "the trainer stopped without finishing" + (": " + " | ".join(tail) if tail else "")
     return view
+
+
+def _cancel_asked(run_dir: Path) -> bool:
+    """Whether Cancel was pressed for the trainer's current attempt."""
+    marker, pid = run_dir / CANCEL_FILE, run_dir / PID_FILE
+    return marker.is_file() and (not pid.is_file() or marker.stat().st_mtime >= pid.stat().st_mtime)
 
 
 def list_runs(runs_root: str | Path) -> list[RunView]:
@@ -185,15 +205,17 @@ def start_run(config: TrainConfig, staged: Path, runs_root: str | Path, library:
 
     Refuses while another run's trainer is alive: one GPU job at a time (the staged folder is then removed).
     """
-    busy = active_run(runs_root)
-    if busy is not None:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise UserError(
-            f"a training run is already in progress ({busy.run_dir.name}, step {busy.step}/{busy.total}); "
-            "wait for it to finish or cancel it first"
-        )
-    run_dir = new_run_dir(runs_root, config.name)
-    shutil.move(str(staged), run_dir / "data")
+    try:
+        busy = active_run(runs_root)
+        if busy is not None:
+            raise UserError(
+                f"a training run is already in progress ({busy.run_dir.name}, step {busy.step}/{busy.total}); "
+                "wait for it to finish or cancel it first"
+            )
+        run_dir = new_run_dir(runs_root, config.name)
+        shutil.move(str(staged), run_dir / "data")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # moved into the run, or the run never started
     values = config.to_dict()
     values.update(
         data=str((run_dir / "data").resolve()),
@@ -218,8 +240,16 @@ def resume_run(run_dir: str | Path, runs_root: str | Path) -> None:
     view = view_run(run_dir)
     if view.status == "done":
         raise UserError(f"run {run_dir.name} has finished; there is nothing to resume")
+    (run_dir / CANCEL_FILE).unlink(missing_ok=True)
     if not list_checkpoints(run_dir):
-        raise UserError(f"run {run_dir.name} has no checkpoints to resume from (set 'Save every' before training)")
+        if view.losses:  # it trained, then died without a checkpoint (killed, not cancelled: Cancel saves one)
+            raise UserError(
+                f"run {run_dir.name} stopped before its first checkpoint, so it cannot go on; train it again"
+            )
+        # it never trained a step: start it over, on the same folder, data and settings
+        (run_dir / "events.jsonl").unlink(missing_ok=True)
+        _spawn(run_dir, ["--config", str(run_dir / "config.json")])
+        return
     _spawn(run_dir, ["--run-dir", str(run_dir), "--resume", "latest"])
 
 
@@ -238,11 +268,13 @@ def _spawn(run_dir: Path, args: list[str]) -> None:
 
 
 def cancel_run(run_dir: str | Path) -> bool:
-    """Ask a live trainer to stop (SIGTERM): it saves the adapter learned so far and records `cancelled`."""
+    """Ask a live trainer to stop (SIGTERM): it saves a checkpoint and the adapter learned so far and records
+    `cancelled`; one still loading stops at once, and the run reads "cancelled" all the same."""
     run_dir = Path(run_dir)
     if not _pid_alive(run_dir):
         return False
     pid = int((run_dir / PID_FILE).read_text())
+    (run_dir / CANCEL_FILE).write_text(str(pid))
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,15 +24,15 @@ def test_uploads_pair_by_name_and_odd_files_are_reported(image_folder, tmp_path)
     assert any(p.startswith("img0: two images share this name") for p in problems)
 
 
-def test_staging_uses_typed_captions_and_lists_every_problem(image_folder):
+def test_staging_uses_typed_captions_and_lists_every_problem(image_folder, tmp_path):
     uploads, _ = pair_uploads(sorted(p for p in image_folder.iterdir() if p.suffix == ".png"))
     assert all(u.caption == "" for u in uploads)
     with pytest.raises(UserError) as err:
-        stage_dataset(uploads)
+        stage_dataset(uploads, into=tmp_path)
     assert str(err.value).count("is missing") == 4
     for u in uploads:
         u.caption = f"typed for {u.path.stem}"
-    staged = stage_dataset(uploads)
+    staged = stage_dataset(uploads, into=tmp_path)
     assert (staged / "img2.txt").read_text().strip() == "typed for img2"
     assert (image_folder / "img2.txt").read_text() != "typed for img2"  # the user's own files are untouched
 
@@ -96,7 +97,7 @@ def test_one_job_at_a_time(tmp_path, image_folder):
     try:
         (busy / PID_FILE).write_text(str(sleeper.pid))
         assert active_run(runs).run_dir == busy
-        staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0])
+        staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=runs)
         with pytest.raises(UserError, match=r"already in progress \(busy"):
             start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
         assert [v.run_dir.name for v in list_runs(runs)] == ["busy"]
@@ -110,7 +111,7 @@ def test_started_run_survives_the_ui_forgetting_it(tiny_model, image_folder, tmp
     """The trainer is its own process: a UI that restarts (forgets its child) still finds and follows it."""
     import app.jobs as jobs
 
-    staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0])
+    staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=tmp_path / "runs")
     config = TrainConfig(data="x", base_model=str(tiny_model), steps=5, batch_size=2, name="t")
     run = start_run(config, staged, tmp_path / "runs", tmp_path / "lib")
     saved = json.loads((run / "config.json").read_text())
@@ -154,8 +155,147 @@ def test_loss_plot_axes_are_numbers_from_the_first_refresh():
 
     from app.ui import loss_frame
 
-    plot = gr.LinePlot(x="step", y="loss")
+    plot = gr.LinePlot(x="step", y="loss", color="series")
     for losses in ([], [(1, 0.31), (2, 0.29), (3, 0.30)]):
         sent = plot.postprocess(loss_frame(losses)).model_dump()
-        assert sent["datatypes"] == {"step": "quantitative", "loss": "quantitative"}
-        assert [row[0] for row in sent["data"]] == [s for s, _ in losses]
+        assert sent["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+        assert [row[0] for row in sent["data"]] == [s for s, _ in losses] * 2  # the raw line, then the smoothed
+
+
+# -- Runs you can trust (issue 19), what a run leaves behind (issue 14) ---------------------------------------------
+
+
+def _wait_until_stopped(runs, seconds=180):
+    deadline = time.time() + seconds
+    while active_run(runs) is not None and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def test_cancel_saves_a_checkpoint_and_puts_the_partial_adapter_in_the_library(tiny_model, image_folder, tmp_path):
+    """Item 2: a run cancelled before its first 'Save every' checkpoint can still be resumed, and the adapter
+    learned so far is in the library (so Generate and Download have it) as `<name>-partial`."""
+    from adapters.library import Library
+    from app.jobs import resume_run
+    from app.ui import status_text
+    from trainer.checkpoint import list_checkpoints
+    from trainer.loop import Cancelled, train
+
+    runs, library = tmp_path / "runs", tmp_path / "lib"
+    run, calls = runs / "r", []
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=6, batch_size=2, run_dir=str(run), name="neon",
+        library=str(library), save_every=200,
+    )  # fmt: skip
+    with pytest.raises(Cancelled):
+        train(config, should_stop=lambda: calls.append(1) or len(calls) > 3, device="cpu", log_to_terminal=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step_000003"]
+    assert Library(library).get("neon-partial").summary["steps"] == "3"
+    text = status_text(view_run(run))
+    assert "Cancelled at step 3" in text and "in the library as **neon-partial**" in text
+    resume_run(run, runs)
+    _wait_until_stopped(runs)
+    view = view_run(run)
+    assert view.status == "done", (run / "train.log").read_text()[-2000:]
+    assert [s for s, _ in view.losses] == list(range(1, 7)) and view.library_name == "neon"
+
+
+def test_a_resumed_run_says_so_and_its_step_counter_does_not_jump(tmp_path):
+    """Item 3: while a resumed attempt loads it reads 'Resuming'; once it speaks it is training, resumed from the
+    checkpoint's step, and the step shown is that step (not the last one of the stopped attempt)."""
+    from app.ui import status_text
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d", name="neon").save(run / "config.json")
+    log = EventLog(run)
+    log.emit("start", steps=10)
+    for step in range(1, 8):
+        log.emit("progress", step=step, total=10, loss=0.5, steps_per_s=2.0, eta_s=1)
+    log.emit("cancelled", step=7)
+    time.sleep(0.05)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    try:
+        (run / PID_FILE).write_text(str(sleeper.pid))
+        assert "Resuming: loading the base model" in status_text(view_run(run))
+        log.emit("start", steps=10)
+        log.emit("resume", step=5, checkpoint=str(run / "checkpoints" / "step_000005"))
+        view = view_run(run)
+        assert (view.status, view.step, view.resumed_from) == ("running", 5, 5)
+        assert "Training… (resumed from step 5)" in status_text(view)
+        log.emit("progress", step=6, total=10, loss=0.5, steps_per_s=2.0, eta_s=1)
+        assert view_run(run).step == 6 and view_run(run).status == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_cancel_while_starting_says_cancelled_before_training_began(tmp_path):
+    """Item 5: a trainer stopped by Cancel before it wrote a word is 'Cancelled before training began', not
+    'Interrupted'."""
+    from app.jobs import cancel_run
+    from app.ui import status_text
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    TrainConfig(data="d", name="neon").save(run / "config.json")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"], start_new_session=True)
+    try:
+        (run / PID_FILE).write_text(str(sleeper.pid))
+        assert view_run(run).status == "starting"
+        assert cancel_run(run)
+        sleeper.wait(timeout=10)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    view = view_run(run)
+    assert view.status == "cancelled"
+    assert status_text(view).startswith("**neon**: Cancelled before training began")
+
+
+def test_a_refused_start_leaves_no_staged_upload_anywhere(image_folder, tmp_path):
+    """Issue 14: the page stages uploads inside the workspace (never the system temp folder), and a start that is
+    refused removes them."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).iterdir())
+    runs = tmp_path / "runs"
+    busy = runs / "busy"
+    busy.mkdir(parents=True)
+    TrainConfig(data="d").save(busy / "config.json")
+    staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=runs)
+    assert staged.parent == runs and set(Path(tempfile.gettempdir()).iterdir()) == before
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    try:
+        (busy / PID_FILE).write_text(str(sleeper.pid))
+        with pytest.raises(UserError, match="already in progress"):
+            start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not staged.exists() and [p.name for p in runs.iterdir()] == ["busy"]
+
+
+def test_a_run_cancelled_before_its_first_step_saves_nothing_and_resume_starts_it_over(
+    tiny_model, image_folder, tmp_path
+):
+    """Items 2 and 5: a Cancel that lands while the model loads ends the run at step 0 with nothing saved (no empty
+    adapter in the library); the page says so, and Resume starts the run over on the same folder."""
+    from app.jobs import resume_run
+    from app.ui import status_text
+    from trainer.loop import Cancelled, train
+
+    runs, library = tmp_path / "runs", tmp_path / "lib"
+    run = runs / "r"
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=3, batch_size=2, run_dir=str(run), name="neon",
+        library=str(library),
+    )  # fmt: skip
+    with pytest.raises(Cancelled):
+        train(config, should_stop=lambda: True, device="cpu", log_to_terminal=False)
+    assert not (run / "adapter.safetensors").exists() and not list(library.glob("*.safetensors"))
+    assert status_text(view_run(run)).startswith("**neon**: Cancelled before training began")
+    resume_run(run, runs)
+    _wait_until_stopped(runs)
+    view = view_run(run)
+    assert view.status == "done", (run / "train.log").read_text()[-2000:]
+    assert [s for s, _ in view.losses] == [1, 2, 3] and view.library_name == "neon"

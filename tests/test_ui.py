@@ -11,6 +11,7 @@ from app.ui import GenerateRequest, status_text
 from app.ui.generate import NONE, SLOTS
 from app.ui.settings import SettingsForm
 from app.ui.train import TrainTab
+from tests.conftest import write_scene_folder
 from trainer.config import TrainConfig
 from trainer.runs import EventLog
 
@@ -68,8 +69,195 @@ def test_a_run_list_refresh_sent_before_trains_answer_keeps_the_new_run_picked(t
         (started / PID_FILE).write_text(str(sleeper.pid))
         with gr.Blocks():
             tab = TrainTab(runs, Library(tmp_path / "library"), None)
-        picker, shown = tab.refresh_choices(None, [])
+        picker, shown, _ = tab.refresh_choices(None, [])
         assert picker.value == started.name and [value for _, value in shown] == [started.name]
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# -- Runs you can trust (issue 19) ---------------------------------------------------------------------------------
+
+
+def _sleeper():
+    """A stand-in trainer process: alive, with "train" on its command line, in its own process group."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"], start_new_session=True)
+
+
+def _run_folder(runs, name, **config):
+    run = runs / name
+    run.mkdir(parents=True)
+    TrainConfig(data="d", **config).save(run / "config.json")
+    return run
+
+
+def _tab(tmp_path, runs=None):
+    with gr.Blocks():
+        return TrainTab(runs or tmp_path / "runs", Library(tmp_path / "library"), None)
+
+
+def test_the_run_list_refresh_never_puts_back_the_run_shown_before_train(tmp_path):
+    """Item 1: a tick sent while the old run was picked, answered after Train picked the new one, must not move the
+    picker back to the old run; and Cancel stops the running training whatever run the picker shows."""
+    runs = tmp_path / "runs"
+    old = _run_folder(runs, "20260101-000000-old")
+    EventLog(old).emit("done", step=10)
+    tab = _tab(tmp_path, runs)
+    shown = tab.run_choices()
+    new = _run_folder(runs, "20260101-000100-new")
+    sleeper = _sleeper()
+    try:
+        (new / PID_FILE).write_text(str(sleeper.pid))
+        picker, _, _ = tab.refresh_choices(old.name, shown)
+        assert picker.constructor_args.get("value", new.name) == new.name  # the value the browser holds is kept
+        message, picked = tab.on_cancel(old.name)
+        assert message.startswith(f"Cancelling **{new.name}**") and picked.constructor_args["value"] == new.name
+        assert sleeper.wait(timeout=10) == -15  # SIGTERM reached the running trainer
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_page_polls_only_while_a_run_is_live(tmp_path):
+    """Item 7: the once-a-second refresh stops when nothing runs, and starts when a run is live."""
+    runs = tmp_path / "runs"
+    done = _run_folder(runs, "20260101-000000-done")
+    EventLog(done).emit("done", step=1)
+    tab = _tab(tmp_path, runs)
+    assert tab.timer.active is False  # an idle page does not poll from the start
+    assert tab.poll_state().active is False
+    _, shown, timer = tab.refresh_choices(done.name, [])
+    assert timer.active is False
+    live = _run_folder(runs, "20260101-000100-live")
+    sleeper = _sleeper()
+    try:
+        (live / PID_FILE).write_text(str(sleeper.pid))
+        assert tab.poll_state().active is True
+        _, shown, timer = tab.refresh_choices(live.name, shown)
+        assert timer.active is True
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _, shown, timer = tab.refresh_choices(live.name, shown)
+    assert timer.active is True  # one more tick after the end, so the run's last state is shown
+    _, shown, timer = tab.refresh_choices(live.name, shown)
+    assert timer.active is False
+
+
+def test_the_adapter_name_is_checked_before_any_work_and_cleaned_as_the_library_does(tmp_path, monkeypatch):
+    """Item 4: a taken or unusable name is refused before anything is staged or started; the page says the name
+    an adapter will be saved under, by the same rule for Train and Rename, and the run keeps the cleaned name."""
+    import app.ui.train as train_tab
+    from app.ui.library import name_note
+
+    library = Library(tmp_path / "library")
+    (library.root / "neon.safetensors").write_bytes(b"taken")
+    assert name_note(library, "a/b\\c") == "Saved in the library as **a_b_c**."
+    assert name_note(library, "neon").startswith("⚠ the library already has an adapter named 'neon'")
+    assert name_note(library, "..").startswith("⚠ adapter name '..' has no usable characters")
+    tab = _tab(tmp_path)
+    started = []
+    monkeypatch.setattr(train_tab, "start_run", lambda config, staged, *a: started.append(config) or staged)
+    files = [str(p) for p in sorted(write_scene_folder(tmp_path / "images").iterdir())]
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    for bad in ("neon", ".."):
+        message, _ = tab.on_train(files, [], *{**values, "name": bad}.values())
+        assert message.startswith("⚠ Nothing started:") and not started
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing staged
+    tab.on_train(files, [], *{**values, "name": "a/b\\c"}.values())
+    assert started[0].name == "a_b_c"
+
+
+def test_a_fractional_or_huge_step_count_is_refused_with_the_range():
+    """Item 6: the page hands 2.5 on as 2.5 (not rounded to 2), and TrainConfig refuses it and 1e12."""
+    import pytest
+
+    from adapters.errors import UserError
+
+    with gr.Blocks():
+        form = SettingsForm(gpus=1)
+    names = list(form.controls)
+    for typed, message in ((2.5, "steps (--steps) must be a whole number, got 2.5"), (1e12, "at most 1000000")):
+        values = [c.value for c in form.inputs]
+        values[names.index("steps")] = form.controls["steps"].preprocess(typed)
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            form.config(values)
+    values = [c.value for c in form.inputs]
+    values[names.index("steps")] = form.controls["steps"].preprocess(300.0)
+    assert form.config(values).steps == 300
+
+
+def test_messages_speak_the_pages_language():
+    """Item 8: settings by their label, files by name, no flags of what the page chooses itself."""
+    from app.ui.settings import page_words
+
+    assert page_words("steps (--steps) must be at least 1") == "*Steps* must be at least 1"
+    assert (
+        page_words("img.png: caption img.txt is missing; write one, or set a default caption (--default-caption)")
+        == "img.png: caption img.txt is missing; write one, or set a default caption (*Default caption*)"
+    )
+    assert page_words("checkpoint /work/ws/runs/r1/checkpoints/step_000004 is at step 4; raise --steps above it") == (
+        "checkpoint step_000004 is at step 4; raise *Steps* above it"
+    )
+    assert page_words("see https://example.com/a/b") == "see https://example.com/a/b"
+
+
+def test_the_page_uses_only_characters_debians_chromium_can_draw():
+    """Item 8: '❌' (U+274C) is in no font of Debian's Chromium install and draws as an empty box. Every non-ASCII
+    character in the page's code must be one of these, each found in DejaVu Sans (`fc-list ':charset=HEX'`)."""
+    from pathlib import Path
+
+    drawn = set("…·—–⚠×→’“”‘")
+    ui = Path(__file__).resolve().parent.parent / "app" / "ui"
+    for path in ui.glob("*.py"):
+        odd = {ch for ch in path.read_text() if ord(ch) > 127} - drawn
+        assert not odd, f"{path.name} uses {sorted(odd)}"
+
+
+def test_an_upload_is_checked_in_the_table_and_proposes_a_trigger_word(tmp_path):
+    """Items 8 and 10: a text file named .png is flagged in the table as it is uploaded; the first tag every caption
+    starts with is offered as the trigger word (an empty box only)."""
+    images = write_scene_folder(tmp_path / "images", count=3)
+    for i in range(3):
+        (images / f"img{i}.txt").write_text(f"glowline, picture {i}")
+    (images / "fake.png").write_text("a text file, not a picture")
+    (images / "fake.txt").write_text("glowline, fake")
+    tab = _tab(tmp_path)
+    rows, note, trigger = tab.on_upload([str(p) for p in sorted(images.iterdir())], "")
+    checks = {row[1]: row[3] for row in rows}
+    assert checks["fake.png"].startswith("⚠ not a readable image") and checks["img0.png"] == ""
+    assert "fake.png: not a readable image" in note
+    assert trigger.constructor_args["value"] == "glowline" and "**glowline**" in note
+    _, _, kept = tab.on_upload([str(p) for p in sorted(images.iterdir())], "mine")
+    assert kept == gr.skip()  # a trigger word already typed is left as it is
+
+
+def test_previews_keep_the_trigger_word_and_the_page_shows_their_prompt(tmp_path, monkeypatch):
+    """Item 10: the page's default preview prompt is the first caption with the trigger word, as training sees it;
+    the run view shows that prompt."""
+    import app.ui.train as train_tab
+
+    tab = _tab(tmp_path)
+    started = []
+    monkeypatch.setattr(train_tab, "start_run", lambda config, staged, *a: started.append(config) or staged)
+    images = write_scene_folder(tmp_path / "images", count=2)
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    tab.on_train([str(p) for p in sorted(images.iterdir())], [], *{**values, "trigger_word": "zq"}.values())
+    first = (images / "img0.txt").read_text()
+    assert started[0].preview_prompt == f"zq, {first}"
+    run = _run_folder(tmp_path / "runs", "r1", preview_prompt="zq, a red circle")
+    EventLog(run).emit("start", steps=4)
+    *_, shown = tab.refresh(run.name)
+    assert shown == "Preview prompt: “zq, a red circle”"
+
+
+def test_the_loss_curve_is_smoothed_as_tensorboard_does():
+    """Issue 14: the raw per-step loss and an EMA line over it (TensorBoard's debiased smoothing), the weight said."""
+    from app.ui.train import RAW, SMOOTHED, loss_frame
+    from trainer.runs import SMOOTHING, smoothed
+
+    assert smoothed([1.0, 0.0], 0.5) == [1.0, 0.25 / 0.75]  # (0.5*1)/(1-0.5), then (0.5*0.5+0.5*0)/(1-0.25)
+    frame = loss_frame([(1, 1.0), (2, 0.0), (3, 1.0)])
+    assert list(frame[frame.series == RAW].loss) == [1.0, 0.0, 1.0]
+    assert list(frame[frame.series == SMOOTHED].loss) == smoothed([1.0, 0.0, 1.0], SMOOTHING)
+    assert f"{SMOOTHING}" in SMOOTHED

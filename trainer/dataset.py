@@ -122,6 +122,11 @@ def _check_image(path: Path) -> tuple[str, str]:
     return "", f"animated ({frames} frames); training uses the first frame" if frames > 1 else ""
 
 
+def image_problem(path: str | Path) -> str:
+    """Why training would refuse this image file, read by its content as `check_folder` reads it; "" if none."""
+    return _check_image(Path(path))[0]
+
+
 def with_trigger(caption: str, trigger_word: str) -> str:
     """Put the trigger word first, unless the caption already contains it."""
     if not trigger_word or trigger_word in caption:

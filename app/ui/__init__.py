@@ -38,7 +38,9 @@ def build_app(
     workspace = Path(workspace)
     runs_root, library = workspace / "runs", Library(workspace / "library")
     preload_files = sorted(str(p) for p in Path(preload).iterdir() if p.is_file()) if preload else None
-    with gr.Blocks(title="lora-studio") as app:
+    # Gradio keeps every upload and every picture it sends in its cache folder (GRADIO_TEMP_DIR, else the system
+    # temp folder's gradio/): files older than a day are deleted each hour, and all of this app's when it stops.
+    with gr.Blocks(title="lora-studio", delete_cache=(3600, 86400)) as app:
         gr.Markdown("# lora-studio\nTrain a LoRA style adapter from a handful of images, then use it.")
         train = TrainTab(runs_root, library, preload_files, max_upload_files)
         generate = GenerateTab(library, base_model)

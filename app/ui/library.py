@@ -9,8 +9,20 @@ import gradio as gr
 
 from adapters.errors import UserError
 from adapters.library import Library
+from app.ui.settings import page_words
 
 COLUMNS = ["name", "base_model", "rank", "alpha", "steps", "trigger_word", "date", "size_kb"]
+
+
+def name_note(library: Library, typed: str, empty: str = "") -> str:
+    """What the page says under a name box, for Train and Rename alike: the name the adapter will have in the
+    library (cleaned as the library cleans names), or why it cannot have it. `empty` is said for an empty box."""
+    if not str(typed or "").strip():
+        return empty
+    try:
+        return f"Saved in the library as **{library.new_name(typed)}**."
+    except UserError as exc:
+        return f"⚠ {page_words(str(exc))}"
 
 
 def problems_html(problems: list[tuple[Path, str]]) -> str:
@@ -36,7 +48,9 @@ class LibraryTab:
                 self.info = gr.JSON(label="Metadata")
             with gr.Row():
                 self.download = gr.DownloadButton("Download", elem_id="download-button", interactive=False)
-                self.new_name = gr.Textbox(label="New name", scale=2)
+                with gr.Column(scale=2):
+                    self.new_name = gr.Textbox(label="New name", elem_id="rename-to")
+                    self.rename_note = gr.Markdown(elem_id="rename-note")
                 self.rename_button = gr.Button("Rename")
                 self.delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
             with gr.Row(visible=False) as self.confirm_row:
@@ -49,6 +63,7 @@ class LibraryTab:
         view = [self.table, self.problems, self.picked]
         self.tab.select(self.view, self.picked, view)
         self.picked.change(self.show_adapter, self.picked, [self.sample, self.info, self.download, self.confirm_row])
+        self.new_name.change(lambda typed: name_note(self.library, typed), self.new_name, self.rename_note)
         self.rename_button.click(self.on_rename, [self.picked, self.new_name], [*view, self.status])
         self.delete_button.click(lambda: gr.Row(visible=True), None, self.confirm_row)
         self.keep.click(lambda: gr.Row(visible=False), None, self.confirm_row)
@@ -79,19 +94,19 @@ class LibraryTab:
         try:
             entry = self.library.rename(old, new)
         except UserError as exc:
-            return *self.view(old), f"❌ {exc}"
+            return *self.view(old), f"⚠ {page_words(str(exc))}"
         return *self.view(entry.name), f"Renamed **{old}** to **{entry.name}**."
 
     def on_delete(self, name):
         try:
             self.library.delete(name)
         except UserError as exc:
-            return *self.view(name), f"❌ {exc}", gr.Row(visible=False)
+            return *self.view(name), f"⚠ {page_words(str(exc))}", gr.Row(visible=False)
         return *self.view(), f"Deleted **{name}**.", gr.Row(visible=False)
 
     def on_import(self, path):
         try:
             entry = self.library.add(path)
         except UserError as exc:
-            return *self.view(), f"❌ {exc}"
+            return *self.view(), f"⚠ {page_words(str(exc))}"
         return *self.view(entry.name), f"Imported **{entry.name}**."

@@ -4,6 +4,7 @@ by its field's help text, `basic` fields in view, the others under *Advanced*, g
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import gradio as gr
@@ -42,8 +43,8 @@ def _control(f: dataclasses.Field, hint) -> gr.components.Component:
         return gr.Radio(list(f.metadata["choices"]), value=value, **common)
     if hint is bool:
         return gr.Checkbox(value=value, **common)
-    if hint is int:
-        return gr.Number(value=value, precision=0, **common)
+    if hint is int:  # no rounding here: 2.5 reaches TrainConfig, which refuses it (precision=0 would make it 2)
+        return gr.Number(value=value, **common)
     if hint is float:
         return gr.Number(value=value, **common)
     return gr.Textbox(value=value, **common)
@@ -69,5 +70,48 @@ class SettingsForm:
         return list(self.controls.values())
 
     def config(self, values: typing.Sequence) -> TrainConfig:
-        """The TrainConfig for the values of `inputs`; a bad value is a UserError naming the field."""
-        return TrainConfig.from_dict(dict(zip(self.controls, values)), source="the settings")
+        """The TrainConfig for the values of `inputs`; a bad value is a UserError naming the field. A number box
+        sends 300 as 300.0: whole numbers become ints, anything else is left for TrainConfig to refuse."""
+        hints = typing.get_type_hints(TrainConfig)
+        given = {
+            name: int(v) if hints[name] is int and isinstance(v, float) and v.is_integer() else v
+            for name, v in zip(self.controls, values)
+        }
+        return TrainConfig.from_dict(given, source="the settings")
+
+
+# What the page calls the things the trainer's messages name by flag or by folder.
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_PAGE_CHOOSES = {
+    "data": "the upload",
+    "output": "the adapter file",
+    "run_dir": "the run folder",
+    "library": "the library",
+}
+_NAMED_FIELD = re.compile(r"\b([a-z_]+) \(--([a-z-]+)[^()]*\)")  # steps (--steps), resume (--resume latest)
+_FLAG = re.compile(r"\(?--(no-)?([a-z][a-z-]*)\)?")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~:])/(?:[^\s/'\"`()<>]+/)+([^\s/'\"`()<>]+)")
+
+
+def _page_name(field: str) -> str:
+    return _PAGE_CHOOSES.get(field) or f"*{_label(field)}*"
+
+
+def page_words(message: str) -> str:
+    """A message as the page says it: a setting by its label (*Default caption*, not --default-caption), a file by
+    its name, without the folders of the machine the server runs on."""
+
+    def named(match: re.Match) -> str:
+        field = match.group(1)
+        return _page_name(field) if field in _FIELDS and match.group(2) == field.replace("_", "-") else match.group(0)
+
+    def flag(match: re.Match) -> str:
+        field = match.group(2).replace("-", "_")
+        if field not in _FIELDS:
+            return match.group(0)
+        said = _page_name(field) + (" off" if match.group(1) else "")
+        return f"({said})" if match.group(0).startswith("(") and match.group(0).endswith(")") else said
+
+    message = _NAMED_FIELD.sub(named, message)
+    message = _FLAG.sub(flag, message)
+    return _ABSOLUTE_PATH.sub(r"\1", message)
