@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.families import native_size
 from trainer.builtin.scenes import HELD_OUT_PAIRS, analyse, single_object_scene
 
 
@@ -41,7 +42,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int = 2
 
     defaults = generation_defaults(pipe.name_or_path, dict(pipe.scheduler.config))
     images = []
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
         out = pipe(
@@ -88,9 +89,13 @@ def main() -> None:
     """Score a scene-world model: prompt fidelity on held-out pairs and the CPU time of one picture."""
     import argparse
     import json
+    import os
+    import platform
     import statistics
+    import sys
     import time
     from dataclasses import asdict
+    from pathlib import Path
 
     from adapters.base import load_pipeline
 
@@ -98,11 +103,19 @@ def main() -> None:
     parser.add_argument("--model", default="builtin", help="builtin or a diffusers folder")
     parser.add_argument("--count", type=int, default=100, help="held-out (prompt, seed) pairs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the record (with command, date, load) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     pipe = load_pipeline(args.model, device="cpu")
-    result = {"model": args.model, **asdict(prompt_fidelity(pipe, count=args.count))}
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    result = {
+        "command": " ".join(["python", "-m", "trainer.builtin.evaluate", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "model": args.model,
+        **asdict(prompt_fidelity(pipe, count=args.count)),
+    }
+    size = native_size(pipe)
     times = []
     for seed in range(4):
         start = time.perf_counter()
@@ -116,7 +129,10 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     result["seconds_per_image_20_steps"] = statistics.median(times[1:])
     result["threads"] = args.threads
+    result["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
