@@ -9,6 +9,7 @@ library, taking a screenshot of each tab. The grid shows one prompt and seed at 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -50,8 +51,10 @@ def main() -> None:
             page.goto(url)
             page.get_by_text("glowline, a red circle at the top").first.wait_for(timeout=60_000)  # the caption table
             page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
+            load_before, pressed = os.getloadavg()[0], time.time()
             page.locator("#train-button").click()
             page.locator("#train-status").get_by_text("Done").wait_for(timeout=600_000)
+            record_first_run(workspace, pressed, load_before)
             page.wait_for_timeout(1500)
             page.screenshot(path=str(HERE / "train.png"), full_page=True)
 
@@ -74,6 +77,28 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+def record_first_run(workspace: Path, pressed: float, load_before: float) -> None:
+    """What the README's first run says, measured on this run: Train pressed to adapter done, and steps per second
+    (steady, after step 10), written to benchmarks/results/first_run_cpu.json."""
+    import json
+    import platform
+
+    from trainer.runs import read_events, steady_step_seconds
+
+    run = next((workspace / "runs").iterdir())
+    done = next(e for e in read_events(run) if e["type"] == "done")
+    record = {
+        "command": ".venv/bin/python app/screenshots/make_screenshots.py",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (browser, app and trainer on the same cores)",
+        "train_pressed_to_done_s": round(done["time"] - pressed, 1),
+        "steps": done["step"],
+        "steps_per_s": round(1 / steady_step_seconds(run), 2),
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+    }
+    (ROOT / "benchmarks" / "results" / "first_run_cpu.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def strength_grid(adapter: Path, seeds=range(4)) -> None:
