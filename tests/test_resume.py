@@ -41,6 +41,8 @@ OPTIONS = {
         loss="huber",
         max_grad_norm=1.0,
     ),
+    # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others)
+    "repeats, epochs": dict(repeats=2, epochs=2),
 }
 
 

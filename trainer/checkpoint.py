@@ -43,6 +43,8 @@ RESUME_MUST_MATCH = (
     "huber_c",
     "min_snr_gamma",
     "noise_offset",
+    # the data's draws: how often each image comes up per epoch
+    "repeats",
 )
 
 

@@ -106,6 +106,18 @@ class TrainConfig:
         "classifier-free guidance keeps it. 0 = never.",
         "data",
     )
+    repeats: int = _f(
+        1,
+        "Times each image at the top of the data folder is shown per epoch. A sub-folder named N_name (kohya_ss's "
+        "convention: 10_mystyle gives its own images 10 repeats); several may sit side by side.",
+        "data",
+    )
+    epochs: int = _f(
+        0,
+        "Train this many epochs (passes over every image x its repeats) instead of --steps: the step count is "
+        "derived (rounded up to whole steps) and printed before training starts. 0 = use --steps.",
+        "training",
+    )
     # the adapter
     rank: int = _f(8, "LoRA rank (dim): size of the adapter. 4-32 is typical for a style.", "adapter", basic=True)
     alpha: float = _f(
@@ -279,6 +291,8 @@ class TrainConfig:
                 f"steps (--steps) must be at least 1 and at most {MAX_STEPS}; got {self.steps}",
             ),
             (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
+            (self.repeats >= 1, f"repeats (--repeats) must be at least 1; got {self.repeats}"),
+            (self.epochs >= 0, f"epochs (--epochs) must be 0 (use --steps) or more; got {self.epochs}"),
             (
                 self.optimizer == "prodigy" or 0 < self.learning_rate < 1,
                 f"learning_rate (--learning-rate) must be a positive number below 1 (typical: 1e-4); "
@@ -485,6 +499,8 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if config_path:
         TrainConfig.from_dict(dict(values), source=source)  # report unknown keys against the file itself
+    if "steps" in given and given.get("epochs"):
+        raise UserError("give --steps or --epochs, not both: the one left out is derived from the other")
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig.from_dict(values, source=source)
 

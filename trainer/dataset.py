@@ -6,6 +6,7 @@ per file, so a person fixes the folder once rather than once per error.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _KINDS = (*IMAGE_FORMATS, "MPO")
 # More pixels than this is refused, not decoded: Pillow's own decompression-bomb limit (about 89 megapixels).
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# kohya_ss's folder convention: a sub-folder named `<N>_<name>` (e.g. `10_mystyle`) repeats its images N times.
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 @dataclass
@@ -33,10 +36,36 @@ class Example:
     pixels: torch.Tensor  # (3, H, W) float in [-1, 1]
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the upright image on disk
     crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts, in resized-image pixels (SDXL's time ids)
+    repeats: int = 1  # times the image is shown per epoch (--repeats, or its `<N>_name` sub-folder)
 
 
 def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def repeats_of(path: Path, folder: str | Path, default: int = 1) -> int:
+    """How many times an image of the data `folder` is shown per epoch: N for one in a `<N>_name` sub-folder,
+    `default` (--repeats) for one at the top."""
+    if Path(path).parent == Path(folder):
+        return default
+    return int(REPEAT_FOLDER.match(Path(path).parent.name).group(1))
+
+
+def _training_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
+    """(images, problems, notes): the folder's own images, then those of each `<N>_name` sub-folder; a sub-folder
+    named otherwise is not read (a note says so), one named `0_name` is a problem."""
+    images, problems, notes = find_images(folder), [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        match = REPEAT_FOLDER.match(sub.name)
+        if match and int(match.group(1)) >= 1:
+            images += find_images(sub)
+        elif match:
+            problems.append(f"{sub.name}/: 0 repeats never shows its images; rename it 1_{match.group(2)} or more")
+        elif find_images(sub):
+            notes.append(
+                f"{sub.name}/: not read; name the sub-folder <repeats>_<name> (e.g. 10_{sub.name}) to train on it"
+            )
+    return images, problems, notes
 
 
 def check_folder(
@@ -54,19 +83,20 @@ def check_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist or is not a folder (--data)")
-    images = find_images(folder)
-    if not images:
+    images, problems, said = _training_images(folder)
+    if not images and not problems:
         raise UserError(
-            f"data folder {folder} has no images: put .png, .jpg, .jpeg, .webp or .gif files in it, "
-            "each with a .txt caption of the same name"
+            f"data folder {folder} has no images: put .png, .jpg, .jpeg, .webp or .gif files in it (or in "
+            "sub-folders named <repeats>_<name>, e.g. 10_mystyle), each with a .txt caption of the same name"
         )
-    problems, pairs, said, not_utf8 = [], [], [], []
+    pairs, not_utf8 = [], []
     for path in images:
+        name = path.relative_to(folder).as_posix()
         problem, note = _check_image(path)
         if problem:
-            problems.append(f"{path.name}: {problem}")
+            problems.append(f"{name}: {problem}")
             continue
-        said += [f"{path.name}: {note}"] if note else []
+        said += [f"{name}: {note}"] if note else []
         caption_file = path.with_suffix(".txt")
         caption = ""
         if caption_file.is_file():
@@ -82,7 +112,7 @@ def check_folder(
             else:
                 what = "is empty" if caption_file.is_file() else "is missing"
                 problems.append(
-                    f"{path.name}: caption {caption_file.name} {what}; write one, or set a default caption "
+                    f"{name}: caption {caption_file.name} {what}; write one, or set a default caption "
                     "(--default-caption)"
                 )
                 continue
@@ -172,12 +202,20 @@ def load_examples(
     default_caption: str = "",
     trigger_word: str = "",
     notes: list[str] | None = None,
+    repeats: int = 1,
 ) -> list[Example]:
-    """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption; what the
-    check has to say about the images and captions is appended to `notes` (see `check_folder`)."""
+    """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption and its repeats
+    (`repeats` at the top, N in a `<N>_name` sub-folder); what the check has to say about the images and captions
+    is appended to `notes` (see `check_folder`)."""
     pairs = check_folder(folder, default_caption, notes)
     return [
-        Example(p, with_trigger(c, trigger_word), prepare_image(p, resolution), *crop_geometry(p, resolution))
+        Example(
+            p,
+            with_trigger(c, trigger_word),
+            prepare_image(p, resolution),
+            *crop_geometry(p, resolution),
+            repeats_of(p, folder, repeats),
+        )
         for p, c in pairs
     ]
 
@@ -198,6 +236,10 @@ def long_captions(examples: list[Example], tokenizer) -> list[str]:
 
 
 def tag_frequency(examples: list[Example], folder: str | Path) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: comma-separated caption tags counted, under the data folder's name."""
-    counts = Counter(tag.strip() for e in examples for tag in e.caption.split(",") if tag.strip())
-    return {Path(folder).name: dict(counts)}
+    """kohya's ss_tag_frequency: comma-separated caption tags counted, under the data folder's name (and each
+    `<N>_name` sub-folder's own, as kohya_ss writes it)."""
+    counts: dict[str, Counter] = {}
+    for e in examples:
+        where = Path(folder).name if e.path.parent == Path(folder) else e.path.parent.name
+        counts.setdefault(where, Counter()).update(tag.strip() for tag in e.caption.split(",") if tag.strip())
+    return {where: dict(c) for where, c in counts.items()}

@@ -12,6 +12,7 @@ batch, so a run is reproducible and N processes at batch B see the same data as 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -30,7 +31,7 @@ from adapters.library import sanitize_name
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.dataset import check_folder, load_examples, long_captions, tag_frequency
+from trainer.dataset import check_folder, load_examples, long_captions, repeats_of, tag_frequency
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, LOSS_PNG, PREVIEWS, EventLog, draw_loss_curve, new_run_dir, run_losses, scan_events
 from trainer.step import gradient_checkpointing, make_step
@@ -124,7 +125,8 @@ def encode_examples(pipe, family: Family, examples, resolution: int, device, dty
 class BatchDrawer:
     """Every random choice of every step, from one seeded generator: reproducible, and split across processes.
 
-    `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation each epoch),
+    `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation of every image
+    x its repeats each epoch),
     latent sample, noise (with `noise_offset` times a per-image, per-channel constant added) and timestep; each
     process then takes its own slice of it.
     """
@@ -138,8 +140,12 @@ class BatchDrawer:
         seed: int,
         dropout: float = 0.0,
         noise_offset: float = 0.0,
+        *,
+        repeats: list[int] | None = None,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
+        # each image's index as many times as its repeats: an epoch is a permutation of this pool
+        self.pool = [i for i, r in enumerate(repeats or [1] * num_images) for _ in range(r)]
         self.dropout, self.noise_offset = dropout, noise_offset
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
@@ -147,7 +153,7 @@ class BatchDrawer:
 
     def _indices(self) -> torch.Tensor:
         while len(self.order) < self.global_batch:
-            self.order += torch.randperm(self.num_images, generator=self.generator).tolist()
+            self.order += [self.pool[j] for j in torch.randperm(len(self.pool), generator=self.generator).tolist()]
         idx, self.order = self.order[: self.global_batch], self.order[self.global_batch :]
         return torch.tensor(idx)
 
@@ -219,7 +225,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     from diffusers import DDPMScheduler
 
     # 1. Check every input before loading a model: the data folder, the output file, the run folder.
-    check_folder(config.data, config.default_caption)
+    pairs = check_folder(config.data, config.default_caption)
     # On a machine without CUDA, accelerate only joins a multi-process (gloo) group when told it runs on the CPU.
     cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, PartialState(cpu=cpu).device)
@@ -230,6 +236,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     check_optimizer(config, accelerator.device)  # its package and its device, before any model loads
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     main, processes = accelerator.is_main_process, accelerator.num_processes
+    # An epoch shows every image its repeats times; --epochs N makes the step count N epochs' worth.
+    per_epoch = sum(repeats_of(path, config.data, config.repeats) for path, _ in pairs)
+    per_step = config.batch_size * processes * config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(per_epoch / per_step)
+    if config.epochs:
+        config = dataclasses.replace(config, steps=config.epochs * steps_per_epoch)
     run_dir = _shared_run_dir(config, accelerator)
     if (run_dir / EVENTS).exists() and not config.resume:
         raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume")
@@ -270,6 +282,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             default_caption=config.default_caption,
             trigger_word=config.trigger_word,
             notes=notes,
+            repeats=config.repeats,
         )
         notes += long_captions(examples, pipe.tokenizer)
         cache = encode_examples(
@@ -285,6 +298,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.seed,
             config.caption_dropout,
             config.noise_offset,
+            repeats=[ex.repeats for ex in examples],
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -302,6 +316,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         for note in notes:
             notice(note)
+        epochs = config.epochs or config.steps / steps_per_epoch
+        notice(
+            f"{len(examples)} images, {per_epoch} per epoch with their repeats; {per_step} per step (batch "
+            f"{config.batch_size} x {processes} process(es) x {config.gradient_accumulation_steps} accumulated) = "
+            f"{steps_per_epoch} steps per epoch; {config.steps} steps = {epochs:g} epochs"
+            + (" (from --epochs)" if config.epochs else "")
+        )
         step = make_step(
             unet,
             optimizer,
@@ -318,6 +339,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             "start",
             steps=config.steps,
             images=len(examples),
+            repeats=per_epoch,  # images shown per epoch, each image counted its repeats times
+            batch_size=config.batch_size,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            steps_from="epochs" if config.epochs else "steps",
             resolution=resolution,
             targets=len(targets),
             trainable_parameters=sum(p.numel() for p in params),

@@ -1,0 +1,65 @@
+"""The data options a kohya_ss user brings: repeats and `<N>_name` sub-folders, epochs instead of steps."""
+
+import argparse
+from collections import Counter
+
+import pytest
+from conftest import write_scene_folder
+
+from adapters.errors import UserError
+from trainer.config import TrainConfig, add_arguments, from_args
+from trainer.dataset import check_folder, load_examples
+from trainer.loop import BatchDrawer, train
+from trainer.runs import read_events
+
+
+def _kohya_folder(root):
+    """Two images at the top, two more in `3_extra/` (3 repeats each), and a sub-folder the convention skips."""
+    write_scene_folder(root, count=2)
+    write_scene_folder(root / "3_extra", count=2, seed=7)
+    write_scene_folder(root / "unsorted", count=1, seed=9)
+    return root
+
+
+def test_sub_folder_repeats_and_repeats_flag_set_how_often_each_image_comes_up_per_epoch(tmp_path):
+    notes = []
+    examples = load_examples(_kohya_folder(tmp_path / "data"), 16, repeats=2, notes=notes)
+    repeats = {e.path.relative_to(tmp_path / "data").as_posix(): e.repeats for e in examples}
+    assert repeats == {"img0.png": 2, "img1.png": 2, "3_extra/img0.png": 3, "3_extra/img1.png": 3}
+    assert any(n.startswith("unsorted/: not read; name the sub-folder <repeats>_<name>") for n in notes)
+    # one epoch is every image its repeats times, in a fresh order each epoch
+    drawer = BatchDrawer(4, 10, 1000, (4, 2, 2), seed=0, repeats=[e.repeats for e in examples])
+    first, second = drawer.draw()["index"].tolist(), drawer.draw()["index"].tolist()
+    assert Counter(first) == Counter(second) == {0: 2, 1: 2, 2: 3, 3: 3}
+    assert first != second
+
+
+def test_a_zero_repeat_folder_is_refused_with_the_fix(tmp_path):
+    write_scene_folder(tmp_path / "data" / "0_style", count=1)
+    with pytest.raises(UserError, match=r"0_style/: 0 repeats never shows its images; rename it 1_style"):
+        check_folder(tmp_path / "data")
+
+
+def test_epochs_derive_the_step_count_and_the_start_event_says_so(tiny_model, tmp_path):
+    data = _kohya_folder(tmp_path / "data")  # 2 x 1 + 2 x 3 = 8 images per epoch
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(data), epochs=2, steps=3, batch_size=3, run_dir=str(tmp_path / "run")
+    )
+    train(config, device="cpu", log_to_terminal=False)
+    events = read_events(tmp_path / "run")
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["images"], start["repeats"], start["batch_size"]) == (4, 8, 3)
+    assert (start["steps_per_epoch"], start["steps"], start["epochs"], start["steps_from"]) == (3, 6, 2, "epochs")
+    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4, 5, 6]
+    notices = [e["message"] for e in events if e["type"] == "notice"]
+    assert "8 per epoch with their repeats" in " ".join(notices)
+
+
+def test_steps_and_epochs_together_on_the_command_line_are_refused():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(UserError, match="give --steps or --epochs, not both"):
+        from_args(parser.parse_args(["--data", "x", "--steps", "10", "--epochs", "2"]))
+    assert from_args(parser.parse_args(["--data", "x", "--epochs", "2"])).epochs == 2
+    with pytest.raises(UserError, match=r"repeats \(--repeats\) must be at least 1"):
+        TrainConfig(data="x", repeats=0)
