@@ -1,15 +1,16 @@
-"""The data options a kohya_ss user brings: repeats and `<N>_name` sub-folders, epochs instead of steps."""
+"""The data options a kohya_ss user brings: repeats and `<N>_name` sub-folders, epochs instead of steps, flip."""
 
 import argparse
 from collections import Counter
 
 import pytest
+import torch
 from conftest import write_scene_folder
 
 from adapters.errors import UserError
 from trainer.config import TrainConfig, add_arguments, from_args
 from trainer.dataset import check_folder, load_examples
-from trainer.loop import BatchDrawer, train
+from trainer.loop import BatchDrawer, encode_examples, make_batch, train
 from trainer.runs import read_events
 
 
@@ -63,3 +64,25 @@ def test_steps_and_epochs_together_on_the_command_line_are_refused():
     assert from_args(parser.parse_args(["--data", "x", "--epochs", "2"])).epochs == 2
     with pytest.raises(UserError, match=r"repeats \(--repeats\) must be at least 1"):
         TrainConfig(data="x", repeats=0)
+
+
+def test_flip_trains_on_the_mirrored_pictures_too(tiny_model, image_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from adapters.families import SD1
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    examples = load_examples(image_folder, 32)
+    cache = encode_examples(pipe, SD1, examples, 32, "cpu", torch.float32, flip=True)
+    cache["latent_std"].zero_()  # the batch's latents are then exactly the cached means
+    draw = BatchDrawer(4, 64, 1000, cache["latent_mean"].shape[1:], seed=0, flip=True).draw()
+    latents = make_batch(draw, cache, SD1, "cpu")["latents"]
+    scale = pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        own = [pipe.vae.encode(e.pixels[None]).latent_dist.mean[0] * scale for e in examples]
+        mirrored = [pipe.vae.encode(e.pixels.flip(-1)[None]).latent_dist.mean[0] * scale for e in examples]
+    for row, index, flipped in zip(latents, draw["index"].tolist(), draw["flip"].tolist()):
+        want = mirrored[index] if flipped else own[index]
+        assert torch.allclose(row, want, atol=1e-5)
+        assert not torch.allclose(row, (own if flipped else mirrored)[index], atol=1e-3)
+    assert 16 < int(draw["flip"].sum()) < 48  # about half of the draws are mirrored

@@ -41,8 +41,9 @@ OPTIONS = {
         loss="huber",
         max_grad_norm=1.0,
     ),
-    # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others)
-    "repeats, epochs": dict(repeats=2, epochs=2),
+    # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others), each
+    # drawn as it is or mirrored
+    "repeats, epochs, flip": dict(repeats=2, epochs=2, flip=True),
 }
 
 

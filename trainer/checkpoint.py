@@ -45,6 +45,7 @@ RESUME_MUST_MATCH = (
     "noise_offset",
     # the data's draws: how often each image comes up per epoch
     "repeats",
+    "flip",
 )
 
 

@@ -112,6 +112,13 @@ class TrainConfig:
         "convention: 10_mystyle gives its own images 10 repeats); several may sit side by side.",
         "data",
     )
+    flip: bool = _f(
+        False,
+        "Also train on each image mirrored left to right: both latents are cached, and every draw shows one of the "
+        "two at random (from the run's seeded generator). For pictures without a handedness (no text, no "
+        "one-sided details that matter).",
+        "data",
+    )
     epochs: int = _f(
         0,
         "Train this many epochs (passes over every image x its repeats) instead of --steps: the step count is "

@@ -86,9 +86,12 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def encode_examples(pipe, family: Family, examples, resolution: int, device, dtype, preview_prompt: str = "") -> dict:
+def encode_examples(
+    pipe, family: Family, examples, resolution: int, device, dtype, preview_prompt: str = "", flip: bool = False
+) -> dict:
     """Cache per image: the caption's conditioning (`family.conditioning`), the picture's own
     (`family.image_conditioning`: SDXL's time ids) and the VAE latent mean and std (scaled), all on `device`.
+    With `flip`, the mirrored pictures' latents follow the pictures' own (image i's mirror at len(examples) + i).
 
     The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
     share its memory (the previews' prompt is encoded with the captions, as `preview_cond`)."""
@@ -115,8 +118,8 @@ def encode_examples(pipe, family: Family, examples, resolution: int, device, dty
         vae, dtype = vae.float(), torch.float32
     means, stds = [], []
     scale = vae.config.scaling_factor
-    for ex in examples:
-        dist = vae.encode(ex.pixels[None].to(device, dtype)).latent_dist
+    for pixels in [ex.pixels for ex in examples] + ([ex.pixels.flip(-1) for ex in examples] if flip else []):
+        dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
     return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), **cache}
@@ -126,9 +129,8 @@ class BatchDrawer:
     """Every random choice of every step, from one seeded generator: reproducible, and split across processes.
 
     `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation of every image
-    x its repeats each epoch),
-    latent sample, noise (with `noise_offset` times a per-image, per-channel constant added) and timestep; each
-    process then takes its own slice of it.
+    x its repeats each epoch), latent sample, noise (with `noise_offset` times a per-image, per-channel constant
+    added), timestep and, with `flip`, mirrored or not; each process then takes its own slice of it.
     """
 
     def __init__(
@@ -142,11 +144,12 @@ class BatchDrawer:
         noise_offset: float = 0.0,
         *,
         repeats: list[int] | None = None,
+        flip: bool = False,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
         # each image's index as many times as its repeats: an epoch is a permutation of this pool
         self.pool = [i for i, r in enumerate(repeats or [1] * num_images) for _ in range(r)]
-        self.dropout, self.noise_offset = dropout, noise_offset
+        self.dropout, self.noise_offset, self.flip = dropout, noise_offset, flip
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
         self.order: list[int] = []
@@ -169,6 +172,8 @@ class BatchDrawer:
         if self.noise_offset:  # drawn last, so that a run without it draws what it always did
             shift = torch.randn((n, self.latent_shape[0], 1, 1), generator=self.generator)
             drawn["noise"] = drawn["noise"] + self.noise_offset * shift
+        if self.flip:  # each image shown as it is or mirrored, one chance in two
+            drawn["flip"] = torch.rand(n, generator=self.generator) < 0.5
         return drawn
 
     def state(self) -> dict:
@@ -186,7 +191,8 @@ def make_batch(
     per = len(draw["index"]) // processes
     part = slice(process * per, (process + 1) * per)
     idx = draw["index"][part]
-    latents = cache["latent_mean"][idx] + cache["latent_std"][idx] * draw["latent_noise"][part].to(device)
+    pictures = idx + draw["flip"][part].long() * (len(cache["latent_mean"]) // 2) if "flip" in draw else idx
+    latents = cache["latent_mean"][pictures] + cache["latent_std"][pictures] * draw["latent_noise"][part].to(device)
     drop = draw["drop_caption"][part].to(device)
     cond = {}
     for key, values in cache["cond"].items():
@@ -286,7 +292,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         )
         notes += long_captions(examples, pipe.tokenizer)
         cache = encode_examples(
-            pipe, family, examples, resolution, accelerator.device, weight_dtype, config.preview_prompt
+            pipe, family, examples, resolution, accelerator.device, weight_dtype, config.preview_prompt, config.flip
         )
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
@@ -299,6 +305,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.caption_dropout,
             config.noise_offset,
             repeats=[ex.repeats for ex in examples],
+            flip=config.flip,
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
