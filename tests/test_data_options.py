@@ -1,4 +1,4 @@
-"""The data options a kohya_ss user brings: repeats and `<N>_name` sub-folders, epochs instead of steps, flip."""
+"""The data options a kohya_ss user brings: repeats, `<N>_name` sub-folders, epochs, flip, tag shuffle."""
 
 import argparse
 from collections import Counter
@@ -9,7 +9,7 @@ from conftest import write_scene_folder
 
 from adapters.errors import UserError
 from trainer.config import TrainConfig, add_arguments, from_args
-from trainer.dataset import check_folder, load_examples
+from trainer.dataset import check_folder, load_examples, shuffled_captions
 from trainer.loop import BatchDrawer, encode_examples, make_batch, train
 from trainer.runs import read_events
 
@@ -86,3 +86,65 @@ def test_flip_trains_on_the_mirrored_pictures_too(tiny_model, image_folder):
         assert torch.allclose(row, want, atol=1e-5)
         assert not torch.allclose(row, (own if flipped else mirrored)[index], atol=1e-3)
     assert 16 < int(draw["flip"].sum()) < 48  # about half of the draws are mirrored
+
+
+def test_tag_shuffle_keeps_the_first_tags_and_the_trigger_word_in_place():
+    caption = "zz, portrait, red coat, snow, night, city, neon sign, rain"
+    orders = shuffled_captions(caption, 8, keep=2, seed=0)
+    assert orders == shuffled_captions(caption, 8, keep=2, seed=0)  # the run's seed gives the same orders
+    assert len(set(orders)) > 4
+    for order in orders:
+        tags = order.split(", ")
+        assert tags[:2] == ["zz", "portrait"] and sorted(tags) == sorted(caption.split(", "))
+    assert all(o.startswith("zz, ") for o in shuffled_captions(caption, 8, keep=0, seed=1, trigger_word="zz"))
+    assert not all(o.startswith("zz, ") for o in shuffled_captions(caption, 8, keep=0, seed=1))
+
+
+def test_tag_shuffle_shows_each_image_with_its_cached_orders(tiny_model, image_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from adapters.families import SD1
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    for i in range(4):  # captions of tags, as kohya_ss users write them
+        (image_folder / f"img{i}.txt").write_text(f"zz, tag{i}, red coat, snow, night, city, rain")
+    examples = load_examples(image_folder, 32)
+    orders = [shuffled_captions(e.caption, 3, keep=1, seed=i) for i, e in enumerate(examples)]
+    assert all(len(set(o)) == 3 for o in orders)
+    captions = [list(variant) for variant in zip(*orders)]
+    cache = encode_examples(pipe, SD1, examples, 32, "cpu", torch.float32, captions=captions)
+    draw = BatchDrawer(4, 64, 1000, cache["latent_mean"].shape[1:], seed=0, captions=3).draw()
+    embeds = make_batch(draw, cache, SD1, "cpu")["cond"]["text_embeds"]
+    seen = {i: set() for i in range(4)}
+    for row, index in zip(embeds, draw["index"].tolist()):
+        match = [
+            k for k in range(3) if torch.equal(row, SD1.conditioning(pipe, [orders[index][k]])["text_embeds"][0])
+        ]
+        assert match, "a row's caption conditioning is none of its image's shuffles"
+        seen[index].update(match)
+    assert all(len(kinds) == 3 for kinds in seen.values())  # every image came up with every cached order
+
+
+def test_a_run_with_tag_shuffle_encodes_the_shuffled_orders(tiny_model, image_folder, tmp_path, monkeypatch):
+    from trainer import loop
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["captions"] = args[8] if len(args) > 8 else kwargs.get("captions")
+        return encode_examples(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "encode_examples", spy)
+    (image_folder / "img0.txt").write_text("a, b, c, d, e, f")
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        data=str(image_folder),
+        steps=2,
+        shuffle_tags=True,
+        keep_tokens=1,
+        tag_shuffles=5,
+        run_dir=str(tmp_path / "run"),
+    )
+    train(config, device="cpu", log_to_terminal=False)
+    first = [variant[0] for variant in seen["captions"]]  # img0's five cached orders
+    assert len(first) == 5 and len(set(first)) > 1 and all(c.startswith("a, ") for c in first)

@@ -42,8 +42,8 @@ OPTIONS = {
         max_grad_norm=1.0,
     ),
     # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others), each
-    # drawn as it is or mirrored
-    "repeats, epochs, flip": dict(repeats=2, epochs=2, flip=True),
+    # drawn as it is or mirrored, with one of its cached tag shuffles
+    "repeats, epochs, flip, tag shuffle": dict(repeats=2, epochs=2, flip=True, shuffle_tags=True, keep_tokens=1),
 }
 
 

@@ -46,6 +46,9 @@ RESUME_MUST_MATCH = (
     # the data's draws: how often each image comes up per epoch
     "repeats",
     "flip",
+    "shuffle_tags",
+    "keep_tokens",
+    "tag_shuffles",
 )
 
 

@@ -119,6 +119,22 @@ class TrainConfig:
         "one-sided details that matter).",
         "data",
     )
+    shuffle_tags: bool = _f(
+        False,
+        "Shuffle each caption's comma-separated tags, keeping the first --keep-tokens in place (and the trigger "
+        "word first). The text encoder does not run per step: --tag-shuffles orders of each caption are encoded "
+        "before training and cached, and every draw picks one of them from the run's seeded generator.",
+        "data",
+    )
+    keep_tokens: int = _f(
+        0, "With --shuffle-tags: how many leading tags stay in place (kohya_ss's keep_tokens).", "data"
+    )
+    tag_shuffles: int = _f(
+        8,
+        "With --shuffle-tags: how many shuffled orders of each caption are encoded and cached (the captions' memory "
+        "grows with it; kohya_ss draws a new order every step).",
+        "data",
+    )
     epochs: int = _f(
         0,
         "Train this many epochs (passes over every image x its repeats) instead of --steps: the step count is "
@@ -300,6 +316,11 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
             (self.repeats >= 1, f"repeats (--repeats) must be at least 1; got {self.repeats}"),
             (self.epochs >= 0, f"epochs (--epochs) must be 0 (use --steps) or more; got {self.epochs}"),
+            (self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be 0 or more; got {self.keep_tokens}"),
+            (
+                1 <= self.tag_shuffles <= 64,
+                f"tag_shuffles (--tag-shuffles) must be from 1 to 64 (typical: 8); got {self.tag_shuffles}",
+            ),
             (
                 self.optimizer == "prodigy" or 0 < self.learning_rate < 1,
                 f"learning_rate (--learning-rate) must be a positive number below 1 (typical: 1e-4); "

@@ -164,6 +164,19 @@ def with_trigger(caption: str, trigger_word: str) -> str:
     return f"{trigger_word}, {caption}"
 
 
+def shuffled_captions(caption: str, count: int, keep: int, seed: int, trigger_word: str = "") -> list[str]:
+    """`count` orders of the caption's comma-separated tags, each shuffled but for the first `keep` tags (and the
+    trigger word, when it leads the caption); the same for the same seed and caption (kohya_ss's keep_tokens)."""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    keep = max(keep, 1 if trigger_word and tags and tags[0] == trigger_word else 0)
+    fixed, rest = tags[:keep], tags[keep:]
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        ", ".join(fixed + [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()])
+        for _ in range(count)
+    ]
+
+
 def prepare_image(path: Path, resolution: int) -> torch.Tensor:
     """EXIF-rotate, flatten transparency onto white, resize the short side and centre-crop to a square.
 

@@ -31,7 +31,14 @@ from adapters.library import sanitize_name
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.dataset import check_folder, load_examples, long_captions, repeats_of, tag_frequency
+from trainer.dataset import (
+    check_folder,
+    load_examples,
+    long_captions,
+    repeats_of,
+    shuffled_captions,
+    tag_frequency,
+)
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, LOSS_PNG, PREVIEWS, EventLog, draw_loss_curve, new_run_dir, run_losses, scan_events
 from trainer.step import gradient_checkpointing, make_step
@@ -87,27 +94,39 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
 
 @torch.no_grad()
 def encode_examples(
-    pipe, family: Family, examples, resolution: int, device, dtype, preview_prompt: str = "", flip: bool = False
+    pipe,
+    family: Family,
+    examples,
+    resolution: int,
+    device,
+    dtype,
+    preview_prompt: str = "",
+    flip: bool = False,
+    captions: list[list[str]] | None = None,
 ) -> dict:
     """Cache per image: the caption's conditioning (`family.conditioning`), the picture's own
     (`family.image_conditioning`: SDXL's time ids) and the VAE latent mean and std (scaled), all on `device`.
-    With `flip`, the mirrored pictures' latents follow the pictures' own (image i's mirror at len(examples) + i).
+    With `flip`, the mirrored pictures' latents follow the pictures' own (image i's mirror at len(examples) + i);
+    `captions` (K lists of one caption per image, e.g. K tag shuffles) replace the examples' own, and the
+    conditioning of list k's caption i is at k * len(examples) + i.
 
     The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
     share its memory (the previews' prompt is encoded with the captions, as `preview_cond`)."""
     size = (resolution, resolution)
     conds = [
         {
-            **family.conditioning(pipe, [ex.caption]),
+            **family.conditioning(pipe, [caption]),
             **family.image_conditioning(ex.original_size, ex.crop_top_left, size),
         }
-        for ex in examples
+        for variant in captions or [[ex.caption for ex in examples]]
+        for ex, caption in zip(examples, variant)
     ]
     cache = {
         "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
         # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
         "empty_cond": family.conditioning(pipe, [""]),
         "preview_cond": family.conditioning(pipe, [preview_prompt]) if preview_prompt else None,
+        "images": len(examples),
     }
     if torch.device(device).type == "cuda":
         for name in family.text_encoders:
@@ -145,11 +164,12 @@ class BatchDrawer:
         *,
         repeats: list[int] | None = None,
         flip: bool = False,
+        captions: int = 1,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
         # each image's index as many times as its repeats: an epoch is a permutation of this pool
         self.pool = [i for i, r in enumerate(repeats or [1] * num_images) for _ in range(r)]
-        self.dropout, self.noise_offset, self.flip = dropout, noise_offset, flip
+        self.dropout, self.noise_offset, self.flip, self.captions = dropout, noise_offset, flip, captions
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
         self.order: list[int] = []
@@ -174,6 +194,8 @@ class BatchDrawer:
             drawn["noise"] = drawn["noise"] + self.noise_offset * shift
         if self.flip:  # each image shown as it is or mirrored, one chance in two
             drawn["flip"] = torch.rand(n, generator=self.generator) < 0.5
+        if self.captions > 1:  # which of each image's cached captions (tag shuffles) it is shown with
+            drawn["caption"] = torch.randint(0, self.captions, (n,), generator=self.generator)
         return drawn
 
     def state(self) -> dict:
@@ -194,6 +216,8 @@ def make_batch(
     pictures = idx + draw["flip"][part].long() * (len(cache["latent_mean"]) // 2) if "flip" in draw else idx
     latents = cache["latent_mean"][pictures] + cache["latent_std"][pictures] * draw["latent_noise"][part].to(device)
     drop = draw["drop_caption"][part].to(device)
+    if "caption" in draw:  # this image's drawn tag shuffle
+        idx = idx + draw["caption"][part] * cache["images"]
     cond = {}
     for key, values in cache["cond"].items():
         if key in family.caption_keys:  # a dropped caption conditions like the empty one
@@ -291,8 +315,26 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             repeats=config.repeats,
         )
         notes += long_captions(examples, pipe.tokenizer)
+        shuffles = config.tag_shuffles if config.shuffle_tags else 1
+        captions = None
+        if config.shuffle_tags:  # K fixed orders of each caption's tags, encoded once; each draw picks one
+            per_image = [
+                shuffled_captions(
+                    ex.caption, shuffles, config.keep_tokens, config.seed * 100_003 + i, config.trigger_word
+                )
+                for i, ex in enumerate(examples)
+            ]
+            captions = [list(variant) for variant in zip(*per_image)]
         cache = encode_examples(
-            pipe, family, examples, resolution, accelerator.device, weight_dtype, config.preview_prompt, config.flip
+            pipe,
+            family,
+            examples,
+            resolution,
+            accelerator.device,
+            weight_dtype,
+            config.preview_prompt,
+            config.flip,
+            captions,
         )
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
@@ -306,6 +348,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.noise_offset,
             repeats=[ex.repeats for ex in examples],
             flip=config.flip,
+            captions=shuffles,
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
