@@ -1,4 +1,4 @@
-"""The data options a kohya_ss user brings: repeats, `<N>_name` sub-folders, epochs, flip, tag shuffle."""
+"""The data options a kohya_ss user brings: repeats, `<N>_name` sub-folders, epochs, flip, tag shuffle, buckets."""
 
 import argparse
 from collections import Counter
@@ -9,7 +9,7 @@ from conftest import write_scene_folder
 
 from adapters.errors import UserError
 from trainer.config import TrainConfig, add_arguments, from_args
-from trainer.dataset import check_folder, load_examples, shuffled_captions
+from trainer.dataset import bucket_sizes, check_folder, crop_geometry, load_examples, shuffled_captions
 from trainer.loop import BatchDrawer, encode_examples, make_batch, train
 from trainer.runs import read_events
 
@@ -148,3 +148,81 @@ def test_a_run_with_tag_shuffle_encodes_the_shuffled_orders(tiny_model, image_fo
     train(config, device="cpu", log_to_terminal=False)
     first = [variant[0] for variant in seen["captions"]]  # img0's five cached orders
     assert len(first) == 5 and len(set(first)) > 1 and all(c.startswith("a, ") for c in first)
+
+
+def add_landscape_images(folder, count: int = 2):
+    """`count` 64x32 pictures (2:1) with captions, beside the square ones."""
+    from PIL import Image
+
+    for i in range(count):
+        Image.open(folder / f"img{i}.png").convert("RGB").resize((64, 32)).save(folder / f"wide{i}.png")
+        (folder / f"wide{i}.txt").write_text(f"a wide picture {i}")
+    return folder
+
+
+def test_buckets_keep_each_images_aspect_ratio_and_the_true_crop(image_folder):
+    add_landscape_images(image_folder, 1)
+    sizes = bucket_sizes(32, 16)
+    assert (32, 32) in sizes and all(w % 16 == 0 and h % 16 == 0 and w * h <= 32 * 32 for w, h in sizes)
+    shapes = {e.path.name: tuple(e.pixels.shape) for e in load_examples(image_folder, 32, buckets=sizes)}
+    assert shapes["img0.png"] == (3, 32, 32) and shapes["wide0.png"] == (3, 16, 48)  # 2:1 -> the 3:1 bucket
+    assert tuple(load_examples(image_folder, 32)[-1].pixels.shape) == (3, 32, 32)  # without buckets: the square
+    # resized to cover 48x16 (48x24), then 4 rows cut at the top and bottom: SDXL's time ids say so
+    assert crop_geometry(image_folder / "wide0.png", 32, (48, 16)) == ((32, 64), (4, 0))
+    assert crop_geometry(image_folder / "wide0.png", 32) == ((32, 64), (0, 16))
+
+
+def test_every_batch_comes_from_one_bucket_and_each_bucket_comes_up():
+    # images 0-2 in bucket 0 (latents 4x4), 3-4 in bucket 1 (latents 2x6); image 4 has 3 repeats
+    drawer = BatchDrawer(
+        5,
+        2,
+        1000,
+        None,
+        seed=0,
+        repeats=[1, 1, 1, 1, 3],
+        buckets=[0, 0, 0, 1, 1],
+        bucket_shapes=[(4, 4, 4), (4, 2, 6)],
+    )
+    seen = Counter()
+    for _ in range(40):
+        draw = drawer.draw()
+        bucket = {0 if i < 3 else 1 for i in draw["index"].tolist()}
+        assert len(bucket) == 1
+        (bucket,) = bucket
+        assert draw["noise"].shape[1:] == ((4, 4, 4), (4, 2, 6))[bucket]
+        seen[bucket] += 1
+    assert seen[0] > 5 and seen[1] > seen[0]  # bucket 1 holds 4 of the 7 images per epoch
+
+
+def test_a_run_trains_each_bucket_at_its_size_and_says_how_many_images_each_holds(tiny_model, image_folder, tmp_path):
+    add_landscape_images(image_folder)  # the tiny model's buckets: multiples of 8 (its VAE x UNet stride)
+    run = tmp_path / "run"
+    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=4, run_dir=str(run))
+    train(config, device="cpu", log_to_terminal=False)
+    events = read_events(run)
+    assert next(e for e in events if e["type"] == "start")["buckets"] == {"32x32": 4, "40x24": 2}
+    notices = " ".join(e["message"] for e in events if e["type"] == "notice")
+    assert "2 aspect-ratio bucket(s), width x height: images: 32x32: 4, 40x24: 2" in notices
+    train(
+        TrainConfig(**{**config.to_dict(), "buckets": False, "run_dir": str(tmp_path / "square")}),
+        device="cpu",
+        log_to_terminal=False,
+    )
+    assert next(e for e in read_events(tmp_path / "square") if e["type"] == "start")["buckets"] == {"32x32": 6}
+
+
+def test_sdxl_time_ids_name_the_bucket_and_its_true_crop(tiny_sdxl_model, image_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    from adapters.families import SDXL
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+    add_landscape_images(image_folder, 1)
+    examples = load_examples(image_folder, 32, buckets=bucket_sizes(32, 16))
+    cache = encode_examples(pipe, SDXL, examples, 32, "cpu", torch.float32)
+    time_ids = dict(zip([e.path.name for e in examples], cache["cond"]["time_ids"].tolist()))
+    # original (height, width), crop (top, left), trained (height, width)
+    assert time_ids["wide0.png"] == [32, 64, 4, 0, 16, 48]
+    assert time_ids["img0.png"] == [32, 32, 0, 0, 32, 32]
+    assert [tuple(m.shape) for m in cache["latent_mean"]][-1] == (4, 4, 12)  # the wide one's latent, 48x16 / 4

@@ -44,6 +44,10 @@ OPTIONS = {
     # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others), each
     # drawn as it is or mirrored, with one of its cached tag shuffles
     "repeats, epochs, flip, tag shuffle": dict(repeats=2, epochs=2, flip=True, shuffle_tags=True, keep_tokens=1),
+    # two aspect-ratio buckets (three wide pictures join the square ones): each batch draws its bucket first
+    "buckets, cosine, accumulation, min-SNR, noise offset": dict(
+        lr_scheduler="cosine", lr_warmup_steps=3, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05
+    ),
 }
 
 
@@ -55,6 +59,12 @@ def _lr_by_step(run) -> dict[int, float]:
 @pytest.mark.parametrize("options", OPTIONS)
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_folder, tmp_path, options):
     extra = OPTIONS[options]
+    if options.startswith("buckets"):
+        from PIL import Image
+
+        for i in range(3):  # 3 in a bucket, batches of 2: a checkpoint falls inside its epoch order
+            Image.open(image_folder / f"img{i}.png").convert("RGB").resize((64, 32)).save(image_folder / f"w{i}.png")
+            (image_folder / f"w{i}.txt").write_text("a wide picture")
     whole = train(
         config_for(tiny_model, image_folder, tmp_path / "whole", **extra), device="cpu", log_to_terminal=False
     )
@@ -81,6 +91,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
     assert kinds.count("cancelled") == 1 and kinds.count("done") == 1
     assert next(e for e in read_events(tmp_path / "cut") if e["type"] == "resume")["step"] == 5
     assert _lr_by_step(tmp_path / "cut") == _lr_by_step(tmp_path / "whole")  # steps 6-8 at the same rates
+    if options.startswith("buckets"):
+        start = next(e for e in read_events(tmp_path / "whole") if e["type"] == "start")
+        assert len(start["buckets"]) == 2
     if extra.get("lr_scheduler") == "cosine":
         assert len(set(_lr_by_step(tmp_path / "whole").values())) == 8  # the rate moved at every step
 

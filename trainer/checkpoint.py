@@ -49,6 +49,7 @@ RESUME_MUST_MATCH = (
     "shuffle_tags",
     "keep_tokens",
     "tag_shuffles",
+    "buckets",
 )
 
 

@@ -92,7 +92,11 @@ class TrainConfig:
     )
     # the data
     resolution: int = _f(
-        0, "Training resolution in pixels (square). 0 = the base model's native size.", "data", basic=True
+        0,
+        "Training resolution in pixels: the square's side (with --buckets, each bucket's area is about its square). "
+        "0 = the base model's native size.",
+        "data",
+        basic=True,
     )
     trigger_word: str = _f(
         "", "Word put at the start of every caption, to call the style up at generation.", "data", basic=True
@@ -104,6 +108,13 @@ class TrainConfig:
         0.1,
         "Share of training images shown with an empty caption, so the style holds without its prompt too and "
         "classifier-free guidance keeps it. 0 = never.",
+        "data",
+    )
+    buckets: bool = _f(
+        True,
+        "Aspect-ratio buckets: each image trains at the bucket size nearest its own aspect ratio (sides multiples of "
+        "64, about --resolution squared in area), resized to cover it and centre-cropped, instead of a square "
+        "crop; every batch comes from one bucket. --no-buckets crops every image to the square.",
         "data",
     )
     repeats: int = _f(

@@ -6,6 +6,7 @@ per file, so a person fixes the folder once rather than once per error.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import Counter
@@ -177,8 +178,36 @@ def shuffled_captions(caption: str, count: int, keep: int, seed: int, trigger_wo
     ]
 
 
-def prepare_image(path: Path, resolution: int) -> torch.Tensor:
-    """EXIF-rotate, flatten transparency onto white, resize the short side and centre-crop to a square.
+def bucket_sizes(resolution: int, stride: int = 64) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as (width, height): for each side a multiple of `stride`, the longest multiple of
+    `stride` for the other that keeps the area within resolution², sides at most 4:1 apart, in both orientations;
+    the square (resolution, resolution) is always one of them."""
+    area, sizes = resolution * resolution, {(resolution, resolution)}
+    for width in range(stride, 4 * resolution + 1, stride):
+        height = area // width // stride * stride
+        if height >= stride and max(width, height) <= 4 * min(width, height):
+            sizes |= {(width, height), (height, width)}  # landscape and portrait alike
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width:height (on a log scale, so 2:1 and 1:2 are as far from
+    square); a square picture always gets the square bucket."""
+    return min(sizes, key=lambda size: abs(math.log(width / height) - math.log(size[0] / size[1])))
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the picture as it shows, after its EXIF rotation."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the picture a quarter
+            width, height = height, width
+    return width, height
+
+
+def prepare_image(path: Path, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """EXIF-rotate, flatten transparency onto white, resize to cover and centre-crop to a square of `resolution`
+    (or to `size`, (width, height): an aspect-ratio bucket).
 
     Any mode comes out RGB: 16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white),
     CMYK and palette images are converted, an animation gives its first frame."""
@@ -190,21 +219,27 @@ def prepare_image(path: Path, resolution: int) -> torch.Tensor:
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
-        im = ImageOps.fit(im.convert("RGB"), (resolution, resolution), Image.Resampling.LANCZOS)
+        im = ImageOps.fit(im.convert("RGB"), size or (resolution, resolution), Image.Resampling.LANCZOS)
         array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def crop_geometry(path: Path, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The upright image's (height, width) and the top-left corner of `prepare_image`'s centre crop, measured in
-    the image resized so its short side is `resolution` (what SDXL's added time ids describe)."""
-    with Image.open(path) as im:
-        width, height = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the picture a quarter
-            width, height = height, width
-    scale = resolution / min(width, height)
-    top = round((height - min(width, height)) / 2 * scale)
-    left = round((width - min(width, height)) / 2 * scale)
+def crop_geometry(
+    path: Path, resolution: int, size: tuple[int, int] | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The upright image's (height, width) and the top-left corner of `prepare_image`'s centre crop to the
+    square of `resolution` (or to `size`, (width, height)), measured in the image resized to cover it (what
+    SDXL's added time ids describe)."""
+    width, height = upright_size(path)
+    target_width, target_height = size or (resolution, resolution)
+    # the resize that covers the target, and the part of the picture kept (in its own pixels); written so that a
+    # square target gives exactly the numbers of the square crop
+    if target_width / width >= target_height / height:  # the width fits: the height is cropped
+        scale, kept_width, kept_height = target_width / width, width, target_height * width / target_width
+    else:
+        scale, kept_width, kept_height = target_height / height, target_width * height / target_height, height
+    top = round((height - kept_height) / 2 * scale)
+    left = round((width - kept_width) / 2 * scale)
     return (height, width), (top, left)
 
 
@@ -216,20 +251,23 @@ def load_examples(
     trigger_word: str = "",
     notes: list[str] | None = None,
     repeats: int = 1,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> list[Example]:
     """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption and its repeats
     (`repeats` at the top, N in a `<N>_name` sub-folder); what the check has to say about the images and captions
-    is appended to `notes` (see `check_folder`)."""
+    is appended to `notes` (see `check_folder`). With `buckets` ((width, height) sizes), each image is prepared
+    at the one nearest its aspect ratio instead of the square."""
     pairs = check_folder(folder, default_caption, notes)
+    sizes = [nearest_bucket(*upright_size(p), buckets) if buckets else None for p, _ in pairs]
     return [
         Example(
             p,
             with_trigger(c, trigger_word),
-            prepare_image(p, resolution),
-            *crop_geometry(p, resolution),
+            prepare_image(p, resolution, size),
+            *crop_geometry(p, resolution, size),
             repeats_of(p, folder, repeats),
         )
-        for p, c in pairs
+        for (p, c), size in zip(pairs, sizes)
     ]
 
 

@@ -32,6 +32,7 @@ from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.dataset import (
+    bucket_sizes,
     check_folder,
     load_examples,
     long_captions,
@@ -112,11 +113,11 @@ def encode_examples(
 
     The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
     share its memory (the previews' prompt is encoded with the captions, as `preview_cond`)."""
-    size = (resolution, resolution)
     conds = [
         {
             **family.conditioning(pipe, [caption]),
-            **family.image_conditioning(ex.original_size, ex.crop_top_left, size),
+            # the size trained at: the square (resolution, resolution), or the image's bucket, as (height, width)
+            **family.image_conditioning(ex.original_size, ex.crop_top_left, tuple(ex.pixels.shape[1:])),
         }
         for variant in captions or [[ex.caption for ex in examples]]
         for ex, caption in zip(examples, variant)
@@ -141,6 +142,8 @@ def encode_examples(
         dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * scale)
         stds.append(dist.std.float() * scale)
+    if len({m.shape for m in means}) > 1:  # aspect-ratio buckets: sizes differ, so one tensor per picture
+        return {"latent_mean": [m[0] for m in means], "latent_std": [s[0] for s in stds], **cache}
     return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), **cache}
 
 
@@ -150,6 +153,9 @@ class BatchDrawer:
     `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation of every image
     x its repeats each epoch), latent sample, noise (with `noise_offset` times a per-image, per-channel constant
     added), timestep and, with `flip`, mirrored or not; each process then takes its own slice of it.
+    With aspect-ratio buckets (`buckets`: each image's bucket; `bucket_shapes`: each bucket's latent shape), a
+    batch first draws its bucket, in proportion to the bucket's images x repeats, then its images from that
+    bucket's own epoch order; with one bucket nothing more is drawn.
     """
 
     def __init__(
@@ -165,32 +171,44 @@ class BatchDrawer:
         repeats: list[int] | None = None,
         flip: bool = False,
         captions: int = 1,
+        buckets: list[int] | None = None,
+        bucket_shapes: list | None = None,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
-        # each image's index as many times as its repeats: an epoch is a permutation of this pool
-        self.pool = [i for i, r in enumerate(repeats or [1] * num_images) for _ in range(r)]
+        # each image's index as many times as its repeats: an epoch of a bucket is a permutation of its pool
+        pool = [i for i, r in enumerate(repeats or [1] * num_images) for _ in range(r)]
+        buckets = buckets or [0] * num_images
+        self.pools = [[i for i in pool if buckets[i] == b] for b in range(max(buckets) + 1)]
+        self.weights = torch.tensor([float(len(p)) for p in self.pools])
+        self.shapes = [tuple(s) for s in bucket_shapes] if bucket_shapes else [tuple(latent_shape)]
+        self.orders: list[list[int]] = [[] for _ in self.pools]
         self.dropout, self.noise_offset, self.flip, self.captions = dropout, noise_offset, flip, captions
         self.num_images, self.global_batch = num_images, global_batch
-        self.num_timesteps, self.latent_shape = num_timesteps, tuple(latent_shape)
-        self.order: list[int] = []
+        self.num_timesteps = num_timesteps
 
-    def _indices(self) -> torch.Tensor:
-        while len(self.order) < self.global_batch:
-            self.order += [self.pool[j] for j in torch.randperm(len(self.pool), generator=self.generator).tolist()]
-        idx, self.order = self.order[: self.global_batch], self.order[self.global_batch :]
-        return torch.tensor(idx)
+    def _indices(self) -> tuple[torch.Tensor, int]:
+        bucket = 0
+        if len(self.pools) > 1:
+            bucket = int(torch.multinomial(self.weights, 1, generator=self.generator))
+        order, pool = self.orders[bucket], self.pools[bucket]
+        while len(order) < self.global_batch:
+            order += [pool[j] for j in torch.randperm(len(pool), generator=self.generator).tolist()]
+        self.orders[bucket] = order[self.global_batch :]
+        return torch.tensor(order[: self.global_batch]), bucket
 
     def draw(self) -> dict[str, torch.Tensor]:
         n = self.global_batch
+        index, bucket = self._indices()
+        shape = self.shapes[bucket]
         drawn = {
-            "index": self._indices(),
-            "latent_noise": torch.randn((n, *self.latent_shape), generator=self.generator),
-            "noise": torch.randn((n, *self.latent_shape), generator=self.generator),
+            "index": index,
+            "latent_noise": torch.randn((n, *shape), generator=self.generator),
+            "noise": torch.randn((n, *shape), generator=self.generator),
             "timesteps": torch.randint(0, self.num_timesteps, (n,), generator=self.generator),
             "drop_caption": torch.rand(n, generator=self.generator) < self.dropout,
         }
         if self.noise_offset:  # drawn last, so that a run without it draws what it always did
-            shift = torch.randn((n, self.latent_shape[0], 1, 1), generator=self.generator)
+            shift = torch.randn((n, shape[0], 1, 1), generator=self.generator)
             drawn["noise"] = drawn["noise"] + self.noise_offset * shift
         if self.flip:  # each image shown as it is or mirrored, one chance in two
             drawn["flip"] = torch.rand(n, generator=self.generator) < 0.5
@@ -199,11 +217,14 @@ class BatchDrawer:
         return drawn
 
     def state(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": list(self.order)}
+        """The generator and what is left of the epoch: one order, or one per bucket when there are several."""
+        orders = [list(order) for order in self.orders]
+        return {"generator": self.generator.get_state(), "order": orders[0] if len(orders) == 1 else orders}
 
     def load_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.order = list(state["order"])
+        order = state["order"]
+        self.orders = [list(o) for o in order] if order and isinstance(order[0], list) else [list(order)]
 
 
 def make_batch(
@@ -214,7 +235,12 @@ def make_batch(
     part = slice(process * per, (process + 1) * per)
     idx = draw["index"][part]
     pictures = idx + draw["flip"][part].long() * (len(cache["latent_mean"]) // 2) if "flip" in draw else idx
-    latents = cache["latent_mean"][pictures] + cache["latent_std"][pictures] * draw["latent_noise"][part].to(device)
+    mean, std = cache["latent_mean"], cache["latent_std"]
+    if isinstance(mean, list):  # several buckets: one latent per picture, of its bucket's size
+        mean, std = (torch.stack([values[i] for i in pictures.tolist()]) for values in (mean, std))
+    else:
+        mean, std = mean[pictures], std[pictures]
+    latents = mean + std * draw["latent_noise"][part].to(device)
     drop = draw["drop_caption"][part].to(device)
     if "caption" in draw:  # this image's drawn tag shuffle
         idx = idx + draw["caption"][part] * cache["images"]
@@ -303,6 +329,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         if checkpointing[0]:
             unet.enable_gradient_checkpointing()
         resolution = config.resolution or native_size(pipe)
+        # bucket sides: multiples of 64, or, for a model too small for that, of what its VAE and UNet divide by
+        stride = 64 if resolution >= 256 else pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
         # 3. Data: every image and caption encoded once by the frozen VAE and text encoder(s).
         notes: list[str] = []  # what the data check has to say (an animation's first frame, a long caption)
@@ -313,7 +341,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             trigger_word=config.trigger_word,
             notes=notes,
             repeats=config.repeats,
+            buckets=bucket_sizes(resolution, stride) if config.buckets else None,
         )
+        # the buckets the images fell in, as (width, height) -> images, in size order
+        sizes = sorted({(ex.pixels.shape[2], ex.pixels.shape[1]) for ex in examples})
+        image_bucket = [sizes.index((ex.pixels.shape[2], ex.pixels.shape[1])) for ex in examples]
         notes += long_captions(examples, pipe.tokenizer)
         shuffles = config.tag_shuffles if config.shuffle_tags else 1
         captions = None
@@ -342,13 +374,19 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             len(examples),
             config.batch_size * processes,
             noise_scheduler.config.num_train_timesteps,
-            cache["latent_mean"].shape[1:],
+            cache["latent_mean"][0].shape if len(sizes) > 1 else cache["latent_mean"].shape[1:],
             config.seed,
             config.caption_dropout,
             config.noise_offset,
             repeats=[ex.repeats for ex in examples],
             flip=config.flip,
             captions=shuffles,
+            buckets=image_bucket if len(sizes) > 1 else None,
+            bucket_shapes=[  # the latent shape of each bucket: that of its first image
+                cache["latent_mean"][image_bucket.index(b)].shape for b in range(len(sizes))
+            ]
+            if len(sizes) > 1
+            else None,
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -373,6 +411,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             f"{steps_per_epoch} steps per epoch; {config.steps} steps = {epochs:g} epochs"
             + (" (from --epochs)" if config.epochs else "")
         )
+        bucket_counts = {f"{w}x{h}": image_bucket.count(b) for b, (w, h) in enumerate(sizes)}
+        notice(
+            f"{len(sizes)} aspect-ratio bucket(s), width x height: images: "
+            + ", ".join(f"{size}: {count}" for size, count in bucket_counts.items())
+            + ("" if config.buckets else " (--no-buckets: every image centre-cropped to the square)")
+        )
         step = make_step(
             unet,
             optimizer,
@@ -380,11 +424,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             noise_scheduler=noise_scheduler,
             family=family,
             dtype=weight_dtype,
-            cuda_graphs=config.cuda_graphs,
+            cuda_graphs=config.cuda_graphs and len(sizes) == 1,  # a graph replays one shape
             notice=notice,
             loss=Loss.of(config),
             max_grad_norm=config.max_grad_norm,
         )
+        if config.cuda_graphs and len(sizes) > 1 and step.why == "--no-cuda-graphs":
+            step.why = f"{len(sizes)} aspect-ratio buckets: a CUDA graph replays one shape, so the step runs eagerly"
         events.emit(
             "start",
             steps=config.steps,
@@ -394,6 +440,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             steps_per_epoch=steps_per_epoch,
             epochs=epochs,
             steps_from="epochs" if config.epochs else "steps",
+            buckets=bucket_counts,
             resolution=resolution,
             targets=len(targets),
             trainable_parameters=sum(p.numel() for p in params),
