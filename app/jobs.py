@@ -130,7 +130,8 @@ def _pid_alive(run_dir: Path) -> bool:
         return True  # no /proc here: trust kill(0)
     if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
         return False
-    return b"train" in cmdline.read_bytes()  # a reused pid is not our trainer
+    args = cmdline.read_bytes()
+    return not args or b"train" in args  # a reused pid is not our trainer; a process still starting shows none
 
 
 def view_run(run_dir: str | Path) -> RunView:

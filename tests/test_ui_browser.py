@@ -38,7 +38,13 @@ class Server:
     def __init__(self, workspace: Path):
         self.workspace, self.port = workspace, free_port()
         exe = Path(sys.executable).with_name("lora-studio")
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        self.cache = workspace / "gradio-cache"  # gradio's uploads and sent files: in the test's folder, not /tmp
+        env = {
+            **os.environ,
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+            "GRADIO_TEMP_DIR": str(self.cache),
+        }
         self.proc = subprocess.Popen(
             [str(exe), "ui", "--port", str(self.port), "--workspace", str(workspace)],
             stdout=open(workspace / f"ui-{self.port}.log", "wb"),
@@ -61,6 +67,11 @@ class Server:
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def stop(self):
+        """Stop it as a person does, with Ctrl-C."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
 
 
 @pytest.fixture
@@ -113,6 +124,19 @@ def upload(page, paths) -> None:
 def message(page) -> str:
     """What the page says about the last button press or upload."""
     return page.locator("#train-message").inner_text()
+
+
+def fill(page, elem_id: str, text: str) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(text)
+    box.press("Tab")
+
+
+def queue_calls(page) -> list[str]:
+    """Every call the page makes to the server's event queue, from now on (one per event it triggers)."""
+    calls: list[str] = []
+    page.on("request", lambda request: calls.append(request.url) if "/queue/join" in request.url else None)
+    return calls
 
 
 def test_train_watch_generate_download(browser, workspace, tmp_path):
@@ -183,13 +207,22 @@ def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path)
     page = open_page(browser, server.url)
     upload(page, [fake, tmp_path / "fake.txt", tmp_path / "real.png"])
     page.get_by_text("real.png").last.wait_for()
+    # flagged in the table as it is uploaded, before any Train (issue 19, item 8)
+    page.locator("#captions").get_by_text("⚠ not a readable image").last.wait_for(timeout=30_000)
+    assert "fake.png: not a readable image" in message(page)
     page.locator("#train-button").click()
     page.locator("#train-message").get_by_text("Nothing started").wait_for(timeout=30_000)
     page.wait_for_timeout(3000)  # several refreshes of the run view later, the message is still there to read
     text = message(page)
     assert "fake.png: not a readable image" in text
     assert "real.png: caption real.txt is missing" in text  # every problem at once
+    assert "*Default caption*" not in text and "Default caption" in text and "--default-caption" not in text
+    assert "/tmp" not in text and str(workspace) not in text
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+    page.close()
+    server.stop()  # gradio deletes what it cached for this app when it stops: no file of the session is left
+    left = [p for p in server.cache.rglob("*") if p.is_file()]
+    assert [p.name for p in left if p.stat().st_size or not p.name.startswith("tmp")] == []  # gradio's own: empty
 
 
 def test_unreadable_files_are_named_not_hidden(browser, workspace):
@@ -229,3 +262,83 @@ def test_cancel_keeps_what_was_made(browser, workspace):
     page.locator("#train-status").get_by_text("Cancelled at step").wait_for(timeout=60_000)
     run = next((workspace / "runs").iterdir())
     assert (run / "adapter.safetensors").is_file()
+
+
+def test_runs_you_can_trust(browser, workspace):
+    """Issue 19, items 1-4, 6-8 and 10, and issue 14's loss curve, as a person meets them in one session."""
+    (workspace / "library").mkdir()
+    (workspace / "library" / "neon.safetensors").write_bytes(b"an adapter already named neon")
+    server = Server(workspace)
+    page = open_page(browser, server.url)
+    upload(page, sorted(SAMPLES.iterdir()))
+    page.locator("#captions").get_by_text("glowline, a red circle at the top").wait_for()
+    # item 10: every caption starts with "glowline": it is proposed as the trigger word
+    expect(page.locator("#setting-trigger_word textarea, #setting-trigger_word input").first).to_have_value(
+        "glowline", timeout=15_000
+    )
+    # item 4: a taken name is said under the box, and Train refuses it before any work
+    fill(page, "setting-name", "neon")
+    page.locator("#name-note").get_by_text("already has an adapter named 'neon'").wait_for(timeout=15_000)
+    page.locator("#train-button").click()
+    page.locator("#train-message").get_by_text("Nothing started").wait_for(timeout=30_000)
+    assert "already has an adapter named 'neon'" in message(page)
+    assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())  # nothing staged
+    fill(page, "setting-name", "a/b\\c")
+    page.locator("#name-note").get_by_text("Saved in the library as a_b_c").wait_for(timeout=15_000)
+    # item 6: 2.5 steps and 1e12 steps are refused with the setting's page name and the range
+    for typed, said in (("2.5", "Steps must be a whole number, got 2.5"), ("1e12", "at most 1000000")):
+        set_number(page, "setting-steps", typed)
+        page.locator("#train-button").click()
+        page.locator("#train-message").get_by_text(said).wait_for(timeout=30_000)
+        assert "--steps" not in message(page)  # item 8: the page's words
+    # item 1: after refused Trains, the new run is the run the page shows, and Cancel stops it
+    set_number(page, "setting-steps", 100000)
+    page.locator("#train-button").click()
+    page.get_by_text("Started run").wait_for(timeout=30_000)
+    assert "saved in the library as a_b_c" in message(page)
+    run = next((workspace / "runs").iterdir())
+    picker = page.locator("#run-picker input")
+    expect(picker).to_have_value(re.compile(rf"^{run.name} · (starting|running)$"), timeout=15_000)
+    page.locator("#preview-prompt").get_by_text("Preview prompt: “glowline, ").wait_for(timeout=30_000)  # item 10
+    page.locator("#train-progress-text").get_by_text(re.compile(r"step [1-9]")).first.wait_for(timeout=180_000)
+    page.wait_for_timeout(3000)  # several ticks later, the page still shows the new run
+    expect(picker).to_have_value(re.compile(rf"^{run.name} · running$"))
+    page.locator("#cancel-button").click()
+    page.locator("#train-message").get_by_text(f"Cancelling {run.name}").wait_for(timeout=30_000)
+    # item 2: a checkpoint, so Resume goes on (Save every is 200), and the adapter in the library
+    status = page.locator("#train-status")
+    status.get_by_text("in the library as a_b_c-partial").wait_for(timeout=120_000)
+    assert (workspace / "library" / "a_b_c-partial.safetensors").is_file() and (run / "loss.png").is_file()
+    stopped_at = int(re.search(r"Cancelled at step (\d+)", status.inner_text()).group(1))
+    # issue 14: the loss plot says how it is smoothed
+    assert "exponential moving average with weight 0.9" in page.locator("#loss-plot").inner_text()
+    # item 3: Resume says it resumed, from that step
+    page.locator("#resume-button").click()
+    status.get_by_text(f"Training… (resumed from step {stopped_at})").wait_for(timeout=180_000)
+    page.locator("#cancel-button").click()
+    status.get_by_text("Cancelled at step").wait_for(timeout=120_000)
+    # item 7: with nothing running, the open page stops asking the server (after one last tick)
+    page.wait_for_timeout(3000)
+    calls = queue_calls(page)
+    page.wait_for_timeout(4000)
+    assert calls == []
+    # item 8: no glyph Debian's Chromium cannot draw, no folder of the server
+    text = page.locator("body").inner_text()
+    assert "❌" not in text and "/tmp/" not in text
+
+
+def test_cancel_while_starting_says_so_and_resume_starts_over(browser, workspace):
+    """Issue 19, item 5: Cancel pressed while the trainer still loads."""
+    server = Server(workspace)
+    page = open_page(browser, server.url)
+    upload(page, sorted(SAMPLES.iterdir()))
+    page.locator("#captions").get_by_text("glowline, a red circle at the top").wait_for()
+    set_number(page, "setting-steps", 3)
+    page.locator("#train-button").click()
+    page.get_by_text("Started run").wait_for(timeout=30_000)
+    page.locator("#cancel-button").click()
+    status = page.locator("#train-status")
+    status.get_by_text("Cancelled before training began").wait_for(timeout=60_000)
+    assert "Interrupted" not in status.inner_text()
+    page.locator("#resume-button").click()
+    status.get_by_text("Done.").wait_for(timeout=240_000)

@@ -10,6 +10,7 @@ library, taking a screenshot of each tab. The grid shows one prompt and seed at 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
+        shutil.rmtree(workspace, ignore_errors=True)  # the pictures are kept in app/screenshots; the run is not
 
 
 def record_first_run(workspace: Path, pressed: float, load_before: float) -> None:

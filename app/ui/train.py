@@ -233,12 +233,15 @@ class TrainTab:
         cancel = self.cancel_button.click(self.on_cancel, self.run_picker, [self.message, self.run_picker])
         resume = self.resume_button.click(self.on_resume, self.run_picker, self.message)
         for pressed in (train, cancel, resume):  # polling starts with a run (and its own ticks stop it after)
-            pressed.then(self.poll_state, None, self.timer)
+            after = pressed.then(self.poll_state, None, self.timer)
+            after.then(self.refresh, self.run_picker, run_view)  # a trainer may have ended before any tick
+            after.then(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
         self.timer.tick(self.refresh, self.run_picker, run_view)
         self.timer.tick(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
         self.run_picker.change(self.refresh, self.run_picker, run_view)
         self.run_picker.focus(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
-        app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
+        loaded = app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
+        loaded.then(self.refresh, self.run_picker, run_view)  # the picked run may be the one built in: no change
         app.load(self.show_command, settings, [self.command, self.config_json])
         if self.preload_files:
             app.load(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
