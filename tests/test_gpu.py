@@ -101,7 +101,7 @@ def test_a_failed_capture_falls_back_to_eager_with_a_notice(tiny_model, image_fo
     run = tmp_path / "run"
     config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=3, run_dir=str(run))
     result = train(config, log_to_terminal=False)
-    notices = [e["message"] for e in read_events(run) if e["type"] == "notice"]
+    notices = [e["message"] for e in read_events(run) if e["type"] == "notice" and "CUDA graphs" in e["message"]]
     assert len(notices) == 1 and "CUDA graphs not used (RuntimeError: capture refused" in notices[0]
     assert result.adapter.is_file() and torch.isfinite(torch.tensor(result.loss))
 
@@ -135,3 +135,52 @@ def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
         assert (draw(graphed, strengths) - draw(eager, strengths)).abs().max() <= 1, strengths
     assert graphed._graphs.graphs and not graphed._graphs.failed
     assert not torch.equal(draw(graphed, {"a": 0.3}), draw(graphed, {"a": 1.0}))  # the strength is read, not baked
+
+
+def test_each_bucket_shape_gets_its_own_graph_and_trains_what_eager_trains():
+    """Aspect-ratio buckets give batches of several shapes: one graph per shape, the same training as eager."""
+    from diffusers import DDPMScheduler
+
+    from tests.conftest import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    unet = pipe.unet.to("cuda", torch.bfloat16).requires_grad_(False)
+    attach(unet, attention_targets(unet, "both"), 4, 4)
+    params = train_in_fp32(unet)
+    square, wide = random_batches(unet, 5, 2), random_batches(unet, 5, 2, seed=1)
+    for batch in wide:  # 8 x 12 latents: a 32 x 48 picture's bucket
+        for key in ("latents", "noise"):
+            batch[key] = torch.cat([batch[key], batch[key][..., :4]], dim=-1)
+    batches = [b for pair in zip(square, wide) for b in pair]
+    result = compare_with_eager(
+        unet,
+        params,
+        batches,
+        family=SD1,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        dtype=torch.bfloat16,
+        lr=1e-3,
+    )
+    print(json.dumps({"buckets": 2, **result}))
+    assert result["fast_kind"] == "cuda graph" and result["moved"] > 1e-2
+    assert result["fast_vs_eager"] <= max(2 * result["eager_vs_eager"], 1e-2 * result["moved"])
+
+
+def test_a_run_with_buckets_keeps_its_graphs(tmp_path):
+    from PIL import Image
+
+    from tests.conftest import build_tiny_pipeline
+
+    model = tmp_path / "m"
+    build_tiny_pipeline().save_pretrained(model, safe_serialization=True)
+    data = tmp_path / "d"
+    data.mkdir()
+    for i, size in enumerate([(32, 32), (32, 32), (48, 32), (48, 32)]):
+        Image.new("RGB", size, ("red", "blue", "green", "white")[i]).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a picture")
+    run = tmp_path / "run"
+    train(TrainConfig(base_model=str(model), data=str(data), steps=8, run_dir=str(run)), log_to_terminal=False)
+    events = read_events(run)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["step_kind"] == "cuda graph" and len(start["buckets"]) == 2, start
+    assert not [e for e in events if e["type"] == "notice" and "CUDA graphs" in e["message"]]

@@ -424,13 +424,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             noise_scheduler=noise_scheduler,
             family=family,
             dtype=weight_dtype,
-            cuda_graphs=config.cuda_graphs and len(sizes) == 1,  # a graph replays one shape
+            cuda_graphs=config.cuda_graphs,
             notice=notice,
             loss=Loss.of(config),
             max_grad_norm=config.max_grad_norm,
         )
-        if config.cuda_graphs and len(sizes) > 1 and step.why == "--no-cuda-graphs":
-            step.why = f"{len(sizes)} aspect-ratio buckets: a CUDA graph replays one shape, so the step runs eagerly"
         events.emit(
             "start",
             steps=config.steps,

@@ -91,22 +91,32 @@ class Step:
     notice: Callable[[str], None] = print  # told when a fast step falls back to eager, and why
     loss: Loss = field(default_factory=Loss)
     max_grad_norm: float = 0.0
-    _graphed: Callable | None = field(default=None, repr=False)
+    max_shapes: int = 4  # batch shapes (aspect-ratio buckets) that get a graph each; others run eagerly
+    _graphs: dict = field(default_factory=dict, repr=False)  # batch latent shape -> its graphed UNet
+
+    def _graphed(self, batch: dict) -> Callable | None:
+        """The graphed UNet for this batch's shape: captured at its first batch, while fewer than `max_shapes`
+        are held (each holds its own GPU memory); None: run this batch eagerly."""
+        if self.kind != "cuda graph":
+            return None
+        shape = tuple(batch["latents"].shape)
+        if shape not in self._graphs and len(self._graphs) < self.max_shapes:
+            self._graphs[shape] = self._capture(batch)
+        return self._graphs.get(shape)
 
     def __call__(self, *batches: dict) -> torch.Tensor:
-        if self.kind == "cuda graph" and self._graphed is None:
-            self._capture(batches[0])
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         losses = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
+            graphed = self._graphed(batch)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
                 with self.accelerator.autocast():
                     loss = batch_loss(
-                        self.unet, batch, self.noise_scheduler, self.family, self.dtype, self._graphed, self.loss
+                        self.unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss
                     )
                 self.accelerator.backward(loss / len(batches))
-            if self._graphed is not None and not last:
+            if graphed is not None and not last:
                 # A graph's backward hands out gradients in its own buffers, which the next replay overwrites; a
                 # parameter that has no gradient yet takes the buffer itself. Copies keep the sum.
                 for p in params:
@@ -119,13 +129,13 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
-    def _capture(self, batch: dict) -> None:
-        """Record the UNet's forward and backward once as CUDA graphs, replayed every step after.
+    def _capture(self, batch: dict) -> Callable | None:
+        """Record the UNet's forward and backward once as CUDA graphs, replayed at every batch of this shape.
 
         A LoRA step on a Stable Diffusion UNet launches some 3,600 small kernels; launching them, not the GPU's
         arithmetic, sets its time at common batch sizes, and a replayed graph launches them all at once. The
-        LoRA weights are read in place at each replay, so the optimiser's updates take effect; the batch's
-        shapes are fixed, which a run's are. Where capture fails, the step runs eagerly from then on."""
+        LoRA weights are read in place at each replay, so the optimiser's updates take effect. A graph replays
+        one shape: each aspect-ratio bucket gets its own. Where capture fails, the step runs eagerly from then on."""
         if getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None):
             torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
         noisy, timesteps, cond = unet_inputs(batch, self.noise_scheduler, self.dtype)
@@ -133,10 +143,11 @@ class Step:
         raw = self.accelerator.unwrap_model(self.unet)
         try:
             predict = _Predict(raw, self.family, tuple(cond), self.dtype)
-            self._graphed = torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
+            return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
         except Exception as exc:  # an exotic model or driver: the same training, eagerly
             self.kind, self.why = "eager", f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
             self.notice(self.why)
+            return None
 
 
 def gradient_checkpointing(setting: str, family: Family, device: torch.device) -> tuple[bool, str]:
