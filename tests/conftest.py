@@ -15,16 +15,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-# Gradio's cache (uploads, files it sends) for apps built in the tests: a folder of this session, removed at its end,
-# so the suite leaves nothing in the system temp folder's gradio/ (set before any test imports gradio).
-_GRADIO_CACHE = None if "GRADIO_TEMP_DIR" in os.environ else tempfile.mkdtemp(prefix="lora-studio-tests-gradio-")
-if _GRADIO_CACHE:
-    os.environ["GRADIO_TEMP_DIR"] = _GRADIO_CACHE
+_GRADIO_CACHE: list[str] = []
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if _GRADIO_CACHE:
-        shutil.rmtree(_GRADIO_CACHE, ignore_errors=True)
+def pytest_configure(config):
+    """Gradio's cache (uploads, files it sends) for apps built in the tests: a folder of this session, removed at its
+    end, so the suite leaves nothing in the system temp folder's gradio/ (set before any test module imports gradio;
+    a script that imports this file for its helpers makes none)."""
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        _GRADIO_CACHE.append(tempfile.mkdtemp(prefix="lora-studio-tests-gradio-"))
+        os.environ["GRADIO_TEMP_DIR"] = _GRADIO_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for folder in _GRADIO_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("GRADIO_TEMP_DIR", None)
 
 
 # The tiny models' VAE: 32x32 pixels to 8x8x4 latents.
