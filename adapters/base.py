@@ -175,3 +175,19 @@ def model_modules(
     except Exception as exc:
         raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
     return {name: module_shapes(model) for name, model in models.items()}, family
+
+
+def native_size_of(base_model: str | None, prediction_type: str | None = None) -> int:
+    """The pixel size a base model was trained at, from its configs alone (UNet sample size times the VAE's
+    downsampling): what `resolution 0` trains at. For a single file, the shipped configs it loads with."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source, _ = check_base_model(base_model, prediction_type)
+    if is_single_file(source):
+        source = str(inspect_checkpoint(source, prediction_type).configs)
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    except Exception as exc:
+        raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)

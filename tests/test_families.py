@@ -134,3 +134,12 @@ def test_a_wrong_family_adapter_names_both_families(tiny_model, tmp_path):
     assert str(caught.value) == (
         f"{path} is an SD 1.x adapter but the loaded base model is custom; use it with an SD 1.x base"
     )
+
+
+def test_the_native_size_is_read_from_the_configs(tiny_model, tiny_sdxl_model):
+    from adapters.base import native_size_of
+
+    assert native_size_of("builtin") == 64
+    assert native_size_of(str(tiny_model)) == 32 and native_size_of(str(tiny_sdxl_model)) == 32
+    assert native_size_of(str(ROOT / "adapters" / "configs" / "sdxl")) == 1024  # the shipped SDXL base configs
+    assert native_size_of(str(ROOT / "adapters" / "configs" / "sd2-768-v")) == 768

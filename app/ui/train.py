@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from adapters.base import check_base_model, pick_device
+from adapters.base import check_base_model, native_size_of, pick_device
 from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import (
@@ -183,6 +183,7 @@ class TrainTab:
                 with gr.Column(scale=2):
                     self.settings = SettingsForm()
                     self.name_note = gr.Markdown(self.name_note_text(""), elem_id="name-note")
+                    self.native_size = gr.Markdown(elem_id="native-size")
                     with gr.Accordion("Equivalent command line and config file", open=False):
                         self.command = gr.Code(language="shell", label="CLI", elem_id="cli-command")
                         self.config_json = gr.Code(language="json", label="config.json")
@@ -218,6 +219,15 @@ class TrainTab:
             self.timer = gr.Timer(1.0, active=False)
             self.shown_choices = gr.State([])  # the run list as last sent to the browser
 
+    @staticmethod
+    def native_size_text(base_model: str) -> str:
+        """The base model's native size (what resolution 0 trains at), read from its configs; or what is wrong."""
+        try:
+            size = native_size_of((base_model or "").strip() or "builtin")
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}"
+        return f"Native size of this base model: **{size}×{size} px** (resolution 0 trains at it)."
+
     def wire(self, app: gr.Blocks) -> None:
         settings = self.settings.inputs
         run_view = [self.progress, self.loss_plot, self.previews, self.status, self.preview_prompt]
@@ -227,6 +237,10 @@ class TrainTab:
         for control in settings:
             control.change(self.show_command, settings, [self.command, self.config_json])
         name.change(self.name_note_text, name, self.name_note)
+        base = self.settings.controls["base_model"]
+        for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
+            done_typing(self.native_size_text, base, self.native_size)
+        app.load(self.native_size_text, base, self.native_size)
         train = self.train_button.click(
             self.on_train, [self.files, self.table, *settings], [self.message, self.run_picker]
         )
