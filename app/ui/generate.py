@@ -103,7 +103,7 @@ class GenerateTab:
                         seed = gr.Number(value=7, precision=0, label="Seed", elem_id="seed")
                         random_seed = gr.Checkbox(value=False, label="Random seed")
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                        steps = gr.Slider(1, 100, value=20, step=1, label="Sampling steps")
                         guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance")
                         rescale = gr.Slider(
                             0, 1, value=defaults["guidance_rescale"], step=0.05, label="Guidance rescale"
