@@ -44,6 +44,17 @@ TINY_VAE = dict(
 )
 
 
+# The SD 1.x/2.x-shaped tiny UNets: two cross-attention levels on 8x8 latents.
+TINY_UNET = dict(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=16,
+)
+
+
 def tiny_scheduler(prediction_type: str):
     """SD's noise schedule (scaled linear betas) for the tiny models, predicting `prediction_type`."""
     from diffusers import DDIMScheduler
@@ -66,16 +77,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     torch.manual_seed(seed)
     return assemble_pipeline(
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        unet=dict(
-            sample_size=8,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=16,
-        ),
+        unet=dict(TINY_UNET, cross_attention_dim=32, attention_head_dim=4),
         vae=TINY_VAE,
         scheduler=tiny_scheduler(prediction_type),
     )
@@ -91,17 +93,7 @@ def build_tiny_sd2_pipeline(prediction_type: str, seed: int = 0):
         text=dict(
             hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=16, hidden_act="gelu"
         ),
-        unet=dict(
-            sample_size=8,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=1024,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            norm_num_groups=16,
-        ),
+        unet=dict(TINY_UNET, cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True),
         vae=TINY_VAE,
         scheduler=tiny_scheduler(prediction_type),
     )

@@ -67,14 +67,9 @@ def tiny_pipeline(layout: str, seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=32,
-    )
+    from tests.conftest import TINY_VAE
+
+    vae = AutoencoderKL(**TINY_VAE)
     unet = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=16)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if layout == "sdxl":
