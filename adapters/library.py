@@ -72,7 +72,8 @@ class Library:
         sample = path.with_suffix(".png")
         return Entry(path.stem, path, sample if sample.is_file() else None, path.stat().st_size, metadata)
 
-    def _scan(self) -> tuple[list[Entry], list[tuple[Path, str]]]:
+    def scan(self) -> tuple[list[Entry], list[tuple[Path, str]]]:
+        """`list` and `problems` from one pass over the folder (each alone reads every header again)."""
         entries, problems = [], []
         for path in self.root.glob("*.safetensors"):
             try:
@@ -86,23 +87,27 @@ class Library:
 
     def list(self) -> list[Entry]:
         """Every readable adapter, newest first. Unreadable files are left out (see `problems`), never deleted."""
-        return self._scan()[0]
+        return self.scan()[0]
 
     def problems(self) -> list[tuple[Path, str]]:
         """The `*.safetensors` files `list` leaves out because they cannot be read, each with the reason."""
-        return self._scan()[1]
+        return self.scan()[1]
 
     def new_name(self, name: str) -> str:
         """The name an adapter typed as `name` is saved under (cleaned as `sanitize_name` does); a UserError when it
         has no usable characters or an adapter (or an unreadable file) in the library already has it. Training and
         Rename both answer with this, before they do anything."""
         path, _ = self._paths(name)
-        if path.exists():
+        if self.taken(path.stem):
             raise UserError(
                 f"the library already has an adapter named {path.stem!r}; choose another name (or rename or delete "
                 "that one)"
             )
         return path.stem
+
+    def taken(self, name: str) -> bool:
+        """Whether a file in the library, readable or not, already holds `name`."""
+        return self._paths(name)[0].exists()
 
     def get(self, name: str) -> Entry:
         path, _ = self._paths(name)

@@ -660,7 +660,6 @@ def _add_to_library(
 
     library = Library(config.library)
     base = sanitize_name(config.name or run_dir.name) + ("-partial" if partial else "")
-    taken = {e.name for e in library.list()} | {path.stem for path, _ in library.problems()}
-    name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if n not in taken)
+    name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if not library.taken(n))
     library.add(output, name, sample=preview)
     return name

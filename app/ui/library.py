@@ -72,11 +72,11 @@ class LibraryTab:
 
     def view(self, selected=None):
         """The table, the unreadable files under it, and the picker (keeping `selected` when it is still there)."""
-        entries = self.library.list()
+        entries, problems = self.library.scan()
         rows = [[e.summary[k] for k in COLUMNS] for e in entries]
         names = [e.name for e in entries]
         value = selected if selected in names else (names[0] if names else None)
-        return rows, problems_html(self.library.problems()), gr.Dropdown(choices=names, value=value)
+        return rows, problems_html(problems), gr.Dropdown(choices=names, value=value)
 
     def show_adapter(self, name):
         hidden = None, None, gr.DownloadButton(interactive=False), gr.Row(visible=False)
