@@ -40,6 +40,7 @@ from trainer.dataset import (
     shuffled_captions,
     tag_frequency,
 )
+from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.runs import EVENTS, LOSS_PNG, PREVIEWS, EventLog, draw_loss_curve, new_run_dir, run_losses, scan_events
 from trainer.step import gradient_checkpointing, make_step
@@ -309,6 +310,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         config.save(run_dir / "config.json")
     stop_flag = _stop_on_signals()
 
+    peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     try:
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
         pipe = load_pipeline(
@@ -368,6 +370,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.flip,
             captions,
         )
+        peaks.end("cache")
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
         drawer = BatchDrawer(
@@ -460,6 +463,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         def make_preview(at: int) -> Path | None:
             if not (main and cache["preview_cond"]):
                 return None
+            peaks.end("train")
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
             # The frozen model is in the compute dtype and the LoRA weights in fp32: the pipeline mixes them under
@@ -476,6 +480,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     width=resolution,
                 ).images[0]
             pipe.unet.train()
+            peaks.end("preview")
             path = run_dir / PREVIEWS / f"step_{at:06d}.png"
             path.parent.mkdir(exist_ok=True)
             image.save(path)
@@ -548,6 +553,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
         bar.close()
+        peaks.end("train")
         accelerator.wait_for_everyone()
 
         # 5. The adapter file (main process only), then the last preview.
@@ -560,7 +566,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 events.emit("library", name=name, library=config.library)
             draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit(
-                "done", step=config.steps, loss=loss_value, adapter=str(output), seconds=time.perf_counter() - started
+                "done",
+                step=config.steps,
+                loss=loss_value,
+                adapter=str(output),
+                seconds=time.perf_counter() - started,
+                memory=peaks.summary(),
             )
         accelerator.wait_for_everyone()
         if processes > 1:
