@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.sd15 import build_sd15, matmul_rate, saved_model, write_data  # noqa: E402
 from benchmarks.sdxl import build_sdxl  # noqa: E402
 
-DEFAULT_RUNS = {  # batch:resolution:checkpointing (0 = the native size)
+DEFAULT_RUNS = {  # batch:resolution:checkpointing[:flags] (0 = the native size; flags: e = eager, p = previews)
     "sd15": "1:0:off,4:0:off,1:0:on,4:0:on,2:0:off,2:768:off,8:0:off,2:0:on",
     "sdxl": "1:0:off,4:0:off,1:0:on,4:0:on,2:0:off,2:0:on,1:768:on",
     "builtin": "1:0:off,2:0:off,4:0:off",
@@ -43,8 +43,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--runs", default=None, help="batch:resolution:checkpointing,... (default: per arch)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="let this process use at most this much GPU memory (torch.cuda.set_per_process_memory_fraction): "
+        "how a smaller card would fare",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib / total, device)
 
     from trainer.config import TrainConfig
     from trainer.loop import train
@@ -66,10 +76,11 @@ def main() -> None:
         "torch": torch.__version__,
         "arch": args.arch,
         "matmul_tflops": matmul_rate(device) / 1e12,
+        "memory_cap_gib": args.memory_cap_gib,
         "runs": [],
     }
     for spec in (args.runs or DEFAULT_RUNS[args.arch]).split(","):
-        batch, resolution, checkpointing = spec.split(":")
+        batch, resolution, checkpointing, flags = (spec + ":").split(":")[:4]
         size = int(resolution) or native
         data = args.work / f"data-{size}"
         write_data(data, size)
@@ -83,10 +94,12 @@ def main() -> None:
             rank=8,
             mixed_precision="bf16" if device.type == "cuda" else "no",
             gradient_checkpointing=checkpointing,
+            cuda_graphs="e" not in flags,
+            preview_prompt="a red circle on a blue square" if "p" in flags else "",
             run_dir=str(run_dir),
             output=str(run_dir / "bench.safetensors"),
         )
-        entry = {"batch": int(batch), "resolution": size, "gradient_checkpointing": checkpointing}
+        entry = {"batch": int(batch), "resolution": size, "gradient_checkpointing": checkpointing, "flags": flags}
         t0, began = time.perf_counter(), time.time()
         try:
             train(config, device=args.device, log_to_terminal=False)

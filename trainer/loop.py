@@ -313,13 +313,20 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     try:
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
+        # On a GPU the UNet waits in system memory while the captions and pictures are encoded: the text
+        # encoders, the VAE and the UNet are never on the GPU together (SDXL's caching peak was 6.9 GiB, the
+        # UNet's 4.8 GiB of it idle), and the UNet moves over once the cache is made.
+        gpu = accelerator.device.type == "cuda"
         pipe = load_pipeline(
             config.base_model,
-            device=accelerator.device,
+            device="cpu" if gpu else accelerator.device,
             dtype=weight_dtype,
             prediction_type=None if config.prediction_type == "auto" else config.prediction_type,
         )
         unet, family = pipe.unet, family_of_pipeline(pipe)
+        if gpu:
+            for name in ("vae", *family.text_encoders):
+                getattr(pipe, name).to(accelerator.device)
         sampling = generation_defaults(config.base_model, dict(pipe.scheduler.config))  # for the previews
         for name in ("unet", "vae", *family.text_encoders):
             getattr(pipe, name).requires_grad_(False)
@@ -370,6 +377,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.flip,
             captions,
         )
+        unet.to(accelerator.device)
         peaks.end("cache")
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
