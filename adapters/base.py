@@ -180,6 +180,11 @@ def model_modules(
 def native_size_of(base_model: str | None, prediction_type: str | None = None) -> int:
     """The pixel size a base model was trained at, from its configs alone (UNet sample size times the VAE's
     downsampling): what `resolution 0` trains at. For a single file, the shipped configs it loads with."""
+    return model_geometry(base_model, prediction_type)[0]
+
+
+def model_geometry(base_model: str | None, prediction_type: str | None = None) -> tuple[int, int, int]:
+    """(native size, VAE scale factor, UNet levels) of a base model, from its configs alone (see native_size_of)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     source, _ = check_base_model(base_model, prediction_type)
@@ -190,4 +195,5 @@ def native_size_of(base_model: str | None, prediction_type: str | None = None) -
         vae = AutoencoderKL.load_config(source, subfolder="vae")
     except Exception as exc:
         raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return unet["sample_size"] * scale, scale, len(unet["block_out_channels"])

@@ -20,6 +20,11 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.config import from_args
     from trainer.loop import Cancelled, train
 
+    if args.preset == "list":
+        from trainer.presets import listing
+
+        print(listing())
+        return 0
     config = from_args(args, args.config)
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config)
@@ -214,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an adapter on a folder of images and captions")
     p.add_argument("--config", help="a .json or .yaml file of TrainConfig fields; flags override it")
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a named recipe (--preset list shows them); the config file and flags override it",
+    )
     add_arguments(p)
     p.set_defaults(func=_train)
 

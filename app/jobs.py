@@ -95,7 +95,7 @@ class RunView:
     steps_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
-    previews: list[tuple[str, int]] = field(default_factory=list)  # (image path, step)
+    previews: list[tuple[str, int, str, int | None]] = field(default_factory=list)  # (image, step, prompt, seed)
     adapter: str | None = None
     library_name: str | None = None
     message: str = ""
@@ -103,7 +103,8 @@ class RunView:
     problems: list[str] = field(default_factory=list)  # malformed lines of events.jsonl, left out of the view
     resumed_from: int | None = None  # the checkpoint step the current attempt went on from
     resuming: bool = False  # a resumed attempt whose process has not spoken yet
-    preview_prompt: str = ""
+    preview_prompt: tuple[str, ...] = ()  # the run's preview prompts, as configured
+    plan: dict = field(default_factory=dict)  # its start event: images, repeats, buckets, batch, steps per epoch...
 
     @property
     def live(self) -> bool:
@@ -150,14 +151,14 @@ def view_run(run_dir: str | Path) -> RunView:
     for e in events:
         kind = e["type"]
         if kind == "start":
-            view.status, view.total = "running", e["steps"]
+            view.status, view.total, view.plan = "running", e["steps"], e
         elif kind == "progress":
             view.step, view.total = e["step"], e["total"]
             view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
         elif kind in ("preview", "sample"):  # runs made before the rename say "sample"
-            view.previews.append((e["path"], e["step"]))
+            view.previews.append((e["path"], e["step"], e.get("prompt", ""), e.get("seed")))
         elif kind == "resume":
-            view.previews = [(path, st) for path, st in view.previews if st <= e["step"]]
+            view.previews = [p for p in view.previews if p[1] <= e["step"]]
             view.status, view.message, view.step, view.resumed_from = "running", "", e["step"], e["step"]
         elif kind == "library":
             view.library_name = e["name"]

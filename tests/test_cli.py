@@ -116,7 +116,7 @@ def test_old_spellings_still_work_with_a_notice(tiny_model, image_folder, tmp_pa
     from trainer.config import TrainConfig
 
     config = TrainConfig.from_file(old_file)
-    assert (config.preview_prompt, config.preview_every) == ("a red circle", 3)
+    assert (config.preview_prompt, config.preview_every) == (("a red circle",), 3)
     assert "'sample_prompt' (--sample-prompt) is now 'preview_prompt'" in capsys.readouterr().err
 
 
@@ -146,7 +146,8 @@ def test_bad_input_names_the_file_or_field(setup, extra, message, image_folder, 
     assert err.startswith("error: ") and message in err
 
 
-def test_local_folder_without_model_index(tmp_path, image_folder, capsys):
+def test_local_folder_without_model_index(tmp_path, image_folder, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run folder it makes before the model is checked goes to ./runs
     (tmp_path / "notamodel").mkdir()
     code, _, err = run_cli(["train", "--data", image_folder, "--base-model", tmp_path / "notamodel"], capsys)
     assert code == 2 and "has no model_index.json" in err

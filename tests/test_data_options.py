@@ -226,3 +226,37 @@ def test_sdxl_time_ids_name_the_bucket_and_its_true_crop(tiny_sdxl_model, image_
     assert time_ids["wide0.png"] == [32, 64, 4, 0, 16, 48]
     assert time_ids["img0.png"] == [32, 32, 0, 0, 32, 32]
     assert [tuple(m.shape) for m in cache["latent_mean"]][-1] == (4, 4, 12)  # the wide one's latent, 48x16 / 4
+
+
+def test_random_crop_cuts_each_picture_anew_each_epoch_and_center_does_not(tiny_model, image_folder):
+    """--crop random: a picture wider than its square is cut at a new place at each draw (its latent differs from
+    epoch to epoch, so no latent is cached); --crop center cuts it the same way every time. SDXL's time ids name the
+    drawn crop's corner."""
+    from diffusers import StableDiffusionPipeline
+
+    from adapters.families import SD1, SDXL
+    from trainer.loop import CropEncoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    add_landscape_images(image_folder, 1)  # 64x32 into the 32x32 square (--no-buckets): 32 columns to choose from
+    latents_seen = {}
+    for crop in ("center", "random"):
+        examples = load_examples(image_folder, 32, crop=crop)
+        wide = [e.path.name for e in examples].index("wide0.png")
+        cache = encode_examples(pipe, SD1, examples, 32, "cpu", torch.float32, latents=crop == "center")
+        if crop == "random":
+            assert "latent_mean" not in cache  # nothing cached to cut from
+            cache["crops"] = CropEncoder(pipe, SD1, examples, "cpu", torch.float32)
+        drawer = BatchDrawer(len(examples), len(examples), 1000, (4, 8, 8), seed=0, crop=crop == "random")
+        seen = []
+        for _ in range(3):  # a batch of every image: one epoch per draw
+            draw = drawer.draw()
+            draw["latent_noise"].zero_()  # the batch's latents are then the encoded means of what was cut
+            seen.append(make_batch(draw, cache, SD1, "cpu")["latents"][draw["index"].tolist().index(wide)])
+        latents_seen[crop] = seen
+    center, random = latents_seen["center"], latents_seen["random"]
+    assert all(torch.equal(center[0], c) for c in center[1:])
+    assert not torch.allclose(random[0], random[1]) and not torch.allclose(random[1], random[2])
+    encoder = CropEncoder(pipe, SDXL, load_examples(image_folder, 32, crop="random"), "cpu", torch.float32)
+    _, _, placed = encoder([wide], [False], torch.tensor([[0.0, 0.999]]))  # the right-most of the 33 places
+    assert placed["time_ids"].tolist() == [[32, 64, 0, 32, 32, 32]]

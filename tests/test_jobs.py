@@ -45,7 +45,7 @@ def test_view_folds_events_and_tolerates_a_torn_line(tmp_path):
     log.emit("start", steps=3)
     for step in (1, 2, 3):
         log.emit("progress", step=step, total=3, loss=1.0 / step, steps_per_s=2.0, eta_s=3 - step)
-    log.emit("preview", step=3, path=str(run / "s.png"))
+    log.emit("preview", step=3, path=str(run / "s.png"), prompt="neon, a cat", seed=7)
     log.emit("library", name="neon")
     log.emit("done", step=3, adapter=str(run / "adapter.safetensors"))
     with open(run / "events.jsonl", "a") as f:
@@ -53,7 +53,8 @@ def test_view_folds_events_and_tolerates_a_torn_line(tmp_path):
     assert len(read_events(run)) == 7
     view = view_run(run)
     assert (view.status, view.step, view.total, view.name, view.library_name) == ("done", 3, 3, "neon", "neon")
-    assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and view.previews == [(str(run / "s.png"), 3)]
+    assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert view.previews == [(str(run / "s.png"), 3, "neon, a cat", 7)]
     assert view.problems == []
 
 

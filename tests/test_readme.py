@@ -35,6 +35,14 @@ def test_the_flag_table_matches_the_fields():
     assert table == markdown_table()
 
 
+def test_the_preset_table_matches_the_presets():
+    """Regenerate with `python -m trainer.presets` and paste between the PRESETS markers."""
+    from trainer.presets import markdown_table
+
+    table = README.split("<!-- PRESETS -->\n", 1)[1].split("\n<!-- /PRESETS -->", 1)[0]
+    assert table == markdown_table()
+
+
 def test_the_builtin_models_lora_target_count_is_counted_from_it():
     """The README's count of the built-in UNet's LoRA targets is what `attention_targets` finds in the shipped one."""
     from diffusers import UNet2DConditionModel

@@ -44,9 +44,15 @@ OPTIONS = {
     # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others), each
     # drawn as it is or mirrored, with one of its cached tag shuffles
     "repeats, epochs, flip, tag shuffle": dict(repeats=2, epochs=2, flip=True, shuffle_tags=True, keep_tokens=1),
-    # two aspect-ratio buckets (three wide pictures join the square ones): each batch draws its bucket first
-    "buckets, cosine, accumulation, min-SNR, noise offset": dict(
-        lr_scheduler="cosine", lr_warmup_steps=3, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05
+    # two aspect-ratio buckets (three wide pictures join the square ones): each batch draws its bucket first; the
+    # wide ones are cut at a random place at each draw (their 48x24 cover into the 40x24 bucket)
+    "buckets, random crop, cosine, accumulation, min-SNR, noise offset": dict(
+        lr_scheduler="cosine",
+        lr_warmup_steps=3,
+        gradient_accumulation_steps=2,
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+        crop="random",
     ),
 }
 
@@ -94,6 +100,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
     if options.startswith("buckets"):
         start = next(e for e in read_events(tmp_path / "whole") if e["type"] == "start")
         assert len(start["buckets"]) == 2
+        notices = [e["message"] for e in read_events(tmp_path / "whole") if e["type"] == "notice"]
+        assert sum(n.startswith("--crop random: no latent cache") for n in notices) == 1
     if extra.get("lr_scheduler") == "cosine":
         assert len(set(_lr_by_step(tmp_path / "whole").values())) == 8  # the rate moved at every step
 

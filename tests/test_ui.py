@@ -244,7 +244,9 @@ def test_previews_keep_the_trigger_word_and_the_page_shows_their_prompt(tmp_path
     values = {name: control.value for name, control in tab.settings.controls.items()}
     tab.on_train([str(p) for p in sorted(images.iterdir())], [], *{**values, "trigger_word": "zq"}.values())
     first = (images / "img0.txt").read_text()
-    assert started[0].preview_prompt == f"zq, {first}"
+    assert started[0].preview_prompt == (f"zq, {first}",)
+    typed = tab.settings.config(list({**values, "preview_prompt": "a cat\n\nzq, a dog --d 3\n"}.values()))
+    assert typed.preview_prompt == ("a cat", "zq, a dog --d 3")  # one prompt per line of the box
     run = _run_folder(tmp_path / "runs", "r1", preview_prompt="zq, a red circle")
     EventLog(run).emit("start", steps=4)
     *_, shown = tab.refresh(run.name)
@@ -261,3 +263,35 @@ def test_the_loss_curve_is_smoothed_as_tensorboard_does():
     assert list(frame[frame.series == RAW].loss) == [1.0, 0.0, 1.0]
     assert list(frame[frame.series == SMOOTHED].loss) == smoothed([1.0, 0.0, 1.0], SMOOTHING)
     assert f"{SMOOTHING}" in SMOOTHED
+
+
+def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(tmp_path):
+    """Before Train, the upload's plan by the trainer's own rules (4 images x 3 repeats at batch 2: 6 steps per
+    epoch; the wide one in the built-in model's 80x48 bucket); once the run starts, its start event's plan, and
+    each preview captioned with its prompt and seed."""
+    from PIL import Image
+
+    from trainer.dataset import bucket_sizes, load_examples
+
+    images = write_scene_folder(tmp_path / "images", count=3)
+    Image.open(images / "img0.png").resize((128, 64)).save(images / "wide.png")
+    (images / "wide.txt").write_text("a wide picture")
+    files = [str(p) for p in sorted(images.iterdir())]
+    tab = _tab(tmp_path)
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    plan = tab.show_plan(files, *{**values, "repeats": 3, "batch_size": 2}.values())
+    assert "| 4 | 12 | 2 | 6 | 400 | 66.6667 |" in plan
+    wide = next(e for e in load_examples(images, 64, buckets=bucket_sizes(64, 16)) if e.path.name == "wide.png")
+    assert tuple(wide.pixels.shape[1:]) == (48, 80)  # what training would cut it to: the plan's bucket
+    assert "64×64: 3 · 80×48: 1" in plan
+    assert tab.show_plan(files, *{**values, "batch_size": 0}.values()).startswith("⚠ *Batch size* must be")
+    run = _run_folder(tmp_path / "runs", "r1", preview_prompt=["zq, a red circle", "zq, a star --d 9"])
+    log = EventLog(run)
+    log.emit("start", steps=30, images=4, repeats=12, batch_size=2, steps_per_epoch=6, epochs=5, buckets={"64x64": 4})
+    log.emit("preview", step=6, path=str(run / "a.png"), prompt="zq, a red circle", seed=0)
+    log.emit("preview", step=6, path=str(run / "b.png"), prompt="zq, a star", seed=9)
+    _, _, pictures, status, prompts = tab.refresh(run.name)
+    assert "| 4 | 12 | 2 | 6 | 30 | 5 |" in status and "64×64: 4" in status
+    captions = [caption for _, caption in pictures]
+    assert captions == ["step 6 · zq, a red circle (seed 0)", "step 6 · zq, a star (seed 9)"]
+    assert prompts == "Preview prompts: “zq, a red circle”; “zq, a star --d 9”"

@@ -147,6 +147,9 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#captions").get_by_text("glowline, a red circle at the top").wait_for()  # the table fills
     set_number(page, "setting-steps", 60)
     set_number(page, "setting-preview_every", 20)
+    # what the upload would train, before Train: 16 square images in one bucket, 8 steps per epoch at batch 2
+    expect(page.locator("#data-plan")).to_contain_text("64×64: 16")
+    expect(page.locator("#data-plan")).to_contain_text("7.5")  # 60 steps = 7.5 epochs
     page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
     page.locator("#train-button").click()
     page.get_by_text("Started run").wait_for(timeout=30_000)
@@ -166,6 +169,8 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
     page.locator("#previews img").first.wait_for()
     assert page.locator("#previews img").count() >= 3  # steps 20, 40 and the end
+    expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
+    expect(page.locator("#previews")).to_contain_text("step 20 · glowline")  # each picture captioned with its prompt
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#adapter-0 input").click()

@@ -50,6 +50,7 @@ RESUME_MUST_MATCH = (
     "keep_tokens",
     "tag_shuffles",
     "buckets",
+    "crop",
 )
 
 

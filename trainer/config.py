@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,10 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Old spellings still read from config files and flags, with a one-line notice: old name -> field.
 RENAMED = {"sample_prompt": "preview_prompt", "sample_every": "preview_every"}
 MAX_STEPS = 1_000_000  # days of training even at 10 steps/s; a larger count is a typo
+# A list of prompts (`--preview-prompt` given once per prompt; a list, or one string, in a config file).
+Prompts = tuple[str, ...]
+# kohya_ss's options inside a sample prompt that previews understand: `a cat --d 7 --n blurry --s 30 --l 6`.
+PREVIEW_OPTIONS = {"d": "SEED", "n": "NEGATIVE PROMPT", "s": "SAMPLING STEPS", "l": "GUIDANCE"}
 # Groups, in the order the page shows them; `files` are chosen by the page itself (uploads, run folder, library).
 GROUPS = ("model", "data", "adapter", "training", "loss", "previews", "runs", "files")
 
@@ -116,6 +122,14 @@ class TrainConfig:
         "64, about --resolution squared in area), resized to cover it and centre-cropped, instead of a square "
         "crop; every batch comes from one bucket. --no-buckets crops every image to the square.",
         "data",
+    )
+    crop: str = _f(
+        "center",
+        "Where each image is cut to its bucket (or square): center, the same every time, its latent cached; random, "
+        "a new place at every draw (from the run's seeded generator), so the edges of a picture that does not fit "
+        "come up too. random skips the latent cache: every step's pictures are encoded by the VAE (slower steps).",
+        "data",
+        ("center", "random"),
     )
     repeats: int = _f(
         1,
@@ -258,11 +272,28 @@ class TrainConfig:
         "loss",
     )
     # watching it learn
-    preview_prompt: str = _f(
-        "", "Prompt for preview images made during training. Empty = no previews.", "previews", basic=True
+    preview_prompt: Prompts = _f(
+        (),
+        "Prompts for the preview pictures made during training (give the flag once per prompt; in the page, one per "
+        "line). Each is drawn with its own fixed seed, --seed plus its place in the list (0, 1, ...), or the seed "
+        "it names as kohya_ss writes it: 'a cat --d 7'; --n, --s and --l give it its own negative prompt, sampling "
+        "steps and guidance. None = no previews.",
+        "previews",
+        basic=True,
+    )
+    preview_negative_prompt: str = _f("", "Negative prompt of every preview picture. Empty = none.", "previews")
+    preview_sampling_steps: int = _f(20, "Denoising steps of each preview picture.", "previews")
+    preview_guidance: float = _f(
+        0.0, "Guidance scale of the preview pictures. 0 = the base model's recommended (7.5 for SD).", "previews"
     )
     preview_every: int = _f(
-        0, "Make a preview every N steps (and at the end). 0 = only at the end.", "previews", basic=True
+        0, "Make previews every N steps (and at the end). 0 = only at the end.", "previews", basic=True
+    )
+    preview_every_epoch: int = _f(
+        0,
+        "Also make previews at the end of every N epochs (an epoch: the steps per epoch the run prints before it "
+        "starts). 0 = not by epoch.",
+        "previews",
     )
 
     # long runs and several GPUs
@@ -278,6 +309,14 @@ class TrainConfig:
         "Processes to train on, one per GPU, through accelerate launch (data parallel; batch size is per process).",
         "runs",
     )
+    log_with: str = _f(
+        "none",
+        "tensorboard: also log the loss, the learning rate and the previews for TensorBoard, through accelerate's "
+        "trackers, into the run folder's tensorboard/ (pip install tensorboardX, or tensorboard). The page reads "
+        "events.jsonl either way.",
+        "runs",
+        ("none", "tensorboard"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -289,6 +328,12 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             want = hints[f.name]
+            if want == Prompts:  # one string (the form before lists, and the page's box) or a list of strings
+                value = tuple(value.splitlines()) if isinstance(value, str) else value
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise UserError(f"{f.name} ({flag(f.name)}) must be text or a list of texts, got {value!r}")
+                setattr(self, f.name, tuple(v.strip() for v in value if v.strip()))
+                continue
             ok = (
                 isinstance(value, bool)
                 if want is bool
@@ -313,6 +358,7 @@ class TrainConfig:
             "huber_c",
             "min_snr_gamma",
             "noise_offset",
+            "preview_guidance",
         ):
             setattr(self, name, float(getattr(self, name)))
         self.caption_dropout = float(self.caption_dropout)
@@ -399,6 +445,17 @@ class TrainConfig:
                 f"resolution (--resolution) must be 0 (native) or a multiple of 8 from 64 up; got {self.resolution}",
             ),
             (self.preview_every >= 0, "preview_every (--preview-every) must be 0 or more"),
+            (self.preview_every_epoch >= 0, "preview_every_epoch (--preview-every-epoch) must be 0 or more"),
+            (
+                1 <= self.preview_sampling_steps <= 1000,
+                f"preview_sampling_steps (--preview-sampling-steps) must be from 1 to 1000 (typical: 20-30); "
+                f"got {self.preview_sampling_steps}",
+            ),
+            (
+                0 <= self.preview_guidance <= 100,
+                f"preview_guidance (--preview-guidance) must be 0 (the model's own) or a positive number up to 100 "
+                f"(typical: 7.5); got {self.preview_guidance:g}",
+            ),
             (
                 0 <= self.caption_dropout < 1,
                 f"caption_dropout (--caption-dropout) must be at least 0 and below 1; got {self.caption_dropout:g}",
@@ -418,6 +475,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.previews()  # a preview prompt's options are read now, not at the first preview
         if self.name:  # an unusable adapter name is refused now, not when the run ends and the library needs it
             try:
                 sanitize_name(self.name)
@@ -427,6 +485,18 @@ class TrainConfig:
     @property
     def effective_alpha(self) -> float:
         return self.alpha or float(self.rank)
+
+    def run_length(self, per_epoch: int, processes: int = 1) -> tuple[int, int, float]:
+        """(steps per epoch, steps, epochs) for `per_epoch` images per epoch (each image times its repeats): an
+        epoch is rounded up to whole steps of batch x processes x accumulation; --epochs gives the steps."""
+        steps_per_epoch = math.ceil(per_epoch / (self.batch_size * processes * self.gradient_accumulation_steps))
+        steps = self.epochs * steps_per_epoch if self.epochs else self.steps
+        return steps_per_epoch, steps, self.epochs or steps / steps_per_epoch
+
+    def previews(self) -> list[Preview]:
+        """Each preview prompt with its seed, negative prompt, sampling steps and guidance: its own options
+        (kohya_ss's `--d`, `--n`, `--s`, `--l` after the prompt), else the preview fields, and seed + its place."""
+        return [_preview(text, i, self) for i, text in enumerate(self.preview_prompt)]
 
     # -- building --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -468,11 +538,52 @@ class TrainConfig:
             value = getattr(self, f.name)
             if value == f.default:
                 continue
-            if isinstance(value, bool):
+            if isinstance(value, tuple):  # a list field: its flag once per item
+                parts += [part for item in value for part in (flag(f.name), shlex.quote(item))]
+            elif isinstance(value, bool):
                 parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
             else:
                 parts += [flag(f.name), shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One preview picture's recipe: drawn at every preview step with the same seed, so pictures compare."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    sampling_steps: int = 20
+    guidance: float = 0.0  # 0 = the base model's recommended
+
+
+def _preview(text: str, index: int, config: TrainConfig) -> Preview:
+    """Read one preview prompt: the prompt, then kohya_ss's options, each ` --KEY VALUE`."""
+    prompt, *options = re.split(r"(?:^|\s+)--(?=\S)", text)
+    values = {"d": config.seed + index, "n": config.preview_negative_prompt}
+    values.update(s=config.preview_sampling_steps, l=config.preview_guidance)
+    where = f"preview_prompt (--preview-prompt) {text!r}"
+    known = ", ".join(f"--{key} {what}" for key, what in PREVIEW_OPTIONS.items())
+    for option in options:
+        key, _, value = option.partition(" ")
+        value = value.strip()
+        if key not in PREVIEW_OPTIONS:
+            size = " (previews are drawn at the training resolution)" if key in ("w", "h") else ""
+            raise UserError(f"{where}: --{key} is not understood{size}; a preview prompt takes {known}")
+        kind = {"d": int, "s": int, "l": float, "n": str}[key]
+        try:
+            values[key] = kind(value)
+        except ValueError:
+            values[key] = None
+        bad_number = (key == "s" and not 1 <= values[key] <= 1000) or (key == "l" and not 0 <= values[key] <= 100)
+        if not value or values[key] is None or bad_number:
+            need = {"d": "a whole number", "s": "a whole number from 1 to 1000", "l": "a number from 0 to 100"}
+            need = need.get(key, "text")
+            raise UserError(f"{where}: --{key} needs {need} after it, got {value!r}")
+    if not prompt.strip():
+        raise UserError(f"{where}: the prompt itself is empty; write it before the options")
+    return Preview(prompt.strip(), values["d"], values["n"], values["s"], float(values["l"]))
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -498,7 +609,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if hints[f.name] is bool:
+        if hints[f.name] == Prompts:  # given once per item; the items given replace a config file's list
+            old = [flag(o) for o, new in RENAMED.items() if new == f.name]
+            parser.add_argument(
+                flag(f.name),
+                *old,
+                action=_RenamedAppend,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=help_text.replace("(default: ())", "(repeatable)"),
+            )
+        elif hints[f.name] is bool:
             parser.add_argument(
                 flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
@@ -527,13 +649,28 @@ class _Renamed(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _RenamedAppend(argparse.Action):
+    """Adds a flag's value to its list (the list starts empty, whatever a config file holds), first saying so when
+    it was given under its old spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = (option_string or "")[2:].replace("-", "_")
+        if old in RENAMED:
+            notice_renamed(old)
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), values])
+
+
 def from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
-    """Config file values (if any), overridden by the flags given on the command line."""
+    """A preset's fields (`--preset`), overridden by the config file's values (if any), overridden by the flags
+    given on the command line."""
+    from trainer.presets import preset_values
+
     given = vars(args)
     if not config_path and given.get("resume") and given.get("run_dir"):  # resume with the run's own settings
         saved = Path(given["run_dir"]) / "config.json"
         config_path = saved if saved.is_file() else None
-    values = read_config_file(config_path) if config_path else {}
+    values = preset_values(given["preset"]) if given.get("preset") else {}
+    values.update(read_config_file(config_path) if config_path else {})
     source = str(config_path) if config_path else "command line"
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if config_path:
@@ -551,7 +688,7 @@ def markdown_table() -> str:
         spelled = flag(f.name)
         if f.metadata.get("choices"):
             spelled += " " + "\\|".join(f.metadata["choices"])
-        default = "(empty)" if f.default == "" else f"`{f.default}`"
+        default = "(empty)" if f.default in ("", ()) else f"`{f.default}`"
         rows.append(f"| `{spelled}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -38,6 +38,7 @@ class Example:
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the upright image on disk
     crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts, in resized-image pixels (SDXL's time ids)
     repeats: int = 1  # times the image is shown per epoch (--repeats, or its `<N>_name` sub-folder)
+    cover: torch.Tensor | None = None  # --crop random: (3, H', W') uint8, resized to cover its bucket, not cut
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -211,6 +212,13 @@ def prepare_image(path: Path, resolution: int, size: tuple[int, int] | None = No
 
     Any mode comes out RGB: 16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white),
     CMYK and palette images are converted, an animation gives its first frame."""
+    im = ImageOps.fit(_upright_rgb(path), size or (resolution, resolution), Image.Resampling.LANCZOS)
+    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _upright_rgb(path: Path) -> Image.Image:
+    """The picture as training sees it before any resize: EXIF-rotated, RGB, transparency flattened onto white."""
     with Image.open(path, formats=IMAGE_FORMATS) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit greyscale PNG: keep the high byte
@@ -219,9 +227,27 @@ def prepare_image(path: Path, resolution: int, size: tuple[int, int] | None = No
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
-        im = ImageOps.fit(im.convert("RGB"), size or (resolution, resolution), Image.Resampling.LANCZOS)
-        array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return im.convert("RGB")
+
+
+def prepare_cover(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """The picture (as `prepare_image` reads it) resized to just cover `size` (width, height), not cut: (3, H, W)
+    uint8, one side equal to the target's, the other at least its. `random_crop` cuts it at each draw."""
+    im = _upright_rgb(path)
+    scale = max(size[0] / im.width, size[1] / im.height)
+    cover = (max(size[0], round(im.width * scale)), max(size[1], round(im.height * scale)))
+    array = np.asarray(im.resize(cover, Image.Resampling.LANCZOS), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def random_crop(cover: torch.Tensor, size: tuple[int, int], where: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Cut `size` (width, height) out of `cover` at `where` ((2,) uniform draws in [0, 1): down, across), as
+    pixels in [-1, 1]; and the crop's top-left corner (what SDXL's time ids describe)."""
+    width, height = size
+    top = int(where[0] * (cover.shape[1] - height + 1))
+    left = int(where[1] * (cover.shape[2] - width + 1))
+    pixels = cover[:, top : top + height, left : left + width].float() / 127.5 - 1.0
+    return pixels, (top, left)
 
 
 def crop_geometry(
@@ -252,11 +278,12 @@ def load_examples(
     notes: list[str] | None = None,
     repeats: int = 1,
     buckets: list[tuple[int, int]] | None = None,
+    crop: str = "center",
 ) -> list[Example]:
     """Check the folder, then load every image at `resolution` with its (trigger-prefixed) caption and its repeats
     (`repeats` at the top, N in a `<N>_name` sub-folder); what the check has to say about the images and captions
     is appended to `notes` (see `check_folder`). With `buckets` ((width, height) sizes), each image is prepared
-    at the one nearest its aspect ratio instead of the square."""
+    at the one nearest its aspect ratio instead of the square. With `crop` random, each also keeps its `cover`."""
     pairs = check_folder(folder, default_caption, notes)
     sizes = [nearest_bucket(*upright_size(p), buckets) if buckets else None for p, _ in pairs]
     return [
@@ -266,9 +293,24 @@ def load_examples(
             prepare_image(p, resolution, size),
             *crop_geometry(p, resolution, size),
             repeats_of(p, folder, repeats),
+            prepare_cover(p, size or (resolution, resolution)) if crop == "random" else None,
         )
         for (p, c), size in zip(pairs, sizes)
     ]
+
+
+def bucket_counts(paths: list[Path], resolution: int, stride: int, buckets: bool = True) -> dict[str, int]:
+    """How many of these images each bucket gets, as 'WxH' -> count in size order (the run's own rule: the
+    bucket nearest each picture's aspect ratio; without `buckets`, all in the square), read from the headers."""
+    sizes = bucket_sizes(resolution, stride) if buckets else [(resolution, resolution)]
+    found = Counter(nearest_bucket(*upright_size(Path(p)), sizes) for p in paths)
+    return {f"{w}x{h}": found[(w, h)] for w, h in sorted(found)}
+
+
+def bucket_stride(resolution: int, vae_scale: int, unet_levels: int) -> int:
+    """The step between bucket sides: 64, or, for a model too small for that (below 256 px), what its VAE and
+    UNet divide by (the VAE's scale times the UNet's 2 ** (levels - 1))."""
+    return 64 if resolution >= 256 else vae_scale * 2 ** (unet_levels - 1)
 
 
 def long_captions(examples: list[Example], tokenizer) -> list[str]:

@@ -30,19 +30,32 @@ from adapters.formats import build_metadata, save_adapter, to_kohya
 from adapters.library import sanitize_name
 from adapters.lora import attach, attention_targets, extract, train_in_fp32
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import Preview, TrainConfig
 from trainer.dataset import (
     bucket_sizes,
+    bucket_stride,
     check_folder,
     load_examples,
     long_captions,
+    random_crop,
     repeats_of,
     shuffled_captions,
     tag_frequency,
 )
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
-from trainer.runs import EVENTS, LOSS_PNG, PREVIEWS, EventLog, draw_loss_curve, new_run_dir, run_losses, scan_events
+from trainer.runs import (
+    EVENTS,
+    LOSS_PNG,
+    PREVIEWS,
+    TENSORBOARD,
+    EventLog,
+    check_log_with,
+    draw_loss_curve,
+    new_run_dir,
+    run_losses,
+    scan_events,
+)
 from trainer.step import gradient_checkpointing, make_step
 
 
@@ -102,18 +115,21 @@ def encode_examples(
     resolution: int,
     device,
     dtype,
-    preview_prompt: str = "",
+    previews: list[Preview] = (),
     flip: bool = False,
     captions: list[list[str]] | None = None,
+    latents: bool = True,
 ) -> dict:
     """Cache per image: the caption's conditioning (`family.conditioning`), the picture's own
     (`family.image_conditioning`: SDXL's time ids) and the VAE latent mean and std (scaled), all on `device`.
     With `flip`, the mirrored pictures' latents follow the pictures' own (image i's mirror at len(examples) + i);
     `captions` (K lists of one caption per image, e.g. K tag shuffles) replace the examples' own, and the
-    conditioning of list k's caption i is at k * len(examples) + i.
+    conditioning of list k's caption i is at k * len(examples) + i. Without `latents` (--crop random), no
+    picture is encoded: each step encodes its own crops (`CropEncoder`).
 
     The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
-    share its memory (the previews' prompt is encoded with the captions, as `preview_cond`)."""
+    share its memory (each preview's prompt and negative prompt are encoded with the captions, as
+    `preview_conds`: (prompt, negative) per preview, None for an empty negative)."""
     conds = [
         {
             **family.conditioning(pipe, [caption]),
@@ -127,13 +143,21 @@ def encode_examples(
         "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
         # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
         "empty_cond": family.conditioning(pipe, [""]),
-        "preview_cond": family.conditioning(pipe, [preview_prompt]) if preview_prompt else None,
+        "preview_conds": [
+            (
+                family.conditioning(pipe, [p.prompt]),
+                family.conditioning(pipe, [p.negative_prompt]) if p.negative_prompt else None,
+            )
+            for p in previews
+        ],
         "images": len(examples),
     }
     if torch.device(device).type == "cuda":
         for name in family.text_encoders:
             getattr(pipe, name).to("cpu")
         torch.cuda.empty_cache()
+    if not latents:
+        return cache
     vae = pipe.vae
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):  # e.g. SDXL's VAE overflows in fp16
         vae, dtype = vae.float(), torch.float32
@@ -148,12 +172,38 @@ def encode_examples(
     return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), **cache}
 
 
+class CropEncoder:
+    """--crop random: each drawn picture is cut from its `cover` at the place drawn for it (and mirrored when drawn
+    so), then encoded by the VAE, since no cache can hold every crop. Also gives the picture's own conditioning
+    for that crop (SDXL's time ids name the crop's corner)."""
+
+    def __init__(self, pipe, family: Family, examples, device, dtype):
+        self.vae, self.family, self.examples, self.device, self.dtype = pipe.vae, family, examples, device, dtype
+        if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):  # as encode_examples does
+            self.vae, self.dtype = self.vae.float(), torch.float32
+
+    @torch.no_grad()
+    def __call__(self, index: list[int], flip: list[bool], where: torch.Tensor):
+        """(latent mean, latent std, picture conditioning) of images `index`, cut at `where` ((n, 2) in [0, 1))."""
+        pixels, conds = [], []
+        for i, mirrored, at in zip(index, flip, where):
+            ex = self.examples[i]
+            cut, corner = random_crop(ex.cover, (ex.pixels.shape[2], ex.pixels.shape[1]), at)
+            pixels.append(cut.flip(-1) if mirrored else cut)
+            conds.append(self.family.image_conditioning(ex.original_size, corner, tuple(ex.pixels.shape[1:])))
+        dist = self.vae.encode(torch.stack(pixels).to(self.device, self.dtype)).latent_dist
+        scale = self.vae.config.scaling_factor
+        cond = {key: torch.cat([c[key] for c in conds]).to(self.device) for key in conds[0]}
+        return dist.mean.float() * scale, dist.std.float() * scale, cond
+
+
 class BatchDrawer:
     """Every random choice of every step, from one seeded generator: reproducible, and split across processes.
 
     `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation of every image
     x its repeats each epoch), latent sample, noise (with `noise_offset` times a per-image, per-channel constant
-    added), timestep and, with `flip`, mirrored or not; each process then takes its own slice of it.
+    added), timestep, with `flip` mirrored or not, and with `crop` where each picture is cut (two uniform draws,
+    down and across); each process then takes its own slice of it.
     With aspect-ratio buckets (`buckets`: each image's bucket; `bucket_shapes`: each bucket's latent shape), a
     batch first draws its bucket, in proportion to the bucket's images x repeats, then its images from that
     bucket's own epoch order; with one bucket nothing more is drawn.
@@ -174,6 +224,7 @@ class BatchDrawer:
         captions: int = 1,
         buckets: list[int] | None = None,
         bucket_shapes: list | None = None,
+        crop: bool = False,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
         # each image's index as many times as its repeats: an epoch of a bucket is a permutation of its pool
@@ -184,6 +235,7 @@ class BatchDrawer:
         self.shapes = [tuple(s) for s in bucket_shapes] if bucket_shapes else [tuple(latent_shape)]
         self.orders: list[list[int]] = [[] for _ in self.pools]
         self.dropout, self.noise_offset, self.flip, self.captions = dropout, noise_offset, flip, captions
+        self.crop = crop
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps = num_timesteps
 
@@ -215,6 +267,8 @@ class BatchDrawer:
             drawn["flip"] = torch.rand(n, generator=self.generator) < 0.5
         if self.captions > 1:  # which of each image's cached captions (tag shuffles) it is shown with
             drawn["caption"] = torch.randint(0, self.captions, (n,), generator=self.generator)
+        if self.crop:  # --crop random: where each picture is cut, down and across
+            drawn["crop"] = torch.rand((n, 2), generator=self.generator)
         return drawn
 
     def state(self) -> dict:
@@ -231,16 +285,22 @@ class BatchDrawer:
 def make_batch(
     draw: dict, cache: dict, family: Family, device, process: int = 0, processes: int = 1
 ) -> dict[str, torch.Tensor]:
-    """This process's slice of a drawn global batch, with the cached latents and conditioning looked up."""
+    """This process's slice of a drawn global batch, with the cached latents and conditioning looked up (with
+    --crop random, the drawn crops encoded: `cache["crops"]`, a CropEncoder)."""
     per = len(draw["index"]) // processes
     part = slice(process * per, (process + 1) * per)
     idx = draw["index"][part]
-    pictures = idx + draw["flip"][part].long() * (len(cache["latent_mean"]) // 2) if "flip" in draw else idx
-    mean, std = cache["latent_mean"], cache["latent_std"]
-    if isinstance(mean, list):  # several buckets: one latent per picture, of its bucket's size
-        mean, std = (torch.stack([values[i] for i in pictures.tolist()]) for values in (mean, std))
+    placed = {}  # the picture's own conditioning of each drawn crop
+    if "crop" in draw:
+        flips = draw["flip"][part].tolist() if "flip" in draw else [False] * len(idx)
+        mean, std, placed = cache["crops"](idx.tolist(), flips, draw["crop"][part])
     else:
-        mean, std = mean[pictures], std[pictures]
+        pictures = idx + draw["flip"][part].long() * (len(cache["latent_mean"]) // 2) if "flip" in draw else idx
+        mean, std = cache["latent_mean"], cache["latent_std"]
+        if isinstance(mean, list):  # several buckets: one latent per picture, of its bucket's size
+            mean, std = (torch.stack([values[i] for i in pictures.tolist()]) for values in (mean, std))
+        else:
+            mean, std = mean[pictures], std[pictures]
     latents = mean + std * draw["latent_noise"][part].to(device)
     drop = draw["drop_caption"][part].to(device)
     if "caption" in draw:  # this image's drawn tag shuffle
@@ -251,7 +311,7 @@ def make_batch(
             mask = drop.view(-1, *[1] * (values.dim() - 1))
             cond[key] = torch.where(mask, cache["empty_cond"][key], values[idx])
         else:
-            cond[key] = values[idx]
+            cond[key] = placed[key] if key in placed else values[idx]
     return {
         "latents": latents,
         "noise": draw["noise"][part].to(device),
@@ -289,16 +349,23 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     # accelerate keeps one precision per process; a second run in the same process (a notebook, a benchmark)
     # may ask for another. The process group lives in PartialState, which stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    check_log_with(config.log_with)
+    tracking = config.log_with != "none"
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=cpu,
+        log_with=config.log_with if tracking else None,
+        project_dir=config.run_dir or "runs" if tracking else None,  # the run folder, once known (below)
+    )
     check_optimizer(config, accelerator.device)  # its package and its device, before any model loads
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     main, processes = accelerator.is_main_process, accelerator.num_processes
     # An epoch shows every image its repeats times; --epochs N makes the step count N epochs' worth.
     per_epoch = sum(repeats_of(path, config.data, config.repeats) for path, _ in pairs)
     per_step = config.batch_size * processes * config.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(per_epoch / per_step)
+    steps_per_epoch, steps, epochs = config.run_length(per_epoch, processes)
     if config.epochs:
-        config = dataclasses.replace(config, steps=config.epochs * steps_per_epoch)
+        config = dataclasses.replace(config, steps=steps)
     run_dir = _shared_run_dir(config, accelerator)
     if (run_dir / EVENTS).exists() and not config.resume:
         raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume")
@@ -339,7 +406,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             unet.enable_gradient_checkpointing()
         resolution = config.resolution or native_size(pipe)
         # bucket sides: multiples of 64, or, for a model too small for that, of what its VAE and UNet divide by
-        stride = 64 if resolution >= 256 else pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        stride = bucket_stride(resolution, pipe.vae_scale_factor, len(unet.config.block_out_channels))
 
         # 3. Data: every image and caption encoded once by the frozen VAE and text encoder(s).
         notes: list[str] = []  # what the data check has to say (an animation's first frame, a long caption)
@@ -351,6 +418,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             notes=notes,
             repeats=config.repeats,
             buckets=bucket_sizes(resolution, stride) if config.buckets else None,
+            crop=config.crop,
         )
         # the buckets the images fell in, as (width, height) -> images, in size order
         sizes = sorted({(ex.pixels.shape[2], ex.pixels.shape[1]) for ex in examples})
@@ -366,6 +434,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 for i, ex in enumerate(examples)
             ]
             captions = [list(variant) for variant in zip(*per_image)]
+        previews = config.previews()
+        cropping = config.crop == "random"  # no latent cache: each step encodes the crops it draws
         cache = encode_examples(
             pipe,
             family,
@@ -373,19 +443,28 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             resolution,
             accelerator.device,
             weight_dtype,
-            config.preview_prompt,
+            previews,
             config.flip,
             captions,
+            latents=not cropping,
         )
         unet.to(accelerator.device)
         peaks.end("cache")
+        if cropping:
+            cache["crops"] = CropEncoder(pipe, family, examples, accelerator.device, weight_dtype)
+            scale = pipe.vae_scale_factor  # each bucket's latent shape, from its first image's size
+            shapes = [(pipe.vae.config.latent_channels, h // scale, w // scale) for w, h in sizes]
+        elif len(sizes) > 1:  # the latent shape of each bucket: that of its first image
+            shapes = [cache["latent_mean"][image_bucket.index(b)].shape for b in range(len(sizes))]
+        else:
+            shapes = [cache["latent_mean"].shape[1:]]
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         model = (family, noise_scheduler.config.prediction_type)  # what the adapter file says it was made for
         drawer = BatchDrawer(
             len(examples),
             config.batch_size * processes,
             noise_scheduler.config.num_train_timesteps,
-            cache["latent_mean"][0].shape if len(sizes) > 1 else cache["latent_mean"].shape[1:],
+            shapes[0],
             config.seed,
             config.caption_dropout,
             config.noise_offset,
@@ -393,11 +472,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             flip=config.flip,
             captions=shuffles,
             buckets=image_bucket if len(sizes) > 1 else None,
-            bucket_shapes=[  # the latent shape of each bucket: that of its first image
-                cache["latent_mean"][image_bucket.index(b)].shape for b in range(len(sizes))
-            ]
-            if len(sizes) > 1
-            else None,
+            bucket_shapes=shapes if len(sizes) > 1 else None,
+            crop=cropping,
         )
         optimizer = make_optimizer(params, config)
         unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -415,7 +491,16 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         for note in notes:
             notice(note)
-        epochs = config.epochs or config.steps / steps_per_epoch
+        if cropping:
+            notice(
+                "--crop random: no latent cache; every step cuts its pictures at random places and encodes them with "
+                "the VAE (slower steps)"
+            )
+        if tracking:  # accelerate's TensorBoard tracker, into <run>/tensorboard/; a resume drops the steps after it
+            accelerator.project_configuration.project_dir = str(run_dir)
+            accelerator.project_configuration.logging_dir = str(run_dir)
+            writer = {"purge_step": start_step + 1} if start_step else {}
+            accelerator.init_trackers(TENSORBOARD, init_kwargs={"tensorboard": writer})
         notice(
             f"{len(examples)} images, {per_epoch} per epoch with their repeats; {per_step} per step (batch "
             f"{config.batch_size} x {processes} process(es) x {config.gradient_accumulation_steps} accumulated) = "
@@ -469,31 +554,49 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         # 4. The loop: one UNet forward and backward per step.
         def make_preview(at: int) -> Path | None:
-            if not (main and cache["preview_cond"]):
+            """One picture per preview prompt, each with its own fixed seed; returns the first one's file."""
+            if not (main and previews):
                 return None
             peaks.end("train")
             pipe.unet = accelerator.unwrap_model(unet)
             pipe.unet.eval()
-            # The frozen model is in the compute dtype and the LoRA weights in fp32: the pipeline mixes them under
-            # the same autocast the training step runs in (without it, bf16 and fp16 previews fail on a dtype clash).
-            mixed = weight_dtype != torch.float32
-            with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
-                image = pipe(
-                    **family.pipeline_kwargs(cache["preview_cond"], cache["empty_cond"]),
-                    num_inference_steps=20,
-                    guidance_scale=sampling["guidance"],
-                    guidance_rescale=sampling["guidance_rescale"],
-                    generator=torch.Generator("cpu").manual_seed(config.seed),
-                    height=resolution,
-                    width=resolution,
-                ).images[0]
+            paths = []
+            for i, (preview, (cond, negative)) in enumerate(zip(previews, cache["preview_conds"])):
+                # The frozen model is in the compute dtype and the LoRA weights in fp32: the pipeline mixes them
+                # under the autocast the training step runs in (without it, bf16 and fp16 previews fail on a dtype
+                # clash).
+                mixed = weight_dtype != torch.float32
+                with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
+                    image = pipe(
+                        **family.pipeline_kwargs(cond, negative or cache["empty_cond"]),
+                        num_inference_steps=preview.sampling_steps,
+                        guidance_scale=preview.guidance or sampling["guidance"],
+                        guidance_rescale=sampling["guidance_rescale"],
+                        generator=torch.Generator("cpu").manual_seed(preview.seed),
+                        height=resolution,
+                        width=resolution,
+                    ).images[0]
+                path = run_dir / PREVIEWS / (f"step_{at:06d}.png" if i == 0 else f"step_{at:06d}-{i}.png")
+                path.parent.mkdir(exist_ok=True)
+                image.save(path)
+                paths.append(path)
+                epoch = {"epoch": at // steps_per_epoch} if at % steps_per_epoch == 0 else {}
+                events.emit("preview", step=at, path=str(path), prompt=preview.prompt, seed=preview.seed, **epoch)
+                if tracking:
+                    import numpy as np
+
+                    tracker = accelerator.get_tracker("tensorboard")
+                    tracker.log_images({f"preview/{i}": np.asarray(image)[None]}, step=at, dataformats="NHWC")
             pipe.unet.train()
             peaks.end("preview")
-            path = run_dir / PREVIEWS / f"step_{at:06d}.png"
-            path.parent.mkdir(exist_ok=True)
-            image.save(path)
-            events.emit("preview", step=at, path=str(path), prompt=config.preview_prompt)
-            return path
+            return paths[0]
+
+        def preview_due(at: int) -> bool:
+            """A preview every --preview-every steps, and at the end of every --preview-every-epoch epochs (the
+            last step makes its own, after the adapter is saved)."""
+            by_step = config.preview_every and at % config.preview_every == 0
+            by_epoch = config.preview_every_epoch and at % (config.preview_every_epoch * steps_per_epoch) == 0
+            return bool(by_step or by_epoch) and at != config.steps
 
         bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
         started, at, loss_value = time.perf_counter(), start_step, math.nan
@@ -526,9 +629,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     images_per_s=rate * config.batch_size * processes * config.gradient_accumulation_steps,
                     eta_s=(config.steps - at) / rate,
                 )
+                if tracking:
+                    accelerator.log({"loss": loss_value, "lr": lr}, step=at)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                if config.preview_every and at % config.preview_every == 0 and at != config.steps:
+                if preview_due(at):
                     make_preview(at)
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
                     _require_finite(params, config, run_dir, at)
@@ -558,6 +663,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     events.emit("library", name=name, library=config.library, partial=True)
                 draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit("cancelled", step=at, adapter=str(path))
+            _finish_trackers(accelerator)
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
         bar.close()
@@ -581,6 +687,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 seconds=time.perf_counter() - started,
                 memory=peaks.summary(),
             )
+        _finish_trackers(accelerator)
         accelerator.wait_for_everyone()
         if processes > 1:
             accelerator.end_training()
@@ -591,9 +698,18 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         error = _out_of_memory(config, run_dir, exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         events.emit("error", message=message)
+        _finish_trackers(accelerator)
         if error is exc:
             raise
         raise error from exc
+
+
+def _finish_trackers(accelerator) -> None:
+    """Close the TensorBoard writer (its last values reach the disk); end_training would also end the process
+    group, which a run in a process that goes on (a test, a notebook) still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def _kept(run_dir: Path) -> str:

@@ -1,6 +1,7 @@
 """Run folders (`runs/<run-id>/`) and their append-only event log, which the UI tails.
 
-A run folder holds config.json, events.jsonl, previews/, checkpoints/, the adapter and, once it ends, loss.png.
+A run folder holds config.json, events.jsonl, previews/, checkpoints/, the adapter and, once it ends, loss.png
+(and tensorboard/ with --log-with tensorboard).
 Events are JSON lines with a `type` (`start`, `resume`, `notice`, `progress`, `preview`, `checkpoint`, `error`,
 `cancelled`, `library`, `done`) and a wall-clock `time`.
 """
@@ -20,6 +21,7 @@ EVENTS = "events.jsonl"
 PREVIEWS = "previews"  # the run folder's preview pictures, step_NNNNNN.png
 TERMINAL = ("done", "error", "cancelled")
 LOSS_PNG = "loss.png"  # the run's loss curve, drawn when it ends
+TENSORBOARD = "tensorboard"  # the run's TensorBoard logs (--log-with tensorboard), beside events.jsonl
 SMOOTHING = 0.9  # weight of the smoothed loss line's moving average (TensorBoard's smoothing slider, same formula)
 RAW_COLOR, SMOOTHED_COLOR = (199, 221, 236), (31, 119, 180)  # the raw loss faint, its smoothed line over it
 
@@ -55,6 +57,17 @@ class EventLog:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+def check_log_with(log_with: str) -> None:
+    """Refuse --log-with tensorboard, before any model loads, where accelerate finds no TensorBoard writer."""
+    from accelerate.utils import is_tensorboard_available
+
+    if log_with == "tensorboard" and not is_tensorboard_available():
+        raise UserError(
+            "log_with (--log-with) tensorboard needs a TensorBoard writer: pip install tensorboardX (or: pip install "
+            "-e '.[tensorboard]'; the tensorboard package works too), or train with --log-with none"
+        )
 
 
 def scan_events(run_dir: str | Path) -> tuple[list[dict], list[str]]:

@@ -9,7 +9,8 @@ import typing
 
 import gradio as gr
 
-from trainer.config import GROUPS, TrainConfig
+from trainer.config import GROUPS, Prompts, TrainConfig
+from trainer.presets import PRESET_FIELDS, PRESETS, page_values, preset_values
 
 # The page shows previews as training goes and keeps runs resumable; the CLI defaults are leaner.
 UI_DEFAULTS = {"preview_every": 100, "save_every": 200}
@@ -47,6 +48,8 @@ def _control(f: dataclasses.Field, hint) -> gr.components.Component:
         return gr.Number(value=value, **common)
     if hint is float:
         return gr.Number(value=value, **common)
+    if hint == Prompts:  # one per line
+        return gr.Textbox(value="\n".join(value), lines=2, max_lines=8, **common)
     return gr.Textbox(value=value, **common)
 
 
@@ -56,6 +59,14 @@ class SettingsForm:
     def __init__(self, gpus: int | None = None):
         hints = typing.get_type_hints(TrainConfig)
         fields = shown_fields(gpu_count() if gpus is None else gpus)
+        self.preset = gr.Dropdown(
+            [("none", "")] + [(name, name) for name in PRESETS],
+            value="",
+            label="Preset",
+            info="A named recipe: picking one sets its fields below (and puts the others a preset sets back to their "
+            "defaults); change any after. " + " ".join(f"{name}: {p.about}." for name, p in PRESETS.items()),
+            elem_id="preset",
+        )
         self.controls = {f.name: _control(f, hints[f.name]) for f in fields if f.metadata["basic"]}
         with gr.Accordion("Advanced", open=False):
             for group in GROUPS:
@@ -63,6 +74,16 @@ class SettingsForm:
                 if members:
                     gr.Markdown(f"**{group.capitalize()}**")
                     self.controls.update({f.name: _control(f, hints[f.name]) for f in members})
+        self.preset.change(self.apply_preset, self.preset, self.inputs)
+
+    def apply_preset(self, name: str) -> list:
+        """The form's values after picking preset `name`: one per control of `inputs`, untouched (skip) where the
+        preset system names no field; nothing changes for 'none'."""
+        if not name:
+            return [gr.skip() for _ in self.controls]
+        named = preset_values(name)
+        values = {k: named[k] if k in named else UI_DEFAULTS.get(k, v) for k, v in page_values(name).items()}
+        return [values[k] if k in PRESET_FIELDS else gr.skip() for k in self.controls]
 
     @property
     def inputs(self) -> list[gr.components.Component]:

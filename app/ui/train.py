@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from pathlib import Path
 
 import gradio as gr
 
-from adapters.base import check_base_model, native_size_of, pick_device
+from adapters.base import check_base_model, model_geometry, native_size_of, pick_device
 from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import (
@@ -26,9 +27,9 @@ from app.jobs import (
 from app.ui.library import name_note
 from app.ui.settings import SettingsForm, page_words
 from trainer.checkpoint import list_checkpoints
-from trainer.dataset import IMAGE_EXTENSIONS, image_problem, with_trigger
+from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
-from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, smoothed
+from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
 RAW, SMOOTHED = "each step", f"smoothed (EMA {SMOOTHING})"  # the loss plot's two lines, as its legend names them
@@ -56,6 +57,50 @@ def loss_frame(losses: list[tuple[int, float]]):
 
 def _hex(rgb: tuple[int, int, int]) -> str:
     return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def plan_markdown(plan: dict) -> str:
+    """A run's length and data in a small table, from its start event's keys (or `upload_plan`'s, the same)."""
+    buckets = " · ".join(f"{size.replace('x', '×')}: {count}" for size, count in plan.get("buckets", {}).items())
+    return (
+        "| images | per epoch, with repeats | batch | steps per epoch | steps | epochs |\n|---|---|---|---|---|---|\n"
+        f"| {plan['images']} | {plan['repeats']} | {plan['batch_size']} | {plan['steps_per_epoch']} | "
+        f"{plan['steps']} | {plan['epochs']:g} |\n\n"
+        f"Aspect-ratio buckets (width × height: images): {buckets}"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _geometry(base_model: str) -> tuple[int, int, int]:
+    return model_geometry(base_model)  # a hub id's configs are fetched once, not at every change of the form
+
+
+def _readable(path: Path) -> bool:
+    try:
+        upright_size(path)  # the header only: the plan is redone at every change of the form
+    except Exception:
+        return False
+    return True
+
+
+def upload_plan(paths, config, max_files: int = MAX_UPLOAD_FILES) -> dict:
+    """What a run of these uploads would be, before Train: the start event's numbers, by the trainer's rules (an
+    image whose header cannot be read is left out; the caption table flags it)."""
+    uploads, _ = pair_uploads(paths or [], max_files)
+    images = [u.path for u in uploads if _readable(u.path)]
+    native, vae_scale, levels = _geometry((config.base_model or "").strip() or "builtin")
+    resolution = config.resolution or native
+    per_epoch = len(images) * config.repeats  # the page's upload is one flat folder: --repeats for each image
+    steps_per_epoch, steps, epochs = config.run_length(per_epoch, config.num_processes)
+    return dict(
+        images=len(images),
+        repeats=per_epoch,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        steps=steps,
+        epochs=epochs,
+        buckets=bucket_counts(images, resolution, bucket_stride(resolution, vae_scale, levels), config.buckets),
+    )
 
 
 def common_first_tag(captions: list[str]) -> str:
@@ -95,6 +140,8 @@ def status_text(view: RunView | None) -> str:
         "interrupted": f"⚠ Interrupted: {page_words(view.message)}",
     }
     text = f"**{view.name}**: {words.get(view.status, view.status)}"
+    if "steps_per_epoch" in view.plan:  # runs made before the start event said it have no plan to show
+        text += "\n\n" + plan_markdown(view.plan)
     if view.status in ("error", "interrupted"):
         saved = list_checkpoints(view.run_dir)
         text += (
@@ -180,6 +227,7 @@ class TrainTab:
                         elem_id="captions",
                         static_columns=[0, 1, 3],
                     )
+                    self.data_plan = gr.Markdown(elem_id="data-plan")
                 with gr.Column(scale=2):
                     self.settings = SettingsForm()
                     self.name_note = gr.Markdown(self.name_note_text(""), elem_id="name-note")
@@ -236,8 +284,10 @@ class TrainTab:
         self.files.change(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
         for control in settings:
             control.change(self.show_command, settings, [self.command, self.config_json])
-        name.change(self.name_note_text, name, self.name_note)
         base = self.settings.controls["base_model"]
+        for changed in [self.files.change, base.blur, base.submit] + [c.change for c in settings if c is not base]:
+            changed(self.show_plan, [self.files, *settings], self.data_plan)
+        name.change(self.name_note_text, name, self.name_note)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
@@ -257,6 +307,7 @@ class TrainTab:
         loaded = app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
         loaded.then(self.refresh, self.run_picker, run_view)  # the picked run may be the one built in: no change
         app.load(self.show_command, settings, [self.command, self.config_json])
+        app.load(self.show_plan, [self.files, *settings], self.data_plan)
         if self.preload_files:
             app.load(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
 
@@ -292,6 +343,16 @@ class TrainTab:
         config.data = "<your images folder>"
         return config.cli_command(), json.dumps(config.to_dict(), indent=2)
 
+    def show_plan(self, paths, *settings):
+        """Before Train: what the uploaded images would make with these settings (images, buckets, steps)."""
+        if not paths:
+            return ""
+        try:
+            plan = upload_plan(paths, self.settings.config(settings), self.max_upload_files)
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}"
+        return "**If trained now:**\n\n" + plan_markdown(plan)
+
     def on_train(self, paths, rows, *settings):
         """Check everything (settings, adapter name, base model, optimiser, upload) before any work, then stage the
         upload and start the run."""
@@ -301,6 +362,7 @@ class TrainTab:
                 config.name = self.library.new_name(config.name)  # the cleaned name, or refused now if taken
             check_base_model(config.base_model, None if config.prediction_type == "auto" else config.prediction_type)
             check_optimizer(config, pick_device())
+            check_log_with(config.log_with)
             uploads, problems = pair_uploads(paths or [], self.max_upload_files)
             if problems:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
@@ -311,7 +373,7 @@ class TrainTab:
             staged = stage_dataset(uploads, config.default_caption, into=self.runs_root)
             if not config.preview_prompt:  # the first caption, as training sees it: with the trigger word
                 first = next((u.caption for u in uploads if u.caption), "") or config.default_caption
-                config.preview_prompt = with_trigger(first, config.trigger_word)
+                config.preview_prompt = (with_trigger(first, config.trigger_word),)
             run_dir = start_run(config, staged, self.runs_root, self.library.root)
         except UserError as exc:
             message = page_words(str(exc)).replace("\n", "<br>")
@@ -346,8 +408,12 @@ class TrainTab:
         run_dir = self.runs_root / name if name else None
         view = view_run(run_dir) if run_dir and run_dir.is_dir() else None
         losses = loss_frame(view.losses if view else [])
-        pictures = [(path, f"step {step}") for path, step in (view.previews if view else [])]
-        prompt = f"Preview prompt: “{html.escape(view.preview_prompt)}”" if view and view.preview_prompt else ""
+        pictures = [
+            (path, f"step {step} · {prompt}" + ("" if seed is None else f" (seed {seed})"))
+            for path, step, prompt, seed in (view.previews if view else [])
+        ]
+        said = "; ".join(f"“{html.escape(p)}”" for p in view.preview_prompt) if view else ""
+        prompt = f"Preview prompt{'s' if len(view.preview_prompt) > 1 else ''}: {said}" if said else ""
         return progress_html(view), losses, pictures, status_text(view), prompt
 
     def refresh_choices(self, name, shown):
