@@ -496,7 +496,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 "--crop random: no latent cache; every step cuts its pictures at random places and encodes them with "
                 "the VAE (slower steps)"
             )
-        if tracking:  # accelerate's TensorBoard tracker, into <run>/tensorboard/; a resume drops the steps after it
+        if tracking:  # accelerate's TensorBoard tracker, into <run>/tensorboard/; a resume passes TensorBoard's
+            # purge_step, so readers that honour it replace the steps logged after the checkpoint (not tested here)
             accelerator.project_configuration.project_dir = str(run_dir)
             accelerator.project_configuration.logging_dir = str(run_dir)
             writer = {"purge_step": start_step + 1} if start_step else {}
