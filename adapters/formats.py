@@ -260,6 +260,18 @@ def model_hash(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(blob[8 + header_len :]).hexdigest()
 
 
+def file_hash(path: Path) -> str:
+    """sha256 of a safetensors file's tensor data (what follows its header), as AUTOMATIC1111 hashes a LoRA file for
+    its `Lora hashes` (the first 12 digits) and kohya for `sshs_model_hash`: a header edit leaves it unchanged."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to a temp file beside `path`, then rename it into place (never a half-written file)."""
     path = Path(path)

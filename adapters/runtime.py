@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from PIL import Image
 from adapters.base import generation_defaults, load_pipeline, pick_device
 from adapters.errors import UserError
 from adapters.families import family_of_pipeline, native_size
-from adapters.formats import read_lora, read_safetensors
+from adapters.formats import file_hash, read_lora, read_safetensors
 from adapters.lora import Lora, install, lora_layers, module_shapes, split_components
 
 # The samplers the page and CLI offer: a name a person knows -> the diffusers scheduler class.
@@ -37,6 +38,10 @@ SCHEDULERS = {
     "DDIM": "DDIMScheduler",
     "UniPC": "UniPCMultistepScheduler",
 }
+
+
+class Interrupted(Exception):
+    """`Studio.generate` was told to stop (its `stop` said True) before the last denoising step."""
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -82,6 +87,7 @@ class Studio:
         self.max_loaded = max_loaded
         self.adapters: OrderedDict[str, list[str]] = OrderedDict()  # name -> components, least recently used first
         self._sources: dict[str, tuple] = {}  # name -> (path, size, mtime) of the file it came from
+        self.hashes: dict[str, str] = {}  # name -> its file's hash, 12 digits, as A1111's `Lora hashes` give it
         self.strengths: dict[str, float] = {}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
@@ -133,6 +139,7 @@ class Studio:
         lora = self.read(path)
         self.add(lora, name)
         self._sources[name] = source
+        self.hashes[name] = file_hash(path)[:12]
         return name
 
     def unload(self, name: str) -> None:
@@ -141,6 +148,7 @@ class Studio:
         for component in self.adapters.pop(name):
             _delete_adapter(getattr(self.pipe, component), name)
         self._sources.pop(name, None)
+        self.hashes.pop(name, None)
         self.strengths.pop(name, None)
         self._changed()
 
@@ -284,6 +292,7 @@ class Studio:
                 layer.lora_B[name].weight.copy_(module.up)
                 layer.lora_alpha[name] = module.alpha
         self._sources.pop(name, None)
+        self.hashes.pop(name, None)  # no file holds these weights
         self._changed()
         self.set_strengths(self.strengths)  # recomputes each layer's scaling from the new alphas
 
@@ -306,11 +315,15 @@ class Studio:
         height: int | None = None,
         strengths: dict[str, float] | None = None,
         num_images: int = 1,
+        stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
         """Images for one prompt; the same seed and settings give the same picture on the same machine.
 
-        Guidance and guidance rescale default to the model's recommended values (`self.defaults`); `strengths`,
-        when given, is applied first (`set_strengths`), else the current strengths stay.
+        Picture i of `num_images` is drawn from seed `seed + i`, each from its own generator (A1111's batch rule), so
+        every picture can be made again alone from its own seed. Guidance and guidance rescale default to the
+        model's recommended values (`self.defaults`); `strengths`, when given, is applied first (`set_strengths`),
+        else the current strengths stay. `stop` is asked after every denoising step; when it says True the
+        remaining steps are skipped and `Interrupted` is raised (no half-made picture is returned).
         """
         width, height = width or self.native_size, height or self.native_size
         for field, value in (("width", width), ("height", height)):
@@ -318,10 +331,20 @@ class Studio:
                 raise UserError(f"{field} must be a positive multiple of {self.pipe.vae_scale_factor}, got {value}")
         if sampling_steps < 1:
             raise UserError(f"sampling steps must be at least 1, got {sampling_steps}")
+        if num_images < 1:
+            raise UserError(f"the number of pictures must be at least 1, got {num_images}")
         if strengths is not None:
             self.set_strengths(strengths)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        return self.pipe(
+        generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images)]
+        stopped = []
+
+        def after_step(pipe, step, timestep, tensors):
+            if stop is not None and stop():
+                pipe._interrupt = True  # diffusers' own flag: the loop skips every step left
+                stopped.append(step + 1)
+            return tensors
+
+        images = self.pipe(
             prompt,
             negative_prompt=negative_prompt or None,
             num_inference_steps=sampling_steps,
@@ -329,9 +352,26 @@ class Studio:
             guidance_rescale=self.defaults["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
             width=width,
             height=height,
-            generator=generator,
+            generator=generators[0] if num_images == 1 else generators,
             num_images_per_prompt=num_images,
+            callback_on_step_end=after_step,
         ).images
+        if stopped:
+            raise Interrupted(f"stopped after step {stopped[0]} of {sampling_steps}")
+        return images
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """(tokens in `text`, tokens the text encoder reads), start and end marks left out of both: CLIP reads 75
+        (77 with the marks); a pipeline silently cuts a prompt there."""
+        tokenizer = self.pipe.tokenizer
+        count = len(tokenizer(text, truncation=False, verbose=False).input_ids) - 2
+        return count, tokenizer.model_max_length - 2
+
+    @property
+    def sampler(self) -> str:
+        """The sampler that draws now, by the name A1111 gives it (a `SCHEDULERS` name), else its class name."""
+        name = type(self.pipe.scheduler).__name__
+        return next((k for k, v in SCHEDULERS.items() if v == name), name)
 
     def set_scheduler(self, name: str | None) -> None:
         """Sample with another solver on the same noise schedule (a `SCHEDULERS` name); None: the model's own."""

@@ -87,7 +87,9 @@ def _launch(config) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from adapters.base import base_model_label
     from adapters.runtime import Studio, parse_adapter_arg
+    from app.images import Parameters, save_image
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -96,37 +98,41 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
     studio = Studio(args.base_model, prediction_type=prediction)
-    strengths = {}
+    strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
         name = studio.load(Path(path), name=f"{len(strengths)}_{Path(path).stem}")
-        strengths[name] = strength
+        strengths[name], names[name] = strength, Path(path).stem
+    guidance = studio.defaults["guidance"] if args.guidance is None else args.guidance
+    rescale = studio.defaults["guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale
     image = studio.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         sampling_steps=args.sampling_steps,
-        guidance=args.guidance,
-        guidance_rescale=args.guidance_rescale,
+        guidance=guidance,
+        guidance_rescale=rescale,
         width=args.width,
         height=args.height,
         strengths=strengths,
     )[0]
-    from app.images import save_image
-
-    save_image(image, out, _parameters_text(args, strengths))
+    parameters = Parameters(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.sampling_steps,
+        sampler=studio.sampler,
+        cfg_scale=guidance,
+        seed=args.seed,
+        width=image.width,
+        height=image.height,
+        model=base_model_label(args.base_model),
+        guidance_rescale=rescale,
+        adapters={names[n]: s for n, s in strengths.items()},
+        lora_hashes={names[n]: studio.hashes[n] for n in strengths},
+    )
+    save_image(image, out, parameters.text())
     print(f"wrote {out}")
     return 0
-
-
-def _parameters_text(args: argparse.Namespace, strengths: dict[str, float]) -> str:
-    """AUTOMATIC1111-style 'parameters' text, stored in the PNG so the picture says how it was made."""
-    loras = ", ".join(f"{n.split('_', 1)[1]}:{s:g}" for n, s in strengths.items())
-    return (
-        f"{args.prompt}\nNegative prompt: {args.negative_prompt}\n"
-        f"Steps: {args.sampling_steps}, CFG scale: {args.guidance or 'model default'}, Seed: {args.seed}, "
-        f"Model: {args.base_model}" + (f", Lora: {loras}" if loras else "")
-    )
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -722,7 +722,7 @@ def test_13_launch_settings_share_off_minimal_paths_and_a_size_limit(tmp_path, m
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
     launch("0.0.0.0", 7000, workspace=str(tmp_path), insecure_no_auth=True, max_file_mb=5)
     assert seen["share"] is False and seen["auth"] is None and seen["server_name"] == "0.0.0.0"
-    assert seen["allowed_paths"] == [str(tmp_path / "runs"), str(tmp_path / "library")]
+    assert seen["allowed_paths"] == [str(tmp_path / name) for name in ("runs", "library", "outputs")]
     assert seen["max_file_size"] == "5mb"
     launch("0.0.0.0", 7000, auth="ann:secret", workspace=str(tmp_path))
     assert seen["auth"] == ("ann", "secret")
@@ -932,5 +932,7 @@ def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_a
         assert view_run(live_run).live  # the run trained all along
     finally:
         app.close()
-    for seed, (gallery, status) in enumerate(answers):
-        assert status == f"Seed {seed}. base model." and len(gallery) == 1
+    for seed, (gallery, status, *_) in enumerate(answers):
+        assert status.startswith(f"Seed {seed}. base model. Saved in outputs/") and len(gallery) == 1
+    saved = sorted(p.name for p in (workspace / "outputs").glob("*/*.png"))  # one file each, none overwritten
+    assert sorted(name.split("-")[1] for name in saved) == sorted(f"{seed}.png" for seed in range(10))

@@ -4,9 +4,9 @@
 
 One module per tab (`train`, `generate`, `library` for the Adapters tab) and one for the settings form built from
 TrainConfig (`settings`); each tab is a class that makes its controls where it is built and connects its handlers
-in `wire`. The page holds no state that matters: runs live in `<workspace>/runs/` and adapters in
-`<workspace>/library/`, so a closed browser or a restarted UI loses nothing. Errors are shown in the page, in the
-status line of the tab where they happened.
+in `wire`. The page holds no state that matters: runs live in `<workspace>/runs/`, adapters in
+`<workspace>/library/` and generated pictures in `<workspace>/outputs/`, so a closed browser or a restarted UI
+loses nothing. Errors are shown in the page, in the status line of the tab where they happened.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import gradio as gr
 from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
+from app.outputs import Outputs
+from app.ui.generate import CSS as GENERATE_CSS
 from app.ui.generate import GenerateRequest, GenerateTab
 from app.ui.library import LibraryTab
 from app.ui.train import TrainTab, loss_frame, status_text
@@ -34,7 +36,7 @@ def build_app(
     preload: str | Path | None = None,
     max_upload_files: int = MAX_UPLOAD_FILES,
 ):
-    """The Blocks app for a workspace folder (holding `runs/` and `library/`)."""
+    """The Blocks app for a workspace folder (holding `runs/`, `library/` and `outputs/`)."""
     workspace = Path(workspace)
     runs_root, library = workspace / "runs", Library(workspace / "library")
     preload_files = sorted(str(p) for p in Path(preload).iterdir() if p.is_file()) if preload else None
@@ -43,7 +45,7 @@ def build_app(
     with gr.Blocks(title="lora-studio", delete_cache=(3600, 86400)) as app:
         gr.Markdown("# lora-studio\nTrain a LoRA style adapter from a handful of images, then use it.")
         train = TrainTab(runs_root, library, preload_files, max_upload_files)
-        generate = GenerateTab(library, base_model)
+        generate = GenerateTab(library, base_model, Outputs(workspace / "outputs"))
         adapters = LibraryTab(library)
         train.wire(app)
         generate.wire()
@@ -75,10 +77,10 @@ def launch(
     block: bool = True,
 ):
     """Serve the app; `auth` is `user:password`, and a `host` other than a loopback address needs it (or
-    `insecure_no_auth`). Gradio serves files only from the workspace's `runs/` and `library/` (and `preload`), besides
-    its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so is one of more than
-    `max_upload_files` files on the Train tab. `block=False` returns the running app at once (close it with
-    `app.close()`)."""
+    `insecure_no_auth`). Gradio serves files only from the workspace's `runs/`, `library/` and `outputs/` (and
+    `preload`), besides its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so
+    is one of more than `max_upload_files` files on the Train tab. `block=False` returns the running app at once
+    (close it with `app.close()`)."""
     credentials = None
     if auth:
         user, sep, password = auth.partition(":")
@@ -95,7 +97,12 @@ def launch(
     workspace_dir = Path(workspace).resolve()
     (workspace_dir / "runs").mkdir(parents=True, exist_ok=True)
     app = build_app(workspace_dir, base_model, preload, max_upload_files)
-    served = [workspace_dir / "runs", workspace_dir / "library", *([Path(preload).resolve()] if preload else [])]
+    served = [
+        workspace_dir / "runs",
+        workspace_dir / "library",
+        workspace_dir / "outputs",
+        *([Path(preload).resolve()] if preload else []),
+    ]
     app.queue(default_concurrency_limit=1).launch(
         server_name=host,
         server_port=port,
@@ -104,6 +111,7 @@ def launch(
         ssr_mode=False,
         show_error=True,
         theme=gr.themes.Default(**THEME_FONTS),
+        css=GENERATE_CSS,
         allowed_paths=[str(p) for p in served],
         max_file_size=f"{max_file_mb}mb",
         prevent_thread_lock=not block,

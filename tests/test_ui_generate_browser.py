@@ -1,0 +1,159 @@
+"""The Generate tab in a real browser (Debian's Chromium through Playwright), on the built-in model: issue 19's
+"Generate like the tools people know". One app and one page serve every test here, in file order."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from playwright.sync_api import expect
+
+from adapters.base import model_modules
+from adapters.families import BUILTIN
+from adapters.formats import build_metadata, save_adapter, to_kohya
+from adapters.lora import LoraModule
+from app.cli import main as cli
+from app.images import Parameters
+from tests.test_ui_browser import CHROMIUM, Server
+
+pytestmark = pytest.mark.browser
+
+
+def make_adapter(path: Path, trigger_word: str, seed: int = 0, scale: float = 0.3) -> Path:
+    """A random rank-4 LoRA on the built-in model's attention layers, with a library header naming its trigger
+    word: strong enough that its strength shows in the picture."""
+    shapes = model_modules("builtin")[0]["unet"]
+    generator = torch.Generator().manual_seed(seed)
+    lora = {
+        f"unet.{name}": LoraModule(
+            down=torch.randn(4, shapes[name][0], generator=generator) * scale,
+            up=torch.randn(shapes[name][1], 4, generator=generator) * scale,
+            alpha=4.0,
+        )
+        for name in shapes
+        if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name)
+    }
+    tensors = to_kohya(lora)
+    metadata = build_metadata(
+        tensors=tensors,
+        rank=4,
+        alpha=4,
+        base_model="builtin",
+        family=BUILTIN,
+        output_name=path.stem,
+        resolution=64,
+        num_images=1,
+        tag_frequency={},
+        trigger_word=trigger_word,
+        config={},
+        steps=1,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter(path, tensors, metadata)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app on a workspace whose library holds `neon` (trigger word `glowline`) and whose outputs folder holds
+    one picture made earlier by `lora-studio generate` (as if by an earlier session of the app)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    workspace = tmp_path_factory.mktemp("generate") / "ws"
+    adapter = make_adapter(workspace / "library" / "neon.safetensors", "glowline")
+    earlier = workspace / "outputs" / "2020-01-01" / "00001-5.png"
+    earlier.parent.mkdir(parents=True)
+    command = ["generate", "--prompt", "a red circle", "--negative-prompt", "blurry, dark", "--seed", "5"]
+    command += ["--sampling-steps", "3", "--guidance", "4", "--adapter", f"{adapter}:0.8", "--output", str(earlier)]
+    assert cli(command) == 0
+    server = Server(workspace)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server.url)
+            page.get_by_role("tab", name="Generate").click()
+            yield page, workspace
+            browser.close()
+    finally:
+        server.kill()
+
+
+def fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def status(page):
+    return page.locator("#generate-status")
+
+
+def shown_files(page, elem_id: str) -> list[str]:
+    """The file names of the pictures a gallery shows, in its order."""
+    return [src.rsplit("/", 1)[-1] for src in page.locator(f"#{elem_id} img").evaluate_all("e => e.map(i => i.src)")]
+
+
+def test_pictures_are_saved_with_their_settings_shown_whole_and_restored_from_the_history(app):
+    page, workspace = app
+    # the history is read from the outputs folder: a picture of an earlier session is there from the start
+    expect(page.locator("#history img")).to_have_count(1, timeout=30_000)
+    fill(page, "steps", 4)
+    page.locator("#generate-button").click()
+    day = workspace / "outputs" / time.strftime("%Y-%m-%d")  # the server's day: the same clock
+    status(page).get_by_text(f"Saved in outputs/{day.name}/: 00001-7.png").wait_for(timeout=120_000)
+    # the file holds its settings as AUTOMATIC1111 writes them
+    text = Image.open(day / "00001-7.png").info["parameters"]
+    assert text == (
+        "glowline, a green triangle\n"
+        "Steps: 4, Sampler: DPM++ 2M, CFG scale: 5, Seed: 7, Size: 64x64, Model: builtin, Guidance rescale: 0.7"
+    )
+    # ... and so does the one `lora-studio generate` wrote, with the adapter as A1111 writes it
+    earlier = Image.open(workspace / "outputs" / "2020-01-01" / "00001-5.png").info["parameters"]
+    digest = Parameters.parse(earlier).lora_hashes["neon"]
+    assert earlier == (
+        "a red circle <lora:neon:0.8>\nNegative prompt: blurry, dark\n"
+        "Steps: 3, Sampler: DPM++ 2M, CFG scale: 4, Seed: 5, Size: 64x64, Model: builtin, Guidance rescale: 0.7, "
+        f'Lora hashes: "neon: {digest}"'
+    )
+    assert re.fullmatch(r"[0-9a-f]{12}", digest)
+
+    # the picture is whole (contained, not cropped), large enough to see, and on screen without scrolling
+    picture = page.locator("#gallery img").first
+    box, frame = picture.bounding_box(), page.locator("#gallery").bounding_box()
+    assert picture.evaluate("i => getComputedStyle(i).objectFit") == "contain"
+    assert picture.evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"  # 64 px, enlarged sharp
+    assert box["width"] >= 256 and box["height"] >= 256
+    assert frame["x"] <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"]
+    assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 1000
+
+    # the history, newest first; clicking a picture puts its settings back
+    expect(page.locator("#history img")).to_have_count(2)
+    assert shown_files(page, "history") == ["00001-7.png", "00001-5.png"]
+    page.locator("#history img").nth(1).click()
+    status(page).get_by_text("Settings of 00001-5.png restored").wait_for(timeout=30_000)
+    assert (value(page, "prompt"), value(page, "negative-prompt")) == ("a red circle", "blurry, dark")
+    assert (value(page, "seed"), value(page, "steps"), value(page, "guidance")) == ("5", "3", "4")
+    assert (value(page, "width"), value(page, "height")) == ("64", "64")
+    assert (value(page, "adapter-0"), value(page, "strength-0")) == ("neon", "0.8")
+    page.locator("#history img").nth(0).click()
+    status(page).get_by_text("Settings of 00001-7.png restored").wait_for(timeout=30_000)
+    assert (value(page, "prompt"), value(page, "seed"), value(page, "steps")) == (
+        "glowline, a green triangle",
+        "7",
+        "4",
+    )
+    assert value(page, "adapter-0") == "(none)"
