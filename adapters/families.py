@@ -178,7 +178,7 @@ def family_of_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     for needle, family in (("builtin", BUILTIN), ("xl", SDXL), ("v2", SD2_V), ("v1", SD1)):
         if needle in version:
             return family
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) for k in tensors):
         return SDXL
     widths = {
         t.shape[1]

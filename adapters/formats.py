@@ -3,7 +3,12 @@
 Keys: `lora_unet_<module path with . as _>.lora_down.weight` [r, in], `.lora_up.weight` [out, r], `.alpha`
 (0-dim; scale = alpha / rank). Text-encoder modules are named as in transformers 4's `CLIPTextModel`, which kohya
 sd-scripts, AUTOMATIC1111 and ComfyUI match against: `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj`
-(`lora_te1_`/`lora_te2_` when there are two text encoders, as on SDXL), whatever transformers is installed here.
+(`lora_te1_`/`lora_te2_` when there are two text encoders, as on SDXL), whatever transformers is installed here;
+the diffusers layout's text-encoder keys keep that `text_model.` level too.
+
+Reading also takes the UNet's modules under their names in the original (Stability / CompVis) UNet, as kohya
+sd-scripts writes SDXL files (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`) and ComfyUI saves its
+own (`diffusion_model.input_blocks.4.1.….lora_up.weight`, text encoders under `text_encoders.clip_l.transformer.`).
 """
 
 from __future__ import annotations
@@ -37,25 +42,101 @@ _KOHYA_READ_PREFIXES = (
 )
 
 
+def _with_text_model(path: str) -> str:
+    """A text-encoder module path as transformers 4's CLIP models spell it, under `text_model.`."""
+    return path if path.startswith(_TEXT_MODEL) else _TEXT_MODEL + path
+
+
 def kohya_name(component: str, path: str, two_text_encoders: bool = False) -> str:
     """The kohya / A1111 / ComfyUI name of one module: `lora_unet_down_blocks_0_..._attn1_to_q`,
     `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (the first encoder is `lora_te1_` when there are two)."""
     if component == "unet":
         return KOHYA_PREFIXES["unet"] + path.replace(".", "_")
     prefix = "lora_te1_" if component == "text_encoder" and two_text_encoders else KOHYA_PREFIXES[component]
-    path = path if path.startswith(_TEXT_MODEL) else _TEXT_MODEL + path
-    return prefix + path.replace(".", "_")
+    return prefix + _with_text_model(path).replace(".", "_")
 
 
-def _kohya_lookup(component: str, paths) -> dict[str, str]:
-    """{name in a kohya file, prefix removed: module path}; text encoders answer with and without `text_model_`
-    (the other tools write it; our own files written under transformers 5 before we did too lack it)."""
-    table = {}
-    for path in paths:
-        table[path.replace(".", "_")] = path
-        if component != "unet":
-            bare = path.removeprefix(_TEXT_MODEL).replace(".", "_")
-            table[bare] = table[_TEXT_MODEL.replace(".", "_") + bare] = path
+_SAI_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_SAI_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_MID_BLOCK = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+
+
+def _sai_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return _SAI_RESNET.get(head, head) + ("." + tail if tail else "")
+
+
+def sai_unet_names(paths) -> dict[str, str]:
+    """{module path in the original (Stability / CompVis) UNet: diffusers module path} for a diffusers UNet's
+    module paths, by its structure: input block 0 is conv_in, then each level's layers and its downsampler; the
+    output blocks run from the deepest level, one layer more per level, the upsampler in a level's last block;
+    the middle block is resnet, attention, resnet. Valid for any number of levels and layers (SD 1.x, 2.x, SDXL)."""
+    parsed = {path: _UNET_BLOCK.fullmatch(path) for path in paths}
+    layers: dict[tuple[str, int], int] = {}
+    downsampled, attended = set(), set()
+    for m in filter(None, parsed.values()):
+        side, level, kind, i = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        if kind == "resnets":
+            layers[side, level] = max(layers.get((side, level), 0), i + 1)
+        elif kind == "downsamplers":
+            downsampled.add(level)
+        elif kind == "attentions" and side == "up":
+            attended.add(level)
+    first, index = {}, {"down": 1, "up": 0}
+    for side, level in sorted(layers):
+        first[side, level] = index[side]
+        index[side] += layers[side, level] + (side == "down" and level in downsampled)
+    names = {}
+    for path, m in parsed.items():
+        sai = _SAI_TOP.get(path)
+        if m and (m.group(1), int(m.group(2))) in first:
+            side, level, kind, i, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            start, count = first[side, level], layers[side, level]
+            blocks = "input_blocks" if side == "down" else "output_blocks"
+            if kind == "resnets":
+                sai = f"{blocks}.{start + i}.0.{_sai_resnet(rest)}"
+            elif kind == "attentions":
+                sai = f"{blocks}.{start + i}.1.{rest}"
+            elif kind == "downsamplers" and rest == "conv":
+                sai = f"input_blocks.{start + count}.0.op"
+            elif kind == "upsamplers" and rest == "conv":
+                sai = f"output_blocks.{start + count - 1}.{2 if level in attended else 1}.conv"
+        elif mid := _MID_BLOCK.fullmatch(path):
+            kind, i, rest = mid.group(1), int(mid.group(2)), mid.group(3)
+            sai = f"middle_block.1.{rest}" if kind == "attentions" else f"middle_block.{2 * i}.{_sai_resnet(rest)}"
+        if sai:
+            names[sai] = path
+    return names
+
+
+def _names(component: str, paths) -> dict[str, str]:
+    """{a name other tools give a module of `component`, '.'-separated, prefix removed: its module path here}.
+    Text encoders answer with and without `text_model.` (the other tools write it; transformers 5's CLIPTextModel
+    and our files written under it before we followed them lack it); the UNet by its diffusers path and its path
+    in the original UNet (`sai_unet_names`)."""
+    paths = list(paths)
+    table = {path: path for path in paths}
+    if component == "unet":
+        table.update(sai_unet_names(paths))
+    else:
+        for path in paths:
+            table[path.removeprefix(_TEXT_MODEL)] = table[_with_text_model(path)] = path
     return table
 
 
@@ -87,6 +168,15 @@ _OLD_DIFFUSERS_SUFFIXES = (
 )
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _COMPONENT_PREFIXES = ("unet.", "text_encoder_2.", "text_encoder.")
+_KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
+# ComfyUI's own files (its LoRA training and "Extract and Save Lora" nodes): the names of its model's state dict
+_COMFYUI_PREFIXES = (
+    ("diffusion_model.", "unet"),
+    ("text_encoders.clip_l.transformer.", "text_encoder"),  # SD 1.x's encoder, SDXL's first
+    ("text_encoders.clip_h.transformer.", "text_encoder"),  # SD 2.x's
+    ("text_encoders.clip_g.transformer.", "text_encoder_2"),  # SDXL's second
+)
+_FULL_DIFFS = (".diff", ".diff_b", ".set_weight")  # whole-tensor patches ComfyUI writes beside LoRA weights
 _UNSUPPORTED = (
     ("hada_w1_a", "a LoHa (LyCORIS) file"),
     ("lokr_w1", "a LoKr (LyCORIS) file"),
@@ -96,10 +186,14 @@ _UNSUPPORTED = (
 
 
 def detect_layout(keys) -> str:
-    """`kohya`, `diffusers` (peft lora_A/lora_B), `diffusers-old` (lora.down/lora.up) or `unknown`, by content."""
+    """`kohya`, `comfyui` (lora_down/lora_up under ComfyUI's model names), `diffusers` (peft lora_A/lora_B),
+    `diffusers-old` (lora.down/lora.up) or `unknown`, by content."""
     keys = list(keys)
-    if any(k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+    lora_keys = [k for k in keys if k.endswith((".lora_down.weight", ".lora_up.weight"))]
+    if any(k.startswith("lora_") for k in lora_keys):
         return "kohya"
+    if any(k.startswith(tuple(p for p, _ in _COMFYUI_PREFIXES)) for k in lora_keys):
+        return "comfyui"
     if any(k.endswith(suffix) for k in keys for suffix, _ in _PEFT_SUFFIXES):
         return "diffusers"
     if any(k.endswith(suffix) for k in keys for suffix, _ in _OLD_DIFFUSERS_SUFFIXES):
@@ -129,19 +223,23 @@ def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None,
     return out
 
 
-def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: str, source: str):
-    """(component, name as written, down, up, alpha or None) per LoRA module, in the file's own naming."""
+def _pieces(tensors: dict[str, torch.Tensor], layout: str, source: str) -> tuple[dict, list[str]]:
+    """({(component, name as written): {"down"/"up"/"alpha": tensor}}, keys that are none of those)."""
     pieces: dict[tuple[str, str], dict] = {}
-    if layout == "kohya":
+    left = []
+    if layout in ("kohya", "comfyui"):
+        prefixes = _KOHYA_READ_PREFIXES if layout == "kohya" else _COMFYUI_PREFIXES
         for key, t in tensors.items():
-            for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-                if key.endswith(suffix):
-                    name = key[: -len(suffix)]
-                    component = next((c for p, c in _KOHYA_READ_PREFIXES if name.startswith(p)), None)
-                    if component is None:
-                        raise UserError(f"{source}: key {key} has no lora_unet_/lora_te_ prefix")
-                    prefix = next(p for p, c in _KOHYA_READ_PREFIXES if name.startswith(p))
-                    pieces.setdefault((component, name[len(prefix) :]), {})[part] = t
+            suffix, part = next(((s, p) for s, p in _KOHYA_SUFFIXES if key.endswith(s)), (None, None))
+            if suffix is None:
+                left.append(key)
+                continue
+            name = key[: -len(suffix)]
+            prefix, component = next(((p, c) for p, c in prefixes if name.startswith(p)), (None, None))
+            if component is None:
+                known = "lora_unet_/lora_te_" if layout == "kohya" else "diffusion_model./text_encoders.clip_*"
+                raise UserError(f"{source}: key {key} has no {known} prefix")
+            pieces.setdefault((component, name[len(prefix) :]), {})[part] = t
     else:
         suffixes = _PEFT_SUFFIXES if layout == "diffusers" else _OLD_DIFFUSERS_SUFFIXES
         for key, t in tensors.items():
@@ -154,6 +252,14 @@ def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layo
                         path = path[: match.start()] + "." + proj
                     pieces.setdefault((component, path), {})[part] = t
                     break
+            else:
+                left.append(key)
+    return pieces, left
+
+
+def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: str, source: str):
+    """(component, name as written, down, up, alpha or None) per LoRA module, in the file's own naming."""
+    pieces, _ = _pieces(tensors, layout, source)
     alphas = _diffusers_alphas(metadata)
     for (component, name), parts in sorted(pieces.items()):
         if "down" not in parts or "up" not in parts:
@@ -188,8 +294,22 @@ def read_lora(
     layout = detect_layout(tensors)
     if layout == "unknown":
         raise UserError(
-            f"{source} holds no LoRA weights in a layout lora-studio knows (kohya lora_unet_/lora_te_ "
-            f"or diffusers lora_A/lora_B); first keys: {sorted(tensors)[:3]}"
+            f"{source} holds no LoRA weights in a layout lora-studio knows (kohya lora_unet_/lora_te_, "
+            f"diffusers lora_A/lora_B or ComfyUI's diffusion_model.…lora_up); first keys: {sorted(tensors)[:3]}"
+        )
+    _, left = _pieces(tensors, layout, source)
+    diffs = [k for k in left if k.endswith(_FULL_DIFFS)]
+    if diffs:
+        raise UserError(
+            f"{source} holds whole-tensor differences besides its LoRA weights ({len(diffs)} keys such as "
+            f"{diffs[:2]}: .diff / .diff_b patches of norms and biases, as ComfyUI's LoRA training and its "
+            "'Extract and Save Lora' with bias_diff on write them); lora-studio applies LoRA weights only and will "
+            "not apply part of a file. Extract the LoRA again with bias_diff off"
+        )
+    if left:
+        raise UserError(
+            f"{source}: {len(left)} key(s) are not LoRA weights lora-studio can apply, e.g. {left[:3]}; "
+            "the file is of a kind lora-studio does not read (nothing was applied)"
         )
     made_for = family_of_adapter(tensors, metadata)
     mismatch = (
@@ -198,19 +318,17 @@ def read_lora(
         if made_for is not None and made_for.name != base_family
         else None
     )
-    index = {
-        component: _kohya_lookup(component, paths) if layout == "kohya" else dict.fromkeys(paths)
-        for component, paths in modules.items()
-    }
+    index = {component: _names(component, paths) for component, paths in modules.items()}
+    if layout == "kohya":  # '.' written as '_'
+        index = {component: {k.replace(".", "_"): p for k, p in names.items()} for component, names in index.items()}
     lora: Lora = {}
     unknown = []
     for component, name, down, up, alpha in raw_modules(tensors, metadata, layout, source):
-        table = index.get(component, {})
-        path = table.get(name) if layout == "kohya" else (name if name in table else None)
+        path = index.get(component, {}).get(name)
         if path is None:
             unknown.append(name)
             continue
-        if f"{component}.{path}" in lora:  # e.g. lora_te_ and lora_te1_, or with and without text_model_
+        if f"{component}.{path}" in lora:  # e.g. lora_te_ and lora_te1_, text_model_ or not, two UNet spellings
             raise UserError(f"{source}: two LoRA modules name the layer {component}.{path}; keep one of them")
         in_features, out_features = modules[component][path]
         if down.shape[1] != in_features or up.shape[0] != out_features:
@@ -232,14 +350,21 @@ def read_lora(
 
 
 def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors in diffusers/peft layout plus the `lora_adapter_metadata` header that keeps every alpha."""
+    """Tensors in diffusers/peft layout plus the `lora_adapter_metadata` header that keeps every alpha.
+
+    Text-encoder keys keep transformers 4's `text_model.` level (`text_encoder.text_model.encoder.layers.0.…`), as
+    diffusers writes them there and ComfyUI maps them; diffusers drops it again where the installed CLIP model
+    lacks it. The header names text-encoder modules without it, which peft matches under either transformers."""
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, object] = {}
     for component in sorted({k.split(".", 1)[0] for k in lora}):
         modules = {k.split(".", 1)[1]: m for k, m in lora.items() if k.startswith(component + ".")}
         for path, m in sorted(modules.items()):
-            tensors[f"{component}.{path}.lora_A.weight"] = m.down.contiguous()
-            tensors[f"{component}.{path}.lora_B.weight"] = m.up.contiguous()
+            written = path if component == "unet" else _with_text_model(path)
+            tensors[f"{component}.{written}.lora_A.weight"] = m.down.contiguous()
+            tensors[f"{component}.{written}.lora_B.weight"] = m.up.contiguous()
+        if component != "unet":
+            modules = {path.removeprefix(_TEXT_MODEL): m for path, m in modules.items()}
         rank, alpha = common_rank_alpha(modules)
         info.update(
             {

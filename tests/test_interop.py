@@ -20,6 +20,7 @@ from adapters.formats import read_lora, read_safetensors, to_kohya
 from adapters.inspect import describe
 from adapters.lora import LoraModule, attention_targets
 from adapters.runtime import Studio
+from tests.other_tools import comfyui_lora_keys
 
 PROMPT = "a red circle above a blue square"
 
@@ -45,15 +46,7 @@ def draw(pipe, seed=11):
 #   <rest>` and `lora_unet_{down,mid,up}_block(s)_...` (diffusers names) to the compvis UNet's; on SDXL it reads
 #   `lora_te1_text_model_...` and `lora_te2_text_model_encoder_layers_...`. Anything else is "failed to match".
 # - ComfyUI, comfy/lora.py (model_lora_keys_clip, model_lora_keys_unet) with comfy/utils.py (unet_to_diffusers):
-#   re-derived as `comfyui_lora_keys` below.
-CLIP_MODULES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.out_proj",
-    "mlp.fc1",
-    "mlp.fc2",
-)
+#   re-derived as `comfyui_lora_keys` in tests/other_tools.py (which says what was read, and where).
 CLIP_LAYER = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])$")
 
 # What sd-scripts writes (and A1111 / ComfyUI map) for the tiny pipeline's text encoder, two CLIP layers, written out.
@@ -82,41 +75,6 @@ def sd_scripts_name(component, path, te_prefix="lora_te_text_model_"):
         return "lora_unet_" + path.replace(".", "_")
     layer, module = CLIP_LAYER.search(path).groups()
     return f"{te_prefix}encoder_layers_{layer}_{module.replace('.', '_')}"
-
-
-def comfyui_lora_keys(unet_config, clip_layers, sdxl=False):
-    """{LoRA module name ComfyUI maps: (component, module it patches, as a diffusers / CLIP path)}.
-
-    Text encoders (model_lora_keys_clip): per CLIP layer b and each of CLIP_MODULES, with '.' as '_',
-    `lora_te_text_model_encoder_layers_<b>_<m>` and `lora_te1_...` patch clip_l; on SDXL `lora_te2_...` patch clip_g.
-    UNet (model_lora_keys_unet): `lora_unet_` + every diffusers weight name unet_to_diffusers lists, '.' as '_';
-    for an attention block that is proj_in, proj_out and, per transformer block, attn1/attn2 to_q/to_k/to_v/
-    to_out.0, ff.net.0.proj, ff.net.2 (resnets, samplers and embeddings are listed too; we never target them).
-    One transformer block per attention block, as in SD 1.x and the tiny pipeline.
-    """
-    keys = {}
-    for b in range(clip_layers):
-        for m in CLIP_MODULES:
-            suffix = f"text_model_encoder_layers_{b}_{m.replace('.', '_')}"
-            keys[f"lora_te_{suffix}"] = keys[f"lora_te1_{suffix}"] = ("text_encoder", f"encoder.layers.{b}.{m}")
-            if sdxl:
-                keys[f"lora_te2_{suffix}"] = ("text_encoder_2", f"encoder.layers.{b}.{m}")
-    per_block = ["proj_in", "proj_out"] + [
-        f"transformer_blocks.0.{attn}.{m}"
-        for attn in ("attn1", "attn2")
-        for m in ("to_q", "to_k", "to_v", "to_out.0")
-    ]
-    per_block += ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
-    n = unet_config["layers_per_block"]
-    blocks = ["mid_block.attentions.0"]
-    for i, kind in enumerate(unet_config["down_block_types"]):
-        blocks += [f"down_blocks.{i}.attentions.{j}" for j in range(n)] if kind.startswith("CrossAttn") else []
-    for i, kind in enumerate(unet_config["up_block_types"]):
-        blocks += [f"up_blocks.{i}.attentions.{j}" for j in range(n + 1)] if kind.startswith("CrossAttn") else []
-    for block in blocks:
-        for m in per_block:
-            keys["lora_unet_" + f"{block}.{m}".replace(".", "_")] = ("unet", f"{block}.{m}")
-    return keys
 
 
 def kohya_tensors(modules, with_alpha=True, te_prefix="lora_te_text_model_"):
@@ -233,7 +191,7 @@ def test_sdxl_text_encoders_are_written_te1_and_te2_and_read_back():
     }
     sdxl_unet = {"layers_per_block": 2, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2}
     sdxl_unet["up_block_types"] = ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]
-    assert names <= comfyui_lora_keys(sdxl_unet, clip_layers=2, sdxl=True).keys()
+    assert names <= comfyui_lora_keys(sdxl_unet, clip_layers=2, clip_g_layers=2).keys()
     only_first = {f"text_encoder.{te1}": m}
     assert list(to_kohya(only_first, two_text_encoders=True))[0].startswith("lora_te1_text_model_encoder_layers_0_")
     shapes = {"unet": {unet: (8, 8)}, "text_encoder": {te1: (8, 8)}, "text_encoder_2": {te2: (8, 8)}}
