@@ -1,7 +1,8 @@
 """Adapter files: the kohya / AUTOMATIC1111 key layout we write, its header metadata, and safe reading.
 
 Keys: `lora_unet_<module path with . as _>.lora_down.weight` [r, in], `.lora_up.weight` [out, r], `.alpha`
-(0-dim; scale = alpha / rank). Text-encoder modules are named as in transformers 4's `CLIPTextModel`, which kohya
+(0-dim; scale = alpha / rank); convolutions (LoCon) as kohya writes them: lora_down [r, in, kh, kw], lora_up
+[out, r, 1, 1]. Text-encoder modules are named as in transformers 4's `CLIPTextModel`, which kohya
 sd-scripts, AUTOMATIC1111 and ComfyUI match against: `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj`
 (`lora_te1_`/`lora_te2_` when there are two text encoders, as on SDXL), whatever transformers is installed here;
 the diffusers layout's text-encoder keys keep that `text_model.` level too.
@@ -9,6 +10,9 @@ the diffusers layout's text-encoder keys keep that `text_model.` level too.
 Reading also takes the UNet's modules under their names in the original (Stability / CompVis) UNet, as kohya
 sd-scripts writes SDXL files (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`) and ComfyUI saves its
 own (`diffusion_model.input_blocks.4.1.….lora_up.weight`, text encoders under `text_encoders.clip_l.transformer.`).
+
+DoRA is written in the diffusers (peft) layout only (`to_diffusers`, with `lora_magnitude_vector`): diffusers drops
+a kohya file's `dora_scale` keys, and ComfyUI's `dora_scale` math is not peft's (README, *Adapter files*).
 """
 
 from __future__ import annotations
@@ -140,13 +144,23 @@ def _names(component: str, paths) -> dict[str, str]:
     return table
 
 
+DORA_NOT_KOHYA = (
+    "a DoRA adapter is written in the diffusers layout only: diffusers' load_lora_weights drops the dora_scale keys "
+    "of a kohya-layout file (it would draw plain LoRA), and ComfyUI computes dora_scale otherwise than the peft "
+    "DoRA this was trained with; use --format diffusers (see the README, Adapter files)"
+)
+
+
 def to_kohya(
     lora: Lora, dtype: torch.dtype = torch.float32, two_text_encoders: bool | None = None
 ) -> dict[str, torch.Tensor]:
     """Tensors in the kohya layout (nothing else in the dict), named by `kohya_name`.
 
     `two_text_encoders` (the base model has two, as SDXL): default, whether the LoRA itself has `text_encoder_2`.
+    A DoRA adapter is refused (UserError, `DORA_NOT_KOHYA`): no tool reads it from this layout as it was trained.
     """
+    if any(m.magnitude is not None for m in lora.values()):
+        raise UserError(DORA_NOT_KOHYA)
     out = {}
     if two_text_encoders is None:
         two_text_encoders = any(key.startswith("text_encoder_2.") for key in lora)
@@ -160,6 +174,7 @@ def to_kohya(
 
 
 _PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"))
+_MAGNITUDE_SUFFIXES = ((".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude"))
 _OLD_DIFFUSERS_SUFFIXES = (
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
@@ -180,7 +195,12 @@ _FULL_DIFFS = (".diff", ".diff_b", ".set_weight")  # whole-tensor patches ComfyU
 _UNSUPPORTED = (
     ("hada_w1_a", "a LoHa (LyCORIS) file"),
     ("lokr_w1", "a LoKr (LyCORIS) file"),
-    ("dora_scale", "a DoRA adapter"),
+    (
+        "dora_scale",
+        "a DoRA adapter in the kohya / LyCORIS layout (dora_scale), whose magnitudes may be per input or per "
+        "output and are applied otherwise than peft's; lora-studio reads DoRA in the diffusers (peft) layout "
+        "(lora_magnitude_vector), as it writes it. Plain LoRA is read in the kohya and diffusers layouts",
+    ),
     ("lora_mid.weight", "a LoCon file with a Tucker middle weight"),
 )
 
@@ -224,7 +244,7 @@ def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None,
 
 
 def _pieces(tensors: dict[str, torch.Tensor], layout: str, source: str) -> tuple[dict, list[str]]:
-    """({(component, name as written): {"down"/"up"/"alpha": tensor}}, keys that are none of those)."""
+    """({(component, name as written): {"down"/"up"/"alpha"/"magnitude": tensor}}, keys that are none of those)."""
     pieces: dict[tuple[str, str], dict] = {}
     left = []
     if layout in ("kohya", "comfyui"):
@@ -241,7 +261,7 @@ def _pieces(tensors: dict[str, torch.Tensor], layout: str, source: str) -> tuple
                 raise UserError(f"{source}: key {key} has no {known} prefix")
             pieces.setdefault((component, name[len(prefix) :]), {})[part] = t
     else:
-        suffixes = _PEFT_SUFFIXES if layout == "diffusers" else _OLD_DIFFUSERS_SUFFIXES
+        suffixes = (*_PEFT_SUFFIXES, *_MAGNITUDE_SUFFIXES) if layout == "diffusers" else _OLD_DIFFUSERS_SUFFIXES
         for key, t in tensors.items():
             for suffix, part in (*suffixes, (".alpha", "alpha")):
                 if key.endswith(suffix):
@@ -258,7 +278,8 @@ def _pieces(tensors: dict[str, torch.Tensor], layout: str, source: str) -> tuple
 
 
 def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: str, source: str):
-    """(component, name as written, down, up, alpha or None) per LoRA module, in the file's own naming."""
+    """(component, name as written, down, up, alpha or None, DoRA magnitude or None) per LoRA module, in the
+    file's own naming."""
     pieces, _ = _pieces(tensors, layout, source)
     alphas = _diffusers_alphas(metadata)
     for (component, name), parts in sorted(pieces.items()):
@@ -271,7 +292,7 @@ def raw_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layo
             default, pattern = alphas[component]
             alpha = next((float(v) for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), None)
             alpha = alpha if alpha is not None else (float(default) if default is not None else None)
-        yield component, name, parts["down"], parts["up"], alpha
+        yield component, name, parts["down"], parts["up"], alpha, parts.get("magnitude")
 
 
 def read_lora(
@@ -290,7 +311,9 @@ def read_lora(
     """
     for needle, what in _UNSUPPORTED:
         if any(needle in k for k in tensors):
-            raise UserError(f"{source} is {what}; lora-studio reads plain LoRA (kohya or diffusers layout) only")
+            plain = "; lora-studio reads plain LoRA (kohya or diffusers layout) only"
+            reads = "" if needle == "dora_scale" else plain
+            raise UserError(f"{source} is {what}{reads}")
     layout = detect_layout(tensors)
     if layout == "unknown":
         raise UserError(
@@ -323,7 +346,7 @@ def read_lora(
         index = {component: {k.replace(".", "_"): p for k, p in names.items()} for component, names in index.items()}
     lora: Lora = {}
     unknown = []
-    for component, name, down, up, alpha in raw_modules(tensors, metadata, layout, source):
+    for component, name, down, up, alpha, magnitude in raw_modules(tensors, metadata, layout, source):
         path = index.get(component, {}).get(name)
         if path is None:
             unknown.append(name)
@@ -337,8 +360,16 @@ def read_lora(
                 or f"{source}: {component}.{path} expects in {in_features} / out {out_features}, the file has "
                 f"in {down.shape[1]} / out {up.shape[0]}; the adapter was made for a different base model"
             )
+        if magnitude is not None and magnitude.numel() != out_features:
+            raise UserError(
+                f"{source}: {component}.{path} has a DoRA magnitude of {magnitude.numel()} values, the layer has "
+                f"{out_features} outputs; the file is damaged or was made for another model"
+            )
         lora[f"{component}.{path}"] = LoraModule(
-            down=down.float(), up=up.float(), alpha=alpha if alpha is not None else float(down.shape[0])
+            down=down.float(),
+            up=up.float(),
+            alpha=alpha if alpha is not None else float(down.shape[0]),
+            magnitude=None if magnitude is None else magnitude.float(),
         )
     if unknown:
         raise UserError(
@@ -363,6 +394,8 @@ def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             written = path if component == "unet" else _with_text_model(path)
             tensors[f"{component}.{written}.lora_A.weight"] = m.down.contiguous()
             tensors[f"{component}.{written}.lora_B.weight"] = m.up.contiguous()
+            if m.magnitude is not None:  # peft's own key, which diffusers' load_lora_weights reads as DoRA
+                tensors[f"{component}.{written}.lora_magnitude_vector"] = m.magnitude.contiguous()
         if component != "unet":
             modules = {path.removeprefix(_TEXT_MODEL): m for path, m in modules.items()}
         rank, alpha = common_rank_alpha(modules)
@@ -375,6 +408,8 @@ def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 f"{component}.alpha_pattern": {p: m.alpha for p, m in modules.items() if m.alpha != alpha},
             }
         )
+        if any(m.magnitude is not None for m in modules.values()):  # diffusers builds peft's LoraConfig from these
+            info[f"{component}.use_dora"] = True
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(info, indent=2, sort_keys=True)}
 
 
@@ -491,9 +526,13 @@ def build_metadata(
     trigger_word: str,
     config: dict,
     steps: int,
+    network_args: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig and format version)."""
+    """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig and format version).
+    `network_args`: kohya's `ss_network_args` (e.g. conv_dim, conv_alpha), written when given."""
+    extra = {"ss_network_args": json.dumps(network_args)} if network_args else {}
     return {
+        **extra,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",

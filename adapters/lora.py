@@ -26,15 +26,33 @@ class LoraModule:
     down: torch.Tensor  # lora_down / lora_A: [rank, in] (or [rank, in, kh, kw] for a conv)
     up: torch.Tensor  # lora_up / lora_B: [out, rank] (or [out, rank, 1, 1])
     alpha: float  # the delta is up @ down * alpha / rank
+    # DoRA (peft's `use_dora`): the learned magnitude of each output row / channel, peft's shape ([out] for a
+    # Linear, [1, out, 1, 1] for a conv); None for plain LoRA
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """The full weight change this module adds at strength 1 (for tests and merging)."""
+        """The low-rank weight change up @ down * alpha / rank, flattened to [out, in * kh * kw]. For plain LoRA
+        this is what the module adds at strength 1; a DoRA module adds `weight_change` instead."""
         down, up = self.down.float().flatten(1), self.up.float().flatten(1)
         return (up @ down) * (self.alpha / self.rank)
+
+    def applied(self, weight: torch.Tensor, strength: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` with this module added at `strength`, as peft's forward computes it (fp32, `weight`'s shape).
+
+        Plain LoRA adds strength * delta. DoRA also rescales every output row (channel) to its learned magnitude:
+        m / ||W + s dW|| * (weight + s dW), W being the layer's own `base` weight (default: `weight`). So at
+        strength 0 a DoRA module still rescales (m / ||W|| * W): that is not the base weight. Several adapters
+        on one layer are applied in turn, each DoRA one rescaling what came before it (peft's order)."""
+        base = weight if base is None else base
+        change = strength * self.delta().view(weight.shape)
+        if self.magnitude is None:
+            return weight.float() + change
+        scale = self.magnitude.float().flatten() / (base.float() + change).flatten(1).norm(dim=1)
+        return (weight.float() + change) * scale.view(-1, *[1] * (weight.dim() - 1))
 
 
 Lora = dict[str, LoraModule]
@@ -60,20 +78,59 @@ def attention_targets(unet: torch.nn.Module, attention: str = "both") -> list[st
     ]
 
 
-# kohya sd-scripts' text-encoder targets: the Linear layers inside these CLIP blocks (q/k/v/out_proj, fc1/fc2)
-TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+_FEED_FORWARD = re.compile(r"(^|\.)transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
+_CONV_BLOCKS = {"ResnetBlock2D": ("conv1", "conv2"), "Downsample2D": ("conv",), "Upsample2D": ("conv",)}
 
 
-def text_encoder_targets(encoder: torch.nn.Module) -> list[str]:
-    """Module paths of every CLIP encoder layer's attention projections (q_proj, k_proj, v_proj, out_proj) and MLP
-    (fc1, fc2): the Linear children of its CLIPAttention and CLIPMLP blocks, as kohya sd-scripts targets them."""
+def feed_forward_targets(unet: torch.nn.Module) -> list[str]:
+    """Module paths of every transformer block's feed-forward layers: ff.net.0.proj (into GEGLU) and ff.net.2."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if _FEED_FORWARD.search(name) and isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+    ]
+
+
+def projection_targets(unet: torch.nn.Module) -> list[str]:
+    """Module paths of each Transformer2DModel's proj_in and proj_out (a Linear, or a 1x1 conv in SD 1.x)."""
     return [
         f"{name}.{child}"
-        for name, block in encoder.named_modules()
-        if type(block).__name__ in TEXT_ENCODER_BLOCKS
-        for child, module in block.named_children()
-        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+        for name, block in unet.named_modules()
+        if type(block).__name__ == "Transformer2DModel"
+        for child in ("proj_in", "proj_out")
+        if hasattr(block, child)
     ]
+
+
+def conv_targets(unet: torch.nn.Module) -> list[str]:
+    """Module paths of the 3x3 convolutions LoCon (kohya's conv_dim) adds: each ResNet block's conv1 and conv2,
+    and the down- and upsamplers' conv."""
+    paths = []
+    for name, block in unet.named_modules():
+        for child in _CONV_BLOCKS.get(type(block).__name__, ()):
+            module = getattr(block, child, None)
+            conv = getattr(module, "base_layer", module)
+            if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size != (1, 1):
+                paths.append(f"{name}.{child}")
+    return paths
+
+
+def module_kind(path: str) -> str:
+    """What a UNet module path is, in the words `lora-studio inspect` uses: attn1 (self-attention), attn2 (cross),
+    ff (feed-forward), proj (proj_in / proj_out), resnet conv (conv1 / conv2), sampler conv, or other. Paths may
+    be written with `.` or, as in the kohya layout, with `_`."""
+    dotted = path.replace("_", ".")
+    for needle, kind in (
+        (r"\.attn1\.", "attn1"),
+        (r"\.attn2\.", "attn2"),
+        (r"\.ff\.net\.", "ff"),
+        (r"\.proj\.(in|out)$", "proj"),
+        (r"\.resnets\.\d+\.conv[12]$", "resnet conv"),
+        (r"\.(down|up)samplers\.\d+\.conv$", "sampler conv"),
+    ):
+        if re.search(needle, "." + dotted):
+            return kind
+    return "other"
 
 
 def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -88,23 +145,52 @@ def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def attach(
-    model: torch.nn.Module, targets: list[str], rank: int, alpha: float, adapter_name: str = "default"
+    model: torch.nn.Module,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    adapter_name: str = "default",
+    *,
+    conv: list[str] = (),
+    conv_rank: int = 0,
+    conv_alpha: float = 0.0,
+    dropout: float = 0.0,
+    use_dora: bool = False,
 ) -> None:
-    """Add a fresh, trainable LoRA (B = 0, so the model is unchanged until trained) to exactly `targets`.
+    """Add a fresh, trainable LoRA (B = 0, so the model is unchanged until trained) to exactly `targets`, and to
+    the convolutions `conv` at `conv_rank` and `conv_alpha` (LoCon). `dropout` is peft's lora_dropout (on the
+    LoRA branch's input, in training mode only); `use_dora` makes it peft's DoRA (a learned magnitude per output).
 
     Trap: a second call with the same adapter_name raises (ValueError); pick another name or first undo this one
     with `model.delete_adapters(adapter_name)` (peft's, through diffusers; there is no `remove` here). A rank
     above a target's smaller side (in or out features) is a UserError: it could learn nothing a smaller one cannot.
     """
     shapes = module_shapes(model)
-    narrowest = min(targets, key=lambda t: min(shapes[t]), default=None)
-    if narrowest is not None and rank > min(shapes[narrowest]):
-        raise UserError(
-            f"rank (--rank) {rank} is larger than the layer {narrowest} ({shapes[narrowest][0]} in, "
-            f"{shapes[narrowest][1]} out); use a rank of at most {min(shapes[narrowest])}"
-        )
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    for paths, r, field in ((targets, rank, "rank (--rank)"), (conv, conv_rank, "conv_rank (--conv-rank)")):
+        narrowest = min(paths, key=lambda t: min(shapes[t]), default=None)
+        if narrowest is not None and r > min(shapes[narrowest]):
+            raise UserError(
+                f"{field} {r} is larger than the layer {narrowest} ({shapes[narrowest][0]} in, "
+                f"{shapes[narrowest][1]} out); use a rank of at most {min(shapes[narrowest])}"
+            )
+    extra = {}  # only what differs from peft's defaults, so a plain run's config is what it always was
+    if conv:
+        extra["rank_pattern"] = {re.escape(p): conv_rank for p in conv}
+        extra["alpha_pattern"] = {re.escape(p): conv_alpha for p in conv}
+    if dropout:
+        extra["lora_dropout"] = dropout
+    if use_dora:
+        extra["use_dora"] = True
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=[*targets, *conv], **extra
+    )
     model.add_adapter(config, adapter_name=adapter_name)
+
+
+def magnitude_of(layer: LoraLayer, adapter_name: str) -> torch.nn.Parameter | None:
+    """A peft layer's DoRA magnitude for one adapter (None when that adapter is plain LoRA)."""
+    dora = getattr(layer, "lora_magnitude_vector", None)
+    return dora[adapter_name].weight if dora is not None and adapter_name in dora else None
 
 
 def lora_layers(model: torch.nn.Module, adapter_name: str):
@@ -115,10 +201,13 @@ def lora_layers(model: torch.nn.Module, adapter_name: str):
 
 
 def trainable_parameters(model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """The LoRA parameters of one adapter, in a stable order."""
+    """The LoRA parameters of one adapter, in a stable order (per layer: A, B, and DoRA's magnitude if any)."""
     params = []
     for _, layer in lora_layers(model, adapter_name):
         params += [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
+        magnitude = magnitude_of(layer, adapter_name)
+        if magnitude is not None:
+            params.append(magnitude)
     return params
 
 
@@ -138,10 +227,12 @@ def extract(model: torch.nn.Module, component: str, adapter_name: str = "default
     """Copy one adapter's weights out of `model` as a `Lora` (fp32, detached, on the CPU)."""
     out: Lora = {}
     for path, layer in lora_layers(model, adapter_name):
+        magnitude = magnitude_of(layer, adapter_name)
         out[f"{component}.{path}"] = LoraModule(
             down=layer.lora_A[adapter_name].weight.detach().float().cpu().clone(),
             up=layer.lora_B[adapter_name].weight.detach().float().cpu().clone(),
             alpha=float(layer.lora_alpha[adapter_name]),
+            magnitude=None if magnitude is None else magnitude.detach().float().cpu().clone(),
         )
     return out
 
@@ -156,18 +247,26 @@ def split_components(lora: Lora) -> dict[str, dict[str, LoraModule]]:
 
 
 def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name: str) -> None:
-    """Attach `modules` (paths of this model) as adapter `adapter_name`, ranks and alphas per module.
+    """Attach `modules` (paths of this model) as adapter `adapter_name`, ranks and alphas per module; DoRA when
+    the modules carry magnitudes (all of them, or none: peft's DoRA is set per adapter).
 
     Trap: the model keeps the adapter until `model.delete_adapters(adapter_name)`; installing many without
     deleting slows every forward pass and set_adapters call.
     """
     rank, alpha = common_rank_alpha(modules)
+    dora = [p for p, m in modules.items() if m.magnitude is not None]
+    if dora and len(dora) != len(modules):
+        raise UserError(
+            f"adapter {adapter_name!r} has DoRA magnitudes on {len(dora)} of its {len(modules)} layers; an adapter "
+            "is DoRA on all of its layers or on none"
+        )
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(modules),
         rank_pattern={re.escape(p): m.rank for p, m in modules.items() if m.rank != rank},
         alpha_pattern={re.escape(p): m.alpha for p, m in modules.items() if m.alpha != alpha},
+        **({"use_dora": True} if dora else {}),
     )
     model.add_adapter(config, adapter_name=adapter_name)
     dtype = next(model.parameters()).dtype
@@ -175,6 +274,8 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
     for path, m in modules.items():
         state[f"{path}.lora_A.weight"] = m.down.to(dtype)
         state[f"{path}.lora_B.weight"] = m.up.to(dtype)
+        if m.magnitude is not None:
+            state[f"{path}.lora_magnitude_vector"] = m.magnitude.to(dtype)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter_name in k or "lora" in k]
     if unexpected:

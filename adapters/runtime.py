@@ -28,7 +28,7 @@ from adapters.base import generation_defaults, load_pipeline, pick_device
 from adapters.errors import UserError
 from adapters.families import family_of_pipeline, native_size
 from adapters.formats import file_hash, read_lora, read_safetensors
-from adapters.lora import Lora, install, lora_layers, module_shapes, split_components
+from adapters.lora import Lora, LoraModule, install, lora_layers, magnitude_of, module_shapes, split_components
 
 # The samplers the page and CLI offer: a name a person knows -> the diffusers scheduler class.
 SCHEDULERS = {
@@ -41,7 +41,7 @@ SCHEDULERS = {
 
 
 class Interrupted(Exception):
-    """`Studio.generate` was told to stop (its `after_step` said True) before the last denoising step."""
+    """`Studio.generate` was told to stop (its `stop` said True) before the last denoising step."""
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -239,17 +239,20 @@ class Studio:
         saved: dict[str, torch.Tensor] = {}
         for component in self.family.components:
             model = getattr(self.pipe, component)
-            for name, strength in strengths.items():
+            for name, strength in strengths.items():  # in turn, as peft applies them (DoRA rescales what came before)
                 for path, layer in lora_layers(model, name):
                     weight = layer.base_layer.weight
                     key = f"{component}.{path}"
                     if key not in saved:
                         saved[key] = weight.detach().clone()
-                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                    delta = (b.float().flatten(1) @ a.float().flatten(1)).view(weight.shape[0], *a.shape[1:])
-                    scale = strength * layer.lora_alpha[name] / layer.r[name]
+                    module = LoraModule(
+                        down=layer.lora_A[name].weight,
+                        up=layer.lora_B[name].weight,
+                        alpha=layer.lora_alpha[name],
+                        magnitude=magnitude_of(layer, name),
+                    )
                     with torch.no_grad():
-                        weight += (delta * scale).to(weight.dtype)
+                        weight.copy_(module.applied(weight, strength, base=saved[key]).to(weight.dtype))
         self._fused = saved
         self._changed()
         self.set_strengths({})
@@ -285,12 +288,16 @@ class Studio:
             layer = layers[key]
             if layer.r[name] != module.rank:
                 raise UserError(f"cannot hot-swap {name!r}: rank {module.rank} at {key}, loaded rank {layer.r[name]}")
+            if (magnitude_of(layer, name) is None) != (module.magnitude is None):
+                raise UserError(f"cannot hot-swap {name!r}: only one of the two is DoRA; unload it, then load")
         with torch.no_grad():
             for key, module in lora.items():
                 layer = layers[key]
                 layer.lora_A[name].weight.copy_(module.down)
                 layer.lora_B[name].weight.copy_(module.up)
                 layer.lora_alpha[name] = module.alpha
+                if module.magnitude is not None:
+                    magnitude_of(layer, name).copy_(module.magnitude)
         self._sources.pop(name, None)
         self.hashes.pop(name, None)  # no file holds these weights
         self._changed()
@@ -315,16 +322,15 @@ class Studio:
         height: int | None = None,
         strengths: dict[str, float] | None = None,
         num_images: int = 1,
-        after_step: Callable[[int, int], bool] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
         """Images for one prompt; the same seed and settings give the same picture on the same machine.
 
         Picture i of `num_images` is drawn from seed `seed + i`, each from its own generator (A1111's batch rule), so
         every picture can be made again alone from its own seed. Guidance and guidance rescale default to the
         model's recommended values (`self.defaults`); `strengths`, when given, is applied first (`set_strengths`),
-        else the current strengths stay. `after_step(step, steps)` is called after every denoising step (steps
-        counted from 1); when it returns True the steps left are skipped and `Interrupted` is raised (no half-made
-        picture is returned).
+        else the current strengths stay. `stop` is asked after every denoising step; when it says True the
+        remaining steps are skipped and `Interrupted` is raised (no half-made picture is returned).
         """
         width, height = width or self.native_size, height or self.native_size
         for field, value in (("width", width), ("height", height)):
@@ -339,8 +345,8 @@ class Studio:
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images)]
         stopped = []
 
-        def on_step_end(pipe, step, timestep, tensors):
-            if after_step is not None and after_step(step + 1, sampling_steps) and not stopped:
+        def after_step(pipe, step, timestep, tensors):
+            if stop is not None and stop():
                 pipe._interrupt = True  # diffusers' own flag: the loop skips every step left
                 stopped.append(step + 1)
             return tensors
@@ -355,19 +361,18 @@ class Studio:
             height=height,
             generator=generators[0] if num_images == 1 else generators,
             num_images_per_prompt=num_images,
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=after_step,
         ).images
         if stopped:
             raise Interrupted(f"stopped after step {stopped[0]} of {sampling_steps}")
         return images
 
-    def count_tokens(self, text: str) -> tuple[int, int, str]:
-        """(tokens in `text`, tokens the text encoder reads, the first words it does not read), start and end marks
-        left out: CLIP reads 75 (77 with the marks), and a pipeline silently cuts a prompt there."""
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """(tokens in `text`, tokens the text encoder reads), start and end marks left out of both: CLIP reads 75
+        (77 with the marks); a pipeline silently cuts a prompt there."""
         tokenizer = self.pipe.tokenizer
-        ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
-        limit = tokenizer.model_max_length - 2
-        return len(ids), limit, tokenizer.decode(ids[limit : limit + 8]).strip()
+        count = len(tokenizer(text, truncation=False, verbose=False).input_ids) - 2
+        return count, tokenizer.model_max_length - 2
 
     @property
     def sampler(self) -> str:

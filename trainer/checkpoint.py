@@ -1,7 +1,8 @@
 """Resumable checkpoints: everything a resume needs, in one folder, written atomically, never pickled.
 
 `runs/<id>/checkpoints/step_000500/` holds `state.safetensors` (LoRA weights, AdamW moments, the batch
-generator's state) and `state.json` (step, optimizer hyper-parameters, the batch order, the config). A folder
+generator's state, torch's global generators, which draw --lora-dropout's masks) and `state.json` (step, optimizer
+hyper-parameters, the batch order, the config). A folder
 appears under its final name only when complete (written as `.tmp`, then renamed), so a run killed mid-save
 leaves the previous checkpoint as `latest`.
 """
@@ -25,13 +26,16 @@ RESUME_MUST_MATCH = (
     "rank",
     "alpha",
     "attention",
+    "train_ff",
+    "train_proj",
+    "conv_rank",
+    "conv_alpha",
+    "use_dora",
+    "lora_dropout",
     "batch_size",
     "seed",
     "learning_rate",
     "caption_dropout",
-    # the text encoders' LoRA: whether there is any (the checkpoint holds its tensors after the UNet's), its rate
-    "train_text_encoder",
-    "text_encoder_lr",
     # the optimiser (its state has its own shape), the schedule (a pure function of the step, given these),
     # accumulation and noise offset (how many draws a step takes from the batch generator) and the loss
     "optimizer",
@@ -76,6 +80,9 @@ def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config:
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     drawer_state = drawer.state()
     tensors["drawer.generator"] = drawer_state["generator"]
+    tensors["rng.cpu"] = torch.get_rng_state()  # torch's own generators: LoRA dropout draws its masks from them
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     info = {"step": step, "param_groups": state["param_groups"], "order": drawer_state["order"], "config": config}
     try:
         save_file(tensors, tmp / "state.safetensors")
@@ -143,4 +150,8 @@ def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
             state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(state)
     drawer.load_state({"generator": tensors["drawer.generator"], "order": info["order"]})
+    if "rng.cpu" in tensors:  # checkpoints from before LoRA dropout lack them; nothing drew from them then
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(info["step"])

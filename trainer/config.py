@@ -147,8 +147,8 @@ class TrainConfig:
     shuffle_tags: bool = _f(
         False,
         "Shuffle each caption's comma-separated tags, keeping the first --keep-tokens in place (and the trigger "
-        "word first). --tag-shuffles orders of each caption are made before training (and encoded once and cached, "
-        "unless --train-text-encoder), and every draw picks one of them from the run's seeded generator.",
+        "word first). The text encoder does not run per step: --tag-shuffles orders of each caption are encoded "
+        "before training and cached, and every draw picks one of them from the run's seeded generator.",
         "data",
     )
     keep_tokens: int = _f(
@@ -178,11 +178,45 @@ class TrainConfig:
         ATTENTION_CHOICES,
         basic=True,
     )
-    train_text_encoder: bool = _f(
+    # the adapter's shape beyond the attention layers (README, "Coming from kohya_ss": kohya's network_args)
+    train_ff: bool = _f(
         False,
-        "Also train LoRA on the text encoder(s) (SDXL: both): every layer's attention projections and MLP, as "
-        "kohya_ss does. Captions are then encoded at every step instead of once, so steps are slower and the "
-        "encoders stay in GPU memory. Off (the default): LoRA on the UNet only.",
+        "Also put LoRA on every transformer block's feed-forward layers (ff.net.0.proj and ff.net.2), at --rank "
+        "and --alpha. kohya_ss's LoRA trains them by default.",
+        "adapter",
+    )
+    train_proj: bool = _f(
+        False,
+        "Also put LoRA on each attention block's proj_in and proj_out (linear layers, or 1x1 convolutions in "
+        "SD 1.x), at --rank and --alpha. kohya_ss's LoRA trains them by default.",
+        "adapter",
+    )
+    conv_rank: int = _f(
+        0,
+        "LoCon: also put LoRA on the UNet's 3x3 convolutions (each ResNet block's conv1 and conv2, the down- and "
+        "upsamplers' conv), with this rank (kohya_ss's conv_dim). 0 = off.",
+        "adapter",
+    )
+    conv_alpha: float = _f(
+        0.0,
+        "With --conv-rank: alpha of the convolutions' LoRA, whose update is scaled by conv_alpha/conv_rank "
+        "(kohya_ss's conv_alpha). 0 = same as --conv-rank (scale 1).",
+        "adapter",
+    )
+    lora_dropout: float = _f(
+        0.0,
+        "Dropout on each LoRA layer's input while training (peft's lora_dropout): this share of the values is "
+        "zeroed at random in every step, which can keep a small data set from being learned by heart. Previews "
+        "and generation never drop. The masks come from the run's seeded generator (kept in checkpoints); on a GPU "
+        "the step then runs without CUDA graphs. 0 = off; 0.1 is usual.",
+        "adapter",
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA (peft's use_dora): every LoRA layer also learns the length of each of its output rows, besides their "
+        "direction. Slower steps. The adapter file is written in diffusers' layout, which diffusers reads; "
+        "ComfyUI does not draw it as it was trained, AUTOMATIC1111 is unchecked (README, Adapter files). At "
+        "strength 0 the learned lengths still apply: only switching the adapter off gives the base model.",
         "adapter",
     )
     # the optimisation
@@ -194,12 +228,6 @@ class TrainConfig:
         "multiplies the step size Prodigy finds: use 1.",
         "training",
         basic=True,
-    )
-    text_encoder_lr: float = _f(
-        0.0,
-        "With --train-text-encoder: learning rate for the text encoder's LoRA weights (the peak; --lr-scheduler "
-        "moves it as it moves --learning-rate). 0 = the same as --learning-rate.",
-        "training",
     )
     seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.", "training", basic=True)
     mixed_precision: str = _f(
@@ -363,8 +391,9 @@ class TrainConfig:
             if choices and value not in choices:
                 raise UserError(f"{f.name} ({flag(f.name)}) must be one of {', '.join(choices)}; got {value!r}")
         self.alpha = float(self.alpha)
+        self.conv_alpha = float(self.conv_alpha)
+        self.lora_dropout = float(self.lora_dropout)
         self.learning_rate = float(self.learning_rate)
-        self.text_encoder_lr = float(self.text_encoder_lr)
         for name in (
             "weight_decay",
             "lr_scheduler_power",
@@ -380,6 +409,25 @@ class TrainConfig:
             (self.rank >= 1, "rank (--rank) must be at least 1 (try 4, 8 or 16)"),
             (self.rank <= 1024, "rank (--rank) must be at most 1024"),
             (self.alpha >= 0, "alpha (--alpha) must be 0 (meaning: equal to rank) or positive"),
+            (
+                0 <= self.conv_rank <= 1024,
+                f"conv_rank (--conv-rank) must be 0 (off) or from 1 to 1024 (try 4 or 8); got {self.conv_rank}",
+            ),
+            (
+                0 <= self.conv_alpha < float("inf"),
+                f"conv_alpha (--conv-alpha) must be 0 (meaning: equal to --conv-rank) or positive; "
+                f"got {self.conv_alpha:g}",
+            ),
+            (
+                self.conv_rank > 0 or self.conv_alpha == 0,
+                "conv_alpha (--conv-alpha) has no effect without --conv-rank: give --conv-rank N (e.g. 8) to train "
+                "the convolutions, or leave --conv-alpha at 0",
+            ),
+            (
+                0 <= self.lora_dropout < 1,
+                f"lora_dropout (--lora-dropout) must be at least 0 and below 1 (typical: 0.1); "
+                f"got {self.lora_dropout:g}",
+            ),
             (
                 1 <= self.steps <= MAX_STEPS,
                 f"steps (--steps) must be at least 1 and at most {MAX_STEPS}; got {self.steps}",
@@ -401,21 +449,6 @@ class TrainConfig:
                 self.optimizer != "prodigy" or 0.1 <= self.learning_rate <= 10,
                 f"learning_rate (--learning-rate) with --optimizer prodigy multiplies the step size Prodigy finds: "
                 f"use 1, as its authors advise (0.1 to 10 is accepted); got {self.learning_rate:g}",
-            ),
-            (
-                self.optimizer == "prodigy" or 0 <= self.text_encoder_lr < 1,
-                f"text_encoder_lr (--text-encoder-lr) must be 0 (the same as --learning-rate) or a positive number "
-                f"below 1; got {self.text_encoder_lr:g}",
-            ),
-            (
-                self.optimizer != "prodigy" or self.text_encoder_lr == 0 or 0.1 <= self.text_encoder_lr <= 10,
-                f"text_encoder_lr (--text-encoder-lr) with --optimizer prodigy multiplies the step size Prodigy "
-                f"finds: use 0 (the same as --learning-rate) or 0.1 to 10; got {self.text_encoder_lr:g}",
-            ),
-            (
-                self.train_text_encoder or self.text_encoder_lr == 0,
-                "text_encoder_lr (--text-encoder-lr) has no effect without --train-text-encoder: add "
-                "--train-text-encoder, or leave --text-encoder-lr at 0",
             ),
             (
                 0 <= self.weight_decay < 1,
@@ -515,6 +548,10 @@ class TrainConfig:
     def effective_alpha(self) -> float:
         return self.alpha or float(self.rank)
 
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.conv_alpha or float(self.conv_rank)
+
     def run_length(self, per_epoch: int, processes: int = 1) -> tuple[int, int, float]:
         """(steps per epoch, steps, epochs) for `per_epoch` images per epoch (each image times its repeats): an
         epoch is rounded up to whole steps of batch x processes x accumulation; --epochs gives the steps."""
@@ -526,10 +563,6 @@ class TrainConfig:
         """Each preview prompt with its seed, negative prompt, sampling steps and guidance: its own options
         (kohya_ss's `--d`, `--n`, `--s`, `--l` after the prompt), else the preview fields, and seed + its place."""
         return [_preview(text, i, self) for i, text in enumerate(self.preview_prompt)]
-
-    @property
-    def effective_text_encoder_lr(self) -> float:
-        return self.text_encoder_lr or self.learning_rate
 
     # -- building --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
