@@ -197,3 +197,25 @@ def model_geometry(base_model: str | None, prediction_type: str | None = None) -
         raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     return unet["sample_size"] * scale, scale, len(unet["block_out_channels"])
+
+
+def load_vae(base_model: str | None, *, device=None, prediction_type: str | None = None):
+    """The base model's VAE alone, in fp32 on `device`, for looking at pictures (the data check): nothing else of
+    the model is read. A single file's VAE is converted by diffusers' `from_single_file` with the shipped configs."""
+    from diffusers import AutoencoderKL
+
+    source, _ = check_base_model(base_model, prediction_type)
+    try:
+        if is_single_file(source):
+            configs = str(inspect_checkpoint(source, prediction_type).configs)
+            vae = AutoencoderKL.from_single_file(source, config=configs, subfolder="vae", local_files_only=True)
+        else:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=torch.float32, use_safetensors=True)
+    except UserError:
+        raise
+    except Exception as exc:  # hub or file errors: say which model and what to try
+        raise UserError(
+            f"could not load the VAE of base model {base_model!r} ({type(exc).__name__}: {exc}). For a hub id, check "
+            "the name and your network or log in with `hf auth login`; or pass a local diffusers folder"
+        ) from exc
+    return vae.eval().requires_grad_(False).to(device or pick_device())

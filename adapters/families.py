@@ -37,23 +37,35 @@ class Family:
         """The pipeline parts LoRA can sit on: the UNet and each text encoder."""
         return ("unet", *self.text_encoders)
 
-    @torch.no_grad()
-    def conditioning(self, pipe, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The UNet's conditioning for `captions`, in fp32, as the family's own pipeline computes it.
+    def tokens(self, pipe, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The captions as token ids for each text encoder: `input_ids` [n, 77] (SDXL: and `input_ids_2`)."""
+        tokenizers = ("tokenizer", "tokenizer_2")[: len(self.text_encoders)]
+        return {key: token_ids(getattr(pipe, name), captions) for key, name in zip(_IDS, tokenizers)}
+
+    def encode(self, pipe, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning for token ids (`tokens`), in fp32, as the family's own pipeline computes it;
+        keys that are not token ids (SDXL's `time_ids`) pass through. Gradients flow into any LoRA on the text
+        encoders, so a step that trains them calls this; `conditioning` is the same without gradients.
 
         SD 1.x / 2.x and the built-in model: the text encoder's last hidden states, `text_embeds` [n, 77, dim].
         SDXL: both encoders' penultimate hidden states side by side, `text_embeds` [n, 77, 768 + 1280], and the
         second encoder's projected pooled output, `pooled` [n, 1280].
         """
+        rest = {k: v for k, v in tokens.items() if k not in _IDS}
         if len(self.text_encoders) == 1:
             encoder = pipe.text_encoder
-            return {"text_embeds": encoder(token_ids(pipe.tokenizer, captions).to(encoder.device))[0].float()}
+            return {"text_embeds": encoder(tokens["input_ids"].to(encoder.device))[0].float(), **rest}
         hidden, pooled = [], None
-        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            out = encoder(token_ids(tokenizer, captions).to(encoder.device), output_hidden_states=True)
+        for key, encoder in zip(_IDS, (pipe.text_encoder, pipe.text_encoder_2)):
+            out = encoder(tokens[key].to(encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output
-        return {"text_embeds": torch.cat(hidden, dim=-1).float(), "pooled": pooled.float()}
+        return {"text_embeds": torch.cat(hidden, dim=-1).float(), "pooled": pooled.float(), **rest}
+
+    @torch.no_grad()
+    def conditioning(self, pipe, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning for `captions` (`encode` of their `tokens`), in fp32, without gradients."""
+        return self.encode(pipe, self.tokens(pipe, captions))
 
     def image_conditioning(self, original_size, crop_top_left, target_size) -> dict[str, torch.Tensor]:
         """Conditioning that depends on the picture, not its caption: SDXL's added time ids (original height and
@@ -89,6 +101,7 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+_IDS = ("input_ids", "input_ids_2")  # each text encoder's token ids, in `Family.tokens`
 _ONE_ENCODER = ("text_encoder",)
 BUILTIN = Family(
     "lora-studio builtin", "StableDiffusionPipeline", _ONE_ENCODER, "lora_studio_builtin", "lora-studio-builtin/lora"

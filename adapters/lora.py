@@ -78,6 +78,22 @@ def attention_targets(unet: torch.nn.Module, attention: str = "both") -> list[st
     ]
 
 
+# kohya sd-scripts' text-encoder targets: the Linear layers inside these CLIP blocks (q/k/v/out_proj, fc1/fc2)
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+
+
+def text_encoder_targets(encoder: torch.nn.Module) -> list[str]:
+    """Module paths of every CLIP encoder layer's attention projections (q_proj, k_proj, v_proj, out_proj) and MLP
+    (fc1, fc2): the Linear children of its CLIPAttention and CLIPMLP blocks, as kohya sd-scripts targets them."""
+    return [
+        f"{name}.{child}"
+        for name, block in encoder.named_modules()
+        if type(block).__name__ in TEXT_ENCODER_BLOCKS
+        for child, module in block.named_children()
+        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+    ]
+
+
 _FEED_FORWARD = re.compile(r"(^|\.)transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
 _CONV_BLOCKS = {"ResnetBlock2D": ("conv1", "conv2"), "Downsample2D": ("conv",), "Upsample2D": ("conv",)}
 

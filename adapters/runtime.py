@@ -41,7 +41,7 @@ SCHEDULERS = {
 
 
 class Interrupted(Exception):
-    """`Studio.generate` was told to stop (its `stop` said True) before the last denoising step."""
+    """`Studio.generate` was told to stop (its `after_step` said True) before the last denoising step."""
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -322,15 +322,16 @@ class Studio:
         height: int | None = None,
         strengths: dict[str, float] | None = None,
         num_images: int = 1,
-        stop: Callable[[], bool] | None = None,
+        after_step: Callable[[int, int], bool] | None = None,
     ) -> list[Image.Image]:
         """Images for one prompt; the same seed and settings give the same picture on the same machine.
 
         Picture i of `num_images` is drawn from seed `seed + i`, each from its own generator (A1111's batch rule), so
         every picture can be made again alone from its own seed. Guidance and guidance rescale default to the
         model's recommended values (`self.defaults`); `strengths`, when given, is applied first (`set_strengths`),
-        else the current strengths stay. `stop` is asked after every denoising step; when it says True the
-        remaining steps are skipped and `Interrupted` is raised (no half-made picture is returned).
+        else the current strengths stay. `after_step(step, steps)` is called after every denoising step (steps
+        counted from 1); when it returns True the steps left are skipped and `Interrupted` is raised (no half-made
+        picture is returned).
         """
         width, height = width or self.native_size, height or self.native_size
         for field, value in (("width", width), ("height", height)):
@@ -345,8 +346,8 @@ class Studio:
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images)]
         stopped = []
 
-        def after_step(pipe, step, timestep, tensors):
-            if stop is not None and stop():
+        def on_step_end(pipe, step, timestep, tensors):
+            if after_step is not None and after_step(step + 1, sampling_steps) and not stopped:
                 pipe._interrupt = True  # diffusers' own flag: the loop skips every step left
                 stopped.append(step + 1)
             return tensors
@@ -361,18 +362,19 @@ class Studio:
             height=height,
             generator=generators[0] if num_images == 1 else generators,
             num_images_per_prompt=num_images,
-            callback_on_step_end=after_step,
+            callback_on_step_end=on_step_end,
         ).images
         if stopped:
             raise Interrupted(f"stopped after step {stopped[0]} of {sampling_steps}")
         return images
 
-    def count_tokens(self, text: str) -> tuple[int, int]:
-        """(tokens in `text`, tokens the text encoder reads), start and end marks left out of both: CLIP reads 75
-        (77 with the marks); a pipeline silently cuts a prompt there."""
+    def count_tokens(self, text: str) -> tuple[int, int, str]:
+        """(tokens in `text`, tokens the text encoder reads, the first words it does not read), start and end marks
+        left out: CLIP reads 75 (77 with the marks), and a pipeline silently cuts a prompt there."""
         tokenizer = self.pipe.tokenizer
-        count = len(tokenizer(text, truncation=False, verbose=False).input_ids) - 2
-        return count, tokenizer.model_max_length - 2
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids[1:-1]
+        limit = tokenizer.model_max_length - 2
+        return len(ids), limit, tokenizer.decode(ids[limit : limit + 8]).strip()
 
     @property
     def sampler(self) -> str:

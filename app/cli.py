@@ -26,6 +26,8 @@ def _train(args: argparse.Namespace) -> int:
         print(listing())
         return 0
     config = from_args(args, args.config)
+    if args.check_data:
+        return _check_data(config)
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config)
     try:
@@ -35,6 +37,32 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
         print(f"wrote {result.adapter}")
+    return 0
+
+
+def _check_data(config) -> int:
+    """Print the data-set check of the --data folder for these settings (the base model's VAE looks at the
+    pictures; its size and buckets are training's), then stop: nothing is trained or written."""
+    from trainer.datacheck import check_data, folder_pairs, model_for_check
+    from trainer.dataset import bucket_stride
+
+    pairs, names = folder_pairs(config.data)
+    prediction = None if config.prediction_type == "auto" else config.prediction_type
+    native, geometry, vae, notes = model_for_check(config.base_model, prediction)
+    resolution = config.resolution or native
+    report = check_data(
+        pairs,
+        names=names,
+        resolution=resolution,
+        stride=bucket_stride(resolution, *geometry),
+        buckets=config.buckets,
+        trigger_word=config.trigger_word,
+        default_caption=config.default_caption,
+        vae=vae,
+    )
+    report.notes += notes
+    print(f"data check of {config.data} ({len(pairs)} images, training at {resolution} px):")
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -229,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         metavar="NAME",
         help="start from a named recipe (--preset list shows them); the config file and flags override it",
+    )
+    p.add_argument(
+        "--check-data",
+        action="store_true",
+        help="check the --data folder (near-duplicates, outliers, small images, buckets, captions), print what it "
+        "finds and exit without training",
     )
     add_arguments(p)
     p.set_defaults(func=_train)

@@ -101,6 +101,11 @@ def test_unknown_key_in_file_is_an_error_with_a_suggestion(tmp_path):
         ("huber_c", 0.0, r"huber_c \(--huber-c\) must be above 0"),
         ("min_snr_gamma", float("nan"), r"min_snr_gamma \(--min-snr-gamma\) must be 0 \(off\) or positive"),
         ("noise_offset", 1.5, r"noise_offset \(--noise-offset\) must be at least 0 and below 1"),
+        (
+            "text_encoder_lr",
+            -1e-5,
+            r"text_encoder_lr \(--text-encoder-lr\) must be 0 \(the same as --learning-rate\)",
+        ),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -137,6 +142,15 @@ def test_a_kohya_style_recipe_is_spelled_as_flags():
             r"no effect with --lr-scheduler constant: use --lr-scheduler constant_with_warmup",
         ),
         (dict(lr_scheduler="cosine", lr_warmup_steps=400), r"lr_warmup_steps \(--lr-warmup-steps\) must be .*below"),
+        (dict(text_encoder_lr=1e-5), r"text_encoder_lr \(--text-encoder-lr\) has no effect without --train-text"),
+        (
+            dict(train_text_encoder=True, text_encoder_lr=2.0),
+            r"text_encoder_lr \(--text-encoder-lr\) must be 0 .* below 1",
+        ),
+        (
+            dict(train_text_encoder=True, optimizer="prodigy", learning_rate=1.0, text_encoder_lr=1e-5),
+            r"text_encoder_lr \(--text-encoder-lr\) with --optimizer prodigy multiplies the step size",
+        ),
     ],
 )
 def test_settings_that_do_not_go_together_are_named(values, message):

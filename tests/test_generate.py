@@ -108,3 +108,33 @@ def test_nan_weights_are_refused(tiny_model, tmp_path):
     )
     with pytest.raises(UserError, match="NaN or Inf"):
         studio.load(tmp_path / "nan.safetensors")
+
+
+def test_a_batch_draws_each_picture_from_its_own_seed_and_a_stop_interrupts(tiny_model):
+    """Picture k of a batch is the picture seed + k draws alone (A1111's rule: any picture can be made again from
+    the seed it is saved with); `after_step` sees every step and stops the pictures when it says so."""
+    from adapters.runtime import Interrupted
+
+    studio = Studio(str(tiny_model), device="cpu")
+    batch = studio.generate("a red circle", seed=7, sampling_steps=3, num_images=3)
+    alone = [studio.generate("a red circle", seed=s, sampling_steps=3)[0] for s in (7, 8, 9)]
+    assert [np.asarray(p).tolist() for p in batch] == [np.asarray(p).tolist() for p in alone]
+    assert np.asarray(alone[0]).tolist() != np.asarray(alone[1]).tolist()
+    seen = []
+    with pytest.raises(Interrupted, match="stopped after step 2 of 5"):
+        studio.generate(
+            "a red circle", sampling_steps=5, after_step=lambda step, steps: seen.append(step) or step == 2
+        )
+    assert seen == [1, 2]  # the steps after it were skipped
+
+
+def test_token_count_names_what_the_text_encoder_cuts(tiny_model):
+    """The count is the text encoder's own (start and end marks left out), and past 75 the words cut are named."""
+    studio = Studio(str(tiny_model), device="cpu")
+    tokenizer = studio.pipe.tokenizer
+    count, limit, cut = studio.count_tokens("a red circle")
+    assert (count, limit, cut) == (len(tokenizer("a red circle").input_ids) - 2, 75, "")
+    long = "a red circle, " * 40
+    count, limit, cut = studio.count_tokens(long)
+    assert count == len(tokenizer(long, truncation=False).input_ids) - 2 == 160 and limit == 75
+    assert "a red circle" in cut

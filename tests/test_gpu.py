@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adapters.families import SD1
 from adapters.lora import attach, attention_targets, train_in_fp32
@@ -184,6 +185,43 @@ def test_a_run_with_buckets_keeps_its_graphs(tmp_path):
     start = next(e for e in events if e["type"] == "start")
     assert start["step_kind"] == "cuda graph" and len(start["buckets"]) == 2, start
     assert not [e for e in events if e["type"] == "notice" and "CUDA graphs" in e["message"]]
+
+
+def test_text_encoder_training_on_a_gpu_keeps_the_encoders_there_and_says_why_it_runs_eagerly(
+    tiny_sdxl_model, image_folder, tmp_path
+):
+    """--train-text-encoder on SDXL in bf16: both encoders stay on the GPU (they are not moved out after caching),
+    the step says why it is eager, the LoRA learns in both encoders, previews draw through them, and a run resumes
+    from a checkpoint of both parameter groups."""
+    settings = dict(
+        base_model=str(tiny_sdxl_model),
+        data=str(image_folder),
+        batch_size=2,
+        train_text_encoder=True,
+        text_encoder_lr=1e-3,
+        learning_rate=1e-3,
+        preview_prompt="a red circle",
+        preview_every=4,
+    )
+    whole = train(TrainConfig(steps=8, run_dir=str(tmp_path / "whole"), **settings), log_to_terminal=False)
+    assert {name: next(e.parameters()).device.type for name, e in whole.text_encoders.items()} == {
+        "text_encoder": "cuda",
+        "text_encoder_2": "cuda",
+    }
+    events = read_events(tmp_path / "whole")
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["step_kind"], start["precision"]) == ("eager", "bf16"), start
+    assert start["step_why"].startswith("--train-text-encoder:")
+    assert [e["step"] for e in events if e["type"] == "preview"] == [4, 8]
+    tensors = load_file(whole.adapter)
+    for prefix in ("lora_te1_", "lora_te2_"):
+        assert max(t.abs().max().item() for k, t in tensors.items() if k.startswith(prefix) and "lora_up" in k) > 0
+
+    cut = dict(run_dir=str(tmp_path / "cut"), save_every=4, **settings)
+    train(TrainConfig(steps=6, **cut), log_to_terminal=False)  # its checkpoint of step 4 holds both groups
+    resumed = train(TrainConfig(steps=8, resume="latest", **cut), log_to_terminal=False)
+    assert [e["step"] for e in read_events(tmp_path / "cut") if e["type"] == "resume"] == [4]
+    assert load_file(resumed.adapter).keys() == tensors.keys()
 
 
 def test_a_dora_locon_adapter_trains_as_a_cuda_graph_what_eager_trains():

@@ -88,3 +88,30 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
     assert resume["step"] >= 4 and events[-1]["type"] == "done" and events[-1]["step"] == 40
     after = load_file(tmp_path / "cut" / "adapter.safetensors")
     assert all(torch.equal(after[k], double[k]) for k in double)  # exactly the uninterrupted two-process run
+
+
+def test_text_encoder_lora_on_two_processes_matches_one_with_twice_the_batch(tiny_model, tmp_path):
+    """The text encoders lie outside the UNet that accelerate wraps: their LoRA's gradients must still be averaged
+    over the processes, or each process's encoder learns from its own half of the batch only."""
+    data = write_scene_folder(tmp_path / "data", count=4)
+    args = ["--base-model", tiny_model, "--data", data, "--steps", 4, "--learning-rate", 1e-3, "--seed", 2]
+    args += ["--train-text-encoder", "--text-encoder-lr", 3e-3, "--batch-size", 1, "--num-processes", 2]
+    both = cli([*args, "--run-dir", tmp_path / "p2"])
+    out = both.communicate(timeout=300)[0].decode(errors="replace")
+    assert both.returncode == 0, out[-3000:]
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        data=str(data),
+        steps=4,
+        learning_rate=1e-3,
+        seed=2,
+        batch_size=2,
+        train_text_encoder=True,
+        text_encoder_lr=3e-3,
+        run_dir=str(tmp_path / "p1"),
+    )
+    single = load_file(train(config, device="cpu", log_to_terminal=False).adapter)
+    double = load_file(tmp_path / "p2" / "adapter.safetensors")
+    text = [k for k in single if k.startswith("lora_te_") and "lora_up" in k]
+    assert text and min(single[k].abs().max().item() for k in text) > 1e-3  # the encoder's LoRA moved
+    assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-4

@@ -44,6 +44,16 @@ OPTIONS = {
     # the data options: an epoch of every image twice (8 steps at batch 2: the same length as the others), each
     # drawn as it is or mirrored, with one of its cached tag shuffles
     "repeats, epochs, flip, tag shuffle": dict(repeats=2, epochs=2, flip=True, shuffle_tags=True, keep_tokens=1),
+    # LoRA on the text encoder too, at its own rate: its weights and AdamW moments are a second parameter group,
+    # its captions are token ids drawn with their tag shuffles and dropout, and the schedule moves both rates
+    "text encoder, cosine, tag shuffle, caption dropout": dict(
+        train_text_encoder=True,
+        text_encoder_lr=3e-4,
+        lr_scheduler="cosine",
+        lr_warmup_steps=3,
+        shuffle_tags=True,
+        caption_dropout=0.3,
+    ),
     # the adapter's shape: dropout draws its masks from torch's own generator (kept in the checkpoint), DoRA adds
     # a magnitude per layer to the parameters and the optimiser's state, LoCon layers of another rank
     "dropout, DoRA, LoCon, feed-forward, proj": dict(
@@ -62,9 +72,9 @@ OPTIONS = {
 }
 
 
-def _lr_by_step(run) -> dict[int, float]:
+def _lr_by_step(run, key: str = "lr") -> dict[int, float]:
     """The learning rate each step took, as the run's progress events say (a resumed step's last word counts)."""
-    return {e["step"]: e["lr"] for e in read_events(run) if e["type"] == "progress"}
+    return {e["step"]: e[key] for e in read_events(run) if e["type"] == "progress"}
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -109,6 +119,12 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_model, image_
         assert sum(n.startswith("--crop random: no latent cache") for n in notices) == 1
     if extra.get("lr_scheduler") == "cosine":
         assert len(set(_lr_by_step(tmp_path / "whole").values())) == 8  # the rate moved at every step
+    if extra.get("train_text_encoder"):
+        assert any(k.startswith("lora_te_") for k in a)
+        unet, text = _lr_by_step(tmp_path / "whole"), _lr_by_step(tmp_path / "whole", "text_encoder_lr")
+        assert _lr_by_step(tmp_path / "cut", "text_encoder_lr") == text
+        # the schedule moves the text encoder's rate as it moves the UNet's: always 3e-4 / 1e-3 of it
+        assert all(text[k] == pytest.approx(unet[k] * 0.3, rel=1e-6) for k in unet) and len(set(text.values())) == 8
 
 
 def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):

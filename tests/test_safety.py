@@ -919,7 +919,7 @@ def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_a
     port = free_port()
     app = launch("127.0.0.1", port, workspace=str(workspace), base_model=str(tiny_model), block=False)
     try:
-        plain = [str(tiny_model), "a red circle", "", 0, False, 2, 5.0, 0.0, 0, 0, "model default", "0, 1"]
+        plain = [str(tiny_model), "a red circle", "", 0, False, 2, 5.0, 0.0, 0, 0, "model default", 1, 1, "0, 1"]
 
         def one_session(seed: int):
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)  # a browser session of its own
@@ -933,6 +933,6 @@ def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_a
     finally:
         app.close()
     for seed, (gallery, status, *_) in enumerate(answers):
-        assert status.startswith(f"Seed {seed}. base model. Saved in outputs/") and len(gallery) == 1
+        assert status.startswith(f"Seed {seed}. base model. Saved in outputs/") and len(gallery["value"]) == 1
     saved = sorted(p.name for p in (workspace / "outputs").glob("*/*.png"))  # one file each, none overwritten
     assert sorted(name.split("-")[1] for name in saved) == sorted(f"{seed}.png" for seed in range(10))

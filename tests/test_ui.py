@@ -48,12 +48,15 @@ def test_settings_form_hides_what_the_page_chooses_and_keeps_its_defaults():
 
 
 def test_generate_request_reads_the_slots_in_order_and_leaves_empty_ones_out():
-    plain = ["builtin", "a prompt", "", 7.0, False, 20, 5, 0.7, None, 64, "Euler", "0, 1"]
+    plain = ["builtin", "a prompt", "", 7.0, False, 20, 5, 0.7, None, 64, "Euler", 2, 3, "0, 1"]
     names = ["b", NONE, "a", None]
     assert len(names) == SLOTS
     request = GenerateRequest.from_inputs([*plain, *names, 0.5, 1.0, 1.5, 1.0])
     assert request.strengths == {"b": 0.5, "a": 1.5} and list(request.strengths) == ["b", "a"]
     assert (request.seed, request.width, request.height, request.sampling_steps) == (7, 0, 64, 20)
+    assert (request.batch_count, request.batch_size, request.random_seed) == (2, 3, False)
+    plain[3] = -1  # A1111's way to ask for a random seed
+    assert GenerateRequest.from_inputs([*plain, *names, 0.5, 1.0, 1.5, 1.0]).random_seed
     assert request.compare_values() == [0.0, 1.0]
 
 

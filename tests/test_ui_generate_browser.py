@@ -157,3 +157,53 @@ def test_pictures_are_saved_with_their_settings_shown_whole_and_restored_from_th
         "4",
     )
     assert value(page, "adapter-0") == "(none)"
+
+
+def saved_seeds(workspace: Path) -> list[int]:
+    """The seeds of today's saved pictures, in the order they were saved."""
+    day = workspace / "outputs" / time.strftime("%Y-%m-%d")
+    return [Parameters.of_file(p).seed for p in sorted(day.glob("*.png"))]
+
+
+def test_random_seed_shown_batches_reuse_interrupt_ctrl_enter_and_the_token_counter(app):
+    page, workspace = app
+    # a 100,000-character prompt: the page says how much of it the text encoder reads, and where it is cut (the
+    # built-in model's tokenizer spells glowline in 7 pieces)
+    fill(page, "prompt", "glowline, " * 10_000)
+    tokens = page.locator("#prompt-tokens")
+    tokens.get_by_text("⚠ Prompt: 80000/75 tokens").wait_for(timeout=60_000)
+    assert "reads the first 75; the rest, from “" in tokens.inner_text() and "is cut off" in tokens.inner_text()
+    fill(page, "prompt", "glowline, a blue circle")
+    expect(tokens).to_have_text("Prompt: 11/75 tokens", timeout=30_000)
+
+    # -1 is a random seed; 2 batches of 2 pictures; Ctrl+Enter in the prompt box generates
+    before = len(saved_seeds(workspace))
+    fill(page, "seed", -1)
+    fill(page, "batch-count", 2)
+    fill(page, "batch-size", 2)
+    fill(page, "steps", 2)
+    page.locator("#prompt textarea").press("Control+Enter")
+    status(page).get_by_text(re.compile(r"^Seeds \d+–\d+\. base model\. Saved in")).wait_for(timeout=120_000)
+    seeds = saved_seeds(workspace)[before:]
+    first = seeds[0]
+    assert seeds == [first, first + 1, first + 2, first + 3]  # each picture saved with its own seed
+    assert status(page).inner_text().startswith(f"Seeds {first}–{first + 3}. base model.")
+    expect(page.locator("#gallery img")).to_have_count(4)
+    assert value(page, "seed") == str(first)  # the seed drawn is shown ...
+    assert page.locator("#random-seed input").is_checked()  # ... and the next press draws a new one
+
+    page.locator("#reuse-seed").click()  # the last pictures' seed, fixed
+    expect(page.locator("#random-seed input")).not_to_be_checked(timeout=30_000)
+    assert value(page, "seed") == str(first)
+
+    # Interrupt stops between denoising steps: what was finished is kept, the rest is not saved
+    fill(page, "batch-size", 1)
+    fill(page, "batch-count", 3)
+    fill(page, "steps", 100)
+    before = len(saved_seeds(workspace))
+    page.locator("#generate-button").click()
+    page.locator("#gallery").get_by_text(re.compile(r"step \d+/100")).first.wait_for(timeout=120_000)
+    page.locator("#interrupt-button").click()
+    status(page).get_by_text("Interrupted:").wait_for(timeout=120_000)
+    made = int(re.search(r"Interrupted: (\d) of 3 picture\(s\) made", status(page).inner_text()).group(1))
+    assert made < 3 and len(saved_seeds(workspace)) - before == made

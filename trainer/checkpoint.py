@@ -36,6 +36,9 @@ RESUME_MUST_MATCH = (
     "seed",
     "learning_rate",
     "caption_dropout",
+    # the text encoders' LoRA: whether there is any (the checkpoint holds its tensors after the UNet's), its rate
+    "train_text_encoder",
+    "text_encoder_lr",
     # the optimiser (its state has its own shape), the schedule (a pure function of the step, given these),
     # accumulation and noise offset (how many draws a step takes from the batch generator) and the loss
     "optimizer",

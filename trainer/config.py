@@ -147,8 +147,8 @@ class TrainConfig:
     shuffle_tags: bool = _f(
         False,
         "Shuffle each caption's comma-separated tags, keeping the first --keep-tokens in place (and the trigger "
-        "word first). The text encoder does not run per step: --tag-shuffles orders of each caption are encoded "
-        "before training and cached, and every draw picks one of them from the run's seeded generator.",
+        "word first). --tag-shuffles orders of each caption are made before training (and encoded once and cached, "
+        "unless --train-text-encoder), and every draw picks one of them from the run's seeded generator.",
         "data",
     )
     keep_tokens: int = _f(
@@ -178,6 +178,13 @@ class TrainConfig:
         ATTENTION_CHOICES,
         basic=True,
     )
+    train_text_encoder: bool = _f(
+        False,
+        "Also train LoRA on the text encoder(s) (SDXL: both): every layer's attention projections and MLP, as "
+        "kohya_ss does. Captions are then encoded at every step instead of once, so steps are slower and the "
+        "encoders stay in GPU memory. Off (the default): LoRA on the UNet only.",
+        "adapter",
+    )
     # the adapter's shape beyond the attention layers (README, "Coming from kohya_ss": kohya's network_args)
     train_ff: bool = _f(
         False,
@@ -205,7 +212,7 @@ class TrainConfig:
     )
     lora_dropout: float = _f(
         0.0,
-        "Dropout on each LoRA layer's input while training (peft's lora_dropout): this share of the values is "
+        "Dropout on each UNet LoRA layer's input while training (peft's lora_dropout): this share of the values is "
         "zeroed at random in every step, which can keep a small data set from being learned by heart. Previews "
         "and generation never drop. The masks come from the run's seeded generator (kept in checkpoints); on a GPU "
         "the step then runs without CUDA graphs. 0 = off; 0.1 is usual.",
@@ -213,10 +220,11 @@ class TrainConfig:
     )
     use_dora: bool = _f(
         False,
-        "DoRA (peft's use_dora): every LoRA layer also learns the length of each of its output rows, besides their "
-        "direction. Slower steps. The adapter file is written in diffusers' layout, which diffusers reads; "
-        "ComfyUI does not draw it as it was trained, AUTOMATIC1111 is unchecked (README, Adapter files). At "
-        "strength 0 the learned lengths still apply: only switching the adapter off gives the base model.",
+        "DoRA (peft's use_dora): every UNet LoRA layer also learns the length of each of its output rows, besides "
+        "their direction (--train-text-encoder's LoRA stays plain). Slower steps. The adapter file is written in "
+        "diffusers' layout, which diffusers reads; ComfyUI does not draw it as it was trained, AUTOMATIC1111 is "
+        "unchecked (README, Adapter files). At strength 0 the learned lengths still apply: only switching the "
+        "adapter off gives the base model.",
         "adapter",
     )
     # the optimisation
@@ -228,6 +236,12 @@ class TrainConfig:
         "multiplies the step size Prodigy finds: use 1.",
         "training",
         basic=True,
+    )
+    text_encoder_lr: float = _f(
+        0.0,
+        "With --train-text-encoder: learning rate for the text encoder's LoRA weights (the peak; --lr-scheduler "
+        "moves it as it moves --learning-rate). 0 = the same as --learning-rate.",
+        "training",
     )
     seed: int = _f(0, "Random seed: the same seed, data and settings train the same adapter.", "training", basic=True)
     mixed_precision: str = _f(
@@ -394,6 +408,7 @@ class TrainConfig:
         self.conv_alpha = float(self.conv_alpha)
         self.lora_dropout = float(self.lora_dropout)
         self.learning_rate = float(self.learning_rate)
+        self.text_encoder_lr = float(self.text_encoder_lr)
         for name in (
             "weight_decay",
             "lr_scheduler_power",
@@ -449,6 +464,21 @@ class TrainConfig:
                 self.optimizer != "prodigy" or 0.1 <= self.learning_rate <= 10,
                 f"learning_rate (--learning-rate) with --optimizer prodigy multiplies the step size Prodigy finds: "
                 f"use 1, as its authors advise (0.1 to 10 is accepted); got {self.learning_rate:g}",
+            ),
+            (
+                self.optimizer == "prodigy" or 0 <= self.text_encoder_lr < 1,
+                f"text_encoder_lr (--text-encoder-lr) must be 0 (the same as --learning-rate) or a positive number "
+                f"below 1; got {self.text_encoder_lr:g}",
+            ),
+            (
+                self.optimizer != "prodigy" or self.text_encoder_lr == 0 or 0.1 <= self.text_encoder_lr <= 10,
+                f"text_encoder_lr (--text-encoder-lr) with --optimizer prodigy multiplies the step size Prodigy "
+                f"finds: use 0 (the same as --learning-rate) or 0.1 to 10; got {self.text_encoder_lr:g}",
+            ),
+            (
+                self.train_text_encoder or self.text_encoder_lr == 0,
+                "text_encoder_lr (--text-encoder-lr) has no effect without --train-text-encoder: add "
+                "--train-text-encoder, or leave --text-encoder-lr at 0",
             ),
             (
                 0 <= self.weight_decay < 1,
@@ -563,6 +593,10 @@ class TrainConfig:
         """Each preview prompt with its seed, negative prompt, sampling steps and guidance: its own options
         (kohya_ss's `--d`, `--n`, `--s`, `--l` after the prompt), else the preview fields, and seed + its place."""
         return [_preview(text, i, self) for i, text in enumerate(self.preview_prompt)]
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
 
     # -- building --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -53,7 +53,7 @@ def repeats_of(path: Path, folder: str | Path, default: int = 1) -> int:
     return int(REPEAT_FOLDER.match(Path(path).parent.name).group(1))
 
 
-def _training_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
+def training_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
     """(images, problems, notes): the folder's own images, then those of each `<N>_name` sub-folder; a sub-folder
     named otherwise is not read (a note says so), one named `0_name` is a problem."""
     images, problems, notes = find_images(folder), [], []
@@ -85,7 +85,7 @@ def check_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist or is not a folder (--data)")
-    images, problems, said = _training_images(folder)
+    images, problems, said = training_images(folder)
     if not images and not problems:
         raise UserError(
             f"data folder {folder} has no images: put .png, .jpg, .jpeg, .webp or .gif files in it (or in "
@@ -100,14 +100,8 @@ def check_folder(
             continue
         said += [f"{name}: {note}"] if note else []
         caption_file = path.with_suffix(".txt")
-        caption = ""
-        if caption_file.is_file():
-            raw = caption_file.read_bytes()
-            try:
-                caption = raw.decode("utf-8-sig").strip()
-            except UnicodeDecodeError:
-                caption = raw.decode("utf-8", errors="replace").strip()
-                not_utf8.append(caption_file.name)
+        caption, utf8 = read_caption(path)
+        not_utf8 += [] if utf8 else [caption_file.name]
         if not caption:
             if default_caption:
                 caption = default_caption
@@ -129,6 +123,19 @@ def check_folder(
     if notes is not None:
         notes += said
     return pairs
+
+
+def read_caption(image: Path) -> tuple[str, bool]:
+    """The caption of an image, from the same-named .txt file ("" when there is none), and whether that file was
+    UTF-8 (when not, the bytes that are not read as \ufffd)."""
+    caption_file = Path(image).with_suffix(".txt")
+    if not caption_file.is_file():
+        return "", True
+    raw = caption_file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip(), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace").strip(), False
 
 
 def _check_image(path: Path) -> tuple[str, str]:
@@ -212,12 +219,12 @@ def prepare_image(path: Path, resolution: int, size: tuple[int, int] | None = No
 
     Any mode comes out RGB: 16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white),
     CMYK and palette images are converted, an animation gives its first frame."""
-    im = ImageOps.fit(_upright_rgb(path), size or (resolution, resolution), Image.Resampling.LANCZOS)
+    im = ImageOps.fit(upright_rgb(path), size or (resolution, resolution), Image.Resampling.LANCZOS)
     array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _upright_rgb(path: Path) -> Image.Image:
+def upright_rgb(path: Path) -> Image.Image:
     """The picture as training sees it before any resize: EXIF-rotated, RGB, transparency flattened onto white."""
     with Image.open(path, formats=IMAGE_FORMATS) as im:
         im = ImageOps.exif_transpose(im)
@@ -233,7 +240,7 @@ def _upright_rgb(path: Path) -> Image.Image:
 def prepare_cover(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """The picture (as `prepare_image` reads it) resized to just cover `size` (width, height), not cut: (3, H, W)
     uint8, one side equal to the target's, the other at least its. `random_crop` cuts it at each draw."""
-    im = _upright_rgb(path)
+    im = upright_rgb(path)
     scale = max(size[0] / im.width, size[1] / im.height)
     cover = (max(size[0], round(im.width * scale)), max(size[1], round(im.height * scale)))
     array = np.asarray(im.resize(cover, Image.Resampling.LANCZOS), dtype=np.uint8)
@@ -299,10 +306,16 @@ def load_examples(
     ]
 
 
+def bucket_choices(resolution: int, stride: int, buckets: bool = True) -> list[tuple[int, int]]:
+    """The (width, height) sizes training chooses each picture's bucket from: `bucket_sizes`, or without `buckets`
+    the square alone."""
+    return bucket_sizes(resolution, stride) if buckets else [(resolution, resolution)]
+
+
 def bucket_counts(paths: list[Path], resolution: int, stride: int, buckets: bool = True) -> dict[str, int]:
     """How many of these images each bucket gets, as 'WxH' -> count in size order (the run's own rule: the
     bucket nearest each picture's aspect ratio; without `buckets`, all in the square), read from the headers."""
-    sizes = bucket_sizes(resolution, stride) if buckets else [(resolution, resolution)]
+    sizes = bucket_choices(resolution, stride, buckets)
     found = Counter(nearest_bucket(*upright_size(Path(p)), sizes) for p in paths)
     return {f"{w}x{h}": found[(w, h)] for w, h in sorted(found)}
 

@@ -3,11 +3,12 @@
     lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
 
 Inputs are checked before any model loads. The frozen VAE and text encoder run once per image (latent mean/std
-and the caption's conditioning are cached), so a step is one UNet forward and backward. What differs between
-model families comes from `adapters.families`; how a step runs (eager, CUDA graph) from `trainer.step`. Every
-random draw of a step
-(which images, latent sample, noise, timestep) comes from one seeded CPU generator and is made for the global
-batch, so a run is reproducible and N processes at batch B see the same data as one process at batch N*B.
+and the caption's conditioning are cached), so a step is one UNet forward and backward; with --train-text-encoder
+the captions' token ids are cached instead, and the text encoders run (and learn) in every step. What differs
+between model families comes from `adapters.families`; how a step runs (eager, CUDA graph) from `trainer.step`.
+Every random draw of a step (which images, latent sample, noise, timestep) comes from one seeded CPU generator and
+is made for the global batch, so a run is reproducible and N processes at batch B see the same data as one process
+at batch N*B.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from adapters.lora import (
     feed_forward_targets,
     module_kind,
     projection_targets,
+    text_encoder_targets,
     train_in_fp32,
 )
 from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -75,6 +77,7 @@ class TrainResult:
     run_dir: Path
     unet: torch.nn.Module  # the trained UNet, LoRA attached as adapter "default" (for tests and previews)
     loss: float  # the last step's loss
+    text_encoders: dict = dataclasses.field(default_factory=dict)  # with --train-text-encoder: {name: its encoder}
 
 
 class Cancelled(Exception):
@@ -129,6 +132,7 @@ def encode_examples(
     flip: bool = False,
     captions: list[list[str]] | None = None,
     latents: bool = True,
+    train_text_encoder: bool = False,
 ) -> dict:
     """Cache per image: the caption's conditioning (`family.conditioning`), the picture's own
     (`family.image_conditioning`: SDXL's time ids) and the VAE latent mean and std (scaled), all on `device`.
@@ -139,10 +143,13 @@ def encode_examples(
 
     The captions go first; on a GPU the text encoders then leave it, before the VAE runs, so that the two never
     share its memory (each preview's prompt and negative prompt are encoded with the captions, as
-    `preview_conds`: (prompt, negative) per preview, None for an empty negative)."""
+    `preview_conds`: (prompt, negative) per preview, None for an empty negative). With `train_text_encoder` the
+    captions (and the empty caption and the previews' prompts) are cached as token ids (`family.tokens`), for the
+    text encoders to encode in every step, and the encoders stay on the device."""
+    text = family.tokens if train_text_encoder else family.conditioning
     conds = [
         {
-            **family.conditioning(pipe, [caption]),
+            **text(pipe, [caption]),
             # the size trained at: the square (resolution, resolution), or the image's bucket, as (height, width)
             **family.image_conditioning(ex.original_size, ex.crop_top_left, tuple(ex.pixels.shape[1:])),
         }
@@ -152,17 +159,14 @@ def encode_examples(
     cache = {
         "cond": {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]},
         # what classifier-free guidance conditions the unconditional branch on; dropped captions get it
-        "empty_cond": family.conditioning(pipe, [""]),
+        "empty_cond": {key: value.to(device) for key, value in text(pipe, [""]).items()},
         "preview_conds": [
-            (
-                family.conditioning(pipe, [p.prompt]),
-                family.conditioning(pipe, [p.negative_prompt]) if p.negative_prompt else None,
-            )
-            for p in previews
+            (text(pipe, [p.prompt]), text(pipe, [p.negative_prompt]) if p.negative_prompt else None) for p in previews
         ],
         "images": len(examples),
+        "tokens": train_text_encoder,  # cond, empty_cond and preview_conds hold token ids, not conditioning
     }
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and not train_text_encoder:
         for name in family.text_encoders:
             getattr(pipe, name).to("cpu")
         torch.cuda.empty_cache()
@@ -317,7 +321,7 @@ def make_batch(
         idx = idx + draw["caption"][part] * cache["images"]
     cond = {}
     for key, values in cache["cond"].items():
-        if key in family.caption_keys:  # a dropped caption conditions like the empty one
+        if key in cache["empty_cond"]:  # a dropped caption conditions like the empty one (or is its token ids)
             mask = drop.view(-1, *[1] * (values.dim() - 1))
             cond[key] = torch.where(mask, cache["empty_cond"][key], values[idx])
         else:
@@ -426,6 +430,14 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             use_dora=config.use_dora,
         )
         params = train_in_fp32(unet)
+        # --train-text-encoder: LoRA on every CLIP layer's attention and MLP of each text encoder, drawn after the
+        # UNet's (whose draws stay what they are without it), optimised as a group of its own
+        text_encoders = {name: getattr(pipe, name) for name in family.text_encoders if config.train_text_encoder}
+        text_params: list[torch.nn.Parameter] = []
+        for encoder in text_encoders.values():
+            attach(encoder, text_encoder_targets(encoder), config.rank, config.effective_alpha)
+            text_params += train_in_fp32(encoder)
+        all_params = params + text_params  # what checkpoints hold, in this order
         checkpointing = gradient_checkpointing(config.gradient_checkpointing, family, accelerator.device)
         if checkpointing[0]:
             unet.enable_gradient_checkpointing()
@@ -472,6 +484,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             config.flip,
             captions,
             latents=not cropping,
+            train_text_encoder=config.train_text_encoder,
         )
         unet.to(accelerator.device)
         peaks.end("cache")
@@ -500,12 +513,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             bucket_shapes=shapes if len(sizes) > 1 else None,
             crop=cropping,
         )
-        optimizer = make_optimizer(params, config)
+        optimizer = make_optimizer(params, config, text_params)
         unet, optimizer = accelerator.prepare(unet, optimizer)
         start_step = 0
         if config.resume:  # LoRA weights, AdamW moments and the batch generator: the run continues bit-exactly
             checkpoint = find_checkpoint(run_dir, config.resume)
-            start_step = load_checkpoint(checkpoint, params, optimizer, drawer, config.to_dict())
+            start_step = load_checkpoint(checkpoint, all_params, optimizer, drawer, config.to_dict())
             if start_step >= config.steps:
                 raise UserError(f"checkpoint {checkpoint} is at step {start_step}; raise --steps above it to go on")
         lr_schedule = make_lr_schedule(optimizer, config, start_step)
@@ -550,9 +563,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             notice=notice,
             loss=Loss.of(config),
             max_grad_norm=config.max_grad_norm,
-            eager_why="--lora-dropout draws new masks in every step, from the run's generator"
-            if config.lora_dropout
-            else "",
+            encode=(lambda tokens: family.encode(pipe, tokens)) if text_encoders else None,
+            text_encoder_params=text_params,
+            eager_why="--lora-dropout draws new masks in every step" if config.lora_dropout else "",
         )
         if config.use_dora:
             notice(
@@ -572,7 +585,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             resolution=resolution,
             targets=len(targets) + len(convs),
             target_kinds=dict(Counter(module_kind(path) for path in [*targets, *convs])),
-            trainable_parameters=sum(p.numel() for p in params),
+            text_encoder_targets=sum(len(text_encoder_targets(e)) for e in text_encoders.values()),
+            trainable_parameters=sum(p.numel() for p in all_params),
             device=str(accelerator.device),
             precision=precision,
             processes=processes,
@@ -594,7 +608,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 return None
             peaks.end("train")
             pipe.unet = accelerator.unwrap_model(unet)
-            pipe.unet.eval()
+            for part in (pipe.unet, *text_encoders.values()):
+                part.eval()
             paths = []
             for i, (preview, (cond, negative)) in enumerate(zip(previews, cache["preview_conds"])):
                 # The frozen model is in the compute dtype and the LoRA weights in fp32: the pipeline mixes them
@@ -602,8 +617,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 # clash).
                 mixed = weight_dtype != torch.float32
                 with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=mixed):
+                    negative = negative or cache["empty_cond"]
+                    if cache["tokens"]:  # the text encoders as trained so far
+                        with torch.no_grad():
+                            cond, negative = family.encode(pipe, cond), family.encode(pipe, negative)
                     image = pipe(
-                        **family.pipeline_kwargs(cond, negative or cache["empty_cond"]),
+                        **family.pipeline_kwargs(cond, negative),
                         num_inference_steps=preview.sampling_steps,
                         guidance_scale=preview.guidance or sampling["guidance"],
                         guidance_rescale=sampling["guidance_rescale"],
@@ -622,7 +641,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
                     tracker = accelerator.get_tracker("tensorboard")
                     tracker.log_images({f"preview/{i}": np.asarray(image)[None]}, step=at, dataformats="NHWC")
-            pipe.unet.train()
+            for part in (pipe.unet, *text_encoders.values()):
+                part.train()
             peaks.end("preview")
             return paths[0]
 
@@ -635,7 +655,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
 
         bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
         started, at, loss_value = time.perf_counter(), start_step, math.nan
-        unet.train()
+        for part in (unet, *text_encoders.values()):
+            part.train()
         try:
             for at in range(start_step + 1, config.steps + 1):
                 stop = stop_flag["stop"] or (should_stop is not None and should_stop())
@@ -648,7 +669,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     for _ in range(config.gradient_accumulation_steps)
                 ]
                 loss = step(*batches)
-                lr = lr_schedule.get_last_lr()[0]  # the learning rate this step took
+                rates = lr_schedule.get_last_lr()  # the learning rates this step took: UNet (, text encoders)
                 lr_schedule.step()
                 loss_value = accelerator.reduce(loss, reduction="mean").item()
                 if not math.isfinite(loss_value):  # the weights this step wrote are no good: stop, save nothing
@@ -659,22 +680,23 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     step=at,
                     total=config.steps,
                     loss=loss_value,
-                    lr=lr,
+                    lr=rates[0],
+                    **({"text_encoder_lr": rates[1]} if text_encoders else {}),
                     steps_per_s=rate,
                     images_per_s=rate * config.batch_size * processes * config.gradient_accumulation_steps,
                     eta_s=(config.steps - at) / rate,
                 )
                 if tracking:
-                    accelerator.log({"loss": loss_value, "lr": lr}, step=at)
+                    accelerator.log({"loss": loss_value, "lr": rates[0]}, step=at)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if preview_due(at):
                     make_preview(at)
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
-                    _require_finite(params, config, run_dir, at)
+                    _require_finite(all_params, config, run_dir, at)
                     if main:
                         path = save_checkpoint(
-                            run_dir, at, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
+                            run_dir, at, all_params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
                         )
                         events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()
@@ -685,12 +707,14 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 events.emit("cancelled", step=0)
                 raise
             unwrapped = accelerator.unwrap_model(unet)
-            _require_finite(params, config, run_dir, at)
-            path = _save(config, unwrapped, examples, resolution, output, at, model) if main else output
+            _require_finite(all_params, config, run_dir, at)
+            path = output
+            if main:
+                path = _save(config, unwrapped, text_encoders, examples, resolution, output, at, model)
             if main:  # a checkpoint of this very step, so that a resume goes on from here whatever --save-every says
                 if f"step_{at:06d}" not in [c.name for c in list_checkpoints(run_dir)]:
                     saved = save_checkpoint(
-                        run_dir, at, params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
+                        run_dir, at, all_params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
                     )
                     events.emit("checkpoint", step=at, path=str(saved))
                 if config.library:  # to try in Generate and download, beside any finished adapter
@@ -706,9 +730,10 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         accelerator.wait_for_everyone()
 
         # 5. The adapter file (main process only), then the last preview.
-        _require_finite(params, config, run_dir, config.steps)
+        _require_finite(all_params, config, run_dir, config.steps)
         if main:
-            _save(config, accelerator.unwrap_model(unet), examples, resolution, output, config.steps, model)
+            unwrapped = accelerator.unwrap_model(unet)
+            _save(config, unwrapped, text_encoders, examples, resolution, output, config.steps, model)
             preview = make_preview(config.steps)
             if config.library:
                 name = _add_to_library(config, output, run_dir, preview)
@@ -726,7 +751,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         accelerator.wait_for_everyone()
         if processes > 1:
             accelerator.end_training()
-        return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value)
+        return TrainResult(output, run_dir, accelerator.unwrap_model(unet), loss_value, text_encoders)
     except Cancelled:
         raise
     except Exception as exc:  # the UI tails events.jsonl: say what went wrong there, not only on the terminal
@@ -789,15 +814,21 @@ def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserEr
     )
 
 
-def _save(config: TrainConfig, unet, examples, resolution: int, output: Path, steps: int, model) -> Path:
-    """The adapter file, with the header other tools read; `model` is (family, prediction type). Written in the
-    kohya layout, but DoRA in the diffusers layout (the one layout diffusers reads DoRA from; `to_kohya` refuses)."""
+def _save(
+    config: TrainConfig, unet, text_encoders: dict, examples, resolution: int, output: Path, steps: int, model
+) -> Path:
+    """The adapter file, with the header other tools read: the UNet's LoRA and the trained `text_encoders`' ({pipeline
+    attribute: model}; `lora_te_`, or `lora_te1_` and `lora_te2_` for SDXL's two); `model` is (family, prediction
+    type). Written in the kohya layout, but DoRA in the diffusers layout (the one layout diffusers reads DoRA from;
+    `to_kohya` refuses it)."""
     lora = extract(unet, "unet")
+    for name, encoder in text_encoders.items():
+        lora.update(extract(encoder, name))
     layout = {}  # the diffusers layout's own header field (lora_adapter_metadata)
     if config.use_dora:
         tensors, layout = to_diffusers(lora)
     else:
-        tensors = to_kohya(lora)
+        tensors = to_kohya(lora, two_text_encoders=len(model[0].text_encoders) > 1)
     conv = {"conv_dim": str(config.conv_rank), "conv_alpha": f"{config.effective_conv_alpha:g}"}
     metadata = build_metadata(
         tensors=tensors,

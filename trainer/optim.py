@@ -42,28 +42,37 @@ def check_optimizer(config: TrainConfig, device: torch.device) -> None:
             )
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over the LoRA parameters, at the configured learning rate and weight decay.
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, text_encoder_params: list[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """The configured optimiser over the LoRA parameters, at the configured learning rate and weight decay; the text
+    encoders' LoRA (`text_encoder_params`, with --train-text-encoder) is a second parameter group at
+    --text-encoder-lr. Without it there is one group, as before the option.
 
     AdamW runs torch's fused kernels where the parameters are on a CUDA GPU (one launch per step instead of a few per
     tensor), its default path elsewhere. Prodigy gets the settings its authors advise for diffusion models: bias
     correction on, and safeguarded warm-up (which also guards the restarts of cosine_with_restarts)."""
     check_optimizer(config, params[0].device)
     lr, decay = config.learning_rate, config.weight_decay
+    if text_encoder_params:
+        groups = [{"params": params}, {"params": list(text_encoder_params), "lr": config.effective_text_encoder_lr}]
+    else:
+        groups = params
     if config.optimizer == "adamw8bit":
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay)
+        return bitsandbytes.optim.AdamW8bit(groups, lr=lr, weight_decay=decay)
     if config.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=lr, weight_decay=decay, use_bias_correction=True, safeguard_warmup=True)
+        return Prodigy(groups, lr=lr, weight_decay=decay, use_bias_correction=True, safeguard_warmup=True)
     fused = True if params[0].is_cuda else None  # None: torch's own choice, as every run before this option
-    return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=fused)
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0):
-    """diffusers' learning-rate schedule for the run (`--lr-scheduler`), already at `start_step` when resuming.
+    """diffusers' learning-rate schedule for the run (`--lr-scheduler`), already at `start_step` when resuming; it
+    scales every parameter group's own rate by the same factor (the text encoders' too).
 
     Steps count optimiser steps, so warm-up and decay do not depend on --gradient-accumulation-steps."""
     from diffusers.optimization import get_scheduler

@@ -41,12 +41,15 @@ def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch
 
 
 def batch_loss(
-    unet, batch: dict, noise_scheduler, family: Family, dtype=None, graphed=None, loss: Loss = Loss()
+    unet, batch: dict, noise_scheduler, family: Family, dtype=None, graphed=None, loss: Loss = Loss(), encode=None
 ) -> torch.Tensor:
     """The loss of `unet` on a batch, as a training step computes it (`loss` says how: `trainer.optim.Loss`);
     `graphed`, when given, stands in for the UNet call (a captured CUDA graph of it). `dtype` defaults to the
-    frozen UNet's own."""
+    frozen UNet's own. `encode`, when given, turns the batch's caption token ids into the UNet's conditioning
+    first (the text encoders run in the step, with gradients: --train-text-encoder)."""
     dtype = dtype or next(unet.parameters()).dtype  # conv_in: a frozen base weight, in the compute dtype
+    if encode is not None:
+        batch = {**batch, "cond": encode(batch["cond"])}
     target = training_target(noise_scheduler, batch)
     noisy, timesteps, cond = unet_inputs(batch, noise_scheduler, dtype)
     if graphed is not None:
@@ -78,7 +81,9 @@ class Step:
 
     Given several batches it accumulates: each one's loss, divided by their number, goes backward in turn (on
     several processes the gradients are averaged across them once, after the last), then the gradients are clipped
-    to `max_grad_norm` (0 = not), and the optimiser steps once."""
+    to `max_grad_norm` (0 = not), and the optimiser steps once. With `encode` (--train-text-encoder) the text
+    encoders run in the step too; their LoRA (`text_encoder_params`) lies outside the UNet that accelerate wraps
+    for data parallelism, so on several processes its gradients are averaged here, once, after the last batch."""
 
     kind: str
     why: str
@@ -92,6 +97,8 @@ class Step:
     loss: Loss = field(default_factory=Loss)
     max_grad_norm: float = 0.0
     max_shapes: int = 4  # batch shapes (aspect-ratio buckets) that get a graph each; others run eagerly
+    encode: Callable[[dict], dict] | None = None  # caption token ids -> conditioning, with gradients (see batch_loss)
+    text_encoder_params: list = field(default_factory=list)  # the LoRA that `encode` trains
     _graphs: dict = field(default_factory=dict, repr=False)  # batch latent shape -> its graphed UNet
 
     def _graphed(self, batch: dict) -> Callable | None:
@@ -113,7 +120,14 @@ class Step:
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
                 with self.accelerator.autocast():
                     loss = batch_loss(
-                        self.unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss
+                        self.unet,
+                        batch,
+                        self.noise_scheduler,
+                        self.family,
+                        self.dtype,
+                        graphed,
+                        self.loss,
+                        self.encode,
                     )
                 self.accelerator.backward(loss / len(batches))
             if graphed is not None and not last:
@@ -123,6 +137,10 @@ class Step:
                     if p.grad is not None:
                         p.grad = p.grad.clone()
             losses.append(loss.detach())
+        if self.accelerator.num_processes > 1:  # what DDP does for the UNet's LoRA: the mean over the processes
+            for p in self.text_encoder_params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         if self.max_grad_norm:
             self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
@@ -174,11 +192,16 @@ def make_step(
     notice: Callable[[str], None] = print,
     loss: Loss = Loss(),
     max_grad_norm: float = 0.0,
+    encode: Callable[[dict], dict] | None = None,
+    text_encoder_params: list | None = None,
     eager_why: str = "",
 ) -> Step:
     """The fastest step this run can take, and why: a CUDA graph on one CUDA GPU unless switched off, else eager.
-    `eager_why`, when given, is a reason of the run's own to step eagerly (e.g. LoRA dropout's random masks, which a
-    graph's warm-up would draw from the run's generator)."""
+
+    `encode` and `text_encoder_params` (--train-text-encoder): the step runs the text encoders on the batch's token
+    ids and trains their LoRA too; it then runs eagerly (the graph holds the UNet's forward and backward alone).
+    `eager_why`, when given, is another reason of the run's own to step eagerly (e.g. LoRA dropout's random masks,
+    which a graph's warm-up would draw from the run's generator)."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
@@ -188,6 +211,12 @@ def make_step(
         choice = ("eager", f"{accelerator.num_processes} processes: the data-parallel step runs eagerly")
     elif not cuda_graphs:
         choice = ("eager", "--no-cuda-graphs")
+    elif encode is not None:
+        choice = (
+            "eager",
+            "--train-text-encoder: the text encoders run and learn in every step, and the CUDA graph holds the "
+            "UNet's forward and backward alone",
+        )
     elif eager_why:
         choice = ("eager", eager_why)
     else:
@@ -203,6 +232,8 @@ def make_step(
         notice,
         loss,
         max_grad_norm=max_grad_norm,
+        encode=encode,
+        text_encoder_params=list(text_encoder_params or []),
     )
 
 

@@ -21,6 +21,7 @@ from adapters.library import Library
 from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
 from app.outputs import Outputs
 from app.ui.generate import CSS as GENERATE_CSS
+from app.ui.generate import JS as GENERATE_JS
 from app.ui.generate import GenerateRequest, GenerateTab
 from app.ui.library import LibraryTab
 from app.ui.train import TrainTab, loss_frame, status_text
@@ -112,6 +113,7 @@ def launch(
         show_error=True,
         theme=gr.themes.Default(**THEME_FONTS),
         css=GENERATE_CSS,
+        js=GENERATE_JS,
         allowed_paths=[str(p) for p in served],
         max_file_size=f"{max_file_mb}mb",
         prevent_thread_lock=not block,

@@ -31,6 +31,18 @@ SMALL = 256  # pictures narrower than this are enlarged with square pixels (the 
 CSS = """
 .small-pictures img { image-rendering: pixelated; }
 """
+# Run once when the page loads: Ctrl+Enter (Cmd+Enter on a Mac) in a prompt box presses Generate, as in A1111.
+JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    const inPrompt = event.target.closest("#prompt, #negative-prompt");
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && inPrompt) {
+      event.preventDefault();
+      document.querySelector("#generate-button")?.click();
+    }
+  }, true);
+}
+"""
 
 
 @dataclass
@@ -48,6 +60,8 @@ class GenerateRequest:
     width: int  # 0 = the model's size
     height: int
     scheduler: str  # a key of SCHEDULERS
+    batch_count: int  # pipeline calls, one after the other
+    batch_size: int  # pictures per call
     compare_strengths: str  # strengths of the first chosen adapter to compare, as typed: "0, 0.5, 1"
     strengths: dict[str, float]  # adapter name -> strength, in slot order; empty slots left out
 
@@ -59,11 +73,15 @@ class GenerateRequest:
         plain = dict(zip([f.name for f in dataclasses.fields(cls)], values[:n]))
         names, levels = values[n : n + SLOTS], values[n + SLOTS : n + 2 * SLOTS]
         strengths = {name: float(level) for name, level in zip(names, levels) if name and name != NONE}
-        for key in ("seed", "sampling_steps", "width", "height"):
+        for key in ("seed", "sampling_steps", "width", "height", "batch_count", "batch_size"):
             plain[key] = int(plain[key] or 0)
         for key in ("guidance", "guidance_rescale"):
             plain[key] = float(plain[key])
-        return cls(**plain, strengths=strengths)
+        request = cls(**plain, strengths=strengths)
+        if request.batch_count < 1 or request.batch_size < 1:
+            raise UserError("Batch count and Batch size must be at least 1")
+        request.random_seed = request.random_seed or request.seed == -1  # -1: a random seed, as in A1111
+        return request
 
     def compare_values(self) -> list[float]:
         try:
@@ -92,11 +110,23 @@ class StudioCache:
         return self.studio
 
 
+@dataclass
+class Shown:
+    """What one press of Generate or Compare made: the saved pictures (path, caption), from which seed."""
+
+    seed: int
+    pictures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    asked: int = 0  # pictures asked for
+    small: bool = False  # pictures narrower than SMALL: shown with square pixels
+    interrupted: bool = False
+
+
 class GenerateTab:
     """The tab's controls (made where it is built, inside the app's Blocks) and its handlers."""
 
     def __init__(self, library: Library, base_model: str, outputs: Outputs | None = None):
         self.library, self.studios = library, StudioCache()
+        self.stops: dict[str, threading.Event] = {}  # browser session -> its Interrupt flag
         self.outputs = outputs or Outputs(Path(library.root).parent / "outputs")  # beside the library
         try:
             defaults = generation_defaults(base_model)  # the model's recommended guidance, for the sliders
@@ -111,14 +141,28 @@ class GenerateTab:
                         info="builtin, a hub id, a diffusers folder or a .safetensors checkpoint file",
                         elem_id="generate-base",
                     )
-                    self.prompt = gr.Textbox(label="Prompt", value="glowline, a green triangle", elem_id="prompt")
+                    self.prompt = gr.Textbox(
+                        label="Prompt (Ctrl+Enter generates)", value="glowline, a green triangle", elem_id="prompt"
+                    )
                     self.negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                    self.tokens = gr.Markdown(elem_id="prompt-tokens")
                     with gr.Row():
                         self.generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                        self.interrupt_button = gr.Button("Interrupt", variant="stop", elem_id="interrupt-button")
                         self.compare_button = gr.Button("Compare strengths", elem_id="compare-button")
                     with gr.Row():
-                        self.seed = gr.Number(value=7, precision=0, label="Seed", elem_id="seed")
-                        self.random_seed = gr.Checkbox(value=False, label="Random seed", elem_id="random-seed")
+                        self.seed = gr.Number(
+                            value=7, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=2, min_width=120
+                        )
+                        self.random_seed = gr.Checkbox(
+                            value=False,
+                            label="Random seed",
+                            info="the box shows the last seed drawn",
+                            elem_id="random-seed",
+                            min_width=120,
+                        )
+                        self.reuse_seed = gr.Button("Reuse seed", elem_id="reuse-seed", min_width=100)
+                        self.last_seed = gr.State(None)  # the seed of the last picture made in this session
                     with gr.Row():
                         self.steps = gr.Slider(1, 100, value=20, step=1, label="Sampling steps", elem_id="steps")
                         self.guidance = gr.Slider(
@@ -133,6 +177,12 @@ class GenerateTab:
                         )
                         self.height = gr.Number(
                             value=0, precision=0, label="Height (0 = model's size)", elem_id="height"
+                        )
+                        self.batch_count = gr.Number(
+                            value=1, precision=0, minimum=1, label="Batch count", elem_id="batch-count", min_width=80
+                        )
+                        self.batch_size = gr.Number(
+                            value=1, precision=0, minimum=1, label="Batch size", elem_id="batch-size", min_width=80
                         )
                     self.scheduler = gr.Dropdown(list(SCHEDULERS), value="model default", label="Scheduler")
                     self.slot_names, self.slot_strengths = [], []
@@ -156,9 +206,7 @@ class GenerateTab:
                     )
                 with gr.Column(scale=4):
                     self.status = gr.Markdown(elem_id="generate-status")
-                    self.gallery = gr.Gallery(
-                        label="Pictures", columns=2, object_fit="contain", elem_id="gallery"
-                    )
+                    self.gallery = gr.Gallery(label="Pictures", columns=2, object_fit="contain", elem_id="gallery")
                     self.history = gr.Gallery(
                         label="History: every picture, newest first (click one to restore its settings)",
                         columns=6,
@@ -181,6 +229,8 @@ class GenerateTab:
             width=self.width,
             height=self.height,
             scheduler=self.scheduler,
+            batch_count=self.batch_count,
+            batch_size=self.batch_size,
             compare_strengths=compare,
         )
         assert list(controls) == [f.name for f in dataclasses.fields(GenerateRequest)][:-1], "see from_inputs"
@@ -203,9 +253,16 @@ class GenerateTab:
         ]
 
     def wire(self) -> None:
-        results = [self.gallery, self.status, self.history, self.history_paths]
-        self.generate_button.click(self.on_generate, self.inputs, results)
-        self.compare_button.click(self.on_compare, self.inputs, results)
+        results = [self.gallery, self.status, self.history, self.history_paths, self.seed, self.random_seed]
+        results.append(self.last_seed)
+        self.generate_button.click(self.on_generate, self.inputs, results, show_progress_on=self.gallery)
+        self.compare_button.click(self.on_compare, self.inputs, results, show_progress_on=self.gallery)
+        self.interrupt_button.click(self.on_interrupt, None, self.status, concurrency_limit=None)
+        self.reuse_seed.click(self.on_reuse_seed, self.last_seed, [self.seed, self.random_seed, self.status])
+        for box in (self.prompt, self.negative):
+            box.change(
+                self.on_tokens, [self.inputs[0], self.prompt, self.negative], self.tokens, trigger_mode="always_last"
+            )
         self.tab.select(self.on_open, None, [*self.slot_names, self.history, self.history_paths])
         self.history.select(self.on_pick_history, self.history_paths, self.restored)
         self.upload_adapter.upload(self.on_upload_adapter, self.upload_adapter, [*self.slot_names, self.status])
@@ -221,75 +278,151 @@ class GenerateTab:
     def on_open(self):
         return [*self.slot_updates(), *self.history_updates()]
 
-    def render(self, request: GenerateRequest, strength_sets: list[dict[str, float]], labels: list[str]):
-        """One picture per strength set, all from the same seed, each saved to the outputs folder with its
-        parameters; returns the labelled pictures (as saved files) and the seed."""
+    def render(self, request: GenerateRequest, jobs: list[tuple[dict[str, float], str]], stop, progress) -> Shown:
+        """For each (strengths, label) of `jobs`: batch count x batch size pictures, the k-th from seed + k (the
+        same seeds for every job), each saved to the outputs folder with its parameters. `stop()` is asked after
+        every denoising step; `Interrupted` leaves what was made before it in the returned `Shown`."""
+        from adapters.runtime import Interrupted
+
         seed = random.randint(0, 2**31 - 1) if request.random_seed else request.seed
         base = request.base_model.strip() or "builtin"
+        per_job = request.batch_count * request.batch_size
+        shown = Shown(seed=seed, asked=len(jobs) * per_job)
+        total = len(jobs) * per_job * request.sampling_steps
         with self.studios.lock:
+            progress(0, desc="Loading the base model and adapters")
             studio = self.studios.get(base)
-            for name in {n for strengths in strength_sets for n in strengths}:
+            for name in {n for strengths, _ in jobs for n in strengths}:
                 studio.load(self.library.get(name).path, name=name)
             studio.set_scheduler(SCHEDULERS[request.scheduler])
-            pictures = []
-            for strengths, label in zip(strength_sets, labels):
-                image = studio.generate(
-                    request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    seed=seed,
-                    sampling_steps=request.sampling_steps,
-                    guidance=request.guidance,
-                    guidance_rescale=request.guidance_rescale,
-                    width=request.width or None,
-                    height=request.height or None,
-                    strengths=strengths,
-                )[0]
-                parameters = Parameters(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    steps=request.sampling_steps,
-                    sampler=studio.sampler,
-                    cfg_scale=request.guidance,
-                    seed=seed,
-                    width=image.width,
-                    height=image.height,
-                    model=base_model_label(base),
-                    guidance_rescale=request.guidance_rescale,
-                    adapters=dict(strengths),
-                    lora_hashes={name: studio.hashes[name] for name in strengths if name in studio.hashes},
-                )
-                pictures.append((str(self.outputs.save(image, parameters)), label))
-                small = image.width < SMALL
-        return pictures, seed, small
+            for j, (strengths, label) in enumerate(jobs):
+                for batch in range(request.batch_count):
+                    first = seed + batch * request.batch_size
+                    done = (j * per_job + batch * request.batch_size) * request.sampling_steps
 
-    def _shown(self, pictures, small: bool, status: str):
-        saved = [Path(path) for path, _ in pictures]
-        status += f" Saved in outputs/{saved[0].parent.name}/: {', '.join(p.name for p in saved)}."
+                    def after_step(step, steps, done=done, first=first):
+                        progress(
+                            (done + step * request.batch_size, total),
+                            desc=f"Pictures from seed {first}: step {step}/{steps}",
+                            unit="steps",
+                        )
+                        return stop()
+
+                    try:
+                        images = studio.generate(
+                            request.prompt,
+                            negative_prompt=request.negative_prompt,
+                            seed=first,
+                            sampling_steps=request.sampling_steps,
+                            guidance=request.guidance,
+                            guidance_rescale=request.guidance_rescale,
+                            width=request.width or None,
+                            height=request.height or None,
+                            strengths=strengths,
+                            num_images=request.batch_size,
+                            after_step=after_step,
+                        )
+                    except Interrupted:
+                        shown.interrupted = True
+                        return shown
+                    for k, image in enumerate(images):
+                        parameters = Parameters(
+                            prompt=request.prompt,
+                            negative_prompt=request.negative_prompt,
+                            steps=request.sampling_steps,
+                            sampler=studio.sampler,
+                            cfg_scale=request.guidance,
+                            seed=first + k,
+                            width=image.width,
+                            height=image.height,
+                            model=base_model_label(base),
+                            guidance_rescale=request.guidance_rescale,
+                            adapters=dict(strengths),
+                            lora_hashes={name: studio.hashes[name] for name in strengths if name in studio.hashes},
+                        )
+                        caption = f"{label}, seed {first + k}" if per_job > 1 else label
+                        shown.pictures.append((str(self.outputs.save(image, parameters)), caption))
+                        shown.small = image.width < SMALL
+        return shown
+
+    def _answer(self, request: GenerateRequest, shown: Shown, said: str):
+        """What Generate and Compare put on the page: the pictures, what happened, the history, and the seed used
+        in the Seed box (Random seed stays as it was, or is turned on by a -1 typed there)."""
+        if shown.pictures:
+            saved = [Path(path) for path, _ in shown.pictures]
+            said += f" Saved in outputs/{saved[0].parent.name}/: {', '.join(p.name for p in saved)}."
+        if shown.interrupted:
+            said = f"Interrupted: {len(shown.pictures)} of {shown.asked} picture(s) made, the rest not. " + said
         history, paths = self.history_updates()
-        gallery = gr.Gallery(value=pictures, elem_classes=["small-pictures"] if small else [])
-        return gallery, status, history, paths
+        gallery = gr.Gallery(value=shown.pictures, elem_classes=["small-pictures"] if shown.small else [])
+        return gallery, said, history, paths, shown.seed, request.random_seed, shown.seed
 
-    def on_generate(self, *values):
+    def _stop_flag(self, session: str) -> threading.Event:
+        """This browser session's Interrupt flag, cleared: a new press of Generate starts unstopped."""
+        flag = self.stops.setdefault(session, threading.Event())
+        flag.clear()
+        return flag
+
+    def on_generate(self, request: gr.Request, progress=gr.Progress(), *values):
         try:
-            request = GenerateRequest.from_inputs(values)
-            label = ", ".join(f"{n} {s:g}" for n, s in request.strengths.items()) or "base model"
-            pictures, seed, small = self.render(request, [request.strengths], [label])
+            asked = GenerateRequest.from_inputs(values)
+            label = ", ".join(f"{n} {s:g}" for n, s in asked.strengths.items()) or "base model"
+            flag = self._stop_flag(request.session_hash)
+            shown = self.render(asked, [(asked.strengths, label)], flag.is_set, progress)
         except UserError as exc:
-            return gr.skip(), f"⚠ {exc}", gr.skip(), gr.skip()
-        return self._shown(pictures, small, f"Seed {seed}. {label}.")
+            return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
+        count = asked.batch_count * asked.batch_size
+        seeds = f"Seed {shown.seed}" if count == 1 else f"Seeds {shown.seed}–{shown.seed + count - 1}"
+        return self._answer(asked, shown, f"{seeds}. {label}.")
 
-    def on_compare(self, *values):
+    def on_compare(self, request: gr.Request, progress=gr.Progress(), *values):
         try:
-            request = GenerateRequest.from_inputs(values)
-            first = next(iter(request.strengths), None)
+            asked = GenerateRequest.from_inputs(values)
+            first = next(iter(asked.strengths), None)
             if first is None:
                 raise UserError("choose an adapter in slot 1 to compare its strengths")
-            levels = request.compare_values()
-            sets = [{**request.strengths, first: v} for v in levels]
-            pictures, seed, small = self.render(request, sets, [f"{first} strength {v:g}" for v in levels])
+            asked.batch_count = asked.batch_size = 1
+            jobs = [({**asked.strengths, first: v}, f"{first} strength {v:g}") for v in asked.compare_values()]
+            shown = self.render(asked, jobs, self._stop_flag(request.session_hash).is_set, progress)
         except UserError as exc:
-            return gr.skip(), f"⚠ {exc}", gr.skip(), gr.skip()
-        return self._shown(pictures, small, f"Seed {seed}, the same for every picture.")
+            return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
+        return self._answer(asked, shown, f"Seed {shown.seed}, the same for every picture.")
+
+    def on_interrupt(self, request: gr.Request):
+        """Stop this session's pictures after the denoising step under way (what is finished is kept)."""
+        self.stops.setdefault(request.session_hash, threading.Event()).set()
+        return "Interrupting after the current step…"
+
+    def on_reuse_seed(self, last_seed):
+        if last_seed is None:
+            return gr.skip(), gr.skip(), "⚠ No picture made yet in this page, so there is no seed to reuse."
+        return last_seed, False, f"Seed {last_seed} set, Random seed off: Generate draws it again."
+
+    def on_tokens(self, base_model: str, prompt: str, negative: str) -> str:
+        """How many tokens each prompt has of the 75 the text encoder reads (CLIP: 77 with its start and end
+        marks), and, past that, which words are cut."""
+        if not (prompt or negative):
+            return ""
+        try:
+            with self.studios.lock:
+                studio = self.studios.get(base_model.strip() or "builtin")
+                counts = [
+                    (what, *studio.count_tokens(text))
+                    for what, text in (("Prompt", prompt), ("Negative prompt", negative))
+                    if text
+                ]
+        except UserError as exc:
+            return f"⚠ {exc}"
+        said = []
+        for what, count, limit, cut in counts:
+            if count <= limit:
+                said.append(f"{what}: {count}/{limit} tokens")
+            else:
+                said.append(
+                    f"⚠ {what}: {count}/{limit} tokens. The text encoder reads the first {limit}; the rest, "
+                    f"from “{cut}…”, is cut off"
+                )
+        return " · ".join(said)
 
     def on_pick_history(self, paths: list[str], evt: gr.SelectData):
         """Put a history picture's settings back: prompt, negative prompt, seed (random off), steps, guidance,

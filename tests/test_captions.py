@@ -1,0 +1,87 @@
+"""The captioner (trainer/captions.py) on a tiny random BLIP built here from a config: nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.errors import UserError
+from trainer.captions import Captioner, content_caption, fill_captions
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "circle", "square"]
+WORDS += ["on", "black", "the", "blue", "ring", "glowing", "yellow", "orange", "small", "large", "top", "left"]
+
+
+def write_tiny_blip(folder: Path) -> Path:
+    """A BLIP captioner of random weights (one layer each side, 32 wide, 32x32 pixels, a 28-word vocabulary),
+    saved as a model folder: safetensors weights, processor and tokenizer files."""
+    import transformers
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True, bos_token="[DEC]")
+    images = getattr(transformers, "BlipImageProcessorPil", transformers.BlipImageProcessor)
+    processor = BlipProcessor(image_processor=images(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        vision_config=dict(small, image_size=32, patch_size=8),
+        text_config=dict(
+            small,
+            vocab_size=len(WORDS),
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            bos_token_id=WORDS.index("[DEC]"),
+            pad_token_id=0,
+            sep_token_id=WORDS.index("[SEP]"),
+            eos_token_id=WORDS.index("[SEP]"),
+        ),
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "vocab.txt").unlink()  # the saved tokenizer.json holds it
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> Path:
+    return write_tiny_blip(tmp_path_factory.mktemp("captioner") / "tiny-blip")
+
+
+def test_a_models_words_become_a_content_caption_with_the_trigger_first():
+    assert content_caption("a picture of a red circle", "glowline", "a picture of") == "glowline, a red circle"
+    assert content_caption("arafed digital painting of a cat on a mat", "glowline") == "glowline, a cat on a mat"
+    assert content_caption("an illustration of a boat in the style of van gogh", "ink") == "ink, a boat"
+    assert content_caption("a red circle, in a neon glow style", "") == "a red circle"
+    assert content_caption("a glowline cat", "glowline") == "a glowline cat"  # already holds it: not twice
+    assert content_caption("a picture of", "glowline", "a picture of") == "glowline"  # nothing said
+
+
+def test_the_captioner_fills_empty_captions_and_keeps_the_persons(tiny_blip):
+    captioner = Captioner(str(tiny_blip), device="cpu")
+    assert captioner.prompt == "a picture of"  # BLIP continues these words
+    images = {p.name: p for p in sorted(SAMPLES.glob("*.png"))[:3]}
+    names = list(images)
+    typed = {names[0]: "glowline, my own words", names[1]: "", names[2]: "  "}
+    filled = fill_captions(captioner, images, typed, trigger_word="glowline")
+    assert filled[names[0]] == "glowline, my own words"  # never overwritten unless asked
+    for name in names[1:]:
+        assert filled[name].startswith("glowline, ") and len(filled[name]) > len("glowline, ")
+        assert not filled[name].startswith("glowline, a picture of")  # the prompt is not part of the caption
+        assert set(filled[name][len("glowline, ") :].replace(",", " ").split()) <= set(WORDS)  # the model's words
+    assert fill_captions(captioner, images, typed, trigger_word="glowline") == filled  # the same every time
+    replaced = fill_captions(captioner, images, typed, trigger_word="glowline", overwrite=True)
+    assert replaced[names[0]] != typed[names[0]] and replaced[names[0]].startswith("glowline, ")
+
+
+def test_a_bad_captioning_model_is_named(tmp_path):
+    with pytest.raises(UserError, match="neither an existing folder nor a Hugging Face id"):
+        Captioner("not a model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"could not load captioning model '.*empty'"):
+        Captioner(str(tmp_path / "empty"))
