@@ -88,6 +88,7 @@ class Studio:
         self.adapters: OrderedDict[str, list[str]] = OrderedDict()  # name -> components, least recently used first
         self._sources: dict[str, tuple] = {}  # name -> (path, size, mtime) of the file it came from
         self.hashes: dict[str, str] = {}  # name -> its file's hash, 12 digits, as A1111's `Lora hashes` give it
+        self.files_read = 0  # adapter files `load` has read (a reused one is not read again)
         self.strengths: dict[str, float] = {}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
@@ -137,6 +138,7 @@ class Studio:
                 return name
             self.unload(name)
         lora = self.read(path)
+        self.files_read += 1
         self.add(lora, name)
         self._sources[name] = source
         self.hashes[name] = file_hash(path)[:12]

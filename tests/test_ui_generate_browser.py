@@ -207,3 +207,51 @@ def test_random_seed_shown_batches_reuse_interrupt_ctrl_enter_and_the_token_coun
     status(page).get_by_text("Interrupted:").wait_for(timeout=120_000)
     made = int(re.search(r"Interrupted: (\d) of 3 picture\(s\) made", status(page).inner_text()).group(1))
     assert made < 3 and len(saved_seeds(workspace)) - before == made
+
+
+def drag_strength(page, slot: int, to: float) -> None:
+    """Drag a strength slider (-1 to 2) to about `to` with the mouse and let go, as a person does."""
+    box = page.locator(f"#strength-{slot} input[type=range]").bounding_box()
+    now = float(value(page, f"strength-{slot}"))
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * (now + 1) / 3, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * (to + 1) / 3, y, steps=5)
+    page.mouse.up()
+
+
+def test_picking_an_adapter_offers_its_trigger_word_and_auto_update_redraws_without_reloading(app):
+    page, workspace = app
+    fill(page, "prompt", "a green triangle")
+    fill(page, "seed", 7)
+    page.locator("#random-seed input").uncheck()
+    fill(page, "batch-count", 1)
+    fill(page, "steps", 4)
+    page.locator("#adapter-0 input").click()
+    page.get_by_role("option", name="neon").click()
+    status(page).get_by_text("Added neon's trigger word “glowline” to the prompt").wait_for(timeout=30_000)
+    assert value(page, "prompt") == "glowline, a green triangle"
+
+    before = len(saved_seeds(workspace))
+    page.locator("#generate-button").click()
+    status(page).get_by_text("Seed 7. neon 1. Saved in").wait_for(timeout=120_000)
+    day = workspace / "outputs" / time.strftime("%Y-%m-%d")
+    at_one = sorted(day.glob("*.png"))[-1]
+
+    page.locator("#auto-update input").check()
+    drag_strength(page, 0, 0.0)
+    status(page).get_by_text(re.compile(r"^Auto-update: seed 7\. neon -?0\.\d+\. Saved in")).wait_for(timeout=120_000)
+    said = status(page).inner_text()
+    assert "Loaded" not in said  # the base model and the adapter stayed loaded: only the strength changed
+    redrawn = sorted(day.glob("*.png"))[-1]
+    assert len(saved_seeds(workspace)) == before + 2
+    strength = float(value(page, "strength-0"))
+    assert Parameters.of_file(redrawn).adapters == {"neon": strength} and abs(strength) < 0.5
+    assert Parameters.of_file(redrawn).seed == 7
+    assert list(Image.open(redrawn).getdata()) != list(Image.open(at_one).getdata())
+
+    page.locator("#auto-update input").uncheck()  # off: letting go of a slider draws nothing
+    drag_strength(page, 0, 1.0)
+    page.locator("#generate-button").click()
+    status(page).get_by_text(re.compile(r"^Seed 7\. neon 0\.9\d*|^Seed 7\. neon 1\.")).wait_for(timeout=120_000)
+    assert len(saved_seeds(workspace)) == before + 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import threading
 import typing
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class StudioCache:
     def __init__(self):
         self.studio = None
         self.lock = threading.Lock()
+        self.loads = 0  # base models loaded so far
 
     def get(self, base_model: str):
         from adapters.runtime import Studio
@@ -107,6 +109,7 @@ class StudioCache:
         if self.studio is None or self.studio.base_model != base_model:
             self.studio = None
             self.studio = Studio(base_model)
+            self.loads += 1
         return self.studio
 
 
@@ -117,6 +120,7 @@ class Shown:
     seed: int
     pictures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     asked: int = 0  # pictures asked for
+    loaded: list[str] = dataclasses.field(default_factory=list)  # what had to be loaded for them
     small: bool = False  # pictures narrower than SMALL: shown with square pixels
     interrupted: bool = False
 
@@ -198,6 +202,11 @@ class GenerateTab:
                                     -1, 2, value=1.0, step=0.05, label="Strength", elem_id=f"strength-{i}", scale=3
                                 )
                             )
+                    self.auto_update = gr.Checkbox(
+                        value=False,
+                        label="Auto-update: draw again when a strength slider is let go (same seed, no reload)",
+                        elem_id="auto-update",
+                    )
                     self.upload_adapter = gr.UploadButton(
                         "Upload a .safetensors adapter", file_types=[".safetensors"]
                     )
@@ -258,6 +267,11 @@ class GenerateTab:
         self.generate_button.click(self.on_generate, self.inputs, results, show_progress_on=self.gallery)
         self.compare_button.click(self.on_compare, self.inputs, results, show_progress_on=self.gallery)
         self.interrupt_button.click(self.on_interrupt, None, self.status, concurrency_limit=None)
+        for slot, strength in zip(self.slot_names, self.slot_strengths):
+            slot.input(self.on_pick_adapter, [slot, self.prompt], [self.prompt, self.status])
+            strength.release(
+                self.on_auto_update, [self.auto_update, *self.inputs], results, show_progress_on=self.gallery
+            )
         self.reuse_seed.click(self.on_reuse_seed, self.last_seed, [self.seed, self.random_seed, self.status])
         for box in (self.prompt, self.negative):
             box.change(
@@ -291,9 +305,15 @@ class GenerateTab:
         total = len(jobs) * per_job * request.sampling_steps
         with self.studios.lock:
             progress(0, desc="Loading the base model and adapters")
+            loads = self.studios.loads
             studio = self.studios.get(base)
+            files_read = studio.files_read
             for name in {n for strengths, _ in jobs for n in strengths}:
                 studio.load(self.library.get(name).path, name=name)
+            if self.studios.loads > loads:
+                shown.loaded.append(f"base model {base_model_label(base)}")
+            if studio.files_read > files_read:
+                shown.loaded.append(f"{studio.files_read - files_read} adapter file(s)")
             studio.set_scheduler(SCHEDULERS[request.scheduler])
             for j, (strengths, label) in enumerate(jobs):
                 for batch in range(request.batch_count):
@@ -351,6 +371,8 @@ class GenerateTab:
         if shown.pictures:
             saved = [Path(path) for path, _ in shown.pictures]
             said += f" Saved in outputs/{saved[0].parent.name}/: {', '.join(p.name for p in saved)}."
+        if shown.loaded:
+            said += f" Loaded {' and '.join(shown.loaded)}."
         if shown.interrupted:
             said = f"Interrupted: {len(shown.pictures)} of {shown.asked} picture(s) made, the rest not. " + said
         history, paths = self.history_updates()
@@ -387,6 +409,40 @@ class GenerateTab:
         except UserError as exc:
             return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
         return self._answer(asked, shown, f"Seed {shown.seed}, the same for every picture.")
+
+    def on_auto_update(self, request: gr.Request, progress=gr.Progress(), auto=False, *values):
+        """A strength slider let go: with Auto-update on, one picture again from the seed in the Seed box (the seed
+        of the last picture, when it was random), at the new strengths; nothing is reloaded."""
+        if not auto:
+            return [gr.skip()] * 7
+        try:
+            asked = GenerateRequest.from_inputs(values)
+            asked.random_seed, asked.batch_count, asked.batch_size = False, 1, 1
+            label = ", ".join(f"{n} {s:g}" for n, s in asked.strengths.items()) or "base model"
+            shown = self.render(
+                asked, [(asked.strengths, label)], self._stop_flag(request.session_hash).is_set, progress
+            )
+        except UserError as exc:
+            return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
+        return self._answer(asked, shown, f"Auto-update: seed {shown.seed}. {label}.")
+
+    def on_pick_adapter(self, name: str, prompt: str):
+        """An adapter picked in a slot: its trigger word (from its file's header) goes in front of the prompt,
+        unless the prompt already holds it."""
+        if not name or name == NONE:
+            return gr.skip(), gr.skip()
+        try:
+            trigger = self.library.get(name).summary["trigger_word"].strip()
+        except UserError as exc:
+            return gr.skip(), f"⚠ {exc}"
+        if not trigger:
+            return gr.skip(), f"{name} names no trigger word in its file; the prompt is left as it is."
+        if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", prompt or "", re.IGNORECASE):
+            return gr.skip(), f"The prompt already holds {name}'s trigger word “{trigger}”."
+        return (
+            f"{trigger}, {prompt}" if prompt else trigger,
+            f"Added {name}'s trigger word “{trigger}” to the prompt.",
+        )
 
     def on_interrupt(self, request: gr.Request):
         """Stop this session's pictures after the denoising step under way (what is finished is kept)."""
