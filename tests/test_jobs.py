@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from adapters.errors import UserError
-from app.jobs import PID_FILE, active_run, list_runs, pair_uploads, stage_dataset, start_run, view_run
+from app.jobs import (
+    PID_FILE,
+    active_run,
+    cancel_run,
+    delete_run,
+    pair_uploads,
+    stage_dataset,
+    start_run,
+    view_run,
+)
 from trainer.config import TrainConfig
 from trainer.runs import EventLog, read_events
 
@@ -89,23 +98,124 @@ def test_a_dead_trainer_without_a_final_event_reads_interrupted(tmp_path):
     assert view.status == "interrupted" and "MemoryError" in view.message
 
 
-def test_one_job_at_a_time(tmp_path, image_folder):
+def test_one_job_at_a_time_and_the_others_wait_in_order(tmp_path, image_folder, monkeypatch):
+    """Issue 19, Train page: a run started while a trainer lives waits in the queue, in order; one taken out never
+    starts; when the trainer ends, the next waiting run starts (and only that one)."""
+    import app.jobs as jobs
+
     runs = tmp_path / "runs"
     busy = runs / "busy"
     busy.mkdir(parents=True)
     TrainConfig(data="d").save(busy / "config.json")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])]
+
+    def spawn(run_dir, args):  # a stand-in trainer: alive, "train" on its command line
+        sleepers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"]))
+        (run_dir / PID_FILE).write_text(str(sleepers[-1].pid))
+
+    monkeypatch.setattr(jobs, "_spawn", spawn)
+    monkeypatch.setattr(jobs, "QUEUE_POLL_S", 0.1)
     try:
-        (busy / PID_FILE).write_text(str(sleeper.pid))
+        (busy / PID_FILE).write_text(str(sleepers[0].pid))
         assert active_run(runs).run_dir == busy
-        staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=runs)
-        with pytest.raises(UserError, match=r"already in progress \(busy"):
-            start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
-        assert [v.run_dir.name for v in list_runs(runs)] == ["busy"]
+        queued = []
+        for name in ("a", "b", "c"):
+            staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=runs)
+            queued.append(start_run(TrainConfig(data="x", name=name), staged, runs, tmp_path / "lib"))
+            assert not staged.exists() and (queued[-1] / "data" / "img0.png").is_file()
+        assert [(view_run(r).status, view_run(r).queue_position) for r in queued] == [
+            ("queued", 1), ("queued", 2), ("queued", 3)
+        ]  # fmt: skip
+        assert cancel_run(queued[1]) and view_run(queued[1]).status == "cancelled"
+        assert view_run(queued[2]).queue_position == 2
+        with pytest.raises(UserError, match="waits in the queue; cancel it first"):
+            delete_run(queued[0])
+        sleepers[0].kill()
+        deadline = time.time() + 30
+        while not (queued[0] / PID_FILE).is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        assert view_run(queued[0]).live and view_run(queued[2]).queue_position == 1
+        assert not (queued[1] / PID_FILE).exists() and not (queued[2] / PID_FILE).exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert active_run(runs) is None
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+    deadline = time.time() + 30  # the last waiting run starts once the one before it ended
+    while not (queued[2] / PID_FILE).is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    sleepers[-1].kill()
+    sleepers[-1].wait()
+    assert (queued[2] / PID_FILE).is_file() and not (queued[1] / PID_FILE).exists()
+
+
+def test_a_queue_left_by_a_stopped_app_goes_on_when_the_app_starts(tmp_path, monkeypatch):
+    import socket
+
+    import app.jobs as jobs
+    from app.ui import launch
+
+    waiting = tmp_path / "runs" / "20260101-waiting"
+    waiting.mkdir(parents=True)
+    TrainConfig(data="d").save(waiting / "config.json")
+    (waiting / jobs.QUEUED_FILE).write_text("1")
+    assert view_run(waiting).status == "queued"
+    started = []
+    monkeypatch.setattr(jobs, "_spawn", lambda run_dir, args: started.append(run_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch("127.0.0.1", port, workspace=str(tmp_path), block=False)
+    try:
+        deadline = time.time() + 30
+        while not started and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        app.close()
+    assert started == [waiting] and not (waiting / jobs.QUEUED_FILE).exists()
+
+
+def test_a_run_is_renamed_by_the_adapter_name_rules_hidden_only_when_failed_and_deleted_without_its_adapter(tmp_path):
+    from app.jobs import delete_run, rename_run, set_hidden
+
+    runs, library = tmp_path / "runs", tmp_path / "library"
+    done, failed = runs / "20260101-done", runs / "20260101-failed"
+    for run, last in ((done, ("done", {"step": 1})), (failed, ("error", {"message": "boom"}))):
+        run.mkdir(parents=True)
+        TrainConfig(data="d").save(run / "config.json")
+        EventLog(run).emit(last[0], **last[1])
+    library.mkdir()
+    (library / "mine.safetensors").write_bytes(b"kept")
+    assert rename_run(runs, done, " my/run.safetensors") == "my_run"
+    assert view_run(done).shown_name == "my_run" and done.is_dir()
+    for taken in ("my_run", "20260101-done"):
+        with pytest.raises(UserError, match=f"another run is already named '{taken}'"):
+            rename_run(runs, failed, taken)
+    with pytest.raises(UserError, match="has no usable characters"):
+        rename_run(runs, failed, "..")
+    with pytest.raises(UserError, match="only failed and cancelled runs can be hidden"):
+        set_hidden(done, True)
+    set_hidden(failed, True)
+    assert view_run(failed).hidden
+    set_hidden(failed, False)
+    assert not view_run(failed).hidden
+    delete_run(done)
+    assert not done.exists() and (library / "mine.safetensors").read_bytes() == b"kept"
+
+
+def test_the_log_reads_as_a_terminal_shows_it(tmp_path):
+    """The trainer's log on the page: a progress bar redrawn with carriage returns is its last drawing, escape codes
+    and the workspace's folder left out, only the newest lines."""
+    from app.jobs import read_log
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    assert read_log(run) == ""
+    (run / "train.log").write_bytes(
+        b"Loading\n\n  0%| 0/2\r 50%| 1/2\x1b[A\r100%| 2/2\nwrote " + str(run).encode() + b"/adapter.safetensors\n"
+    )
+    assert read_log(run) == "Loading\n\n100%| 2/2\nwrote runs/r/adapter.safetensors"
+    (run / "train.log").write_text("".join(f"line {i}\n" for i in range(1000)))
+    assert read_log(run, lines=3).split("\n") == ["[earlier lines are in r/train.log]", "line 998", "line 999"]
 
 
 def test_started_run_survives_the_ui_forgetting_it(tiny_model, image_folder, tmp_path):
@@ -253,10 +363,12 @@ def test_cancel_while_starting_says_cancelled_before_training_began(tmp_path):
     assert status_text(view).startswith("**neon**: Cancelled before training began")
 
 
-def test_a_refused_start_leaves_no_staged_upload_anywhere(image_folder, tmp_path):
-    """Issue 14: the page stages uploads inside the workspace (never the system temp folder), and a start that is
-    refused removes them."""
+def test_a_start_leaves_no_staged_upload_anywhere(image_folder, tmp_path, monkeypatch):
+    """Issue 14: the page stages uploads inside the workspace (never the system temp folder), and a start, whether
+    it runs, waits in the queue or fails, leaves no staged folder behind."""
     import tempfile
+
+    import app.jobs as jobs
 
     before = set(Path(tempfile.gettempdir()).iterdir())
     runs = tmp_path / "runs"
@@ -268,12 +380,17 @@ def test_a_refused_start_leaves_no_staged_upload_anywhere(image_folder, tmp_path
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
     try:
         (busy / PID_FILE).write_text(str(sleeper.pid))
-        with pytest.raises(UserError, match="already in progress"):
+        waiting = start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
+        assert view_run(waiting).status == "queued"
+        assert cancel_run(waiting)
+        staged = stage_dataset(pair_uploads(sorted(image_folder.iterdir()))[0], into=runs)
+        monkeypatch.setattr(jobs, "new_run_dir", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+        with pytest.raises(RuntimeError, match="disk full"):
             start_run(TrainConfig(data="x"), staged, runs, tmp_path / "lib")
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert not staged.exists() and [p.name for p in runs.iterdir()] == ["busy"]
+    assert not staged.exists() and sorted(p.name for p in runs.iterdir()) == sorted(["busy", waiting.name])
 
 
 def test_a_run_cancelled_before_its_first_step_saves_nothing_and_resume_starts_it_over(

@@ -898,18 +898,21 @@ def test_12_a_restarted_app_reattaches_and_a_trainer_that_died_without_a_word_of
     assert view.live and [s for s, _ in view.losses][:kept] == list(range(1, kept + 1))
 
 
-def test_14_a_second_training_while_one_runs_is_refused_in_words(live_run, image_folder, tmp_path):
+def test_14_a_second_training_while_one_runs_waits_in_the_queue_in_words(live_run, image_folder, tmp_path):
     with gr.Blocks():
         tab = TrainTab(live_run.parent, Library(tmp_path / "lib"), None)
     files = [str(p) for p in sorted(image_folder.iterdir())]
     staged_before = set(Path(tempfile.gettempdir()).glob("lora-studio-upload-*"))
-    message, _ = tab.on_train(files, [], *[c.value for c in tab.settings.inputs])
-    assert set(Path(tempfile.gettempdir()).glob("lora-studio-upload-*")) == staged_before  # nothing left staged
-    assert (
-        "Nothing started" in message and f"a training run is already in progress ({live_run.name}, step " in message
-    )
-    assert "wait for it to finish or cancel it first" in message
-    assert active_run(live_run.parent).run_dir == live_run
+    message, picker = tab.on_train(files, [], *[c.value for c in tab.settings.inputs])
+    waiting = live_run.parent / picker.constructor_args["value"]
+    try:
+        assert set(Path(tempfile.gettempdir()).glob("lora-studio-upload-*")) == staged_before  # nothing left staged
+        assert message.startswith(f"Queued (position 1): run **{waiting.name}** starts when the run before it ends")
+        assert jobs.view_run(waiting).status == "queued" and (waiting / "data").is_dir()
+        assert active_run(live_run.parent).run_dir == live_run
+    finally:
+        assert jobs.cancel_run(waiting)  # out of the queue: it never starts, even when the live run is killed
+    assert jobs.view_run(waiting).status == "cancelled" and not (waiting / PID_FILE).exists()
 
 
 def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_all_answered(live_run, tiny_model):

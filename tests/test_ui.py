@@ -298,3 +298,39 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     captions = [caption for _, caption in pictures]
     assert captions == ["step 6 · zq, a red circle (seed 0)", "step 6 · zq, a star (seed 9)"]
     assert prompts == "Preview prompts: “zq, a red circle”; “zq, a star --d 9”"
+
+
+# -- The Train page's session and runs (issue 19, Train page) -------------------------------------------------------
+
+
+def test_a_reload_puts_back_only_files_in_gradios_upload_folder_and_captions_typed_for_the_same_files(
+    tmp_path, monkeypatch
+):
+    """What the browser keeps is not trusted: a kept path outside gradio's upload folder, or one gradio deleted, is
+    not put back (the page says how many are gone); a typed caption comes back for the same image and caption file
+    only, so an upload with a new .txt shows the new caption."""
+    cache = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    kept = []
+    for sha, name in (("a1", "img0.png"), ("b2", "img0.txt"), ("c3", "img1.png")):
+        (cache / sha).mkdir(parents=True)
+        (cache / sha / name).write_bytes(b"x")
+        kept.append(str(cache / sha / name))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not an upload")
+    tab = _tab(tmp_path)
+    files, *settings, note = tab.restore(None, {"files": [*kept, str(outside), str(cache / "d4" / "gone.png")]}, {})
+    assert files == kept and note.startswith("⚠ 2 file(s) uploaded before the page was reloaded are no longer")
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    restored = tab.restore(kept, {"files": kept}, {**values, "steps": 77, "rank": "eight", "gone_field": 1})
+    assert restored[0] == gr.skip()  # the same files: left as they are
+    steps, rank = (restored[1 + list(tab.settings.controls).index(n)] for n in ("steps", "rank"))
+    assert steps == 77 and rank == gr.skip()  # a value that no longer fits its control is left out
+
+    rows = [["", "img0.png", "from the txt", ""], ["", "img1.png", "", ""]]
+    state = tab.keep_captions(kept, [["", "img0.png", "typed", ""], ["", "img1.png", "typed too", ""]])
+    shown, _ = tab.apply_kept_captions(kept, [list(r) for r in rows], state)
+    assert [r[2] for r in shown] == ["typed", "typed too"]
+    new_txt = str(cache / "e5" / "img0.txt")
+    shown, _ = tab.apply_kept_captions([kept[0], new_txt, kept[2]], [list(r) for r in rows], state)
+    assert [r[2] for r in shown] == ["from the txt", "typed too"]

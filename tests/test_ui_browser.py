@@ -154,9 +154,11 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#train-button").click()
     page.get_by_text("Started run").wait_for(timeout=30_000)
 
-    page.locator("#train-button").click()  # a second Train while the first runs is refused, in the page
-    page.get_by_text("already in progress").wait_for(timeout=30_000)
-    assert len(list((workspace / "runs").iterdir())) == 1
+    page.locator("#train-button").click()  # a second Train while the first runs waits; Cancel takes it out
+    page.locator("#train-message").get_by_text("Queued (position 1)").wait_for(timeout=30_000)
+    page.locator("#cancel-button").click()
+    page.locator("#train-message").get_by_text("out of the queue").wait_for(timeout=30_000)
+    assert len(list((workspace / "runs").iterdir())) == 2
 
     # The UI dies mid-run; the trainer does not. A new UI on the same workspace re-attaches to it.
     page.close()

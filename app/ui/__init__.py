@@ -18,7 +18,7 @@ import gradio as gr
 
 from adapters.errors import UserError
 from adapters.library import Library
-from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
+from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES, watch_queue
 from app.outputs import Outputs
 from app.ui.generate import CSS as GENERATE_CSS
 from app.ui.generate import JS as GENERATE_JS
@@ -98,6 +98,7 @@ def launch(
     workspace_dir = Path(workspace).resolve()
     (workspace_dir / "runs").mkdir(parents=True, exist_ok=True)
     app = build_app(workspace_dir, base_model, preload, max_upload_files)
+    watch_queue(workspace_dir / "runs")  # runs left waiting by an app that stopped start in turn
     served = [
         workspace_dir / "runs",
         workspace_dir / "library",

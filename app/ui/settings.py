@@ -100,6 +100,30 @@ class SettingsForm:
         }
         return TrainConfig.from_dict(given, source="the settings")
 
+    def values_of(self, config: TrainConfig) -> list:
+        """What `inputs` show for `config` (the inverse of `config`): a past run's settings back in the form."""
+        hints = typing.get_type_hints(TrainConfig)
+        return [
+            "\n".join(getattr(config, name)) if hints[name] == Prompts else getattr(config, name)
+            for name in self.controls
+        ]
+
+    def usable(self, saved: dict) -> dict:
+        """Of setting values kept in the browser (`{field: value}`), those that still fit their control: a field
+        the form no longer has, a value of another type or a choice no longer offered is left out."""
+        hints = typing.get_type_hints(TrainConfig)
+        kept = {}
+        for name, value in (saved or {}).items():
+            control, hint = self.controls.get(name), hints.get(name)
+            if control is None or isinstance(value, bool) != (hint is bool):
+                continue
+            choices = _FIELDS[name].metadata.get("choices")
+            kind = (int, float) if hint in (int, float) else str if hint == Prompts else hint  # Prompts: one a line
+            fits = value in choices if choices else isinstance(value, kind)
+            if fits:
+                kept[name] = value
+        return kept
+
 
 # What the page calls the things the trainer's messages name by flag or by folder.
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -14,12 +14,19 @@ from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import (
     MAX_UPLOAD_FILES,
+    QUEUED_FILE,
     RunView,
     active_run,
     cancel_run,
+    delete_run,
     list_runs,
+    new_run_label,
     pair_uploads,
+    read_log,
+    rename_run,
     resume_run,
+    run_folder,
+    set_hidden,
     stage_dataset,
     start_run,
     view_run,
@@ -27,6 +34,7 @@ from app.jobs import (
 from app.ui.library import name_note
 from app.ui.settings import SettingsForm, page_words
 from trainer.checkpoint import list_checkpoints
+from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
@@ -132,6 +140,8 @@ def status_text(view: RunView | None) -> str:
         return ""
     resumed = f" (resumed from step {view.resumed_from})" if view.resumed_from is not None else ""
     words = {
+        "queued": f"Queued (position {view.queue_position}): it starts when the run before it ends. **Cancel** takes "
+        "it out of the queue.",
         "starting": ("Resuming" if view.resuming else "Starting") + ": loading the base model…",
         "running": f"Training…{resumed}",
         "done": f"Done. The adapter is in the library as **{view.library_name or view.name}**, ready in Generate.",
@@ -139,7 +149,7 @@ def status_text(view: RunView | None) -> str:
         "error": f"⚠ Error: {page_words(view.message)}",
         "interrupted": f"⚠ Interrupted: {page_words(view.message)}",
     }
-    text = f"**{view.name}**: {words.get(view.status, view.status)}"
+    text = f"**{view.label or view.name}**: {words.get(view.status, view.status)}"
     if "steps_per_epoch" in view.plan:  # runs made before the start event said it have no plan to show
         text += "\n\n" + plan_markdown(view.plan)
     if view.status in ("error", "interrupted"):
@@ -246,6 +256,7 @@ class TrainTab:
             self.run_picker = gr.Dropdown(
                 label="Runs (running and past)", choices=self.run_choices(), elem_id="run-picker"
             )
+            self._build_run_tools()
             self.progress = gr.HTML(progress_html(None))
             with gr.Row():
                 self.loss_plot = gr.LinePlot(
@@ -263,9 +274,11 @@ class TrainTab:
                         label="Previews as training goes", columns=4, height=260, elem_id="previews"
                     )
                     self.preview_prompt = gr.Markdown(elem_id="preview-prompt")
+            self._build_log()
             # Polls once a second while a run is live, and not at all otherwise (an idle page costs nothing).
             self.timer = gr.Timer(1.0, active=False)
             self.shown_choices = gr.State([])  # the run list as last sent to the browser
+            self._build_session()
 
     @staticmethod
     def native_size_text(base_model: str) -> str:
@@ -280,8 +293,9 @@ class TrainTab:
         settings = self.settings.inputs
         run_view = [self.progress, self.loss_plot, self.previews, self.status, self.preview_prompt]
         listing = [self.run_picker, self.shown_choices, self.timer]
+        choosing = [self.run_picker, self.shown_choices, self.show_hidden]
         trigger, name = self.settings.controls["trigger_word"], self.settings.controls["name"]
-        self.files.change(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
+        uploaded = self.files.change(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
         for control in settings:
             control.change(self.show_command, settings, [self.command, self.config_json])
         base = self.settings.controls["base_model"]
@@ -299,17 +313,19 @@ class TrainTab:
         for pressed in (train, cancel, resume):  # polling starts with a run (and its own ticks stop it after)
             after = pressed.then(self.poll_state, None, self.timer)
             after.then(self.refresh, self.run_picker, run_view)  # a trainer may have ended before any tick
-            after.then(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
+            after.then(self.refresh_choices, choosing, listing)
+            after.then(self.refresh_log, self.run_picker, self.log)
         self.timer.tick(self.refresh, self.run_picker, run_view)
-        self.timer.tick(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
+        self.timer.tick(self.refresh_choices, choosing, listing)
+        self.timer.tick(self.refresh_log, self.run_picker, self.log)
         self.run_picker.change(self.refresh, self.run_picker, run_view)
-        self.run_picker.focus(self.refresh_choices, [self.run_picker, self.shown_choices], listing)
+        self.run_picker.focus(self.refresh_choices, choosing, listing)
         loaded = app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
         loaded.then(self.refresh, self.run_picker, run_view)  # the picked run may be the one built in: no change
         app.load(self.show_command, settings, [self.command, self.config_json])
         app.load(self.show_plan, [self.files, *settings], self.data_plan)
-        if self.preload_files:
-            app.load(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
+        self._wire_run_tools(run_view)
+        self._wire_session(app, uploaded)
 
     def caption_rows(self, paths):
         return caption_rows(paths, self.max_upload_files)
@@ -328,12 +344,17 @@ class TrainTab:
         return name_note(self.library, typed, "Saved in the library under the run folder's name (date and time).")
 
     def poll_state(self):
-        """The run view's timer: ticking while a run is live, stopped otherwise."""
-        return gr.Timer(active=active_run(self.runs_root) is not None)
+        """The run view's timer: ticking while a run is live or waits in the queue, stopped otherwise."""
+        return gr.Timer(active=any(v.live or v.status == "queued" for v in list_runs(self.runs_root)))
 
-    def run_choices(self, views: list[RunView] | None = None) -> list[tuple[str, str]]:
+    def run_choices(self, views: list[RunView] | None = None, show_hidden: bool = False) -> list[tuple[str, str]]:
+        """The run list: each run by its shown name and state; hidden runs only when `show_hidden`."""
         views = list_runs(self.runs_root) if views is None else views
-        return [(f"{v.run_dir.name} · {v.status}", v.run_dir.name) for v in views]
+        return [
+            (f"{v.shown_name}{' (hidden)' if v.hidden else ''} · {v.status}", v.run_dir.name)
+            for v in views
+            if show_hidden or not v.hidden
+        ]
 
     def show_command(self, *settings):
         try:
@@ -379,13 +400,22 @@ class TrainTab:
             message = page_words(str(exc)).replace("\n", "<br>")
             return f"⚠ Nothing started: {message}", gr.Dropdown(choices=self.run_choices())
         saved = f"**{config.name}**" if config.name else "the run folder's name"
+        view = view_run(run_dir)
+        said = (
+            f"Queued (position {view.queue_position}): run **{run_dir.name}** starts when the run before it ends"
+            if view.status == "queued"
+            else f"Started run **{run_dir.name}**"
+        )
         return (
-            f"Started run **{run_dir.name}**; the adapter will be saved in the library as {saved}.",
+            f"{said}; the adapter will be saved in the library as {saved}.",
             gr.Dropdown(choices=self.run_choices(), value=run_dir.name),
         )
 
     def on_cancel(self, name):
-        """Stop the training that runs, whichever run the picker shows (there is at most one), and show it."""
+        """Take the picked run out of the queue if it waits there; else stop the training that runs, whichever run
+        the picker shows (there is at most one), and show it."""
+        if name and (self.runs_root / name / QUEUED_FILE).is_file() and cancel_run(self.runs_root / name):
+            return f"Took **{name}** out of the queue: it will not start.", gr.skip()
         live = active_run(self.runs_root)
         if live is None or not cancel_run(live.run_dir):
             return "No training is running.", gr.skip()
@@ -416,17 +446,19 @@ class TrainTab:
         prompt = f"Preview prompt{'s' if len(view.preview_prompt) > 1 else ''}: {said}" if said else ""
         return progress_html(view), losses, pictures, status_text(view), prompt
 
-    def refresh_choices(self, name, shown):
+    def refresh_choices(self, name, shown, show_hidden=False):
         """Keep each run's state in the run list current (a run shown as starting reads done when it ends), and
         the timer ticking while a run is live (and one tick more, so its last state is shown). The list is only
         re-sent when it changed, so an open dropdown is not closed under the user; the picked run is never sent
         back, since a tick asked before Train's answer would carry the run picked before it."""
         views = list_runs(self.runs_root)
-        runs = self.run_choices(views)
-        was_live = any(label.endswith(("· starting", "· running")) for label, _ in shown or [])
-        timer = gr.Timer(active=any(v.live for v in views) or was_live)
+        runs = self.run_choices(views, show_hidden)
+        was_live = any(label.endswith(("· starting", "· running", "· queued")) for label, _ in shown or [])
+        timer = gr.Timer(active=any(v.live or v.status == "queued" for v in views) or was_live)
         if [list(c) for c in runs] == [list(c) for c in shown or []]:
             return gr.skip(), shown, timer
+        if name and name not in [value for _, value in runs]:  # deleted or hidden: the picker may not keep it
+            return gr.Dropdown(choices=runs, value=None), runs, timer
         if not name:  # nothing picked: follow the live run, if any
             live = next((v for v in views if v.live), None)
             return gr.Dropdown(choices=runs, value=live.run_dir.name if live else None), runs, timer
@@ -437,3 +469,217 @@ class TrainTab:
         runs = self.run_choices()
         value = live.run_dir.name if live else (runs[0][1] if runs else None)
         return gr.Dropdown(choices=runs, value=value)
+
+    # -- Runs: their log, rename, hide, delete, load their settings ------------------------------------------------
+
+    def _build_run_tools(self) -> None:
+        with gr.Row():
+            self.show_hidden = gr.Checkbox(label="Show hidden runs", value=False, elem_id="show-hidden")
+            self.load_settings_button = gr.Button("Load its settings", elem_id="load-settings")
+            self.hide_button = gr.Button("Hide", elem_id="hide-run")
+            self.delete_run_button = gr.Button("Delete run", variant="stop", elem_id="delete-run")
+        with gr.Row():
+            with gr.Column(scale=3):
+                self.run_new_name = gr.Textbox(label="New name for this run", elem_id="run-rename-to")
+                self.run_name_note = gr.Markdown(elem_id="run-name-note")
+            self.rename_run_button = gr.Button("Rename run", elem_id="rename-run")
+        with gr.Row(visible=False) as self.confirm_run_row:
+            gr.Markdown(
+                "Delete this run's folder for good (its copy of the images, checkpoints, previews and log)? The "
+                "adapter it put in the library stays there."
+            )
+            self.confirm_delete_run = gr.Button("Yes, delete the run", variant="stop", elem_id="confirm-delete-run")
+            self.keep_run = gr.Button("Keep it", elem_id="keep-run")
+
+    def _build_log(self) -> None:
+        with gr.Accordion("Trainer log", open=False, elem_id="train-log-box"):
+            self.log = gr.Textbox(
+                label="What the trainer of this run wrote (its output and errors), newest last",
+                lines=12,
+                max_lines=12,
+                interactive=False,
+                autoscroll=True,
+                buttons=["copy"],
+                elem_id="train-log",
+            )
+
+    def _wire_run_tools(self, run_view: list) -> None:
+        picker, listing = self.run_picker, [self.run_picker, self.shown_choices]
+        self.run_picker.change(self.refresh_log, picker, self.log)
+        self.run_picker.change(self.hide_label, picker, self.hide_button)
+        self.show_hidden.change(
+            self.refresh_choices, [picker, self.shown_choices, self.show_hidden], [*listing, self.timer]
+        )
+        self.hide_button.click(self.on_hide, [picker, self.show_hidden], [self.message, *listing, self.hide_button])
+        self.delete_run_button.click(lambda: gr.Row(visible=True), None, self.confirm_run_row)
+        self.keep_run.click(lambda: gr.Row(visible=False), None, self.confirm_run_row)
+        self.confirm_delete_run.click(
+            self.on_delete_run, [picker, self.show_hidden], [self.message, *listing, self.confirm_run_row]
+        )
+        self.run_new_name.change(self.run_name_note_text, [picker, self.run_new_name], self.run_name_note)
+        renamed = self.rename_run_button.click(
+            self.on_rename_run, [picker, self.run_new_name, self.show_hidden], [self.message, *listing]
+        )
+        renamed.then(self.refresh, picker, run_view)  # the status names the run by its new name
+        self.load_settings_button.click(self.on_load_settings, picker, [self.message, *self.settings.inputs])
+
+    def refresh_log(self, name):
+        """The picked run's trainer log (the newest lines), or what it waits for."""
+        run_dir = self.runs_root / name if name else None
+        if run_dir is None or not run_dir.is_dir():
+            return ""
+        if (run_dir / QUEUED_FILE).is_file():
+            return "Waiting in the queue: its trainer has not started yet."
+        return read_log(run_dir) or "The trainer has written nothing yet."
+
+    def hide_label(self, name):
+        hidden = bool(name) and (self.runs_root / name / "hidden").is_file()
+        return gr.Button("Unhide" if hidden else "Hide")
+
+    def _listing(self, show_hidden: bool, picked: str | None):
+        """The run list as sent after a change to a run, keeping `picked` when it is still in it."""
+        runs = self.run_choices(show_hidden=show_hidden)
+        value = picked if picked in [value for _, value in runs] else None
+        return gr.Dropdown(choices=runs, value=value), runs
+
+    def on_hide(self, name, show_hidden):
+        """Hide the picked run (failed or cancelled only) from the run list, or bring a hidden one back."""
+        try:
+            view = view_run(run_folder(self.runs_root, name))
+            set_hidden(view.run_dir, not view.hidden)
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}", gr.skip(), gr.skip(), gr.skip()
+        said = (
+            f"**{view.shown_name}** is back in the run list."
+            if view.hidden
+            else f"Hid **{view.shown_name}** from the run list; tick *Show hidden runs* to see it again."
+        )
+        return said, *self._listing(show_hidden, name), self.hide_label(name)
+
+    def on_delete_run(self, name, show_hidden):
+        """Delete the picked run's folder (never its adapter in the library); refused while it trains or waits."""
+        try:
+            view = view_run(run_folder(self.runs_root, name))
+            delete_run(view.run_dir)
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}", gr.skip(), gr.skip(), gr.Row(visible=False)
+        kept = f" The adapter **{view.library_name}** stays in the library." if view.library_name else ""
+        return f"Deleted run **{view.shown_name}**.{kept}", *self._listing(show_hidden, None), gr.Row(visible=False)
+
+    def run_name_note_text(self, name, typed):
+        """Under the new-name box: the name the run will be shown under (cleaned as adapter names are), or why not."""
+        if not name or not str(typed or "").strip():
+            return ""
+        try:
+            return f"Shown as **{new_run_label(self.runs_root, run_folder(self.runs_root, name), typed)}**."
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}"
+
+    def on_rename_run(self, name, typed, show_hidden):
+        """Give the picked run the name the page shows for it; its folder and its adapter keep theirs."""
+        try:
+            run_dir = run_folder(self.runs_root, name)
+            old = view_run(run_dir).shown_name
+            label = rename_run(self.runs_root, run_dir, str(typed or ""))
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}", gr.skip(), gr.skip()
+        return f"Renamed run **{old}** to **{label}**.", *self._listing(show_hidden, name)
+
+    def on_load_settings(self, name):
+        """Put the picked run's settings (its config.json) back into the form."""
+        skip = [gr.skip()] * len(self.settings.inputs)
+        try:
+            run_dir = run_folder(self.runs_root, name)
+            config = TrainConfig.from_file(run_dir / "config.json")
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}", *skip
+        said = f"Loaded the settings of run **{view_run(run_dir).shown_name}** into the form."
+        if config.name and self.library.taken(config.name):
+            said += f" The library already has **{config.name}**: change *Name* before **Train**."
+        return said, *self.settings.values_of(config)
+
+    # -- The session: a reload keeps the uploads, captions and settings --------------------------------------------
+    # They are kept in the browser (localStorage, through gr.BrowserState); the uploaded files themselves stay in
+    # gradio's cache, which deletes them a day after upload and when the app stops, as any upload.
+
+    def _build_session(self) -> None:
+        self.kept_uploads = gr.BrowserState({"files": None, "captions": {}})  # files None: nothing uploaded yet
+        self.kept_settings = gr.BrowserState({})
+        self.restore_note = gr.State("")
+
+    def _wire_session(self, app: gr.Blocks, uploaded) -> None:
+        settings, trigger = self.settings.inputs, self.settings.controls["trigger_word"]
+        base = self.settings.controls["base_model"]
+        kept = [self.files, self.table, self.kept_uploads]
+        gr.on([c.change for c in settings], self.keep_settings, settings, self.kept_settings)
+        self.table.input(self.keep_captions, [self.files, self.table], self.kept_uploads)
+        uploaded.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads])
+        restored = app.load(
+            self.restore,
+            [self.files, self.kept_uploads, self.kept_settings],
+            [self.files, *settings, self.restore_note],
+        )
+        restored = restored.then(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
+        restored = restored.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads])
+        restored.then(self.say_restored, [self.restore_note, self.message], self.message)
+        restored.then(self.native_size_text, base, self.native_size)
+
+    def keep_settings(self, *values):
+        return dict(zip(self.settings.controls, values))
+
+    def keep_captions(self, paths, rows):
+        keys = _caption_keys(paths)
+        return {
+            "files": list(paths or []),
+            "captions": {keys[n]: c for n, c in typed_captions(rows).items() if n in keys},
+        }
+
+    def apply_kept_captions(self, paths, rows, kept):
+        """After an upload (or a reload): the captions typed for these very files (same image, same .txt) before;
+        then keep what the table now holds."""
+        keys, captions = _caption_keys(paths), (kept or {}).get("captions") or {}
+        rows = rows.values.tolist() if hasattr(rows, "values") else [list(r) for r in rows or []]
+        changed = False
+        for row in rows:
+            key = keys.get(row[1])
+            if key in captions and captions[key] != row[2]:
+                row[2], changed = captions[key], True
+        state = {"files": list(paths or []), "captions": {keys[r[1]]: r[2] for r in rows if r[1] in keys}}
+        return (rows if changed else gr.skip()), state
+
+    def restore(self, current, kept_uploads, kept_settings):
+        """The files and settings this browser had before the reload. A file is put back only if it is still in
+        gradio's upload folder (a day after upload, or once the app restarted, it is gone: the page says so)."""
+        files, note = (kept_uploads or {}).get("files"), ""
+        if files is None:
+            shown = gr.skip()
+        else:
+            usable = [p for p in files if isinstance(p, str) and _uploaded_file(p)]
+            if len(usable) < len(files):
+                note = (
+                    f"⚠ {len(files) - len(usable)} file(s) uploaded before the page was reloaded are no longer on "
+                    "the server (uploads are kept for a day, and not when the app restarts): upload them again."
+                )
+            shown = gr.skip() if usable == list(current or []) else (usable or None)
+        values = self.settings.usable(kept_settings if isinstance(kept_settings, dict) else {})
+        return shown, *[values.get(name, gr.skip()) for name in self.settings.controls], note
+
+    @staticmethod
+    def say_restored(note, message):
+        return "\n\n".join(m for m in (note, message) if m) if note else gr.skip()
+
+
+def _caption_keys(paths) -> dict[str, str]:
+    """Image file name -> the upload it is (the image's and its .txt's paths in gradio's cache, named by content), so
+    a caption typed for an image comes back only for that same image and caption file."""
+    paths = [Path(p) for p in paths or []]
+    texts = {p.stem: str(p) for p in paths if p.suffix.lower() == ".txt"}
+    return {p.name: f"{p}|{texts.get(p.stem, '')}" for p in paths if p.suffix.lower() != ".txt"}
+
+
+def _uploaded_file(path: str) -> bool:
+    """Whether `path` is a file in gradio's upload folder (a path kept in the browser is never trusted further)."""
+    from gradio.utils import get_upload_folder
+
+    resolved = Path(path).resolve()
+    return resolved.is_relative_to(Path(get_upload_folder()).resolve()) and resolved.is_file()
