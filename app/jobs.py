@@ -37,6 +37,7 @@ QUEUED_FILE = "queued"  # a run waiting for the trainer before it to end; holds 
 LABEL_FILE = "label.txt"  # the name the page shows for a run, given with Rename (the folder keeps its name)
 HIDDEN_FILE = "hidden"  # a failed or cancelled run left out of the page's run list
 LOG_LINES = 400  # the newest lines of the trainer's log the page shows
+EXIT_WAIT_S = 30.0  # how long Resume waits for the run's own trainer to exit after its last event
 QUEUE_POLL_S = 1.0  # how often the queue's thread looks whether the trainer ended (only while a run waits)
 MAX_UPLOAD_FILES = 1000  # files (images and captions) in one Train upload; `lora-studio ui --max-upload-files`
 MAX_FILE_MB = 2048  # the largest single upload (image, caption, adapter to import; SDXL adapters pass 1 GB)
@@ -332,6 +333,11 @@ def _resume(run_dir: Path, runs_root: str | Path) -> None:
     if view.status == "done":
         raise UserError(f"run {run_dir.name} has finished; there is nothing to resume")
     busy = _trainer_alive(runs_root)  # one still saving or exiting after its last event counts too
+    if busy == run_dir and view.status in TERMINAL:  # its own trainer said its last word and is exiting
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while _pid_alive(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        busy = _trainer_alive(runs_root)
     if busy is not None:
         raise UserError(f"a training run is already in progress ({busy.name}); wait for it or cancel it")
     (run_dir / CANCEL_FILE).unlink(missing_ok=True)

@@ -174,6 +174,36 @@ def test_a_queue_left_by_a_stopped_app_goes_on_when_the_app_starts(tmp_path, mon
     assert started == [waiting] and not (waiting / jobs.QUEUED_FILE).exists()
 
 
+def test_resume_right_after_cancel_waits_for_the_old_trainer_to_exit(tmp_path, monkeypatch):
+    """The page shows "Cancelled" as soon as the trainer says so; its process may still be exiting when Resume is
+    pressed: Resume waits for it (no second trainer meanwhile), and says so if it does not exit."""
+    import app.jobs as jobs
+    from app.jobs import resume_run
+
+    runs = tmp_path / "runs"
+    run = runs / "r"
+    run.mkdir(parents=True)
+    TrainConfig(data="d").save(run / "config.json")
+    started = []
+    monkeypatch.setattr(jobs, "_spawn", lambda run_dir, args: started.append(jobs._trainer_alive(runs)))
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)", "train"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train"])
+    try:
+        (run / PID_FILE).write_text(str(exiting.pid))  # the trainer is started, then says its last word
+        EventLog(run).emit("cancelled", step=0)
+        resume_run(run, runs)
+        assert started == [None]  # started once the old one was gone
+        (run / PID_FILE).write_text(str(stuck.pid))
+        EventLog(run).emit("cancelled", step=0)
+        monkeypatch.setattr(jobs, "EXIT_WAIT_S", 0.5)
+        with pytest.raises(UserError, match=r"already in progress \(r\)"):
+            resume_run(run, runs)
+    finally:
+        for proc in (exiting, stuck):
+            proc.kill()
+            proc.wait()
+
+
 def test_a_run_is_renamed_by_the_adapter_name_rules_hidden_only_when_failed_and_deleted_without_its_adapter(tmp_path):
     from app.jobs import delete_run, rename_run, set_hidden
 
