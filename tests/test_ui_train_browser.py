@@ -35,7 +35,7 @@ def workspace(tmp_path_factory):
     runs = ws / "runs"
     _run(
         runs, "20260101-000000-old", ("start", dict(steps=123)), ("library", dict(name="oldstyle")),
-        ("done", dict(step=123)), name="oldstyle", steps=123, rank=4, preview_prompt="zq, a cat",
+        ("done", dict(step=123)), name="oldstyle", steps=123, rank=4, preview_prompt=["zq, a cat", "zq, a dog"],
     )  # fmt: skip
     _run(runs, "20260101-000100-stopped", ("start", dict(steps=50)), ("cancelled", dict(step=0)), name="stopped")
     _run(runs, "20260101-000200-broke", ("start", dict(steps=50)), ("error", dict(message="out of memory")))
@@ -215,7 +215,7 @@ def test_a_past_runs_settings_load_back_into_the_form(page):
     expect(page.locator("#setting-steps input").first).to_have_value("123")
     expect(page.locator("#setting-rank input").first).to_have_value("4")
     expect(page.locator("#setting-preview_prompt textarea, #setting-preview_prompt input").first).to_have_value(
-        "zq, a cat"
+        "zq, a cat\nzq, a dog"  # one prompt a line
     )
     expect(page.locator("#setting-name textarea, #setting-name input").first).to_have_value("oldstyle")
     page.locator("#name-note").get_by_text("already has an adapter named 'oldstyle'").wait_for(timeout=15_000)
