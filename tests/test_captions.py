@@ -85,3 +85,24 @@ def test_a_bad_captioning_model_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"could not load captioning model '.*empty'"):
         Captioner(str(tmp_path / "empty"))
+
+
+def test_the_pages_caption_button_fills_empty_captions_in_the_table(tiny_blip, tmp_path):
+    import gradio as gr
+
+    from app.ui.data import DataPanel
+    from app.ui.train import caption_rows
+
+    upload = sorted(SAMPLES.glob("*.png"))[:3]
+    with gr.Blocks():
+        panel = DataPanel()
+    rows, _ = caption_rows([str(p) for p in upload])
+    rows[0][2], rows[1][2], rows[2][2] = "glowline, typed by me", "", ""
+    filled, said = panel.on_caption([str(p) for p in upload], rows, str(tiny_blip), False, "glowline")
+    assert [r[2] for r in filled][0] == "glowline, typed by me"
+    assert all(r[2].startswith("glowline, ") and r[2] != "glowline, typed by me" for r in filled[1:])
+    assert said.startswith(f"Captioned 2 image(s) with {tiny_blip}: read and edit them in the table")
+    again, said = panel.on_caption([str(p) for p in upload], filled, str(tiny_blip), False, "glowline")
+    assert said.startswith("Every image has a caption")
+    _, said = panel.on_caption([str(p) for p in upload], rows, "no such model", False, "glowline")
+    assert said.startswith("⚠ captioning model 'no such model' is neither an existing folder nor a Hugging Face id")

@@ -57,7 +57,7 @@ def test_planted_duplicates_and_an_outlier_are_found_and_nothing_else(planted, v
     said = {f.file: f.message for f in report.findings}
     assert said["neon_03_crop.jpg"].startswith("looks like a crop of neon_03.png")
     assert "at another size (128x128 px, that one 200x200)" in said["neon_07.png"]
-    assert said["other_style.png"].startswith("its colours and textures are far from the rest of the set")
+    assert said["other_style.png"].startswith("its tones and colours are far from the rest of the set")
     assert report.notes == []
 
 

@@ -31,6 +31,7 @@ from app.jobs import (
     start_run,
     view_run,
 )
+from app.ui.data import DataPanel
 from app.ui.library import name_note
 from app.ui.settings import SettingsForm, page_words
 from trainer.checkpoint import list_checkpoints
@@ -238,6 +239,7 @@ class TrainTab:
                         static_columns=[0, 1, 3],
                     )
                     self.data_plan = gr.Markdown(elem_id="data-plan")
+                    self.data = DataPanel(max_upload_files)  # the data check and the captioner (app/ui/data.py)
                 with gr.Column(scale=2):
                     self.settings = SettingsForm()
                     self.name_note = gr.Markdown(self.name_note_text(""), elem_id="name-note")
@@ -305,8 +307,11 @@ class TrainTab:
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
+        self.data.wire(self.files, self.table, self.settings.controls, self.message)
         train = self.train_button.click(
-            self.on_train, [self.files, self.table, *settings], [self.message, self.run_picker]
+            self.on_train_pressed,
+            [self.files, self.table, self.data.dropped, *settings],
+            [self.message, self.run_picker],
         )
         cancel = self.cancel_button.click(self.on_cancel, self.run_picker, [self.message, self.run_picker])
         resume = self.resume_button.click(self.on_resume, self.run_picker, self.message)
@@ -374,9 +379,12 @@ class TrainTab:
             return f"⚠ {page_words(str(exc))}"
         return "**If trained now:**\n\n" + plan_markdown(plan)
 
-    def on_train(self, paths, rows, *settings):
+    def on_train_pressed(self, paths, rows, dropped, *settings):
+        return self.on_train(paths, rows, *settings, dropped=dropped)
+
+    def on_train(self, paths, rows, *settings, dropped=()):
         """Check everything (settings, adapter name, base model, optimiser, upload) before any work, then stage the
-        upload and start the run."""
+        upload, less the images the data check's *Leave out* left out (`dropped`), and start the run."""
         try:
             config = self.settings.config(settings)
             if config.name:
@@ -387,6 +395,8 @@ class TrainTab:
             uploads, problems = pair_uploads(paths or [], self.max_upload_files)
             if problems:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
+            left_out = [u.path.name for u in uploads if u.path.name in set(dropped or [])]
+            uploads = [u for u in uploads if u.path.name not in left_out]
             typed = typed_captions(rows)
             for up in uploads:
                 if str(typed.get(up.path.name, "") or "").strip():
@@ -401,13 +411,14 @@ class TrainTab:
             return f"⚠ Nothing started: {message}", gr.Dropdown(choices=self.run_choices())
         saved = f"**{config.name}**" if config.name else "the run folder's name"
         view = view_run(run_dir)
+        without = f" Left out of this run: {', '.join(left_out)}." if left_out else ""
         said = (
             f"Queued (position {view.queue_position}): run **{run_dir.name}** starts when the run before it ends"
             if view.status == "queued"
             else f"Started run **{run_dir.name}**"
         )
         return (
-            f"{said}; the adapter will be saved in the library as {saved}.",
+            f"{said}; the adapter will be saved in the library as {saved}.{without}",
             gr.Dropdown(choices=self.run_choices(), value=run_dir.name),
         )
 
