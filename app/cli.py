@@ -28,6 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     config = from_args(args, args.config)
     if args.check_data:
         return _check_data(config)
+    if args.plan:
+        return _plan(config)
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(config)
     try:
@@ -64,6 +66,20 @@ def _check_data(config) -> int:
     print(f"data check of {config.data} ({len(pairs)} images, training at {resolution} px):")
     print("\n".join(report.lines()))
     return 0
+
+
+def _plan(config) -> int:
+    """Print the run's plan (trainer/plan.py) for this machine; exit 1 when it would not fit."""
+    from adapters.base import pick_device
+    from trainer.dataset import check_folder, repeats_of
+    from trainer.plan import estimate
+
+    images = 0
+    if config.data:
+        images = sum(repeats_of(path, config.data, config.repeats) for path, _ in check_folder(config.data))
+    plan = estimate(config, device=pick_device(), processes=config.num_processes, images=images)
+    print(plan)
+    return 0 if plan.fits else 1
 
 
 def _launch(config) -> int:
@@ -263,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the --data folder (near-duplicates, outliers, small images, buckets, captions), print what it "
         "finds and exit without training",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what this run would need here (GPU memory by phase, system memory, disk, time) and what it "
+        "would turn on to fit, then exit without training",
     )
     add_arguments(p)
     p.set_defaults(func=_train)

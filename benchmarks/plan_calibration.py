@@ -8,8 +8,8 @@ training runs, for several batch sizes, resolutions and gradient-checkpointing s
 Each run goes through the real `trainer.loop.train` (random weights of the published architecture, saved once as a
 diffusers folder in fp16, bf16 training, rank 8 on attn1 + attn2); its `done` event holds each phase's peak
 (trainer/memory.py) and the step time comes from its events after step 10. The results file is rewritten after
-every run, so a run cut short keeps what it measured. `python -m trainer.plan --fit FILE...` turns such files
-into the constants the plan uses.
+every run, so a run cut short keeps what it measured; with --fresh each run has a process of its own.
+tests/test_plan.py checks trainer/plan.py's constants against the stored files.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,17 +45,20 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="batch:resolution:checkpointing,... (default: per arch)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
-        "--memory-cap-gib",
+        "--gpu-memory",
         type=float,
-        default=None,
-        help="let this process use at most this much GPU memory (torch.cuda.set_per_process_memory_fraction): "
-        "how a smaller card would fare",
+        default=0.0,
+        help="each run's --gpu-memory: plan for, and hold the run to, a card of this many GiB (how a smaller card "
+        "would fare)",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="each run in a process of its own (what a user's run is: no memory left over from the run before)",
+    )
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # --fresh's child: one run, JSON on stdout
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.memory_cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib / total, device)
 
     from trainer.config import TrainConfig
     from trainer.loop import train
@@ -76,10 +80,24 @@ def main() -> None:
         "torch": torch.__version__,
         "arch": args.arch,
         "matmul_tflops": matmul_rate(device) / 1e12,
-        "memory_cap_gib": args.memory_cap_gib,
+        "gpu_memory": args.gpu_memory,
+        "fresh": args.fresh,
         "runs": [],
     }
-    for spec in (args.runs or DEFAULT_RUNS[args.arch]).split(","):
+    specs = [args.one] if args.one else (args.runs or DEFAULT_RUNS[args.arch]).split(",")
+    for spec in specs:
+        if args.fresh:
+            child = [sys.executable, __file__, "--arch", args.arch, "--device", args.device, "--work", str(args.work)]
+            child += ["--steps", str(args.steps), "--gpu-memory", str(args.gpu_memory), "--one", spec]
+            done = subprocess.run(child, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            entry = json.loads(lines[-1]) if lines else {"spec": spec, "error": done.stderr[-2000:]}
+            results["runs"].append(entry)
+            print(json.dumps(entry), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
+            continue
         batch, resolution, checkpointing, flags = (spec + ":").split(":")[:4]
         size = int(resolution) or native
         data = args.work / f"data-{size}"
@@ -98,6 +116,7 @@ def main() -> None:
             preview_prompt="a red circle on a blue square" if "p" in flags else "",
             run_dir=str(run_dir),
             output=str(run_dir / "bench.safetensors"),
+            gpu_memory=args.gpu_memory,
         )
         entry = {"batch": int(batch), "resolution": size, "gradient_checkpointing": checkpointing, "flags": flags}
         t0, began = time.perf_counter(), time.time()
@@ -109,7 +128,9 @@ def main() -> None:
         events = read_events(run_dir)
         start = next((e for e in events if e["type"] == "start"), {})
         done = next((e for e in events if e["type"] == "done"), {})
+        plan = next((e for e in events if e["type"] == "plan"), {})
         entry.update(
+            plan={k: plan.get(k) for k in ("gpu_gib", "system_gib", "step_seconds", "turned_on", "fits")},
             step_kind=start.get("step_kind"),
             gradient_checkpointing_on=start.get("gradient_checkpointing"),
             trainable_parameters=start.get("trainable_parameters"),

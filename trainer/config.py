@@ -261,9 +261,15 @@ class TrainConfig:
     gradient_checkpointing: str = _f(
         "auto",
         "Recompute the UNet's activations during the backward pass instead of keeping them: less GPU memory, "
-        "slower steps. auto = on for SDXL on a GPU with less than 24 GB, else off.",
+        "slower steps. auto = on when the run's plan says the step would not fit without it.",
         "training",
         ("auto", "on", "off"),
+    )
+    gpu_memory: float = _f(
+        0.0,
+        "GiB of GPU memory the run may use (0 = the whole card): the plan fits the run into it and the trainer holds "
+        "to it, e.g. to leave room for other programs or to try what a smaller card would do.",
+        "training",
     )
     # how the LoRA weights are optimised (README, "Coming from kohya_ss", maps kohya's names to these)
     optimizer: str = _f(
@@ -554,6 +560,11 @@ class TrainConfig:
             ),
             (self.save_every >= 0, "save_every (--save-every) must be 0 or more"),
             (self.keep_checkpoints >= 0, "keep_checkpoints (--keep-checkpoints) must be 0 (all) or more"),
+            (
+                0 <= self.gpu_memory <= 10_000,
+                "gpu_memory (--gpu-memory) must be 0 (the whole card) or the GiB the run may use; "
+                f"got {self.gpu_memory}",
+            ),
             (self.num_processes >= 1, "num_processes (--num-processes) must be at least 1"),
             (
                 not self.resume or bool(self.run_dir) or self.resume != "latest",

@@ -14,6 +14,7 @@ at batch N*B.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -56,9 +57,11 @@ from trainer.dataset import (
 )
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
+from trainer.plan import TILE, check, estimate
 from trainer.runs import (
     EVENTS,
     LOSS_PNG,
+    PLAN,
     PREVIEWS,
     TENSORBOARD,
     EventLog,
@@ -392,7 +395,18 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     stop_flag = _stop_on_signals()
 
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
+    # The plan: what this run needs on this machine, what it turns on to fit (gradient checkpointing, tiled
+    # previews), a refusal with settings that fit when nothing does; in the run folder beside what was measured.
+    plan = estimate(config, device=accelerator.device, processes=processes, images=per_epoch)
+    if main:
+        (run_dir / PLAN).write_text(json.dumps(plan.to_dict(), indent=1))
+        events.emit("plan", **plan.to_dict())
+    if config.gpu_memory and accelerator.device.type == "cuda":  # hold the run to a card of that size
+        index = accelerator.device.index or 0
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.gpu_available_gib / total), index)
     try:
+        check(plan)  # before any model loads
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
         # On a GPU the UNet waits in system memory while the captions and pictures are encoded: the text
         # encoders, the VAE and the UNet are never on the GPU together (SDXL's caching peak was 6.9 GiB, the
@@ -438,7 +452,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             attach(encoder, text_encoder_targets(encoder), config.rank, config.effective_alpha)
             text_params += train_in_fp32(encoder)
         all_params = params + text_params  # what checkpoints hold, in this order
-        checkpointing = gradient_checkpointing(config.gradient_checkpointing, family, accelerator.device)
+        checkpointing = gradient_checkpointing(config.gradient_checkpointing, plan)
         if checkpointing[0]:
             unet.enable_gradient_checkpointing()
         resolution = config.resolution or native_size(pipe)
@@ -608,6 +622,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 return None
             peaks.end("train")
             pipe.unet = accelerator.unwrap_model(unet)
+            if plan.tiled_preview:  # the whole picture's decoding would not fit: 512-pixel tiles, blended
+                pipe.vae.enable_tiling()
+                pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = TILE, TILE // pipe.vae_scale_factor
             for part in (pipe.unet, *text_encoders.values()):
                 part.eval()
             paths = []

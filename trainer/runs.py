@@ -20,6 +20,7 @@ from adapters.errors import UserError
 EVENTS = "events.jsonl"
 PREVIEWS = "previews"  # the run folder's preview pictures, step_NNNNNN.png
 TERMINAL = ("done", "error", "cancelled")
+PLAN = "plan.json"  # what the run was planned to need (trainer/plan.py), written before it starts
 LOSS_PNG = "loss.png"  # the run's loss curve, drawn when it ends
 TENSORBOARD = "tensorboard"  # the run's TensorBoard logs (--log-with tensorboard), beside events.jsonl
 SMOOTHING = 0.9  # weight of the smoothed loss line's moving average (TensorBoard's smoothing slider, same formula)

@@ -168,16 +168,16 @@ class Step:
             return None
 
 
-def gradient_checkpointing(setting: str, family: Family, device: torch.device) -> tuple[bool, str]:
-    """Whether to recompute activations in the backward pass (`--gradient-checkpointing`), and why."""
+def gradient_checkpointing(setting: str, plan) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass (`--gradient-checkpointing`), and why: `auto` is what
+    the run's plan (trainer/plan.py) decided."""
     if setting != "auto":
         return setting == "on", f"--gradient-checkpointing {setting}"
-    if family.name != "SDXL" or device.type != "cuda":
-        return False, "auto: only SDXL on a GPU needs it"
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if total < 24:
-        return True, f"auto: SDXL on a {total:.0f} GiB GPU (under 24)"
-    return False, f"auto: SDXL on a {total:.0f} GiB GPU (24 or more)"
+    if plan.gradient_checkpointing:
+        return True, f"auto: the plan says the step needs it ({plan.turned_on[0]})"
+    if plan.gpu_gib:
+        return False, f"auto: the step fits without it ({plan.gpu_gib['train']:.1f} GiB)"
+    return False, "auto: not on the CPU"
 
 
 def make_step(

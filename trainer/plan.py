@@ -1,0 +1,469 @@
+"""The plan: before a run starts, what it will need on this machine (peak GPU memory per phase, system memory, disk,
+time), what the trainer turns on so that it fits, and, when nothing makes it fit, a refusal naming settings that do.
+
+Memory is a small model of the step, in GiB, per phase of a run (the phases trainer/memory.py measures):
+- `cache`: the frozen UNet and VAE on the device (the text encoders have left it; the UNet comes over last).
+- `train`: those weights, the LoRA's fp32 weights, gradients and AdamW moments (16 bytes a parameter), a fixed
+  allowance, and per picture of the batch the activations the backward pass keeps. Those are proportional to an
+  activation count of the model itself, taken from its configs alone: the UNet runs once on the meta device (no
+  weights, no arithmetic) and every leaf module's output elements are counted (`act`), or, with gradient
+  checkpointing, the inputs of the blocks diffusers recomputes (`kept`). Two constants turn counts into bytes,
+  one per checkpointing setting, fitted to runs of both SD 1.5 and SDXL; so the model carries to any UNet a diffusers
+  config describes (SD 2.x, the built-in model) without a calibration of its own.
+- `preview`: the weights, the LoRA, and the VAE decoding the picture, proportional to the decoder's largest
+  activation at the preview size; with tiled decoding (what the plan turns on when the whole picture would not fit)
+  that of one 512-pixel tile.
+The constants come from `benchmarks/plan_calibration.py` runs on an H200 (`benchmarks/results/plan_*_h200*.json`);
+tests/test_plan.py checks the plan against every run stored there (within 15%).
+
+Time: steady seconds per step measured per family and step kind (CUDA graph, eager; with and without checkpointing)
+on the same H200, scaled by the ratio of its bf16 matrix-multiply rate to this GPU's (a 0.1 s probe); on the CPU, the
+built-in model's measured steps scaled by activation count. Start-up (loading and caching) grows with the weights'
+size. Previews and checkpoint writes are not timed; the plan says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from adapters.base import check_base_model
+from adapters.errors import UserError
+from adapters.single_file import inspect_checkpoint, is_single_file
+
+GIB = 2**30
+
+# Bytes per activation element kept for the backward pass, fitted to the stored H200 runs (bf16 weights).
+BYTES_PER_ACTIVATION = 2.60  # no checkpointing: per element of every leaf module's output (`act`)
+BYTES_PER_KEPT = 7.8  # checkpointing: per element of the recomputed blocks' inputs (`kept`)
+BYTES_PER_DECODED = 13.0  # previews: per element of the VAE decoder's largest activation (bf16)
+RUNTIME_GIB = 0.17  # CUDA's own workspaces, the latent cache, the noise and timesteps of a step: fitted
+LORA_STATE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments, per LoRA parameter
+CONTEXT_GIB = 0.5  # the CUDA context, which torch's allocator does not count but the card holds
+TILE = 512  # tiled VAE decoding's tile, in pixels
+# system memory: the process's own libraries, plus the loaded weights (read in fp16, then converted)
+SYSTEM_BASE_GIB = {"cuda": 1.42, "cpu": 0.45}
+SYSTEM_PER_WEIGHT_GIB = 1.55
+# steady seconds per step on the calibration GPU (`CALIBRATION_TFLOPS` of bf16 matmul): a + b * batch * size^1.5,
+# size the activation count over that of the family's model at its own size, per (family, checkpointing); the
+# shipped configs (adapters/configs/) are the reference models. Eager steps are launch-bound: at least `eager`.
+CALIBRATION_TFLOPS = 805.8
+STEP_SECONDS = {
+    ("sd1", False): {"a": 0.022, "b": 0.0085, "eager": 0.165},
+    ("sd1", True): {"a": 0.030, "b": 0.011, "eager": 0.33},
+    ("sdxl", False): {"a": 0.060, "b": 0.048, "eager": 0.52},
+    ("sdxl", True): {"a": 0.080, "b": 0.064, "eager": 1.10},
+}
+CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
+# the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px
+CPU_STEP = {"a": 0.028, "b": 0.017}
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What the plan needs to know of a base model, from its configs alone."""
+
+    family: str  # "sd1", "sd2", "sdxl" or "other"
+    native: int  # pixels
+    unet_params: int
+    vae_params: int
+    text_params: int
+    act: int  # leaf output elements of one UNet forward at the native size, batch 1
+    kept: int  # input elements of the blocks gradient checkpointing recomputes, same forward
+    decoded: int  # the VAE decoder's largest activation at the native size (elements)
+    decoded_tile: int  # the same for one TILE-pixel tile
+    leaves: int  # leaf modules of the UNet (an eager step launches kernels for each)
+
+
+def _source(base_model: str | None, prediction_type: str | None) -> str:
+    source, _ = check_base_model(base_model, prediction_type)
+    if is_single_file(source):
+        source = str(inspect_checkpoint(source, prediction_type).configs)
+    return source
+
+
+@functools.lru_cache(maxsize=8)
+def geometry(base_model: str | None, prediction_type: str | None = None) -> Geometry:
+    """Build the UNet, VAE and text encoder(s) of `base_model` on the meta device and count (see the module doc)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    source = _source(base_model, prediction_type)
+    try:
+        index = DiffusionPipeline.load_config(source)
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae")
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(unet_config)
+            vae = AutoencoderKL.from_config(vae_config)
+            text_params = 0
+            for name in ("text_encoder", "text_encoder_2"):
+                if index.get(name) and index[name][0]:
+                    cls = getattr(transformers, index[name][1])
+                    encoder = cls(cls.config_class.from_pretrained(source, subfolder=name))
+                    text_params += sum(p.numel() for p in encoder.parameters())
+    except Exception as exc:
+        raise UserError(f"could not read the configs of base model {base_model!r}: {exc}") from exc
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    native = unet_config["sample_size"] * scale
+    counts = {"act": 0, "kept": 0, "leaves": 0}
+
+    def leaf(module, args, output):
+        if isinstance(output, torch.Tensor):
+            counts["act"] += output.numel()
+
+    def block(module, args):
+        counts["kept"] += args[0].numel()
+
+    hooks = []
+    for module in unet.modules():
+        if not any(True for _ in module.children()):
+            counts["leaves"] += 1
+            hooks.append(module.register_forward_hook(leaf))
+        if isinstance(module, ResnetBlock2D | Transformer2DModel):
+            hooks.append(module.register_forward_pre_hook(block))
+    side = native // scale
+    dtype = torch.float32  # counts, not bytes: the meta device does no arithmetic in any dtype
+    with torch.device("meta"), torch.no_grad():
+        kwargs = {}
+        if unet_config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and the six time ids
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(1, pooled, dtype=dtype),
+                "time_ids": torch.zeros(1, 6, dtype=dtype),
+            }
+        cross = unet_config["cross_attention_dim"]
+        unet(
+            torch.zeros(1, unet_config["in_channels"], side, side, dtype=dtype),
+            torch.tensor([1]),
+            torch.zeros(1, 77, cross if isinstance(cross, int) else cross[0], dtype=dtype),
+            **kwargs,
+        )
+        for hook in hooks:
+            hook.remove()
+        decoded = [_largest_decoded(vae, side, dtype), _largest_decoded(vae, min(side, TILE // scale), dtype)]
+    family = {"SDXL": "sdxl"}.get(_family_name(unet_config), "other")
+    if family == "other" and cross == 768:
+        family = "sd1"
+    elif family == "other" and cross == 1024:
+        family = "sd2"
+    return Geometry(
+        family=family,
+        native=native,
+        unet_params=sum(p.numel() for p in unet.parameters()),
+        vae_params=sum(p.numel() for p in vae.parameters()),
+        text_params=text_params,
+        act=counts["act"],
+        kept=counts["kept"],
+        decoded=decoded[0],
+        decoded_tile=decoded[1],
+        leaves=counts["leaves"],
+    )
+
+
+def _family_name(unet_config: dict) -> str:
+    return "SDXL" if unet_config.get("addition_embed_type") == "text_time" else ""
+
+
+def _largest_decoded(vae, side: int, dtype) -> int:
+    largest = [0]
+
+    def leaf(module, args, output):
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel())
+
+    hooks = [m.register_forward_hook(leaf) for m in vae.decoder.modules() if not any(True for _ in m.children())]
+    vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, dtype=dtype))
+    for hook in hooks:
+        hook.remove()
+    return largest[0]
+
+
+def lora_parameters(config) -> int:
+    """The trainable parameters of `config`'s adapter: rank x (in + out) of each targeted layer (and the conv
+    layers' rank x (in x k x k + out) with --conv-rank; DoRA's magnitudes; the text encoders' with
+    --train-text-encoder), counted on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from adapters.base import model_modules
+    from adapters.lora import attention_targets, conv_targets, feed_forward_targets, projection_targets
+
+    prediction = None if config.prediction_type == "auto" else config.prediction_type
+    source = _source(config.base_model, prediction)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
+    targets = attention_targets(unet, config.attention)
+    targets += feed_forward_targets(unet) if config.train_ff else []
+    targets += projection_targets(unet) if config.train_proj else []
+    modules = dict(unet.named_modules())
+    total = 0
+    for name in targets:
+        layer = modules[name]
+        total += config.rank * (layer.in_features + layer.out_features)
+        total += layer.out_features if config.use_dora else 0  # DoRA's magnitude vector
+    if config.conv_rank:
+        for name in conv_targets(unet):
+            layer = modules[name]
+            k = layer.kernel_size[0] * layer.kernel_size[1]
+            total += config.conv_rank * (layer.in_channels * k + layer.out_channels)
+    if config.train_text_encoder:
+        shapes, _ = model_modules(config.base_model, prediction)
+        for component, layers in shapes.items():
+            if component != "unet":
+                total += sum(config.rank * (i + o) for i, o in layers.values())
+    return total
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run will need and what the trainer does so that it fits; `str(plan)` is the table `--plan` prints."""
+
+    device: str  # "cuda: NVIDIA H200 (139.8 GiB)" or "cpu"
+    family: str
+    batch: int
+    resolution: int
+    lora_parameters: int
+    gpu_gib: dict[str, float]  # phase -> estimated peak allocated
+    gpu_available_gib: float | None  # what the run may use (the card, or --gpu-memory), less the CUDA context
+    system_gib: float
+    disk_mib: float
+    step_seconds: float
+    start_seconds: float
+    total_seconds: float
+    gradient_checkpointing: bool
+    tiled_preview: bool
+    turned_on: list[str]  # what the plan turned on to fit, each with why
+    fits: bool
+    advice: str  # settings that fit, when it does not
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.gpu_gib.values()) if self.gpu_gib else 0.0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "peak_gib": self.peak_gib}
+
+    def __str__(self) -> str:
+        rows = [
+            f"Plan for this run on {self.device} ({self.family}, batch {self.batch} at {self.resolution} px, "
+            f"{self.lora_parameters / 1e6:.2f} M LoRA parameters):"
+        ]
+        if self.gpu_gib:
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in self.gpu_gib.items())
+            room = f" of {self.gpu_available_gib:.1f} GiB it may use" if self.gpu_available_gib else ""
+            rows.append(f"  GPU memory: peak {self.peak_gib:.1f} GiB{room} (by phase: {phases})")
+        rows.append(f"  system memory: {self.system_gib:.1f} GiB")
+        rows.append(f"  disk: {self.disk_mib:.0f} MiB (adapter and kept checkpoints)")
+        rows.append(
+            f"  time: about {_duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
+            f"{_duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
+        )
+        rows += [f"  turned on: {what}" for what in self.turned_on]
+        if not self.fits:
+            rows.append(f"  does not fit: {self.advice}")
+        return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """This GPU's bf16 matrix-multiply rate (TFLOP/s), from a short probe."""
+    import time
+
+    n = 4096
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, count = time.perf_counter(), 20
+    for _ in range(count):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def estimate(
+    config,
+    *,
+    device: torch.device | str = "cpu",
+    card_gib: float | None = None,
+    processes: int = 1,
+    images: int = 0,
+    tflops: float | None = None,
+    device_name: str | None = None,
+) -> Plan:
+    """The plan of `config` on `device` (a card of `card_gib`, else the device's own; `config.gpu_memory` lowers it).
+    `images`: training pictures (for the time of an epoch-counted run). Decides --gradient-checkpointing auto and
+    the previews' tiled decoding; refuses nothing itself (`check` does)."""
+    device = torch.device(device)
+    prediction = None if config.prediction_type == "auto" else config.prediction_type
+    geom = geometry(config.base_model, prediction)
+    resolution = config.resolution or geom.native
+    area = (resolution / geom.native) ** 2  # activations scale with the pixels
+    lora = lora_parameters(config)
+    cuda = device.type == "cuda"
+    bytes_per_weight = 2 if (cuda and config.mixed_precision != "no") else 4
+    weights_gib = (geom.unet_params + geom.vae_params) * bytes_per_weight / GIB
+    if config.train_text_encoder:
+        weights_gib += geom.text_params * bytes_per_weight / GIB
+    lora_gib = lora * LORA_STATE_BYTES / GIB
+    base = weights_gib + lora_gib + RUNTIME_GIB
+    scale = bytes_per_weight / 2  # the constants are for bf16
+
+    def train_gib(batch: int, checkpointing: bool) -> float:
+        per_image = (BYTES_PER_KEPT * geom.kept if checkpointing else BYTES_PER_ACTIVATION * geom.act) / GIB
+        return base + batch * per_image * area * scale
+
+    def preview_gib(tiled: bool) -> float:
+        decoded = geom.decoded_tile if tiled else geom.decoded * area
+        return base + BYTES_PER_DECODED * decoded * scale / GIB
+
+    available = None
+    if cuda:
+        if card_gib is None:
+            card_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+        if config.gpu_memory:
+            card_gib = min(card_gib, config.gpu_memory)
+        available = card_gib - CONTEXT_GIB
+    turned_on, advice = [], ""
+    checkpointing = config.gradient_checkpointing == "on"
+    if config.gradient_checkpointing == "auto" and cuda and train_gib(config.batch_size, False) > available:
+        checkpointing = True
+        turned_on.append(
+            f"gradient checkpointing (without it the step needs {train_gib(config.batch_size, False):.1f} GiB; "
+            f"with it {train_gib(config.batch_size, True):.1f})"
+        )
+    previews = bool(config.preview_prompt)
+    tiled = bool(cuda and previews and preview_gib(False) > available)
+    if tiled:
+        turned_on.append(
+            f"tiled VAE decoding for previews ({preview_gib(False):.1f} GiB whole, {preview_gib(True):.1f} tiled)"
+        )
+    gpu = {}
+    if cuda:
+        gpu = {"cache": base - lora_gib, "train": train_gib(config.batch_size, checkpointing)}
+        if previews:
+            gpu["preview"] = preview_gib(tiled)
+        gpu = {k: round(v, 3) for k, v in gpu.items()}
+    fits = not cuda or max(gpu.values()) <= available
+    if not fits:
+        advice = _advice(config, train_gib, available, checkpointing)
+    # system memory: libraries and weights; on the CPU the activations live there too
+    fp16_weights = (geom.unet_params + geom.vae_params + geom.text_params) * 2 / GIB
+    system = SYSTEM_BASE_GIB["cuda" if cuda else "cpu"] + SYSTEM_PER_WEIGHT_GIB * fp16_weights
+    if not cuda:
+        system += train_gib(config.batch_size, checkpointing) - base
+    # disk: the adapter (fp32) and each kept checkpoint (fp32 weights and AdamW's two moments); the last step writes
+    # the adapter, not a checkpoint
+    steps = config.steps
+    if config.epochs and images:
+        steps = config.run_length(images, processes)[1]
+    saves = (steps - 1) // config.save_every if config.save_every else 0
+    kept = saves if config.keep_checkpoints == 0 else min(saves, config.keep_checkpoints)
+    disk = lora * (4 + kept * 12) / 2**20
+    step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
+    start = 1.0 + 1.2 * fp16_weights
+    return Plan(
+        device=device_name or _device_name(device, card_gib),
+        family=geom.family,
+        batch=config.batch_size,
+        resolution=resolution,
+        lora_parameters=lora,
+        gpu_gib=gpu,
+        gpu_available_gib=round(available, 2) if available is not None else None,
+        system_gib=round(system, 2),
+        disk_mib=round(disk, 1),
+        step_seconds=round(step, 4),
+        start_seconds=round(start, 1),
+        total_seconds=round(start + steps * step, 1),
+        gradient_checkpointing=checkpointing,
+        tiled_preview=tiled,
+        turned_on=turned_on,
+        fits=fits,
+        advice=advice,
+    )
+
+
+def _device_name(device: torch.device, card_gib: float | None) -> str:
+    if device.type != "cuda":
+        return "the CPU"
+    return f"{torch.cuda.get_device_name(device)} ({card_gib:.1f} GiB)"
+
+
+def _advice(config, train_gib, available: float, checkpointing: bool) -> str:
+    """Settings that fit (the same images a step, through accumulation), or what is needed."""
+    need = train_gib(config.batch_size, checkpointing)
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    for batch in range(config.batch_size, 0, -1):
+        if per_step % batch:  # the same images a step, or it is not the same training
+            continue
+        for ckpt in (False, True):
+            if train_gib(batch, ckpt) <= 0.95 * available:  # a margin for the estimate's own error
+                accumulate = per_step // batch
+                flags = (
+                    []
+                    if batch == config.batch_size
+                    else [f"--batch-size {batch}", f"--gradient-accumulation-steps {accumulate}"]
+                )
+                if ckpt:
+                    flags.append("--gradient-checkpointing on")
+                return (
+                    f"the step needs about {need:.1f} GiB and {available:.1f} GiB is free for it; "
+                    f"{' '.join(flags)} trains on as many images a step in about {train_gib(batch, ckpt):.1f} GiB"
+                )
+    return (
+        f"even batch 1 with gradient checkpointing needs about {train_gib(1, True):.1f} GiB and {available:.1f} GiB "
+        "is free for it: a smaller --resolution or --rank, or a GPU with more memory"
+    )
+
+
+def _step_seconds(
+    config, geom: Geometry, device, checkpointing: bool, area: float, tflops: float | None, processes: int
+) -> float:
+    batch = config.batch_size
+    if device.type != "cuda":
+        builtin = geometry("builtin")
+        return CPU_STEP["a"] + CPU_STEP["b"] * batch * (geom.act * area / builtin.act)
+    family = geom.family if geom.family in ("sd1", "sdxl") else "sd1"
+    known = STEP_SECONDS[(family, checkpointing)]
+    reference = geometry(str(CONFIGS / family))
+    size = area * geom.act / reference.act  # pictures of that family's model at its own size
+    speed = CALIBRATION_TFLOPS / (tflops or matmul_tflops(device))
+    step = (known["a"] + known["b"] * batch * size**1.5) * speed
+    eager = not config.cuda_graphs or processes > 1 or config.train_text_encoder or config.lora_dropout > 0
+    if eager:  # launch-bound: the floor grows with the modules launched, not with the GPU's speed
+        step = max(step, known["eager"] * geom.leaves / reference.leaves)
+    return step
+
+
+def check(plan: Plan) -> None:
+    """Refuse a run whose plan does not fit, before any work, with the settings that would."""
+    if not plan.fits:
+        raise UserError(
+            f"this run would not fit in the GPU's memory: it needs about {plan.peak_gib:.1f} GiB at its peak and "
+            f"{plan.gpu_available_gib:.1f} GiB is there to use. {plan.advice[0].upper()}{plan.advice[1:]}"
+        )
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    """The runs of stored plan_calibration result files, each with its file's arch."""
+    runs = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs += [{**run, "arch": data["arch"], "file": Path(path).name} for run in data["runs"]]
+    return runs
