@@ -233,6 +233,7 @@ class Plan:
     lora_parameters: int
     gpu_gib: dict[str, float]  # phase -> estimated peak allocated
     gpu_available_gib: float | None  # what the run may use (the card, or --gpu-memory), less the CUDA context
+    need_gib: float  # the run's peak: the step, or a preview beside the CUDA graph's pool of the step's activations
     system_gib: float
     disk_mib: float
     step_seconds: float
@@ -244,12 +245,8 @@ class Plan:
     fits: bool
     advice: str  # settings that fit, when it does not
 
-    @property
-    def peak_gib(self) -> float:
-        return max(self.gpu_gib.values()) if self.gpu_gib else 0.0
-
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "peak_gib": self.peak_gib}
+        return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         rows = [
@@ -259,7 +256,7 @@ class Plan:
         if self.gpu_gib:
             phases = ", ".join(f"{k} {v:.1f}" for k, v in self.gpu_gib.items())
             room = f" of {self.gpu_available_gib:.1f} GiB it may use" if self.gpu_available_gib else ""
-            rows.append(f"  GPU memory: peak {self.peak_gib:.1f} GiB{room} (by phase: {phases})")
+            rows.append(f"  GPU memory: peak {self.need_gib:.1f} GiB{room} (allocated by phase: {phases})")
         rows.append(f"  system memory: {self.system_gib:.1f} GiB")
         rows.append(f"  disk: {self.disk_mib:.0f} MiB (adapter and kept checkpoints)")
         rows.append(
@@ -333,6 +330,14 @@ def estimate(
         decoded = geom.decoded_tile if tiled else geom.decoded * area
         return base + BYTES_PER_DECODED * decoded * scale / GIB
 
+    previews = bool(config.preview_prompt)
+    graphed = cuda and _graphed(config, processes)
+
+    def need_gib(batch: int, checkpointing: bool) -> float:
+        """The run's peak: the step, or a (tiled) preview beside the graph's pool of the step's activations."""
+        train = train_gib(batch, checkpointing)
+        return max(train, preview_gib(True) + (train - base if graphed else 0.0)) if previews else train
+
     available = None
     if cuda:
         if card_gib is None:
@@ -348,11 +353,13 @@ def estimate(
             f"gradient checkpointing (without it the step needs {train_gib(config.batch_size, False):.1f} GiB; "
             f"with it {train_gib(config.batch_size, True):.1f})"
         )
-    previews = bool(config.preview_prompt)
-    tiled = bool(cuda and previews and preview_gib(False) > available)
+    # a CUDA-graph step keeps its activations' memory in the graph's own pool, also while previews draw
+    pool = train_gib(config.batch_size, checkpointing) - base if graphed else 0.0
+    tiled = bool(cuda and previews and preview_gib(False) + pool > available)
     if tiled:
         turned_on.append(
-            f"tiled VAE decoding for previews ({preview_gib(False):.1f} GiB whole, {preview_gib(True):.1f} tiled)"
+            f"tiled VAE decoding for previews ({preview_gib(False) + pool:.1f} GiB whole, "
+            f"{preview_gib(True) + pool:.1f} tiled, with the step's graph memory)"
         )
     gpu = {}
     if cuda:
@@ -360,9 +367,10 @@ def estimate(
         if previews:
             gpu["preview"] = preview_gib(tiled)
         gpu = {k: round(v, 3) for k, v in gpu.items()}
-    fits = not cuda or max(gpu.values()) <= available
+    need = max(gpu["train"], gpu.get("preview", 0.0) + pool) if cuda else 0.0
+    fits = not cuda or need <= available
     if not fits:
-        advice = _advice(config, train_gib, available, checkpointing)
+        advice = _advice(config, need_gib, available, checkpointing)
     # system memory: libraries and weights; on the CPU the activations live there too
     fp16_weights = (geom.unet_params + geom.vae_params + geom.text_params) * 2 / GIB
     system = SYSTEM_BASE_GIB["cuda" if cuda else "cpu"] + SYSTEM_PER_WEIGHT_GIB * fp16_weights
@@ -386,6 +394,7 @@ def estimate(
         lora_parameters=lora,
         gpu_gib=gpu,
         gpu_available_gib=round(available, 2) if available is not None else None,
+        need_gib=round(need, 3),
         system_gib=round(system, 2),
         disk_mib=round(disk, 1),
         step_seconds=round(step, 4),
@@ -405,15 +414,15 @@ def _device_name(device: torch.device, card_gib: float | None) -> str:
     return f"{torch.cuda.get_device_name(device)} ({card_gib:.1f} GiB)"
 
 
-def _advice(config, train_gib, available: float, checkpointing: bool) -> str:
+def _advice(config, need_gib, available: float, checkpointing: bool) -> str:
     """Settings that fit (the same images a step, through accumulation), or what is needed."""
-    need = train_gib(config.batch_size, checkpointing)
+    need = need_gib(config.batch_size, checkpointing)
     per_step = config.batch_size * config.gradient_accumulation_steps
     for batch in range(config.batch_size, 0, -1):
         if per_step % batch:  # the same images a step, or it is not the same training
             continue
         for ckpt in (False, True):
-            if train_gib(batch, ckpt) <= 0.95 * available:  # a margin for the estimate's own error
+            if need_gib(batch, ckpt) <= 0.95 * available:  # a margin for the estimate's own error
                 accumulate = per_step // batch
                 flags = (
                     []
@@ -423,11 +432,11 @@ def _advice(config, train_gib, available: float, checkpointing: bool) -> str:
                 if ckpt:
                     flags.append("--gradient-checkpointing on")
                 return (
-                    f"the step needs about {need:.1f} GiB and {available:.1f} GiB is free for it; "
-                    f"{' '.join(flags)} trains on as many images a step in about {train_gib(batch, ckpt):.1f} GiB"
+                    f"the run needs about {need:.1f} GiB and {available:.1f} GiB is free for it; "
+                    f"{' '.join(flags)} trains on as many images a step in about {need_gib(batch, ckpt):.1f} GiB"
                 )
     return (
-        f"even batch 1 with gradient checkpointing needs about {train_gib(1, True):.1f} GiB and {available:.1f} GiB "
+        f"even batch 1 with gradient checkpointing needs about {need_gib(1, True):.1f} GiB and {available:.1f} GiB "
         "is free for it: a smaller --resolution or --rank, or a GPU with more memory"
     )
 
@@ -445,17 +454,21 @@ def _step_seconds(
     size = area * geom.act / reference.act  # pictures of that family's model at its own size
     speed = CALIBRATION_TFLOPS / (tflops or matmul_tflops(device))
     step = (known["a"] + known["b"] * batch * size**1.5) * speed
-    eager = not config.cuda_graphs or processes > 1 or config.train_text_encoder or config.lora_dropout > 0
-    if eager:  # launch-bound: the floor grows with the modules launched, not with the GPU's speed
+    if not _graphed(config, processes):  # launch-bound: grows with the modules launched, not the GPU's speed
         step = max(step, known["eager"] * geom.leaves / reference.leaves)
     return step
+
+
+def _graphed(config, processes: int) -> bool:
+    """Whether the step will be a CUDA graph (trainer/step.py's make_step says why not, at the run's start)."""
+    return config.cuda_graphs and processes == 1 and not config.train_text_encoder and config.lora_dropout == 0
 
 
 def check(plan: Plan) -> None:
     """Refuse a run whose plan does not fit, before any work, with the settings that would."""
     if not plan.fits:
         raise UserError(
-            f"this run would not fit in the GPU's memory: it needs about {plan.peak_gib:.1f} GiB at its peak and "
+            f"this run would not fit in the GPU's memory: it needs about {plan.need_gib:.1f} GiB at its peak and "
             f"{plan.gpu_available_gib:.1f} GiB is there to use. {plan.advice[0].upper()}{plan.advice[1:]}"
         )
 
