@@ -159,3 +159,30 @@ def test_a_single_files_vae_is_its_folders(tmp_path, monkeypatch):
     from_folder, from_file = load_vae(str(folder), device="cpu"), load_vae(str(file), device="cpu")
     assert from_folder.state_dict().keys() == from_file.state_dict().keys()
     assert all(torch.equal(a, from_file.state_dict()[k]) for k, a in from_folder.state_dict().items())
+
+
+def test_crops_of_two_different_pictures_are_not_paired(tmp_path, vae):
+    """Two crops of different demo pictures, enlarged and saved as JPEG, one mostly black: nothing to report. (A
+    window of plain background once scored far above a correlation of 1, from dividing by its almost-zero spread,
+    and named one crop a crop of the other.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, box in (("neon_02", (1, 24, 81, 104)), ("neon_07", (14, 48, 91, 125))):
+        crop = Image.open(SAMPLES / f"{name}.png").convert("RGB").crop(box).resize((160, 160))
+        crop.save(data / f"crop_{name}.jpg", quality=85)
+    paths = sorted(data.iterdir())
+    findings, notes = picture_findings(paths, [p.name for p in paths], vae)
+    assert findings == [] and notes == ["style outliers were not checked: 2 readable pictures, fewer than 5"]
+
+
+def test_a_window_of_one_colour_scores_nothing():
+    """The latents of a one-colour area are one value to within rounding: its windows score 0 against any picture,
+    not the rounding noise of a division by almost nothing."""
+    from trainer.datacheck import _correlations, _unit_templates
+
+    torch.manual_seed(0)
+    big = torch.full((4, 40, 40), 1.6)
+    big[:, 5:15, 5:15] += torch.randn(4, 10, 10)  # one textured corner; the rest one value
+    scores = _correlations(big, _unit_templates([torch.randn(4, 12, 12)]))
+    assert scores[0, 25:, 25:].abs().max() == 0  # windows wholly on the one colour
+    assert 0.05 < scores.abs().max() <= 1.0

@@ -50,15 +50,16 @@ HASH_BITS = 4
 FEATURE_SIDE = 24
 ZOOMS = tuple(1.05**k for k in range(15))
 # A crop candidate is a correlation of the latents of at least LATENT_MATCH somewhere in the other picture; it is
-# a crop when the pixels there correlate at least PIXEL_MATCH. On the demo set with planted crops (60-85% of the
-# side, JPEG-saved, resized): true crops 0.98-1.0, the best coincidental matches of different pictures <= 0.95.
+# a crop when the pixels there correlate at least PIXEL_MATCH. On the demo set with a crop and a small copy of each
+# picture planted, 30 of the 32 are found against their own picture; of the 2 crops that are not, one is named against
+# another picture (benchmarks/results/datacheck_thresholds.txt).
 LATENT_MATCH = 0.85
 PIXEL_MATCH = 0.97
 PIXEL_SIDE = 64  # pixels per side (in area) of the pixel check
 SAME_ZOOM = 1.08  # a match at a zoom under this is the same picture (a resize), not a crop of it
 # A picture is an outlier when its tone and colour are this far from the set's (see _outliers) and this many times
-# the set's median distance. In 400 random subsets (5 to 16 pictures) of the demo set: at most 2.6 for its own
-# pictures, at least 5.4 for a picture of the plain style added to them.
+# the set's median distance. In 400 random subsets (5 to 16 pictures) of the demo set: at most 2.65 for its own
+# pictures, at least 5.61 for a picture of the plain style added (benchmarks/results/datacheck_thresholds.txt).
 OUTLIER_DISTANCE = 4.0
 OUTLIER_RATIO = 3.0
 MIN_FOR_OUTLIERS = 5  # fewer pictures than this have no "rest of the set" to stand out from
@@ -193,13 +194,17 @@ def _unit_templates(maps: list[torch.Tensor]) -> torch.Tensor:
 def _correlations(big: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
     """The correlation (each channel centred) of every template with every window of `big` of its size:
     (templates, rows, columns). The templates sum to 0 per channel, so the window's mean drops out of the product
-    and is only needed for its norm."""
+    and is only needed for its norm, a difference of two large sums: in float32 it rounded to almost nothing on a
+    plain background, where a crop then scored far above 1 against another picture's black. So float64, and a
+    window flat to within rounding (its energy under 1e-10 of its sum of squares) scores 0."""
     h, w = templates.shape[-2:]
+    big, templates = big.double(), templates.double()
     numerator = F.conv2d(big[None], templates)[0]
     sums = F.avg_pool2d(big[None], (h, w), stride=1)[0] * (h * w)
     squares = F.avg_pool2d(big[None] ** 2, (h, w), stride=1)[0] * (h * w)
-    energy = (squares - sums**2 / (h * w)).sum(0).clamp_min(1e-8)
-    return numerator / energy.sqrt()
+    energy = (squares - sums**2 / (h * w)).sum(0)
+    flat = energy <= 1e-10 * squares.sum(0) + 1e-30
+    return torch.where(flat, 0.0, numerator / energy.clamp_min(1e-30).sqrt()).float()
 
 
 def _latent_matches(maps: dict[str, list[torch.Tensor]]) -> dict[tuple[str, str], tuple[float, float, float, float]]:
@@ -329,17 +334,22 @@ def _duplicate_findings(pairs: dict[tuple[str, str], str], sizes: dict[str, tupl
     return sorted(findings, key=lambda f: f.file)
 
 
-def _outliers(stats: dict[str, np.ndarray]) -> list[Finding]:
-    """The pictures whose tone and colour are far from the set's: the distance of a picture's mean latent from the
-    set's median, in units of the set's typical spread of the latents within a picture, plus how far its own spread
-    is from the set's (log ratio). An outlier is at least OUTLIER_DISTANCE away and OUTLIER_RATIO times the set's
-    median distance (so a set of varied pictures does not flag each one)."""
-    names, x = list(stats), np.stack(list(stats.values()))
+def outlier_distances(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """How far each picture's tone and colour (style_statistics) are from the set's: the distance of its mean latent
+    from the set's median, in units of the set's typical spread of the latents within a picture, plus how far its
+    own spread is from the set's (log ratio)."""
+    x = np.stack(list(stats.values()))
     channels = x.shape[1] // 2
     mean, spread = x[:, :channels], np.maximum(x[:, channels:], 1e-6)
     unit = max(float(np.median(spread)), 1e-6)
     distance = np.linalg.norm(mean - np.median(mean, 0), axis=1) / unit
-    distance += np.linalg.norm(np.log(spread / np.median(spread, 0)), axis=1)
+    return distance + np.linalg.norm(np.log(spread / np.median(spread, 0)), axis=1)
+
+
+def _outliers(stats: dict[str, np.ndarray]) -> list[Finding]:
+    """The pictures whose tone and colour are far from the set's (outlier_distances): at least OUTLIER_DISTANCE away
+    and OUTLIER_RATIO times the set's median distance (so a set of varied pictures does not flag each one)."""
+    names, distance = list(stats), outlier_distances(stats)
     typical = float(np.median(distance))
     return [
         Finding(
