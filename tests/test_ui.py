@@ -287,6 +287,10 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     wide = next(e for e in load_examples(images, 64, buckets=bucket_sizes(64, 16)) if e.path.name == "wide.png")
     assert tuple(wide.pixels.shape[1:]) == (48, 80)  # what training would cut it to: the plan's bucket
     assert "64×64: 3 · 80×48: 1" in plan
+    # and what it needs on this machine: 400 steps at batch 2 of the built-in model on the CPU
+    assert "**On this machine** (the CPU):" in plan and "system memory" in plan and "a step)" in plan
+    longer = tab.show_plan(files, *{**values, "repeats": 3, "batch_size": 2, "steps": 4000}.values())
+    assert _minutes(longer) > 5 * _minutes(plan)
     assert tab.show_plan(files, *{**values, "batch_size": 0}.values()).startswith("⚠ *Batch size* must be")
     run = _run_folder(tmp_path / "runs", "r1", preview_prompt=["zq, a red circle", "zq, a star --d 9"])
     log = EventLog(run)
@@ -334,3 +338,25 @@ def test_a_reload_puts_back_only_files_in_gradios_upload_folder_and_captions_typ
     new_txt = str(cache / "e5" / "img0.txt")
     shown, _ = tab.apply_kept_captions([kept[0], new_txt, kept[2]], [list(r) for r in rows], state)
     assert [r[2] for r in shown] == ["from the txt", "typed too"]
+
+
+def test_a_run_that_would_not_fit_says_so_before_train_in_the_pages_words():
+    """The plan of SDXL at batch 4 without checkpointing for an 8 GiB card, as the page shows it."""
+    from app.ui.train import machine_markdown
+    from trainer.plan import CONFIGS, estimate
+
+    config = TrainConfig(
+        base_model=str(CONFIGS / "sdxl"), batch_size=4, gradient_checkpointing="off", preview_prompt=("a cat",)
+    )
+    shown = machine_markdown(estimate(config, device="cuda", card_gib=8, tflops=800.0, device_name="a GPU (8.0 GiB)"))
+    assert "⚠ Would not fit" in shown and "of 7.5 GiB" in shown
+    assert "*Batch size* 1" in shown and "--batch-size" not in shown  # the page's labels, not the flags
+    assert "turns on tiled VAE decoding" in shown
+
+
+def _minutes(plan: str) -> float:
+    """The time a plan in the page states, in minutes."""
+    import re
+
+    amount, unit = re.search(r"about ([0-9.]+) (s|min|h) \(", plan).groups()
+    return float(amount) * {"s": 1 / 60, "min": 1, "h": 60}[unit]

@@ -186,7 +186,20 @@ def _largest_decoded(vae, side: int, dtype) -> int:
     return largest[0]
 
 
+_COUNTED: dict[tuple, int] = {}
+
+
 def lora_parameters(config) -> int:
+    """The trainable parameters of `config`'s adapter (`_count_lora_parameters`), counted once per model and shape:
+    the page plans again at every change of the form."""
+    fields = ("base_model", "prediction_type", "attention", "rank", "train_ff", "train_proj", "use_dora", "conv_rank")
+    key = tuple(getattr(config, name) for name in (*fields, "train_text_encoder"))
+    if key not in _COUNTED:
+        _COUNTED[key] = _count_lora_parameters(config)
+    return _COUNTED[key]
+
+
+def _count_lora_parameters(config) -> int:
     """The trainable parameters of `config`'s adapter: rank x (in + out) of each targeted layer (and the conv
     layers' rank x (in x k x k + out) with --conv-rank; DoRA's magnitudes; the text encoders' with
     --train-text-encoder), counted on the meta device."""
@@ -260,8 +273,8 @@ class Plan:
         rows.append(f"  system memory: {self.system_gib:.1f} GiB")
         rows.append(f"  disk: {self.disk_mib:.0f} MiB (adapter and kept checkpoints)")
         rows.append(
-            f"  time: about {_duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
-            f"{_duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
+            f"  time: about {duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
+            f"{duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
         )
         rows += [f"  turned on: {what}" for what in self.turned_on]
         if not self.fits:
@@ -269,7 +282,7 @@ class Plan:
         return "\n".join(rows)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

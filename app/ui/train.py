@@ -38,6 +38,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
+from trainer.plan import Plan, duration, estimate
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
@@ -77,6 +78,21 @@ def plan_markdown(plan: dict) -> str:
         f"{plan['steps']} | {plan['epochs']:g} |\n\n"
         f"Aspect-ratio buckets (width × height: images): {buckets}"
     )
+
+
+def machine_markdown(plan: Plan) -> str:
+    """The run's plan on this machine (trainer/plan.py) in the page's words: what it needs, what it turns on,
+    and, when it does not fit, the settings that would."""
+    lines = [f"**On this machine** ({plan.device}):"]
+    if plan.gpu_gib:
+        lines.append(f"GPU memory about {plan.need_gib:.1f} GiB at its peak, of {plan.gpu_available_gib:.1f} GiB")
+    lines.append(f"system memory {plan.system_gib:.1f} GiB · disk {plan.disk_mib:.0f} MiB")
+    lines.append(f"about {duration(plan.total_seconds)} ({plan.step_seconds:.2f} s a step)")
+    lines += [f"turns on {page_words(what)}" for what in plan.turned_on]
+    text = " · ".join(lines[:1]) + " " + " · ".join(lines[1:])
+    if not plan.fits:
+        text += f"\n\n<span id='plan-refusal'>⚠ Would not fit: {page_words(plan.advice)}</span>"
+    return text
 
 
 @functools.lru_cache(maxsize=16)
@@ -374,10 +390,12 @@ class TrainTab:
         if not paths:
             return ""
         try:
-            plan = upload_plan(paths, self.settings.config(settings), self.max_upload_files)
+            config = self.settings.config(settings)
+            plan = upload_plan(paths, config, self.max_upload_files)
+            machine = estimate(config, device=pick_device(), images=plan["repeats"])
         except UserError as exc:
             return f"⚠ {page_words(str(exc))}"
-        return "**If trained now:**\n\n" + plan_markdown(plan)
+        return "**If trained now:**\n\n" + plan_markdown(plan) + "\n\n" + machine_markdown(machine)
 
     def on_train_pressed(self, paths, rows, dropped, *settings):
         return self.on_train(paths, rows, *settings, dropped=dropped)
