@@ -283,3 +283,49 @@ def test_lora_dropout_on_a_gpu_steps_eagerly_and_resumes_as_it_trains(tiny_model
 
     print(json.dumps({"dropout_resume": distance(back, whole), "whole_vs_whole": distance(again, whole)}))
     assert distance(back, whole) <= 2 * distance(again, whole) + 1e-7
+
+
+def test_adamw8bit_keeps_8bit_moments_in_checkpoints_and_resumes_as_it_trains(tmp_path):
+    """bitsandbytes' 8-bit AdamW on the GPU: its moments are 8-bit in the checkpoint (bitsandbytes keeps tensors
+    under 4,096 values in 32 bits, so rank 64), a cancelled run resumed from that checkpoint lands where one never
+    stopped does (as near as two such runs land to each other), and it trains something else than AdamW."""
+    pytest.importorskip("bitsandbytes", reason="pip install bitsandbytes (the lent GPU machine gets it carried)")
+    from safetensors.torch import load_file
+
+    from trainer.loop import Cancelled
+
+    settings = dict(data="sample_images", rank=64, learning_rate=1e-3, optimizer="adamw8bit")
+    runs = [
+        train(TrainConfig(steps=6, run_dir=str(tmp_path / f"whole{i}"), **settings), log_to_terminal=False).adapter
+        for i in range(2)
+    ]
+    seen = []
+
+    def stop_after_three():
+        seen.append(None)
+        return len(seen) > 3
+
+    with pytest.raises(Cancelled):  # the cancel saves a checkpoint of step 3
+        train(TrainConfig(steps=6, run_dir=str(tmp_path / "cut"), **settings), should_stop=stop_after_three)
+    (checkpoint,) = (tmp_path / "cut" / "checkpoints").iterdir()
+    state = load_file(checkpoint / "state.safetensors")
+    eight_bit = [k for k, v in state.items() if k.startswith("optim.") and v.dtype == torch.uint8]
+    assert eight_bit, sorted(state)[:20]
+    resumed = train(TrainConfig(steps=6, run_dir=str(tmp_path / "cut"), resume="latest", **settings))
+    plain = train(
+        TrainConfig(steps=6, run_dir=str(tmp_path / "adamw"), **{**settings, "optimizer": "adamw"}),
+        log_to_terminal=False,
+    ).adapter
+    whole, again, back, other = (load_file(path) for path in (*runs, resumed.adapter, plain))
+
+    def distance(x, y):
+        return float(sum((x[k] - y[k]).pow(2).sum() for k in y) / sum(y[k].pow(2).sum() for k in y)) ** 0.5
+
+    found = {
+        "resume": distance(back, whole),
+        "whole_vs_whole": distance(again, whole),
+        "vs_adamw": distance(other, whole),
+    }
+    print(json.dumps({"adamw8bit": found, "eight_bit_tensors": len(eight_bit)}))
+    assert found["resume"] <= 2 * found["whole_vs_whole"] + 1e-7
+    assert found["vs_adamw"] > 10 * found["whole_vs_whole"] + 1e-6
