@@ -144,3 +144,36 @@ def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):
         train(config_for(tiny_model, image_folder, tmp_path / "r"), device="cpu")
     with pytest.raises(UserError, match="needs the run folder too"):
         TrainConfig(data="x", resume="latest")
+
+
+def test_optimiser_state_nested_as_bitsandbytes_nests_it_survives_a_checkpoint(tmp_path):
+    """bitsandbytes' 8-bit AdamW hands its moments over one level down (`{"state1": ..., "nested": {...}}`); a
+    checkpoint keeps that state whole, and loading it gives the optimiser back what it saved."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.loop import BatchDrawer
+
+    class Nesting(torch.optim.AdamW):  # AdamW whose state_dict nests its moments, as bitsandbytes' does
+        def state_dict(self):
+            state = super().state_dict()
+            state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # the live state stays
+            for entry in state["state"].values():
+                entry["moments"] = {"exp_avg": entry.pop("exp_avg"), "exp_avg_sq": entry.pop("exp_avg_sq")}
+            return state
+
+        def load_state_dict(self, state):
+            for entry in state["state"].values():
+                entry.update(entry.pop("moments"))
+            super().load_state_dict(state)
+
+    weight = torch.nn.Parameter(torch.randn(3, 5))
+    optimizer = Nesting([weight], lr=0.1)
+    weight.pow(2).sum().backward()
+    optimizer.step()
+    drawer = BatchDrawer(4, 2, 1000, (4, 8, 8), seed=1)
+    settings = TrainConfig().to_dict()
+    folder = save_checkpoint(tmp_path, 1, [weight], optimizer, drawer, settings, keep=0)
+    again = Nesting([torch.nn.Parameter(torch.zeros(3, 5))], lr=0.1)
+    load_checkpoint(folder, [again.param_groups[0]["params"][0]], again, drawer, settings)
+    saved, loaded = optimizer.state_dict()["state"][0], again.state_dict()["state"][0]
+    assert torch.equal(saved["moments"]["exp_avg_sq"], loaded["moments"]["exp_avg_sq"])
+    assert torch.equal(saved["moments"]["exp_avg"], loaded["moments"]["exp_avg"])

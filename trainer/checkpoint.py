@@ -80,7 +80,11 @@ def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config:
     state = optimizer.state_dict()
     for i, entry in state["state"].items():
         for key, value in entry.items():
-            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            # bitsandbytes nests its 8-bit moments and their scales one level down: optim.<i>.<key>/<inner key>
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, item in inner:
+                name = f"optim.{i}.{key}" if sub is None else f"optim.{i}.{key}/{sub}"
+                tensors[name] = torch.as_tensor(item).detach().cpu().contiguous()
     drawer_state = drawer.state()
     tensors["drawer.generator"] = drawer_state["generator"]
     tensors["rng.cpu"] = torch.get_rng_state()  # torch's own generators: LoRA dropout draws its masks from them
@@ -150,7 +154,12 @@ def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            state["state"].setdefault(int(index), {})[name] = value
+            entry = state["state"].setdefault(int(index), {})
+            if "/" in name:  # a nested part (see save_checkpoint)
+                outer, inner = name.split("/", 1)
+                entry.setdefault(outer, {})[inner] = value
+            else:
+                entry[name] = value
     optimizer.load_state_dict(state)
     drawer.load_state({"generator": tensors["drawer.generator"], "order": info["order"]})
     if "rng.cpu" in tensors:  # checkpoints from before LoRA dropout lack them; nothing drew from them then
