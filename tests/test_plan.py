@@ -125,3 +125,15 @@ def test_sdxl_at_1024_trained_within_an_8_gib_card_as_the_plan_said():
     for phase, measured in run["memory"]["gpu_allocated_gib"].items():
         assert abs(plan.gpu_gib[phase] / measured - 1) <= 0.15
     assert 1 / run["step_s"] >= 3  # pictures a second at batch 1
+
+
+def test_an_out_of_memory_names_what_the_plan_expected(tmp_path):
+    import torch
+
+    from trainer.loop import _out_of_memory
+
+    config = TrainConfig(base_model=str(CONFIGS / "sd1"), batch_size=1)
+    plan = estimate(config, **{**H200, "card_gib": 8})
+    message = str(_out_of_memory(config, tmp_path, torch.cuda.OutOfMemoryError("CUDA out of memory."), plan))
+    assert f"The plan expected a peak of about {plan.need_gib:.1f} GiB of the 7.5 GiB" in message
+    assert "another program" in message and "--batch-size (now 1; already 1)" in message

@@ -772,7 +772,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     except Cancelled:
         raise
     except Exception as exc:  # the UI tails events.jsonl: say what went wrong there, not only on the terminal
-        error = _out_of_memory(config, run_dir, exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc
+        error = _out_of_memory(config, run_dir, exc, plan) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         events.emit("error", message=message)
         _finish_trackers(accelerator)
@@ -813,8 +813,8 @@ def _require_finite(params, config: TrainConfig, run_dir: Path, step: int) -> No
         raise _diverged(config, run_dir, step, "the LoRA weights hold NaN or Inf values")
 
 
-def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserError:
-    """CUDA ran out of memory: what to change, from the settings this run has."""
+def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception, plan=None) -> UserError:
+    """CUDA ran out of memory: what to change, from the settings this run has (and what its plan expected)."""
     smaller = f"try {config.batch_size // 2}" if config.batch_size > 1 else "already 1"
     size = f"now {config.resolution}" if config.resolution else "now the model's native size"
     precision = "; --mixed-precision bf16 (it trains in fp32 now)" if config.mixed_precision == "no" else ""
@@ -823,8 +823,14 @@ def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception) -> UserEr
         if config.gradient_checkpointing != "on"
         else ""
     )
+    expected = ""
+    if plan is not None and plan.gpu_gib:
+        expected = (
+            f"The plan expected a peak of about {plan.need_gib:.1f} GiB of the {plan.gpu_available_gib:.1f} GiB "
+            "this run may use: is another program using the GPU? (--gpu-memory plans for less.) "
+        )
     return UserError(
-        f"the GPU ran out of memory ({str(exc).splitlines()[0][:200]}). Things that need less: a smaller "
+        f"the GPU ran out of memory ({str(exc).splitlines()[0][:200]}). {expected}Things that need less: a smaller "
         f"--batch-size (now {config.batch_size}; {smaller}); a smaller --resolution ({size}); a smaller --rank "
         f"(now {config.rank}){recompute}; --no-cuda-graphs (graphs keep their own memory pool){precision}; and "
         f"no other program on the same GPU. The run stopped; {_kept(run_dir)}"
