@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an adapter on a folder of images and captions")
-    p.add_argument("--config", help="a .json or .yaml file of TrainConfig fields; flags override it")
+    p.add_argument(
+        "--config", help="a .json or .yaml file of TrainConfig fields (and preset: NAME); flags override it"
+    )
     p.add_argument(
         "--preset",
         metavar="NAME",

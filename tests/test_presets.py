@@ -69,3 +69,36 @@ def test_picking_a_preset_in_the_page_fills_the_form_without_mixing_presets():
     assert (config.optimizer, config.learning_rate, config.steps, config.batch_size) == ("adamw", 2e-4, 300, 4)
     assert config.trigger_word == "zq" and config.preview_every == 100  # the page's own default kept
     assert all(name in form.controls for name in PRESET_FIELDS)
+
+
+def test_a_config_file_names_a_preset_under_its_own_values_and_the_flags(tmp_path):
+    """`preset:` in a config file applies the preset first, then the file's values, then the flags: the order of
+    --preset; a --preset on the command line takes the file's place."""
+    file = tmp_path / "c.yaml"
+    file.write_text("preset: style-sdxl-12gb\ndata: d\nsteps: 77\n")
+    args = _train_args(["--config", str(file), "--batch-size", "2"])
+    config = from_args(args, args.config)
+    assert (config.resolution, config.gradient_checkpointing) == (1024, "on")  # the preset's
+    assert (config.steps, config.batch_size) == (77, 2)  # the file's over the preset's 600, the flag over its 1
+    args = _train_args(["--config", str(file), "--preset", "prodigy"])
+    config = from_args(args, args.config)
+    assert (config.optimizer, config.resolution, config.steps) == ("prodigy", 0, 77)  # prodigy instead, file over
+    json_file = tmp_path / "c.json"
+    json_file.write_text('{"preset": "prodigy", "data": "d", "learning_rate": 0.5}')
+    config = TrainConfig.from_file(json_file)
+    assert (config.optimizer, config.weight_decay, config.learning_rate) == ("prodigy", 0.01, 0.5)
+
+
+@pytest.mark.parametrize("written", ["prodigi", "3"])
+def test_a_config_file_naming_no_preset_is_refused_naming_the_file(tmp_path, capsys, written):
+    file = tmp_path / "c.yaml"
+    file.write_text(f"preset: {written}\ndata: d\n")
+    args = _train_args(["--config", str(file)])
+    with pytest.raises(UserError) as refused:
+        from_args(args, args.config)
+    said = str(refused.value)
+    assert said.startswith(f"config file {file}: preset ")
+    assert "is not one of style-fast, style-sdxl-12gb, prodigy" in said
+    assert ("did you mean 'prodigy'" in said) == (written == "prodigi")
+    assert main(["train", "--config", str(file)]) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"

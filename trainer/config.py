@@ -633,7 +633,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_config_file(path), source=str(path))
+        """A config file's fields, over those of the preset it names (`preset:`)."""
+        return cls.from_dict(config_file_values(path), source=str(path))
 
     def save(self, path: Path) -> None:
         from adapters.formats import write_atomic
@@ -715,6 +716,21 @@ def read_config_file(path: str | Path) -> dict:
     raise UserError(f"config file {path} must end in .json, .yaml or .yml")
 
 
+def config_file_values(path: str | Path, preset: str | None = None) -> dict:
+    """A config file's values over those of its preset: the one its `preset:` key names, or `preset` (the
+    command line's `--preset`) instead where given. A name that is not a preset is an error naming the file."""
+    from trainer.presets import preset_values
+
+    values = read_config_file(path)
+    if not isinstance(values, dict) or "preset" not in values and not preset:
+        return values  # (not a mapping: from_dict says so)
+    named = values.pop("preset", None)
+    base = preset_values(named, where=f"config file {path}: preset") if named is not None else {}
+    if preset:
+        base = preset_values(preset)
+    return {**base, **values}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (kebab-case), help text from the field; unset flags stay unset."""
     hints = typing.get_type_hints(TrainConfig)
@@ -772,20 +788,23 @@ class _RenamedAppend(argparse.Action):
 
 
 def from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
-    """A preset's fields (`--preset`), overridden by the config file's values (if any), overridden by the flags
-    given on the command line."""
+    """A preset's fields (`--preset`, else the config file's `preset:`), overridden by the config file's values (if
+    any), overridden by the flags given on the command line."""
     from trainer.presets import preset_values
 
     given = vars(args)
     if not config_path and given.get("resume") and given.get("run_dir"):  # resume with the run's own settings
         saved = Path(given["run_dir"]) / "config.json"
         config_path = saved if saved.is_file() else None
-    values = preset_values(given["preset"]) if given.get("preset") else {}
-    values.update(read_config_file(config_path) if config_path else {})
+    if config_path:
+        values = config_file_values(config_path, given.get("preset"))
+    else:
+        values = preset_values(given["preset"]) if given.get("preset") else {}
     source = str(config_path) if config_path else "command line"
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if config_path:
-        TrainConfig.from_dict(dict(values), source=source)  # report unknown keys against the file itself
+        # report unknown keys (or a file that is not a mapping) against the file itself
+        TrainConfig.from_dict(dict(values) if isinstance(values, dict) else values, source=source)
     if "steps" in given and given.get("epochs"):
         raise UserError("give --steps or --epochs, not both: the one left out is derived from the other")
     values.update({k: v for k, v in vars(args).items() if k in names})

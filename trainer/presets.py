@@ -1,7 +1,9 @@
 """Presets: named sets of TrainConfig fields for common recipes (`--preset NAME`, the page's *Preset* menu).
 
-A preset only sets fields; flags and config-file values given beside it win. Picking one in the page sets the fields
-it names and puts every other field that some preset names back to its default, so presets do not mix.
+A preset only sets fields; flags and config-file values given beside it win. A config file names one with its own
+`preset:` key, which takes the place of `--preset` (the command line's `--preset`, if given, wins over it). Picking
+one in the page sets the fields it names and puts every other field that some preset names back to its default, so
+presets do not mix.
 """
 
 from __future__ import annotations
@@ -58,13 +60,16 @@ PRESETS = {
 PRESET_FIELDS = tuple(dict.fromkeys(name for p in PRESETS.values() for name in p.values))
 
 
-def preset_values(name: str) -> dict:
-    """The fields of preset `name`; an unknown name is an error listing them (with the closest)."""
-    if name in PRESETS:
+def preset_values(name: str, where: str = "preset (--preset)") -> dict:
+    """The fields of preset `name`; an unknown name is an error, starting with `where`, listing them (with the
+    closest)."""
+    if isinstance(name, str) and name in PRESETS:
         return dict(PRESETS[name].values)
-    close = difflib.get_close_matches(name, list(PRESETS), n=1)
+    close = difflib.get_close_matches(name, list(PRESETS), n=1) if isinstance(name, str) else []
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(f"preset (--preset) {name!r} is not one of {', '.join(PRESETS)}{hint}; --preset list says each")
+    raise UserError(
+        f"{where} {name!r} is not one of {', '.join(PRESETS)}{hint}; `lora-studio train --preset list` says each"
+    )
 
 
 def page_values(name: str) -> dict:
