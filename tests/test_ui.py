@@ -287,10 +287,12 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     wide = next(e for e in load_examples(images, 64, buckets=bucket_sizes(64, 16)) if e.path.name == "wide.png")
     assert tuple(wide.pixels.shape[1:]) == (48, 80)  # what training would cut it to: the plan's bucket
     assert "64×64: 3 · 80×48: 1" in plan
-    # and what it needs on this machine: 400 steps at batch 2 of the built-in model on the CPU
-    assert "**On this machine** (the CPU):" in plan and "system memory" in plan and "a step)" in plan
-    longer = tab.show_plan(files, *{**values, "repeats": 3, "batch_size": 2, "steps": 4000}.values())
-    assert _minutes(longer) > 5 * _minutes(plan)
+    # and, beside Train, what it needs on this machine: 400 steps at batch 2 of the built-in model on the CPU
+    here = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2}.values())
+    assert "**On this machine** (the CPU):" in here and "system memory" in here and "a step)" in here
+    longer = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2, "steps": 4000}.values())
+    assert _minutes(longer) > 5 * _minutes(here)
+    assert tab.show_machine_plan([], *values.values()).startswith("**On this machine**")  # before any upload
     assert tab.show_plan(files, *{**values, "batch_size": 0}.values()).startswith("⚠ *Batch size* must be")
     run = _run_folder(tmp_path / "runs", "r1", preview_prompt=["zq, a red circle", "zq, a star --d 9"])
     log = EventLog(run)

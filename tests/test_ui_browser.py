@@ -150,6 +150,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     # what the upload would train, before Train: 16 square images in one bucket, 8 steps per epoch at batch 2
     expect(page.locator("#data-plan")).to_contain_text("64×64: 16")
     expect(page.locator("#data-plan")).to_contain_text("7.5")  # 60 steps = 7.5 epochs
+    expect(page.locator("#machine-plan")).to_contain_text("On this machine (the CPU)")  # the plan, beside Train
     page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
     page.locator("#train-button").click()
     page.get_by_text("Started run").wait_for(timeout=30_000)

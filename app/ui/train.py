@@ -263,6 +263,8 @@ class TrainTab:
                     with gr.Accordion("Equivalent command line and config file", open=False):
                         self.command = gr.Code(language="shell", label="CLI", elem_id="cli-command")
                         self.config_json = gr.Code(language="json", label="config.json")
+            # what the run would need on this machine, beside the button that starts it (trainer/plan.py)
+            self.machine_plan = gr.Markdown(elem_id="machine-plan")
             with gr.Row():
                 self.train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
@@ -319,10 +321,12 @@ class TrainTab:
         base = self.settings.controls["base_model"]
         for changed in [self.files.change, base.blur, base.submit] + [c.change for c in settings if c is not base]:
             changed(self.show_plan, [self.files, *settings], self.data_plan)
+            changed(self.show_machine_plan, [self.files, *settings], self.machine_plan)
         name.change(self.name_note_text, name, self.name_note)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
+        app.load(self.show_machine_plan, [self.files, *settings], self.machine_plan)
         self.data.wire(self.files, self.table, self.settings.controls, self.message)
         train = self.train_button.click(
             self.on_train_pressed,
@@ -390,12 +394,20 @@ class TrainTab:
         if not paths:
             return ""
         try:
-            config = self.settings.config(settings)
-            plan = upload_plan(paths, config, self.max_upload_files)
-            machine = estimate(config, device=pick_device(), images=plan["repeats"])
+            plan = upload_plan(paths, self.settings.config(settings), self.max_upload_files)
         except UserError as exc:
             return f"⚠ {page_words(str(exc))}"
-        return "**If trained now:**\n\n" + plan_markdown(plan) + "\n\n" + machine_markdown(machine)
+        return "**If trained now:**\n\n" + plan_markdown(plan)
+
+    def show_machine_plan(self, paths, *settings):
+        """Beside Train: what a run with these settings would need here (with uploads, their epochs' steps)."""
+        try:
+            config = self.settings.config(settings)
+            uploads, _ = pair_uploads(paths or [], self.max_upload_files)
+            plan = estimate(config, device=pick_device(), images=len(uploads) * config.repeats)
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}"
+        return machine_markdown(plan)
 
     def on_train_pressed(self, paths, rows, dropped, *settings):
         return self.on_train(paths, rows, *settings, dropped=dropped)
