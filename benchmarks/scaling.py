@@ -6,7 +6,8 @@
 It builds the SD-1.5-shaped model of benchmarks/sd15.py (random weights, 512x512, no download), then runs
 `lora-studio train --num-processes K` for K = 1 and K = N exactly as a user would (bf16 on GPUs), reads each
 run's steady-state speed from its events.jsonl (steps after the first 10), and appends a row to
-benchmarks/RESULTS.md: images/s at 1 and N, and scaling efficiency = (images/s at N) / (N x images/s at 1).
+benchmarks/RESULTS.md: images/s at 1 and N, and scaling efficiency = (images/s at N) / (N x images/s at 1);
+--json also writes that row as a file, for benchmarks/summary.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU check of the code path)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-scaling"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the row here, for benchmarks/summary.py")
     args = parser.parse_args()
 
     from benchmarks.sd15 import build_sd15, write_data
@@ -76,6 +78,10 @@ def main() -> None:
     efficiency = speeds[n] / (n * speeds[1])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
     row = {
+        "script": "scaling",
+        "date": time.strftime("%Y-%m-%d"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tiny": args.tiny,
         "device": device,
         "processes": n,
         "batch_per_process": args.batch,
@@ -86,11 +92,31 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     print(json.dumps(row, indent=1))
-    with open(args.results, "a") as f:
-        f.write(
-            f"| {time.strftime('%Y-%m-%d')} | {device} | {n} | {args.batch} | {size} | {speeds[1]:.2f} | "
-            f"{speeds[n]:.2f} | {efficiency:.1%} | `python {' '.join(sys.argv)}` |\n"
-        )
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=1) + "\n")
+    add_row(
+        args.results,
+        f"| {time.strftime('%Y-%m-%d')} | {device} | {n} | {args.batch} | {size} | {speeds[1]:.2f} | "
+        f"{speeds[n]:.2f} | {efficiency:.1%} | `python {' '.join(sys.argv)}` |",
+    )
+
+
+TABLE_HEAD = "| date | device | processes |"
+
+
+def add_row(results_md: Path, row: str) -> None:
+    """Put `row` under the last row of RESULTS.md's scaling table (the file's last line stays the summary line);
+    without that table, at the end."""
+    lines = results_md.read_text().splitlines()
+    head = next((i for i, line in enumerate(lines) if line.startswith(TABLE_HEAD)), None)
+    if head is None:
+        lines.append(row)
+    else:
+        end = head
+        while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+            end += 1
+        lines.insert(end + 1, row)
+    results_md.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

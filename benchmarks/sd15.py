@@ -1,12 +1,19 @@
-"""LoRA training and generation speed on the Stable Diffusion 1.5 architecture (random weights), against the floor.
+"""LoRA training and generation speed on the Stable Diffusion 1.5 architecture (random weights), against the floor
+and against diffusers' own way of doing each, in the same process.
 
-    python benchmarks/sd15.py --json benchmarks/sd15.json          # on a CUDA machine
-    python benchmarks/sd15.py --tiny --device cpu                  # the same code path, small, for a check
+    python3 benchmarks/sd15.py --batch 8 --json sd15_b8.json                    # on a CUDA machine
+    python3 benchmarks/sd15.py --no-reference --adapter A.safetensors --diffusers-compile --json sd15_gen.json
+    python3 benchmarks/sd15.py --tiny --device cpu                               # the same code path, small
 
 It builds an SD-1.5-shaped pipeline from configs (no download), saves it as a diffusers folder, trains through
 the real `trainer.loop.train` at 512x512 in bf16 and reads the step times from the run's events.jsonl, counts
 the FLOPs of one training step with torch's FlopCounterMode to give the compute floor at the measured matmul
-rate, then times generation, a strength change and a cold adapter load through `adapters.runtime.Studio`.
+rate, then times diffusers' example training step on the same model and batch (`speedup_vs_script` = ours over
+theirs; benchmarks/reference.py says what that step does). Generation, through `adapters.runtime.Studio`: the
+model with no adapter, one and two adapters unfused and one fused (the overheads over no adapter), a strength
+change and a cold adapter load; then diffusers' pipeline with the adapter fused, and with `--diffusers-compile`
+its UNet compiled (`gen_vs_compiled_diffusers` = their seconds over ours). The --json file is rewritten after each
+measurement (`complete` stays false until the end), so a run stopped part-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -17,13 +24,33 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.reference import PROMPT  # noqa: E402
 from trainer.builtin.builder import assemble_pipeline  # noqa: E402
+
+
+def sd15_unet_config(tiny: bool) -> dict:
+    """UNet2DConditionModel's settings for the SD 1.5 architecture (or a small one of the same shape)."""
+    if tiny:
+        sizes = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, layers_per_block=1, sample_size=8)
+    else:  # the published SD 1.5 shapes
+        sizes = dict(
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2, sample_size=64
+        )
+    return dict(
+        in_channels=4,
+        out_channels=4,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **sizes,
+    )
 
 
 def build_sd15(tiny: bool):
@@ -31,23 +58,16 @@ def build_sd15(tiny: bool):
 
     if tiny:
         te = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        unet = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, layers_per_block=1)
         vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16)
         size = 64
     else:  # the published SD 1.5 shapes
         te = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        unet = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2)
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
         size = 512
+    unet = {k: v for k, v in sd15_unet_config(tiny).items() if k not in ("in_channels", "out_channels")}
     pipe = assemble_pipeline(
         text=te,
-        unet=dict(
-            sample_size=size // 8,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            **unet,
-        ),
+        unet=unet,
         vae=dict(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -167,15 +187,19 @@ def compare_graphs(model_dir: Path, args) -> dict:
     return {f"compare_{k}": v for k, v in result.items()}
 
 
-def time_generation(studio, adapter: str, device: torch.device) -> float:
-    """Median seconds of three 30-step pictures (guidance on, the adapter at 0.7), after one warm-up picture."""
-    studio.generate("a red circle", sampling_steps=30, strengths={adapter: 1.0})
+def time_generation(studio, strengths: dict | None, device: torch.device, steps: int = 30) -> float:
+    """Median seconds of three `steps`-step pictures (guidance on) at `strengths`, after one warm-up picture.
+
+    The warm-up draws the same adapters at strength 1, so the timed pictures also show that a strength change
+    needs no new graph capture. `strengths` {}: no adapter active; None: leave the studio as it is (fused)."""
+    warm = None if strengths is None else dict.fromkeys(strengths, 1.0)
+    studio.generate(PROMPT, sampling_steps=steps, strengths=warm)
     times = []
     for seed in range(3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        studio.generate("a red circle", sampling_steps=30, seed=seed, strengths={adapter: 0.7})
+        studio.generate(PROMPT, sampling_steps=steps, seed=seed, strengths=strengths)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -183,15 +207,59 @@ def time_generation(studio, adapter: str, device: torch.device) -> float:
 
 
 def run_header(args, device: torch.device) -> dict:
-    """What every result file starts with: the command, the date, the machine and the run's shape."""
+    """What every result file starts with: the command, the date and time, the machine and the run's shape."""
+    import diffusers
+
     return {
+        "script": Path(sys.argv[0]).stem,
         "command": " ".join(["python3", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
         "tiny": args.tiny,
         "batch": args.batch,
     }
+
+
+class Record(dict):
+    """A result dict that is rewritten to `path` (when given) after every update, with `complete` false until
+    `finish()`: a run stopped part-way (a timeout, a crash) leaves what it had measured."""
+
+    def __init__(self, path: Path | None, header: dict):
+        super().__init__(header, complete=False)
+        self.path = path
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            part = self.path.with_name(self.path.name + ".part")
+            part.write_text(json.dumps(self, indent=1) + "\n")
+            part.replace(self.path)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self.save()
+
+    def attempt(self, name: str, measure) -> dict:
+        """`measure()`'s fields, or `{name}_error` naming what went wrong (a reference failing loses nothing else)."""
+        try:
+            fields = measure()
+        except Exception as exc:  # recorded, and the run goes on
+            traceback.print_exc()
+            fields = {f"{name}_error": f"{type(exc).__name__}: {exc}"}
+        self.update(fields)
+        return fields
+
+    def finish(self) -> None:
+        self["complete"] = True
+        print(json.dumps(self, indent=1))
 
 
 def saved_model(folder: Path, build, device: torch.device | None = None) -> Path:
@@ -204,6 +272,129 @@ def saved_model(folder: Path, build, device: torch.device | None = None) -> Path
     return folder
 
 
+def train_run(args, model_dir: Path, data: Path, device: torch.device, results: Record, **options) -> Path:
+    """Train through the real `trainer.loop.train`; records its steady speed, step kind and peak memory; returns the
+    adapter file."""
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+    from trainer.runs import read_events, steady_step_seconds
+
+    run_dir = args.work / f"run-{time.time():.0f}"
+    config = TrainConfig(
+        base_model=str(model_dir),
+        data=str(data),
+        steps=args.steps,
+        batch_size=args.batch,
+        rank=8,
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        run_dir=str(run_dir),
+        output=str(run_dir / "bench.safetensors"),
+        cuda_graphs=args.cuda_graphs,
+        **options,
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(config, device=args.device, log_to_terminal=False)
+    results["train_wall_s"] = time.perf_counter() - t0
+    start = next(e for e in read_events(run_dir) if e["type"] == "start")
+    notices = [e["message"] for e in read_events(run_dir) if e["type"] == "notice"]
+    keys = ("step_kind", "step_why", "gradient_checkpointing", "gradient_checkpointing_why")
+    results.update({k: start[k] for k in keys if k in start}, notices=notices, adapter=config.output)
+    steady = steady_step_seconds(run_dir)
+    results.update(train_step_s=steady, train_images_per_s=args.batch / steady)
+    if device.type == "cuda":
+        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["train_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return Path(config.output)
+
+
+def script_reference(args, model_dir: Path, data: Path, size: int, results: Record) -> None:
+    """diffusers' example training step (benchmarks/reference.py) on the same model and batch, and ours over it."""
+    from benchmarks.reference import script_step_speed
+
+    fields = results.attempt(
+        "script",
+        lambda: script_step_speed(
+            model_dir,
+            data,
+            batch=args.batch,
+            size=size,
+            device=args.device,
+            warmup=args.reference_warmup,
+            steps=args.reference_steps,
+        ),
+    )
+    if "script_images_per_s" in fields and "train_images_per_s" in results:
+        results["speedup_vs_script"] = results["train_images_per_s"] / fields["script_images_per_s"]
+
+
+def generation(args, model_dir: Path, adapter: Path, device: torch.device, results: Record) -> None:
+    """Our runtime (`adapters.runtime.Studio`) with no adapter, one and two unfused and one fused, a strength change
+    and a cold load; then diffusers' pipeline with the adapter fused, eager and (with --diffusers-compile) compiled.
+    Every picture: 30 steps, guidance, median of three after a warm-up."""
+    from adapters.runtime import Studio
+
+    studio = Studio(str(model_dir), device=args.device)
+    results["generate_base_30_steps_s"] = time_generation(studio, {}, device)  # no adapter ever loaded
+    t0 = time.perf_counter()
+    studio.load(adapter, name="bench")
+    results["adapter_cold_load_s"] = time.perf_counter() - t0
+    results["generate_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+    changes = []
+    for s in (0.1, 0.5, 0.9, 1.3, 0.2):
+        t0 = time.perf_counter()
+        studio.set_strengths({"bench": s})
+        changes.append(time.perf_counter() - t0)
+    results["strength_change_ms"] = 1000 * statistics.median(changes)
+    studio.load(adapter, name="second")  # the same file under a second name: two adapters' layers run
+    results["generate_two_adapters_30_steps_s"] = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
+    studio.unload("second")
+    studio.fuse({"bench": 0.7})
+    results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
+    studio.unfuse()
+    base = results["generate_base_30_steps_s"]
+    results.update(
+        unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
+        unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
+        fused_overhead=results["generate_fused_30_steps_s"] / base - 1,
+    )
+    del studio
+    if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
+        eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
+        eager.load(adapter, name="bench")
+        results["generate_30_steps_eager_s"] = time_generation(eager, {"bench": 0.7}, device)
+        del eager
+    if not args.diffusers:
+        return
+    from benchmarks.reference import DiffusersGeneration, free_memory
+
+    free_memory()
+    made = []
+
+    def fused():
+        made.append(DiffusersGeneration(model_dir, adapter, strength=0.7, device=args.device))
+        return {"diffusers_fused_30_steps_s": made[0].seconds()}
+
+    fields = results.attempt("diffusers", fused)
+    if "diffusers_fused_30_steps_s" in fields:
+        results["gen_vs_diffusers_fused"] = fields["diffusers_fused_30_steps_s"] / results["generate_30_steps_s"]
+    if made and args.diffusers_compile:
+
+        def compiled():
+            results.update(
+                diffusers_compile_mode=args.compile_mode,
+                diffusers_compile_first_picture_s=made[0].compile(args.compile_mode),
+            )
+            return {"diffusers_compiled_30_steps_s": made[0].seconds(warmup=2)}
+
+        fields = results.attempt("diffusers_compiled", compiled)
+        if "diffusers_compiled_30_steps_s" in fields:
+            theirs = fields["diffusers_compiled_30_steps_s"]
+            results["gen_vs_compiled_diffusers"] = theirs / results["generate_30_steps_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small shapes, to check the code path quickly")
@@ -211,7 +402,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-bench"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (rewritten as they come)")
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="train with CUDA graphs"
     )
@@ -220,72 +411,77 @@ def main() -> None:
         action="store_true",
         help="first train 30 steps eagerly twice and with graphs once; report how far apart the adapters are",
     )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="time generation with this adapter file (made for this model) instead of training one first",
+    )
+    parser.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time diffusers' example training step at the same batch (benchmarks/reference.py)",
+    )
+    parser.add_argument("--reference-warmup", type=int, default=5, help="reference steps before timing")
+    parser.add_argument("--reference-steps", type=int, default=20, help="reference steps timed")
+    parser.add_argument(
+        "--flops", action=argparse.BooleanOptionalAction, default=True, help="count the step's FLOPs on the device"
+    )
+    parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="time generation")
+    parser.add_argument(
+        "--eager-generation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a GPU, also time our runtime with its generation graphs off",
+    )
+    parser.add_argument(
+        "--diffusers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time diffusers' pipeline with the adapter fused (load_lora_weights + fuse_lora)",
+    )
+    parser.add_argument(
+        "--diffusers-compile",
+        action="store_true",
+        help="and with its UNet through torch.compile (minutes on a GPU; the first picture timed apart)",
+    )
+    parser.add_argument(
+        "--compile-mode", default="reduce-overhead", help="torch.compile mode for --diffusers-compile"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    from adapters.runtime import Studio
-    from trainer.config import TrainConfig
-    from trainer.loop import train
-    from trainer.runs import steady_step_seconds
+    if args.adapter is not None and not args.adapter.is_file():
+        parser.error(f"--adapter {args.adapter}: no such file; give an adapter file trained for this model")
 
-    results = run_header(args, device)
+    results = Record(args.json, run_header(args, device))
     size = 64 if args.tiny else 512
-    results["resolution"] = size
-    results["cuda_graphs"] = args.cuda_graphs and device.type == "cuda"
-    model_dir = saved_model(args.work / ("sd15-tiny" if args.tiny else "sd15"), lambda: build_sd15(args.tiny)[0])
-    write_data(args.work / "data", size)
-
-    # Training through the real loop; the speed is taken from its own event log, past the first 10 steps.
-    run_dir = args.work / f"run-{time.time():.0f}"
-    config = TrainConfig(
-        base_model=str(model_dir),
-        data=str(args.work / "data"),
-        steps=args.steps,
-        batch_size=args.batch,
-        rank=8,
-        mixed_precision="bf16" if device.type == "cuda" else "no",
-        run_dir=str(run_dir),
-        output=str(run_dir / "bench.safetensors"),
-        cuda_graphs=args.cuda_graphs,
+    results.update(resolution=size, cuda_graphs=args.cuda_graphs and device.type == "cuda")
+    model_dir = saved_model(
+        args.work / ("sd15-tiny" if args.tiny else "sd15"), lambda: build_sd15(args.tiny)[0], device
     )
-    if args.compare_graphs:
-        results.update(compare_graphs(model_dir, args))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train(config, device=args.device, log_to_terminal=False)
-    steady = steady_step_seconds(run_dir)
-    results["train_step_s"] = steady
-    results["train_images_per_s"] = args.batch / steady
-    if device.type == "cuda":
-        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    flops = step_flops(model_dir, size, args.batch, device)
-    rate = matmul_rate(device)
-    results.update(
-        step_tflop=flops / 1e12,
-        matmul_tflops=rate / 1e12,
-        floor_step_s=flops / rate,
-        fraction_of_floor=(flops / rate) / steady,
-    )
+    data = args.work / "data"
+    write_data(data, size)
 
-    # Generation: 30 steps, CFG 7.5, median of 3 after a warm-up; strength change; cold adapter load.
-    studio = Studio(str(model_dir), device=args.device)
-    t0 = time.perf_counter()
-    studio.load(config.output, name="bench")
-    results["adapter_cold_load_s"] = time.perf_counter() - t0
-    results["generate_30_steps_s"] = time_generation(studio, "bench", device)
-    if device.type == "cuda":  # the same without the runtime's generation graphs
-        eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
-        eager.load(config.output, name="bench")
-        results["generate_30_steps_eager_s"] = time_generation(eager, "bench", device)
-        del eager
-    changes = []
-    for s in (0.1, 0.5, 0.9, 1.3, 0.2):
-        t0 = time.perf_counter()
-        studio.set_strengths({"bench": s})
-        changes.append(time.perf_counter() - t0)
-    results["strength_change_ms"] = 1000 * statistics.median(changes)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    adapter = args.adapter
+    if adapter is None:  # training through the real loop; speed from its own event log, past the first 10 steps
+        if args.compare_graphs:
+            results.update(compare_graphs(model_dir, args))
+        adapter = train_run(args, model_dir, data, device, results)
+        if args.flops:
+            flops = step_flops(model_dir, size, args.batch, device)
+            rate = matmul_rate(device)
+            results.update(
+                step_tflop=flops / 1e12,
+                matmul_tflops=rate / 1e12,
+                floor_step_s=flops / rate,
+                fraction_of_floor=(flops / rate) / results["train_step_s"],
+            )
+        if args.reference:
+            script_reference(args, model_dir, data, size, results)
+    if args.generate:
+        generation(args, model_dir, adapter, device, results)
+    results.finish()
 
 
 if __name__ == "__main__":

@@ -6,22 +6,66 @@
 
 It builds an SDXL-shaped pipeline from the published sizes (no download), saves it once as a diffusers folder
 in fp16, trains through the real `trainer.loop.train` in bf16 (speed from its events.jsonl after step 10, peak
-GPU memory over the whole run: loading, caching and training), then optionally times 30-step generation.
+GPU memory over the whole run: loading, caching and training), times diffusers' SDXL example training step on the
+same model and batch (`speedup_vs_script`; benchmarks/reference.py), then optionally 30-step generation. The
+--json file is rewritten after each measurement, so a run stopped part-way keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sd15 import run_header, saved_model, time_generation, write_data  # noqa: E402
+from benchmarks.sd15 import (  # noqa: E402
+    Record,
+    run_header,
+    saved_model,
+    script_reference,
+    time_generation,
+    train_run,
+    write_data,
+)
+
+
+def sdxl_unet_config(tiny: bool) -> dict:
+    """UNet2DConditionModel's settings for the SDXL base 1.0 architecture (or a small one of the same shape)."""
+    if tiny:
+        sizes = dict(
+            block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 1, 1),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            layers_per_block=1,
+            sample_size=8,
+            norm_num_groups=16,
+        )
+    else:  # the published SDXL base 1.0 shapes
+        sizes = dict(
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            layers_per_block=2,
+            sample_size=128,
+        )
+    return dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        **sizes,
+    )
 
 
 def build_sdxl(tiny: bool):
@@ -33,17 +77,6 @@ def build_sdxl(tiny: bool):
     if tiny:
         te = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
         te2 = dict(te, projection_dim=32)
-        unet = dict(
-            block_out_channels=(32, 64, 64),
-            transformer_layers_per_block=(1, 1, 1),
-            attention_head_dim=(2, 4, 4),
-            cross_attention_dim=64,
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            layers_per_block=1,
-            sample_size=8,
-            norm_num_groups=16,
-        )
         vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
         size = 64
     else:  # the published SDXL base 1.0 shapes
@@ -56,28 +89,13 @@ def build_sdxl(tiny: bool):
             hidden_act="gelu",
             projection_dim=1280,
         )
-        unet = dict(
-            block_out_channels=(320, 640, 1280),
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-            layers_per_block=2,
-            sample_size=128,
-        )
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024)
         size = 1024
+    unet = {k: v for k, v in sdxl_unet_config(tiny).items() if k not in ("in_channels", "out_channels")}
     pipe = assemble_pipeline(
         text=te,
         text_2=te2,
-        unet=dict(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            **unet,
-        ),
+        unet=unet,
         vae=dict(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -102,62 +120,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", default="off", choices=("auto", "on", "off"))
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time diffusers' SDXL example training step at the same batch (benchmarks/reference.py)",
+    )
+    parser.add_argument("--reference-warmup", type=int, default=3, help="reference steps before timing")
+    parser.add_argument("--reference-steps", type=int, default=10, help="reference steps timed")
     parser.add_argument("--generate", action="store_true", help="also time 30-step generation at the native size")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (rewritten as they come)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    from trainer.config import TrainConfig
-    from trainer.loop import train
-    from trainer.runs import read_events, steady_step_seconds
-
-    results = run_header(args, device)
+    results = Record(args.json, run_header(args, device))
     model_dir = saved_model(
         args.work / ("sdxl-tiny" if args.tiny else "sdxl"), lambda: build_sdxl(args.tiny)[0], device
     )
     size = 64 if args.tiny else 1024
     results["resolution"] = size
-    write_data(args.work / f"data-{size}", size)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    run_dir = args.work / f"run-{time.time():.0f}"
-    config = TrainConfig(
-        base_model=str(model_dir),
-        data=str(args.work / f"data-{size}"),
-        steps=args.steps,
-        batch_size=args.batch,
-        rank=8,
-        mixed_precision="bf16" if device.type == "cuda" else "no",
-        gradient_checkpointing=args.gradient_checkpointing,
-        cuda_graphs=args.cuda_graphs,
-        run_dir=str(run_dir),
-        output=str(run_dir / "bench.safetensors"),
-    )
-    t0 = time.perf_counter()
-    train(config, device=args.device, log_to_terminal=False)
-    results["train_wall_s"] = time.perf_counter() - t0
-    events = read_events(run_dir)
-    start = next(e for e in events if e["type"] == "start")
-    results.update(
-        {k: start[k] for k in ("step_kind", "step_why", "gradient_checkpointing", "gradient_checkpointing_why")}
-    )
-    results["notices"] = [e["message"] for e in events if e["type"] == "notice"]
-    steady = steady_step_seconds(run_dir)
-    results["train_step_s"] = steady
-    results["train_images_per_s"] = args.batch / steady
-    if device.type == "cuda":
-        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results["train_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    data = args.work / f"data-{size}"
+    write_data(data, size)
+    adapter = train_run(args, model_dir, data, device, results, gradient_checkpointing=args.gradient_checkpointing)
+    if args.reference:
+        script_reference(args, model_dir, data, size, results)
     if args.generate:
         from adapters.runtime import Studio
 
         studio = Studio(str(model_dir), device=args.device)
-        studio.load(config.output, name="bench")
-        results["generate_30_steps_s"] = time_generation(studio, "bench", device)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        studio.load(adapter, name="bench")
+        results["generate_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+    results.finish()
 
 
 if __name__ == "__main__":

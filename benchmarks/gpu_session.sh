@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Issue 18's measurements on one lent GPU in one call: the parts below, most valuable first, each writing its JSON
+# into $OUT as it measures (a part stopped by its time limit keeps what it had), then the summary line, last.
+#
+#   bash benchmarks/gpu_session.sh                          # on the GPU machine, from the repo root
+#   TINY=1 OUT=/tmp/session bash benchmarks/gpu_session.sh  # the same path on the CPU with the tiny shapes
+#
+# Nothing is fetched: diffusers comes from the wheel carried in .whl/ (unpacked into /tmp/site when python3 lacks
+# it), everything else is the machine's own python3. Settings (environment):
+#   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
+#             sdxl_b1.json sdxl_b4.json session.log summary.txt
+#   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
+#             summary) and its own cap, and is skipped when less than its minimum is left
+#   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4)
+#   TINY=1    tiny shapes on the CPU, few steps, no torch.compile (TINY_COMPILE=1 compiles anyway)
+#   WORK      models, data and runs (default /tmp/lora-studio-session)
+#
+# The parts (expected minutes on an H200, from the H100 runs of 2026-11-24 and issue 18's reference figures):
+#   sd15_b8  SD 1.5 training at batch 8, ours and the diffusers example script's step       -> sd15_bs8_mfu, speedup_bs8
+#   sd15_b1  the same at batch 1                                                             -> speedup_bs1
+#   sd15_gen generation: no adapter / one / two unfused / fused, strength change, cold load, diffusers fused eager
+#            and compiled                     -> gen_512_30_s, overheads, scale_change_ms, cold_load_s, gen_vs_compiled
+#   sdxl_b1  SDXL training at batch 1 with gradient checkpointing, and 30-step generation
+#                                                               -> sdxl_bs1_peak_gib, sdxl_bs1_img_s, gen_sdxl_1024_30_s
+#   sdxl_b4  SDXL training at batch 4, ours and the SDXL example script's step               -> sdxl_bs4_mfu
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/lora-studio-session-out}
+WORK=${WORK:-/tmp/lora-studio-session}
+BUDGET_S=${BUDGET_S:-450}
+RESERVE_S=${RESERVE_S:-25}
+PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$WORK"
+LOG=$OUT/session.log
+START=$(date +%s)
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+export TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+
+if ! "$PY" -c "import diffusers" 2>/dev/null; then
+    if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+        echo "gpu_session: $PY has no diffusers and .whl/ holds no diffusers wheel; carry .whl (see the README's Benchmarks)"
+        exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 2
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "${TINY:-0}" = 1 ]; then
+    SIZE=(--tiny --device cpu)
+    SD15_STEPS=14 SDXL_STEPS=14 SCALE=0
+    SD15_REF=(--reference-warmup 1 --reference-steps 2)
+    SDXL_REF=(--reference-warmup 1 --reference-steps 2)
+    COMPILE=()
+    [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile)
+    SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
+else
+    SIZE=()
+    SD15_STEPS=40 SDXL_STEPS=30 SCALE=1
+    SD15_REF=(--reference-warmup 5 --reference-steps 15)
+    SDXL_REF=(--reference-warmup 3 --reference-steps 8)
+    COMPILE=(--diffusers-compile)
+    SUMMARY_FLAGS=()
+fi
+
+{
+    echo "gpu_session: $(date -u +%FT%TZ) budget ${BUDGET_S}s parts: $PARTS"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" -c "import torch, diffusers, transformers, peft, accelerate as a; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', a.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+# part NAME MIN_S CAP_S COMMAND...: run COMMAND (its output into the log) if MIN_S seconds are left, for at most
+# CAP_S seconds and what the budget leaves; in TINY mode the minimum is not enforced.
+part() {
+    local name=$1 min=$(($2 * SCALE)) cap=$3
+    shift 3
+    local left=$((BUDGET_S - RESERVE_S - ($(date +%s) - START)))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -le 0 ] || [ "$left" -lt "$min" ]; then
+        echo "part $name: skipped, ${left}s of the budget left (needs ${min}s)" | tee -a "$LOG"
+        return
+    fi
+    echo "== part $name (at most ${limit}s): $*" >>"$LOG"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local why=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (stopped at its limit; its JSON keeps what it measured)"
+    echo "part $name: $(($(date +%s) - t0))s, exit $rc$why" | tee -a "$LOG"
+}
+
+for p in $PARTS; do
+    case $p in
+    sd15_b8)
+        part sd15_b8 60 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
+            --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b8.json"
+        ;;
+    sd15_b1)
+        part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+            --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
+        ;;
+    sd15_gen)
+        # the adapter the training parts made; without one, a short run makes it first
+        adapter=$(ls -t "$WORK"/sd15/run-*/bench.safetensors 2>/dev/null | head -1)
+        if [ -n "$adapter" ]; then make=(--adapter "$adapter"); else make=(--steps 14 --no-flops); fi
+        part sd15_gen 60 240 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
+            --no-reference "${COMPILE[@]}" --json "$OUT/sd15_gen.json"
+        ;;
+    sdxl_b1)
+        part sdxl_b1 90 200 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 1 \
+            --steps "$SDXL_STEPS" --gradient-checkpointing on --no-reference --generate --json "$OUT/sdxl_b1.json"
+        ;;
+    sdxl_b4)
+        part sdxl_b4 60 180 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 4 \
+            --steps "$SDXL_STEPS" "${SDXL_REF[@]}" --json "$OUT/sdxl_b4.json"
+        ;;
+    *)
+        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4" | tee -a "$LOG"
+        ;;
+    esac
+done
+
+echo "gpu_session: parts done after $(($(date +%s) - START))s" | tee -a "$LOG"
+"$PY" benchmarks/summary.py --results "$OUT" --sources "${SUMMARY_FLAGS[@]}" 2>>"$LOG" | tee "$OUT/summary.txt"
