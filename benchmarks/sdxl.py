@@ -2,6 +2,7 @@
 
     python benchmarks/sdxl.py --batch 1 --json sdxl_b1.json                         # on a CUDA machine
     python benchmarks/sdxl.py --batch 1 --gradient-checkpointing on --json ...      # less memory
+    python benchmarks/sdxl.py --batch 1 --gpu-memory 8 --gradient-checkpointing auto --generate  # an 8 GB card
     python benchmarks/sdxl.py --tiny --device cpu                                   # the code path, small
 
 It builds an SDXL-shaped pipeline from the published sizes (no download), saves it once as a diffusers folder
@@ -121,6 +122,12 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", default="off", choices=("auto", "on", "off"))
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=0.0,
+        help="the trainer's --gpu-memory: plan for, and hold the training to, a card of this many GiB (0: all)",
+    )
+    parser.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -138,10 +145,18 @@ def main() -> None:
         args.work / ("sdxl-tiny" if args.tiny else "sdxl"), lambda: build_sdxl(args.tiny)[0], device
     )
     size = 64 if args.tiny else 1024
-    results["resolution"] = size
+    results.update(resolution=size, gpu_memory=args.gpu_memory)
     data = args.work / f"data-{size}"
     write_data(data, size)
-    adapter = train_run(args, model_dir, data, device, results, gradient_checkpointing=args.gradient_checkpointing)
+    adapter = train_run(
+        args,
+        model_dir,
+        data,
+        device,
+        results,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gpu_memory=args.gpu_memory,
+    )
     if args.reference:
         script_reference(args, model_dir, data, size, results)
     if args.generate:
