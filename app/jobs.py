@@ -113,6 +113,7 @@ class RunView:
     previews: list[tuple[str, int, str, int | None]] = field(default_factory=list)  # (image, step, prompt, seed)
     adapter: str | None = None
     library_name: str | None = None
+    library_replaced: list[str] = field(default_factory=list)  # its own -partial adapters the library name replaced
     message: str = ""
     name: str = ""
     problems: list[str] = field(default_factory=list)  # malformed lines of events.jsonl, left out of the view
@@ -184,7 +185,7 @@ def view_run(run_dir: str | Path) -> RunView:
             view.previews = [p for p in view.previews if p[1] <= e["step"]]
             view.status, view.message, view.step, view.resumed_from = "running", "", e["step"], e["step"]
         elif kind == "library":
-            view.library_name = e["name"]
+            view.library_name, view.library_replaced = e["name"], e.get("replaced", [])
         elif kind in TERMINAL:
             view.status = kind
             view.adapter = e.get("adapter", view.adapter)

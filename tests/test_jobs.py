@@ -338,6 +338,48 @@ def test_cancel_saves_a_checkpoint_and_puts_the_partial_adapter_in_the_library(t
     view = view_run(run)
     assert view.status == "done", (run / "train.log").read_text()[-2000:]
     assert [s for s, _ in view.losses] == list(range(1, 7)) and view.library_name == "neon"
+    # the finished adapter supersedes the run's own partial one: one adapter of this run in the library
+    assert [e.name for e in Library(library).list()] == ["neon"]
+    assert Library(library).get("neon").summary["steps"] == "6"
+    assert "It replaces **neon-partial**, the adapter its cancelled attempt put there." in status_text(view)
+
+
+def test_a_resumed_run_replaces_only_the_partial_adapter_it_put_in_the_library(tiny_model, image_folder, tmp_path):
+    """Cancelled twice, a run keeps one partial adapter (the newer in the older's place); a partial adapter a person
+    renamed, and an adapter they put under the partial name, both stay when the run is resumed to the end."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from adapters.formats import read_safetensors
+    from adapters.library import Library
+    from trainer.loop import Cancelled, train
+
+    library = Library(tmp_path / "lib")
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=6, batch_size=2, run_dir=str(tmp_path / "r"),
+        name="neon", library=str(library.root), save_every=200,
+    )  # fmt: skip
+
+    def cancelled_at(step, config):  # after `step` steps of this attempt
+        calls = []
+        with pytest.raises(Cancelled):
+            stop = lambda: calls.append(1) or len(calls) > step  # noqa: E731
+            train(config, should_stop=stop, device="cpu", log_to_terminal=False)
+
+    cancelled_at(2, config)
+    resumed = dataclasses.replace(config, resume="latest")
+    cancelled_at(1, resumed)
+    assert [(e.name, e.summary["steps"]) for e in library.list()] == [("neon-partial", "3")]
+    library.rename("neon-partial", "mine")  # the person keeps the step-3 adapter
+    tensors, metadata = read_safetensors(library.get("mine").path)
+    save_file({k: v * 2 for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata=metadata)
+    library.add(tmp_path / "theirs.safetensors", "neon-partial")  # and makes another under the partial name
+    theirs = library.get("neon-partial").path.read_bytes()
+    train(resumed, device="cpu", log_to_terminal=False)
+    assert sorted(e.name for e in library.list()) == ["mine", "neon", "neon-partial"]
+    assert library.get("neon-partial").path.read_bytes() == theirs
+    assert view_run(tmp_path / "r").library_replaced == []
 
 
 def test_a_resumed_run_says_so_and_its_step_counter_does_not_jump(tmp_path):

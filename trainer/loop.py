@@ -735,8 +735,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     )
                     events.emit("checkpoint", step=at, path=str(saved))
                 if config.library:  # to try in Generate and download, beside any finished adapter
-                    name = _add_to_library(config, path, run_dir, None, partial=True)
-                    events.emit("library", name=name, library=config.library, partial=True)
+                    name, replaced = _add_to_library(config, path, run_dir, None, partial=True)
+                    events.emit(
+                        "library", name=name, library=config.library, partial=True, sha256=_sha256(path),
+                        replaced=replaced,
+                    )  # fmt: skip
                 draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit("cancelled", step=at, adapter=str(path))
             _finish_trackers(accelerator)
@@ -753,8 +756,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             _save(config, unwrapped, text_encoders, examples, resolution, output, config.steps, model)
             preview = make_preview(config.steps)
             if config.library:
-                name = _add_to_library(config, output, run_dir, preview)
-                events.emit("library", name=name, library=config.library)
+                name, replaced = _add_to_library(config, output, run_dir, preview)
+                events.emit("library", name=name, library=config.library, replaced=replaced)
+                if replaced:
+                    notice(
+                        f"the library's {', '.join(replaced)} (this run's adapter when it was cancelled) is replaced "
+                        f"by {name}"
+                    )
             draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit(
                 "done",
@@ -885,13 +893,48 @@ def _header_config(config: TrainConfig) -> dict:
 
 def _add_to_library(
     config: TrainConfig, output: Path, run_dir: Path, preview: Path | None, partial: bool = False
-) -> str:
+) -> tuple[str, list[str]]:
     """Copy the adapter into the library under a free name (an existing adapter is never replaced); a cancelled
-    run's adapter goes in as `<name>-partial`."""
+    run's adapter goes in as `<name>-partial`. The run's own earlier `-partial` adapters (of attempts cancelled
+    before a resume), where the library still holds them as the run put them, are superseded: a finished adapter
+    replaces them, a newer partial one takes the place of the newest. Returns the name, and the names removed."""
     from adapters.library import Library
 
     library = Library(config.library)
-    base = sanitize_name(config.name or run_dir.name) + ("-partial" if partial else "")
-    name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if not library.taken(n))
-    library.add(output, name, sample=preview)
-    return name
+    own = _own_partials(library, run_dir)
+    if partial and own:
+        name = own.pop()
+        library.add(output, name, sample=preview, overwrite=True)
+    else:
+        base = sanitize_name(config.name or run_dir.name) + ("-partial" if partial else "")
+        name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if not library.taken(n))
+        library.add(output, name, sample=preview)
+    for old in own:
+        library.delete(old)
+    return name, own
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _own_partials(library, run_dir: Path) -> list[str]:
+    """The `-partial` adapters this run put in `library` (its `library` events) that are there still, under the
+    name it gave and with the very bytes it wrote (one renamed, replaced or re-imported by a person is not the
+    run's any more), oldest first."""
+    names = []
+    for event in scan_events(run_dir)[0]:
+        if event["type"] != "library" or not event.get("partial") or not event.get("sha256"):
+            continue
+        if Path(event.get("library") or "").resolve() != library.root.resolve():
+            continue
+        path = library.root / f"{event['name']}.safetensors"
+        if path.is_file() and event["name"] not in names and _sha256(path) == event["sha256"]:
+            names.append(event["name"])
+    return names

@@ -161,7 +161,8 @@ def status_text(view: RunView | None) -> str:
         "it out of the queue.",
         "starting": ("Resuming" if view.resuming else "Starting") + ": loading the base model…",
         "running": f"Training…{resumed}",
-        "done": f"Done. The adapter is in the library as **{view.library_name or view.name}**, ready in Generate.",
+        "done": f"Done. The adapter is in the library as **{view.library_name or view.name}**, ready in Generate."
+        + _replaced_words(view),
         "cancelled": _cancelled_words(view),
         "error": f"⚠ Error: {page_words(view.message)}",
         "interrupted": f"⚠ Interrupted: {page_words(view.message)}",
@@ -183,6 +184,13 @@ def status_text(view: RunView | None) -> str:
             f"; and {more} more" if more > 0 else ""
         )
     return text
+
+
+def _replaced_words(view: RunView) -> str:
+    if not view.library_replaced:
+        return ""
+    names = " and ".join(f"**{n}**" for n in view.library_replaced)
+    return f" It replaces {names}, the adapter its cancelled attempt put there."
 
 
 def _cancelled_words(view: RunView) -> str:
@@ -462,7 +470,8 @@ class TrainTab:
             return "No training is running.", gr.skip()
         return (
             f"Cancelling **{live.run_dir.name}**: it saves a checkpoint (so **Resume** can go on from there) and "
-            "puts the adapter learned so far in the library as *name*-partial.",
+            "puts the adapter learned so far in the library as *name*-partial (the finished adapter replaces it if "
+            "the run is resumed to the end; rename it to keep it).",
             gr.Dropdown(choices=self.run_choices(), value=live.run_dir.name),
         )
 
