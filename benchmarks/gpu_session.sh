@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's measurements on one lent GPU in one call: the parts below, most valuable first, each writing its JSON
-# into $OUT as it measures (a part stopped by its time limit keeps what it had), then the summary line, last.
+# into $OUT as it measures (a part stopped by its time limit keeps what it had), then the summary line, last
+# (also at the end of session.log).
 #
 #   bash benchmarks/gpu_session.sh                          # on the GPU machine, from the repo root
 #   TINY=1 OUT=/tmp/session bash benchmarks/gpu_session.sh  # the same path on the CPU with the tiny shapes
@@ -8,32 +9,35 @@
 # Nothing is fetched: diffusers comes from the wheel carried in .whl/ (unpacked into /tmp/site when python3 lacks
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
-#             sdxl_b1.json sdxl_b4.json session.log summary.txt
+#             sdxl_b1.json sdxl_b4.json sd15_compile.json session.log (8 files at most come back from a lent machine)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
-#   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4)
+#   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile)
 #   TINY=1    tiny shapes on the CPU, few steps, no torch.compile (TINY_COMPILE=1 compiles anyway)
 #   WORK      models, data and runs (default /tmp/lora-studio-session)
 #
-# The parts, with the minutes each is estimated to take on an H200 (an estimate from the H100 runs of 2026-11-24
-# and issue 18's reference figures, not a measurement; model building and loading included):
-#   sd15_b8  ~1.2  SD 1.5 training at batch 8, ours and the diffusers example script's step
-#                  -> sd15_bs8_mfu, speedup_bs8
-#   sd15_b1  ~0.9  the same at batch 1 -> speedup_bs1
-#   sd15_gen ~2.5  generation: no adapter / one / two unfused / fused, strength change, cold load; diffusers fused,
-#                  eager and then compiled (the compile ~1.3 of it) -> gen_512_30_s, unfused_overhead,
-#                  fused_overhead, scale_change_ms, cold_load_s, gen_vs_compiled_diffusers
-#   sdxl_b1  ~2    SDXL training at batch 1 held to an 8 GB card (--gpu-memory 8: the plan turns on what it needs;
-#                  the SDXL model is built and saved here first), 30-step generation
-#                  -> sdxl_bs1_peak_gib, sdxl_bs1_img_s, gen_sdxl_1024_30_s
-#   sdxl_b4  ~1.5  SDXL training at batch 4, ours and the SDXL example script's step -> sdxl_bs4_mfu
+# The parts, in the default order, with the minutes each is estimated to take on an H200 (estimates from the H100
+# runs of 2026-11-24 and issue 18's reference figures, not measurements; model building and loading included):
+#   sd15_b8       ~1.0  SD 1.5 training at batch 8, ours and the diffusers example script's step
+#                       -> sd15_bs8_mfu, speedup_bs8
+#   sd15_b1       ~0.8  the same at batch 1 -> speedup_bs1
+#   sd15_gen      ~0.8  generation with no adapter, one and two unfused, one fused; a strength change, a cold load;
+#                       diffusers' pipeline with the adapter fused -> gen_512_30_s, unfused_overhead,
+#                       fused_overhead, scale_change_ms, cold_load_s
+#   sdxl_b1       ~1.8  SDXL training at batch 1 held to an 8 GB card (--gpu-memory 8: the plan turns on what it
+#                       needs; the SDXL model is built and saved here first), 30-step generation
+#                       -> sdxl_bs1_peak_gib, sdxl_bs1_img_s, gen_sdxl_1024_30_s
+#   sdxl_b4       ~1.2  SDXL training at batch 4, ours and the SDXL example script's step -> sdxl_bs4_mfu
+#   sd15_compile  ~2    ours with one adapter again, then diffusers' fused pipeline with its UNet through
+#                       torch.compile (the compile ~1.3 of it) -> gen_vs_compiled_diffusers
+# Last because the compile is the longest and least sure; if the budget stops it, the rest is kept.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lora-studio-session-out}
 WORK=${WORK:-/tmp/lora-studio-session}
 BUDGET_S=${BUDGET_S:-450}
 RESERVE_S=${RESERVE_S:-25}
-PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4}
+PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/session.log
@@ -62,7 +66,7 @@ if [ "${TINY:-0}" = 1 ]; then
     SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
 else
     SIZE=()
-    SD15_STEPS=40 SDXL_STEPS=30 SCALE=1
+    SD15_STEPS=32 SDXL_STEPS=26 SCALE=1
     SD15_REF=(--reference-warmup 5 --reference-steps 15)
     SDXL_REF=(--reference-warmup 3 --reference-steps 8)
     COMPILE=(--diffusers-compile)
@@ -105,12 +109,18 @@ for p in $PARTS; do
         part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
         ;;
-    sd15_gen)
+    sd15_gen | sd15_compile)
         # the adapter the training parts made; without one, a short run makes it first
         adapter=$(ls -t "$WORK"/sd15/run-*/bench.safetensors 2>/dev/null | head -1)
         if [ -n "$adapter" ]; then make=(--adapter "$adapter"); else make=(--steps 14 --no-flops); fi
-        part sd15_gen 60 240 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
-            --no-reference "${COMPILE[@]}" --json "$OUT/sd15_gen.json"
+        if [ "$p" = sd15_gen ]; then
+            part sd15_gen 45 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
+                --no-reference --no-eager-generation --json "$OUT/sd15_gen.json"
+        else
+            part sd15_compile 60 240 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+                "${make[@]}" --no-reference --no-overheads --no-eager-generation "${COMPILE[@]}" \
+                --json "$OUT/sd15_compile.json"
+        fi
         ;;
     sdxl_b1)
         part sdxl_b1 90 200 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 1 \
@@ -122,10 +132,11 @@ for p in $PARTS; do
             --steps "$SDXL_STEPS" "${SDXL_REF[@]}" --json "$OUT/sdxl_b4.json"
         ;;
     *)
-        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4" | tee -a "$LOG"
+        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile" \
+            | tee -a "$LOG"
         ;;
     esac
 done
 
 echo "gpu_session: parts done after $(($(date +%s) - START))s" | tee -a "$LOG"
-"$PY" benchmarks/summary.py --results "$OUT" --sources "${SUMMARY_FLAGS[@]}" 2>>"$LOG" | tee "$OUT/summary.txt"
+"$PY" benchmarks/summary.py --results "$OUT" --sources "${SUMMARY_FLAGS[@]}" 2>>"$LOG" | tee -a "$LOG"

@@ -19,6 +19,7 @@ measurement (`complete` stays false until the end), so a run stopped part-way ke
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -269,6 +270,9 @@ def saved_model(folder: Path, build, device: torch.device | None = None) -> Path
             pipe = build()
         pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
         del pipe
+        gc.collect()  # the built model leaves the GPU before anything is measured
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return folder
 
 
@@ -292,9 +296,11 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
         cuda_graphs=args.cuda_graphs,
         **options,
     )
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        results["allocated_before_train_gib"] = torch.cuda.memory_allocated() / 2**30  # 0 unless something lingers
     t0 = time.perf_counter()
     train(config, device=args.device, log_to_terminal=False)
     results["train_wall_s"] = time.perf_counter() - t0
@@ -333,13 +339,14 @@ def script_reference(args, model_dir: Path, data: Path, size: int, results: Reco
 
 
 def generation(args, model_dir: Path, adapter: Path, device: torch.device, results: Record) -> None:
-    """Our runtime (`adapters.runtime.Studio`) with no adapter, one and two unfused and one fused, a strength change
-    and a cold load; then diffusers' pipeline with the adapter fused, eager and (with --diffusers-compile) compiled.
-    Every picture: 30 steps, guidance, median of three after a warm-up."""
+    """Our runtime (`adapters.runtime.Studio`) with one adapter, a strength change and a cold load, and (--overheads)
+    with no adapter, two unfused and one fused; then diffusers' pipeline with the adapter fused, eager and (with
+    --diffusers-compile) compiled. Every picture: 30 steps, guidance, median of three after a warm-up."""
     from adapters.runtime import Studio
 
     studio = Studio(str(model_dir), device=args.device)
-    results["generate_base_30_steps_s"] = time_generation(studio, {}, device)  # no adapter ever loaded
+    if args.overheads:
+        results["generate_base_30_steps_s"] = time_generation(studio, {}, device)  # no adapter ever loaded
     t0 = time.perf_counter()
     studio.load(adapter, name="bench")
     results["adapter_cold_load_s"] = time.perf_counter() - t0
@@ -350,18 +357,20 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         studio.set_strengths({"bench": s})
         changes.append(time.perf_counter() - t0)
     results["strength_change_ms"] = 1000 * statistics.median(changes)
-    studio.load(adapter, name="second")  # the same file under a second name: two adapters' layers run
-    results["generate_two_adapters_30_steps_s"] = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
-    studio.unload("second")
-    studio.fuse({"bench": 0.7})
-    results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
-    studio.unfuse()
-    base = results["generate_base_30_steps_s"]
-    results.update(
-        unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
-        unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
-        fused_overhead=results["generate_fused_30_steps_s"] / base - 1,
-    )
+    if args.overheads:
+        studio.load(adapter, name="second")  # the same file under a second name: two adapters' layers run
+        two = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
+        results["generate_two_adapters_30_steps_s"] = two
+        studio.unload("second")
+        studio.fuse({"bench": 0.7})
+        results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
+        studio.unfuse()
+        base = results["generate_base_30_steps_s"]
+        results.update(
+            unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
+            unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
+            fused_overhead=results["generate_fused_30_steps_s"] / base - 1,
+        )
     del studio
     if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
         eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
@@ -431,6 +440,12 @@ def main() -> None:
         "--flops", action=argparse.BooleanOptionalAction, default=True, help="count the step's FLOPs on the device"
     )
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="time generation")
+    parser.add_argument(
+        "--overheads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the model with no adapter, two adapters and one fused (--no-overheads: one adapter only)",
+    )
     parser.add_argument(
         "--eager-generation",
         action=argparse.BooleanOptionalAction,

@@ -18,10 +18,10 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
   default step (not --no-cuda-graphs): MFU as below; speedup = its images/s over those of the diffusers example
   script's step timed in the same process (`speedup_vs_script`, benchmarks/reference.py).
 - two_gpu_efficiency: the newest `benchmarks/scaling.py --processes 2 --json` result on GPUs.
-- gen_512_30_s, scale_change_ms, cold_load_s, unfused_overhead, fused_overhead: the newest sd15.py run that timed
-  generation: 30 steps with guidance, one adapter (`generate_30_steps_s`); a strength change (`strength_change_ms`);
-  an adapter file loaded into the running model (`adapter_cold_load_s`); one adapter unfused and fused, each over
-  the same model with no adapter ever loaded, minus 1.
+- gen_512_30_s, scale_change_ms, cold_load_s: the newest sd15.py run that measured each: 30 steps with guidance,
+  one adapter (`generate_30_steps_s`); a strength change (`strength_change_ms`); an adapter file loaded into the
+  running model (`adapter_cold_load_s`). unfused_overhead, fused_overhead: the newest sd15.py run that timed the
+  model with no adapter ever loaded: one adapter unfused, and fused, over that, minus 1.
 - gen_vs_compiled_diffusers: the newest sd15.py run that timed diffusers' pipeline with the LoRA fused and the UNet
   compiled: its 30-step time over ours from the same run (above 1: we are faster).
 - sdxl_bs4_mfu: the newest `benchmarks/sdxl.py` run at batch 4 with the default step and without gradient
@@ -243,12 +243,13 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     item = newest(results, lambda r: script_of(r) == "scaling" and r.get("processes") == 2 and "efficiency" in r)
     take("two_gpu_efficiency", item, item and item[1]["efficiency"])
 
-    item = newest(results, lambda r: script_of(r) == "sd15" and "generate_30_steps_s" in r)
-    if item:
-        r = item[1]
-        take("gen_512_30_s", item, r["generate_30_steps_s"])
-        take("scale_change_ms", item, r.get("strength_change_ms"))
-        take("cold_load_s", item, r.get("adapter_cold_load_s"))
+    for field, key in (
+        ("gen_512_30_s", "generate_30_steps_s"),
+        ("scale_change_ms", "strength_change_ms"),
+        ("cold_load_s", "adapter_cold_load_s"),
+    ):
+        item = newest(results, lambda r, k=key: script_of(r) == "sd15" and k in r)
+        take(field, item, item and item[1][key])
     item = newest(results, lambda r: script_of(r) == "sd15" and "generate_base_30_steps_s" in r)
     if item:
         r = item[1]
