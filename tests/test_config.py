@@ -101,6 +101,7 @@ def test_unknown_key_in_file_is_an_error_with_a_suggestion(tmp_path):
         ("huber_c", 0.0, r"huber_c \(--huber-c\) must be above 0"),
         ("min_snr_gamma", float("nan"), r"min_snr_gamma \(--min-snr-gamma\) must be 0 \(off\) or positive"),
         ("noise_offset", 1.5, r"noise_offset \(--noise-offset\) must be at least 0 and below 1"),
+        ("input_perturbation", -0.1, r"input_perturbation \(--input-perturbation\) must be at least 0 and below 1"),
         (
             "text_encoder_lr",
             -1e-5,

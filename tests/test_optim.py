@@ -214,6 +214,45 @@ def test_noise_offset_adds_a_constant_per_image_and_channel():
     assert float(shift[:, :, 0, 0].std()) == pytest.approx(0.1, rel=0.2)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_input_perturbation_noises_the_unets_input_and_not_its_target(prediction_type):
+    """The same draws as without it, plus the noise the input is noised with: the training noise plus
+    input_perturbation x N(0, 1); the UNet sees the latents noised with that, and is still scored against the
+    target of the training noise (a UNet answering that target exactly has no loss)."""
+    from trainer.step import batch_loss, training_target
+
+    plain = BatchDrawer(8, 64, 1000, (4, 8, 8), seed=5, noise_offset=0.05)
+    perturbed = BatchDrawer(8, 64, 1000, (4, 8, 8), seed=5, noise_offset=0.05, input_perturbation=0.1)
+    a, b = plain.draw(), perturbed.draw()
+    assert set(b) == set(a) | {"input_noise"} and all(torch.equal(a[k], b[k]) for k in a)
+    assert float((b["input_noise"] - b["noise"]).std()) == pytest.approx(0.1, rel=0.05)
+    scheduler = _scheduler(prediction_type)
+    timesteps = b["timesteps"][:4]
+    batch = {
+        "latents": torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+        "noise": b["noise"][:4],
+        "input_noise": b["input_noise"][:4],
+        "timesteps": timesteps,
+        "cond": {"text_embeds": torch.zeros(4, 2, 3)},
+    }
+    seen = []
+
+    class Oracle(torch.nn.Module):  # answers the training noise's target, and keeps what it was shown
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, noisy, *args, **kwargs):
+            from types import SimpleNamespace
+
+            seen.append(noisy)
+            return SimpleNamespace(sample=training_target(scheduler, batch))
+
+    assert batch_loss(Oracle(), batch, scheduler, SD1).item() < 1e-10
+    assert torch.equal(seen[0], scheduler.add_noise(batch["latents"], batch["input_noise"], timesteps))
+    assert not torch.allclose(seen[0], scheduler.add_noise(batch["latents"], batch["noise"], timesteps))
+
+
 # -- optimisers --------------------------------------------------------------------------------------------------
 
 
@@ -290,6 +329,7 @@ OPTIONS = {
     "huber loss": dict(loss="huber"),
     "min-SNR-gamma": dict(min_snr_gamma=1.0),
     "noise offset": dict(noise_offset=0.1),
+    "input perturbation": dict(input_perturbation=0.1),
 }
 
 

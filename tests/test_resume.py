@@ -25,12 +25,18 @@ def config_for(tiny_model, data, run, **extra):
 
 
 # Settings with state or with draws of their own, on together: a schedule past its warm-up (resumed by counting),
-# two batches per step and a noise offset (more draws per step from the batch generator), min-SNR weighting;
+# two batches per step, a noise offset and input perturbation (more draws per step from the batch generator),
+# min-SNR weighting;
 # Prodigy keeps its step-size estimate in the optimizer's param groups, clipping reads each step's gradients.
 OPTIONS = {
     "defaults": {},
-    "cosine, warm-up, accumulation, min-SNR, noise offset": dict(
-        lr_scheduler="cosine", lr_warmup_steps=3, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05
+    "cosine, warm-up, accumulation, min-SNR, noise offset, input perturbation": dict(
+        lr_scheduler="cosine",
+        lr_warmup_steps=3,
+        gradient_accumulation_steps=2,
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+        input_perturbation=0.1,
     ),
     "prodigy, restarts, huber, clipping": dict(
         optimizer="prodigy",

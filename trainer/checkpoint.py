@@ -53,6 +53,7 @@ RESUME_MUST_MATCH = (
     "huber_c",
     "min_snr_gamma",
     "noise_offset",
+    "input_perturbation",
     # the data's draws: how often each image comes up per epoch
     "repeats",
     "flip",

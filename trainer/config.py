@@ -332,6 +332,13 @@ class TrainConfig:
         "darks and brighter lights. 0.05-0.1 is usual; 0 = off.",
         "loss",
     )
+    input_perturbation: float = _f(
+        0.0,
+        "Input perturbation (kohya_ss's --ip_noise_gamma, diffusers' --input_perturbation): the UNet is shown the "
+        "latents noised with the training noise plus this much of a second noise, and still learns to predict the "
+        "first (Ning et al. 2023, against the gap between training and sampling). 0.1 is usual; 0 = off.",
+        "loss",
+    )
     # watching it learn
     preview_prompt: Prompts = _f(
         (),
@@ -422,6 +429,7 @@ class TrainConfig:
             "huber_c",
             "min_snr_gamma",
             "noise_offset",
+            "input_perturbation",
             "preview_guidance",
         ):
             setattr(self, name, float(getattr(self, name)))
@@ -537,6 +545,11 @@ class TrainConfig:
                 0 <= self.noise_offset < 1,
                 f"noise_offset (--noise-offset) must be at least 0 and below 1 (typical: 0.05); "
                 f"got {self.noise_offset:g}",
+            ),
+            (
+                0 <= self.input_perturbation < 1,
+                f"input_perturbation (--input-perturbation) must be at least 0 and below 1 (typical: 0.1); "
+                f"got {self.input_perturbation:g}",
             ),
             (
                 self.resolution == 0 or (self.resolution >= 64 and self.resolution % 8 == 0),

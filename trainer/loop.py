@@ -219,7 +219,8 @@ class BatchDrawer:
 
     `draw()` makes the *global* batch (batch_size x processes): image order (a fresh permutation of every image
     x its repeats each epoch), latent sample, noise (with `noise_offset` times a per-image, per-channel constant
-    added), timestep, with `flip` mirrored or not, and with `crop` where each picture is cut (two uniform draws,
+    added; with `input_perturbation`, also the noise the UNet's input is noised with: that noise plus this times a
+    second draw), timestep, with `flip` mirrored or not, and with `crop` where each picture is cut (two uniform draws,
     down and across); each process then takes its own slice of it.
     With aspect-ratio buckets (`buckets`: each image's bucket; `bucket_shapes`: each bucket's latent shape), a
     batch first draws its bucket, in proportion to the bucket's images x repeats, then its images from that
@@ -242,6 +243,7 @@ class BatchDrawer:
         buckets: list[int] | None = None,
         bucket_shapes: list | None = None,
         crop: bool = False,
+        input_perturbation: float = 0.0,
     ):
         self.generator = torch.Generator("cpu").manual_seed(seed)
         # each image's index as many times as its repeats: an epoch of a bucket is a permutation of its pool
@@ -252,7 +254,7 @@ class BatchDrawer:
         self.shapes = [tuple(s) for s in bucket_shapes] if bucket_shapes else [tuple(latent_shape)]
         self.orders: list[list[int]] = [[] for _ in self.pools]
         self.dropout, self.noise_offset, self.flip, self.captions = dropout, noise_offset, flip, captions
-        self.crop = crop
+        self.crop, self.input_perturbation = crop, input_perturbation
         self.num_images, self.global_batch = num_images, global_batch
         self.num_timesteps = num_timesteps
 
@@ -286,6 +288,9 @@ class BatchDrawer:
             drawn["caption"] = torch.randint(0, self.captions, (n,), generator=self.generator)
         if self.crop:  # --crop random: where each picture is cut, down and across
             drawn["crop"] = torch.rand((n, 2), generator=self.generator)
+        if self.input_perturbation:  # drawn last too; the target stays "noise"
+            extra = torch.randn((n, *shape), generator=self.generator)
+            drawn["input_noise"] = drawn["noise"] + self.input_perturbation * extra
         return drawn
 
     def state(self) -> dict:
@@ -329,12 +334,15 @@ def make_batch(
             cond[key] = torch.where(mask, cache["empty_cond"][key], values[idx])
         else:
             cond[key] = placed[key] if key in placed else values[idx]
-    return {
+    batch = {
         "latents": latents,
         "noise": draw["noise"][part].to(device),
         "timesteps": draw["timesteps"][part].to(device),
         "cond": cond,
     }
+    if "input_noise" in draw:  # --input-perturbation: what the UNet's input is noised with (the target is "noise")
+        batch["input_noise"] = draw["input_noise"][part].to(device)
+    return batch
 
 
 def _stop_on_signals() -> dict:
@@ -526,6 +534,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             buckets=image_bucket if len(sizes) > 1 else None,
             bucket_shapes=shapes if len(sizes) > 1 else None,
             crop=cropping,
+            input_perturbation=config.input_perturbation,
         )
         optimizer = make_optimizer(params, config, text_params)
         unet, optimizer = accelerator.prepare(unet, optimizer)

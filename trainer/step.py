@@ -35,8 +35,10 @@ def training_target(noise_scheduler, batch: dict) -> torch.Tensor:
 
 
 def unet_inputs(batch: dict, noise_scheduler, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The UNet's inputs for a batch: noised latents, timesteps and the conditioning, in the compute dtype."""
-    noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    """The UNet's inputs for a batch: noised latents, timesteps and the conditioning, in the compute dtype. The
+    latents are noised with the batch's `input_noise` where it has one (--input-perturbation), else its `noise`."""
+    noise = batch.get("input_noise", batch["noise"])
+    noisy = noise_scheduler.add_noise(batch["latents"], noise, batch["timesteps"])
     return noisy.to(dtype), batch["timesteps"], {k: v.to(dtype) for k, v in batch["cond"].items()}
 
 
