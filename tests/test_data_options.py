@@ -172,6 +172,23 @@ def test_buckets_keep_each_images_aspect_ratio_and_the_true_crop(image_folder):
     assert crop_geometry(image_folder / "wide0.png", 32) == ((32, 64), (0, 16))
 
 
+@pytest.mark.parametrize("model", ["sd1", "sdxl"])
+def test_a_real_models_buckets_are_multiples_of_64_near_its_square(model):
+    """SD 1.x at 512 and SDXL at 1024, from their configs (no weights): bucket sides step by 64, each bucket's area
+    is within a fifth below the square's (never above), sides at most 4:1 apart."""
+    from adapters.base import model_geometry
+    from trainer.dataset import bucket_stride
+    from trainer.plan import CONFIGS
+
+    native, vae_scale, levels = model_geometry(str(CONFIGS / model))
+    assert native == {"sd1": 512, "sdxl": 1024}[model] and bucket_stride(native, vae_scale, levels) == 64
+    sizes = bucket_sizes(native, bucket_stride(native, vae_scale, levels))
+    assert (native, native) in sizes and (native + 64, native - 64) in sizes and len(sizes) > 10
+    for w, h in sizes:
+        assert w % 64 == 0 and h % 64 == 0 and max(w, h) <= 4 * min(w, h)
+        assert 0.8 * native**2 <= w * h <= native**2, (w, h)
+
+
 def test_every_batch_comes_from_one_bucket_and_each_bucket_comes_up():
     # images 0-2 in bucket 0 (latents 4x4), 3-4 in bucket 1 (latents 2x6); image 4 has 3 repeats
     drawer = BatchDrawer(

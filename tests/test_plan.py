@@ -137,3 +137,35 @@ def test_an_out_of_memory_names_what_the_plan_expected(tmp_path):
     message = str(_out_of_memory(config, tmp_path, torch.cuda.OutOfMemoryError("CUDA out of memory."), plan))
     assert f"The plan expected a peak of about {plan.need_gib:.1f} GiB of the 7.5 GiB" in message
     assert "another program" in message and "--batch-size (now 1; already 1)" in message
+
+
+def test_gradient_checkpointing_on_recomputes_in_the_backward_and_trains_the_same_adapter(
+    tiny_model, image_folder, tmp_path, monkeypatch
+):
+    """--gradient-checkpointing on: the UNet's blocks run through torch's checkpoint (their activations are
+    recomputed in the backward pass instead of kept), the run's start event says so, and the adapter is the one
+    trained without it."""
+    import torch
+    import torch.utils.checkpoint
+    from safetensors.torch import load_file
+
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    adapters, counted, said = {}, {}, {}
+    for setting in ("off", "on"):
+        calls.clear()
+        run = tmp_path / setting
+        config = TrainConfig(
+            base_model=str(tiny_model), data=str(image_folder), steps=2, gradient_checkpointing=setting,
+            run_dir=str(run), preview_prompt=(),
+        )  # fmt: skip
+        adapters[setting] = load_file(train(config, device="cpu", log_to_terminal=False).adapter)
+        counted[setting] = len(calls)
+        start = next(e for e in read_events(run) if e["type"] == "start")
+        said[setting] = (start["gradient_checkpointing"], start["gradient_checkpointing_why"])
+    assert counted["off"] == 0 and counted["on"] > 0
+    assert said == {
+        "off": (False, "--gradient-checkpointing off"),
+        "on": (True, "--gradient-checkpointing on"),
+    }
+    assert all(torch.equal(adapters["on"][k], adapters["off"][k]) for k in adapters["off"])
