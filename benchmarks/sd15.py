@@ -304,8 +304,6 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     t0 = time.perf_counter()
     train(config, device=args.device, log_to_terminal=False)
     results["train_wall_s"] = time.perf_counter() - t0
-    if device.type == "cuda":  # a --gpu-memory cap the trainer set holds the training only, not what follows
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
     start = next(e for e in read_events(run_dir) if e["type"] == "start")
     notices = [e["message"] for e in read_events(run_dir) if e["type"] == "notice"]
     keys = ("step_kind", "step_why", "gradient_checkpointing", "gradient_checkpointing_why")

@@ -409,8 +409,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     if main:
         (run_dir / PLAN).write_text(json.dumps(plan.to_dict(), indent=1))
         events.emit("plan", **plan.to_dict())
-    if config.gpu_memory and accelerator.device.type == "cuda":  # hold the run to a card of that size
-        index = accelerator.device.index or 0
+    capped = bool(config.gpu_memory and accelerator.device.type == "cuda")
+    index = accelerator.device.index or 0
+    if capped:  # hold the run to a card of that size (lifted again when it ends)
         total = torch.cuda.get_device_properties(index).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.gpu_available_gib / total), index)
     try:
@@ -796,6 +797,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         if error is exc:
             raise
         raise error from exc
+    finally:
+        if capped:  # what runs next in this process (the page's Generate) has the whole card again
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _finish_trackers(accelerator) -> None:
