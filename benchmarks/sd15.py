@@ -310,9 +310,11 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     results.update({k: start[k] for k in keys if k in start}, notices=notices, adapter=config.output)
     steady = steady_step_seconds(run_dir)
     results.update(train_step_s=steady, train_images_per_s=args.batch / steady)
-    if device.type == "cuda":
-        results["train_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results["train_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if device.type == "cuda":  # the run's own per-phase peaks (trainer/memory.py): torch's counters restart per phase
+        memory = next(e for e in read_events(run_dir) if e["type"] == "done")["memory"]
+        results["train_memory_by_phase"] = memory
+        results["train_peak_memory_gib"] = max(memory["gpu_allocated_gib"].values())
+        results["train_peak_reserved_gib"] = max(memory["gpu_reserved_gib"].values())
     return Path(config.output)
 
 
