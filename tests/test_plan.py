@@ -169,3 +169,13 @@ def test_gradient_checkpointing_on_recomputes_in_the_backward_and_trains_the_sam
         "on": (True, "--gradient-checkpointing on"),
     }
     assert all(torch.equal(adapters["on"][k], adapters["off"][k]) for k in adapters["off"])
+
+
+def test_the_plan_counts_every_adapter_shape_as_the_run_trains_it(tiny_model, image_folder, tmp_path):
+    """Feed-forward, proj_in/proj_out (1x1 convolutions in SD 1.x), LoCon, DoRA and the text encoder's LoRA."""
+    run = tmp_path / "run"
+    shape = dict(train_ff=True, train_proj=True, conv_rank=4, use_dora=True, train_text_encoder=True)
+    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=1, run_dir=str(run), **shape)
+    train(config, device="cpu", log_to_terminal=False)
+    start = next(e for e in read_events(run) if e["type"] == "start")
+    assert json.loads((run / PLAN).read_text())["lora_parameters"] == start["trainable_parameters"]

@@ -217,16 +217,18 @@ def _count_lora_parameters(config) -> int:
     targets += feed_forward_targets(unet) if config.train_ff else []
     targets += projection_targets(unet) if config.train_proj else []
     modules = dict(unet.named_modules())
-    total = 0
-    for name in targets:
+
+    def size(name: str, rank: int) -> int:  # peft's A (in -> rank, the layer's kernel) and B (rank -> out)
         layer = modules[name]
-        total += config.rank * (layer.in_features + layer.out_features)
-        total += layer.out_features if config.use_dora else 0  # DoRA's magnitude vector
-    if config.conv_rank:
-        for name in conv_targets(unet):
-            layer = modules[name]
+        magnitude = 1 if config.use_dora else 0  # DoRA's magnitude: one value per output
+        if isinstance(layer, torch.nn.Conv2d):  # proj_in/proj_out of SD 1.x are 1x1 convolutions
             k = layer.kernel_size[0] * layer.kernel_size[1]
-            total += config.conv_rank * (layer.in_channels * k + layer.out_channels)
+            return rank * (layer.in_channels * k + layer.out_channels) + magnitude * layer.out_channels
+        return rank * (layer.in_features + layer.out_features) + magnitude * layer.out_features
+
+    total = sum(size(name, config.rank) for name in targets)
+    if config.conv_rank:
+        total += sum(size(name, config.conv_rank) for name in conv_targets(unet))
     if config.train_text_encoder:
         shapes, _ = model_modules(config.base_model, prediction)
         for component, layers in shapes.items():
