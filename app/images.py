@@ -144,24 +144,29 @@ def save_image(image: Image.Image, path: Path, parameters: str = "") -> None:
 
 
 def labelled_grid(
-    rows: list[list[Image.Image]], column_labels: list[str], row_labels: list[str] | None = None, cell: int = 192
+    rows: list[list[Image.Image]],
+    column_labels: list[str],
+    row_labels: list[str] | None = None,
+    cell: int | tuple[int, int] = 192,
 ) -> Image.Image:
-    """Pictures in a grid, each scaled to `cell` pixels, with a label over each column (and row, if given)."""
+    """Pictures in a grid, each scaled to `cell` pixels (a square's side, or width and height), with a label over
+    each column (and before each row, if given), drawn in Pillow's default font."""
     from PIL import ImageDraw
 
+    cell_w, cell_h = (cell, cell) if isinstance(cell, int) else cell
     pad, top = 6, 22
     left = 0 if not row_labels else 8 * max(len(t) for t in row_labels) // 1 + 2 * pad
-    width = left + len(column_labels) * (cell + pad) + pad
-    height = top + len(rows) * (cell + pad) + pad
+    width = left + len(column_labels) * (cell_w + pad) + pad
+    height = top + len(rows) * (cell_h + pad) + pad
     grid = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(column_labels):
-        draw.text((left + pad + j * (cell + pad), 5), label, fill=(0, 0, 0))
+        draw.text((left + pad + j * (cell_w + pad), 5), label, fill=(0, 0, 0))
     for i, row in enumerate(rows):
-        y = top + i * (cell + pad)
+        y = top + i * (cell_h + pad)
         if row_labels:
-            draw.text((pad, y + cell // 2 - 6), row_labels[i], fill=(0, 0, 0))
+            draw.text((pad, y + cell_h // 2 - 6), row_labels[i], fill=(0, 0, 0))
         for j, image in enumerate(row):
-            resample = Image.Resampling.NEAREST if image.width * 2 <= cell else Image.Resampling.LANCZOS
-            grid.paste(image.resize((cell, cell), resample), (left + pad + j * (cell + pad), y))
+            resample = Image.Resampling.NEAREST if image.width * 2 <= cell_w else Image.Resampling.LANCZOS
+            grid.paste(image.resize((cell_w, cell_h), resample), (left + pad + j * (cell_w + pad), y))
     return grid

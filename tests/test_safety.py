@@ -684,6 +684,8 @@ def test_11_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(
         def no_space(fd):
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        if Path(path) != out:  # a checkpoint's own adapter file: written
+            return real(path, tensors, metadata)
         with monkeypatch.context() as m:  # only this write sees a full disk (the event log fsyncs too)
             m.setattr(formats.os, "fsync", no_space)
             real(path, tensors, metadata)

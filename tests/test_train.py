@@ -223,3 +223,24 @@ def test_a_trained_file_names_no_local_folder_and_the_run_draws_its_loss_curve(t
     with Image.open(run / LOSS_PNG) as im:
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
     assert RAW_COLOR in colours and SMOOTHED_COLOR in colours
+
+
+def test_each_checkpoint_holds_the_adapter_of_its_step(tiny_model, image_folder, tmp_path):
+    """A checkpoint's adapter file is the adapter a run stopped at that step writes (the Generate tab tries and
+    downloads it), with the same header; the checkpoint resumes as before."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import checkpoint_adapter, list_checkpoints
+
+    settings = dict(base_model=str(tiny_model), data=str(image_folder), batch_size=2, seed=3, name="neon")
+    train(TrainConfig(steps=3, save_every=2, run_dir=str(tmp_path / "long"), **settings), log_to_terminal=False)
+    short = train(TrainConfig(steps=2, run_dir=str(tmp_path / "short"), **settings), log_to_terminal=False)
+    [checkpoint] = list_checkpoints(tmp_path / "long")
+    inside = checkpoint_adapter(checkpoint)
+    assert inside == checkpoint / "neon-step2.safetensors"
+    kept, stopped = load_file(inside), load_file(short.adapter)
+    assert kept.keys() == stopped.keys() and all(torch.equal(kept[k], stopped[k]) for k in kept)
+    with safe_open(str(inside), "pt") as f:
+        header = f.metadata()
+    assert (header["ss_steps"], header["ss_output_name"], header["ss_network_dim"]) == ("2", "neon", "8")

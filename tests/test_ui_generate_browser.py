@@ -19,8 +19,10 @@ from adapters.lora import LoraModule
 from app.cli import main as cli
 from app.images import Parameters
 from tests.test_ui_browser import CHROMIUM, Server
+from trainer.config import TrainConfig
 
 pytestmark = pytest.mark.browser
+RUN = "20260101-000000-neon"
 
 
 def make_adapter(path: Path, trigger_word: str, seed: int = 0, scale: float = 0.3) -> Path:
@@ -72,13 +74,18 @@ def app(tmp_path_factory):
     command = ["generate", "--prompt", "a red circle", "--negative-prompt", "blurry, dark", "--seed", "5"]
     command += ["--sampling-steps", "3", "--guidance", "4", "--adapter", f"{adapter}:0.8", "--output", str(earlier)]
     assert cli(command) == 0
+    run = workspace / "runs" / RUN  # a run whose checkpoints hold their adapters, as the trainer saves them
+    run.mkdir(parents=True)
+    TrainConfig(data="data", name="neon", trigger_word="glowline").save(run / "config.json")
+    for step, seed in ((2, 1), (4, 2)):
+        make_adapter(run / "checkpoints" / f"step_{step:06d}" / f"neon-step{step}.safetensors", "glowline", seed)
     server = Server(workspace)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
             )
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
             page.goto(server.url)
             page.get_by_role("tab", name="Generate").click()
             yield page, workspace
@@ -255,3 +262,99 @@ def test_picking_an_adapter_offers_its_trigger_word_and_auto_update_redraws_with
     page.locator("#generate-button").click()
     status(page).get_by_text(re.compile(r"^Seed 7\. neon 0\.9\d*|^Seed 7\. neon 1\.")).wait_for(timeout=120_000)
     assert len(saved_seeds(workspace)) == before + 3
+
+
+def grid_cell(grid: Image.Image, row: int, column: int, labels: list[str], size: int = 128) -> Image.Image:
+    """One picture of an X/Y grid file, cut where `app.images.labelled_grid` puts it (rows labelled `labels`)."""
+    pad, top, left = 6, 22, 8 * max(len(t) for t in labels) + 12
+    x, y = left + pad + column * (size + pad), top + row * (size + pad)
+    return grid.crop((x, y, x + size, y + size))
+
+
+def test_a_runs_checkpoints_are_tried_downloaded_and_drawn_in_x_y_grids(app, tmp_path):
+    page, workspace = app
+    from adapters.runtime import Studio
+
+    fill(page, "prompt", "glowline, a green triangle")
+    fill(page, "steps", 3)
+    page.locator("#auto-update input").uncheck()
+    page.get_by_text("Checkpoints of a run: try and download").click()
+    page.locator("#checkpoint-run input").click()
+    page.get_by_role("option", name=f"{RUN} · 2 checkpoint(s)").click()
+    status(page).get_by_text(f"Run {RUN}: 2 checkpoint(s) with an adapter").wait_for(timeout=30_000)
+    assert value(page, "checkpoint-step") == "step 4"
+    # download: the checkpoint's adapter file itself
+    with page.expect_download() as download:
+        page.get_by_text("Download neon-step4.safetensors").click()
+    download.value.save_as(tmp_path / "got.safetensors")
+    kept = workspace / "runs" / RUN / "checkpoints" / "step_000004" / "neon-step4.safetensors"
+    assert (tmp_path / "got.safetensors").read_bytes() == kept.read_bytes()
+    # try: refused on another base model than the run's; then the checkpoint becomes adapter 1 (not in the library)
+    fill(page, "generate-base", "stabilityai/sdxl-turbo")
+    page.locator("#checkpoint-try").click()
+    status(page).get_by_text(f"⚠ run {RUN} was trained on base model 'builtin'").wait_for(timeout=30_000)
+    fill(page, "generate-base", "builtin")
+    page.locator("#checkpoint-try").click()
+    status(page).get_by_text(f"Adapter 1 is now {RUN}-step4").wait_for(timeout=30_000)
+    assert value(page, "adapter-0") == f"{RUN}-step4"
+    assert [p.name for p in (workspace / "library").iterdir()] == ["neon.safetensors"]
+    fill(page, "strength-0", 1)
+    fill(page, "seed", 7)
+    page.locator("#random-seed input").uncheck()
+    fill(page, "batch-count", 1)
+    fill(page, "batch-size", 1)
+    page.locator("#generate-button").click()
+    status(page).get_by_text(f"Seed 7. {RUN}-step4 1. Saved in").wait_for(timeout=120_000)
+    day = workspace / "outputs" / time.strftime("%Y-%m-%d")
+    assert Parameters.of_file(sorted(day.glob("*.png"))[-1]).adapters == {f"{RUN}-step4": 1.0}
+
+    # X/Y grid, strength x seed: each cell is the picture its seed and strength draw
+    page.locator("#adapter-0 input").click()
+    page.get_by_role("option", name="neon", exact=True).click()
+    fill(page, "compare-strengths", "0, 1")
+    fill(page, "grid-seeds", "7, 8")
+    pictures = len(list(day.glob("*.png")))
+    page.locator("#grid-button").click()
+    said = status(page).get_by_text(re.compile(r"^X/Y grid, strength of neon x seed: 2 x 2 pictures"))
+    said.wait_for(timeout=180_000)
+    grid_file = workspace / "outputs" / "grids" / time.strftime("%Y-%m-%d") / "00001.png"
+    assert f"Saved as outputs/grids/{grid_file.parent.name}/00001.png" in status(page).inner_text()
+    expect(page.locator("#gallery img")).to_have_count(1)
+    # the grid is shown whole and large, and in view at the grid button, far down the page: the results stay put
+    box, frame = page.locator("#gallery img").bounding_box(), page.locator("#gallery").bounding_box()
+    assert frame["x"] <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"]
+    assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]
+    assert box["width"] > 0.6 * frame["width"]
+    assert page.evaluate("scrollY") > 500  # the page is scrolled down to the button ...
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 1000  # ... and the grid is on screen
+    assert len(list(day.glob("*.png"))) == pictures  # the cells are in the grid only
+    first = Parameters.of_file(grid_file)  # the grid file says how its first cell was made
+    assert (first.prompt, first.seed, first.steps) == ("glowline, a green triangle", 7, 3)
+    assert first.adapters == {"neon": 0}
+    grid = Image.open(grid_file).convert("RGB")
+    labels = ["seed 7", "seed 8"]
+    assert grid.crop((0, 0, grid.width, 20)).getextrema() != ((255, 255), (255, 255), (255, 255))  # column labels
+    assert grid.crop((0, 22, 40, grid.height)).getextrema() != ((255, 255), (255, 255), (255, 255))  # row labels
+    studio = Studio("builtin", device="cpu")
+    studio.load(workspace / "library" / "neon.safetensors", name="neon")
+    for row, seed in enumerate((7, 8)):
+        for column, strength in enumerate((0.0, 1.0)):
+            alone = studio.generate(
+                "glowline, a green triangle",
+                seed=seed,
+                sampling_steps=3,
+                guidance=5,
+                guidance_rescale=0.7,
+                strengths={"neon": strength},
+            )[0].resize((128, 128), Image.Resampling.NEAREST)
+            assert list(grid_cell(grid, row, column, labels).getdata()) == list(alone.getdata()), (seed, strength)
+
+    # X/Y grid, strength x checkpoint: at strength 0 every checkpoint draws the base picture, at 1 each its own
+    page.locator("#grid-rows").get_by_text("checkpoints", exact=True).click()
+    page.locator("#grid-button").click()
+    said = status(page).get_by_text(re.compile(rf"^X/Y grid, strength x checkpoint of run {RUN}: 2 x 2 pictures"))
+    said.wait_for(timeout=180_000)
+    grid = Image.open(grid_file.with_name("00002.png")).convert("RGB")
+    labels = ["step 2", "step 4"]
+    cells = [[list(grid_cell(grid, r, c, labels).getdata()) for c in range(2)] for r in range(2)]
+    assert cells[0][0] == cells[1][0] and cells[0][1] != cells[1][1] and cells[0][0] != cells[0][1]

@@ -69,8 +69,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config: dict, keep: int) -> Path:
-    """Write checkpoint `step` and delete all but the newest `keep` (0 keeps all)."""
+def save_checkpoint(
+    run_dir: Path, step: int, params, optimizer, drawer, config: dict, keep: int, adapter=None
+) -> Path:
+    """Write checkpoint `step` and delete all but the newest `keep` (0 keeps all). `adapter(folder)`, when given,
+    writes the adapter file of this step into the checkpoint's folder, before the folder gets its final name."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -95,6 +98,8 @@ def save_checkpoint(run_dir: Path, step: int, params, optimizer, drawer, config:
     try:
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(info, indent=1))
+        if adapter is not None:
+            adapter(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -118,6 +123,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def checkpoint_adapter(checkpoint: Path) -> Path | None:
+    """The adapter file a checkpoint folder holds (its step's LoRA, written as a finished run writes its adapter);
+    None for a checkpoint saved before checkpoints kept one."""
+    found = sorted(p for p in Path(checkpoint).glob("*.safetensors") if p.name != "state.safetensors")
+    return found[0] if found else None
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:

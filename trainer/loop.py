@@ -680,6 +680,24 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             by_epoch = config.preview_every_epoch and at % (config.preview_every_epoch * steps_per_epoch) == 0
             return bool(by_step or by_epoch) and at != config.steps
 
+        def checkpoint(at: int) -> Path:
+            """A resumable checkpoint of step `at`, with the adapter file of that step inside (the page's Generate
+            tab tries and downloads it)."""
+            name = f"{sanitize_name(config.name or run_dir.name)}-step{at}.safetensors"
+            unwrapped = accelerator.unwrap_model(unet)
+            return save_checkpoint(
+                run_dir,
+                at,
+                all_params,
+                optimizer,
+                drawer,
+                config.to_dict(),
+                config.keep_checkpoints,
+                adapter=lambda folder: _save(
+                    config, unwrapped, text_encoders, examples, resolution, folder / name, at, model
+                ),
+            )
+
         bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
         started, at, loss_value = time.perf_counter(), start_step, math.nan
         for part in (unet, *text_encoders.values()):
@@ -722,9 +740,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
                     _require_finite(all_params, config, run_dir, at)
                     if main:
-                        path = save_checkpoint(
-                            run_dir, at, all_params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
-                        )
+                        path = checkpoint(at)
                         events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()
         except Cancelled:
@@ -740,9 +756,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 path = _save(config, unwrapped, text_encoders, examples, resolution, output, at, model)
             if main:  # a checkpoint of this very step, so that a resume goes on from here whatever --save-every says
                 if f"step_{at:06d}" not in [c.name for c in list_checkpoints(run_dir)]:
-                    saved = save_checkpoint(
-                        run_dir, at, all_params, optimizer, drawer, config.to_dict(), config.keep_checkpoints
-                    )
+                    saved = checkpoint(at)
                     events.emit("checkpoint", step=at, path=str(saved))
                 if config.library:  # to try in Generate and download, beside any finished adapter
                     name, replaced = _add_to_library(config, path, run_dir, None, partial=True)

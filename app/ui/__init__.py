@@ -46,7 +46,7 @@ def build_app(
     with gr.Blocks(title="lora-studio", delete_cache=(3600, 86400)) as app:
         gr.Markdown("# lora-studio\nTrain a LoRA style adapter from a handful of images, then use it.")
         train = TrainTab(runs_root, library, preload_files, max_upload_files)
-        generate = GenerateTab(library, base_model, Outputs(workspace / "outputs"))
+        generate = GenerateTab(library, base_model, Outputs(workspace / "outputs"), runs_root)
         adapters = LibraryTab(library)
         train.wire(app)
         generate.wire()

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from safetensors import SafetensorError, safe_open
 
 from adapters.base import base_model_label, generation_defaults
 from adapters.errors import UserError
 from adapters.library import Library
 from adapters.runtime import SCHEDULERS as RUNTIME_SCHEDULERS
-from app.images import Parameters
+from app.images import Parameters, labelled_grid
 from app.outputs import Outputs
 
 SCHEDULERS = {"model default": None, **{name: name for name in RUNTIME_SCHEDULERS}}
@@ -28,9 +29,12 @@ NONE = "(none)"
 SLOTS = 4
 SMALL = 256  # pictures narrower than this are enlarged with square pixels (the built-in model's are 64)
 
-# The tab's look, given to `launch`: pictures whole (never cropped), small ones enlarged without blur.
+# The tab's look, given to `launch`: pictures whole (never cropped), small ones enlarged without blur; the results
+# column stays in view while the controls beside it scroll (the grid's button is far down the page).
 CSS = """
 .small-pictures img { image-rendering: pixelated; }
+#generate-results { position: sticky; top: 8px; align-self: flex-start; }
+.gradio-container { overflow: clip !important; }  /* clips as gradio's hidden does, but lets sticky stick */
 """
 # Run once when the page loads: Ctrl+Enter (Cmd+Enter on a Mac) in a prompt box presses Generate, as in A1111.
 JS = """
@@ -114,11 +118,22 @@ class StudioCache:
 
 
 @dataclass
+class Job:
+    """Pictures at one set of adapter strengths, with a caption; `seed` None: the request's seed."""
+
+    strengths: dict[str, float]
+    label: str
+    seed: int | None = None
+
+
+@dataclass
 class Shown:
-    """What one press of Generate or Compare made: the saved pictures (path, caption), from which seed."""
+    """What one press of Generate, Compare or X/Y grid made: the pictures (saved file or image, caption), each
+    picture's parameters, from which seed."""
 
     seed: int
-    pictures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    pictures: list[tuple] = dataclasses.field(default_factory=list)
+    parameters: list[Parameters] = dataclasses.field(default_factory=list)
     asked: int = 0  # pictures asked for
     loaded: list[str] = dataclasses.field(default_factory=list)  # what had to be loaded for them
     small: bool = False  # pictures narrower than SMALL: shown with square pixels
@@ -128,10 +143,14 @@ class Shown:
 class GenerateTab:
     """The tab's controls (made where it is built, inside the app's Blocks) and its handlers."""
 
-    def __init__(self, library: Library, base_model: str, outputs: Outputs | None = None):
+    def __init__(
+        self, library: Library, base_model: str, outputs: Outputs | None = None, runs_root: Path | None = None
+    ):
         self.library, self.studios = library, StudioCache()
         self.stops: dict[str, threading.Event] = {}  # browser session -> its Interrupt flag
         self.outputs = outputs or Outputs(Path(library.root).parent / "outputs")  # beside the library
+        self.runs_root = Path(runs_root or Path(library.root).parent / "runs")
+        self.tried: dict[str, Path] = {}  # run checkpoints put in a slot: adapter name -> its file
         try:
             defaults = generation_defaults(base_model)  # the model's recommended guidance, for the sliders
         except UserError:
@@ -210,10 +229,33 @@ class GenerateTab:
                     self.upload_adapter = gr.UploadButton(
                         "Upload a .safetensors adapter", file_types=[".safetensors"]
                     )
-                    compare = gr.Textbox(
-                        value="0, 0.5, 1", label="Compare strengths of adapter 1", elem_id="compare-strengths"
-                    )
-                with gr.Column(scale=4):
+                    with gr.Accordion("Checkpoints of a run: try and download", open=False):
+                        with gr.Row():
+                            self.ckpt_run = gr.Dropdown([], label="Run", elem_id="checkpoint-run", scale=2)
+                            self.ckpt_step = gr.Dropdown([], label="Checkpoint", elem_id="checkpoint-step")
+                        with gr.Row():
+                            self.ckpt_try = gr.Button("Try in adapter 1", elem_id="checkpoint-try")
+                            self.ckpt_download = gr.DownloadButton(
+                                "Download its adapter", elem_id="checkpoint-download", interactive=False
+                            )
+                    with gr.Accordion("Compare strengths and X/Y grid", open=True):
+                        compare = gr.Textbox(
+                            value="0, 0.5, 1",
+                            label="Strengths of adapter 1 (Compare strengths; the grid's columns)",
+                            elem_id="compare-strengths",
+                        )
+                        self.grid_rows = gr.Radio(
+                            ["seeds", "checkpoints"],
+                            value="seeds",
+                            label="Grid rows: seeds, or checkpoints of the run above (in place of adapter 1)",
+                            elem_id="grid-rows",
+                        )
+                        self.grid_seeds = gr.Textbox(value="7, 8, 9", label="Seeds (rows)", elem_id="grid-seeds")
+                        self.grid_checkpoints = gr.CheckboxGroup(
+                            [], label="Checkpoints (rows)", elem_id="grid-checkpoints"
+                        )
+                        self.grid_button = gr.Button("Draw X/Y grid", elem_id="grid-button")
+                with gr.Column(scale=4, elem_id="generate-results"):  # stays in view while the controls scroll
                     self.status = gr.Markdown(elem_id="generate-status")
                     self.gallery = gr.Gallery(label="Pictures", columns=2, object_fit="contain", elem_id="gallery")
                     self.history = gr.Gallery(
@@ -266,7 +308,8 @@ class GenerateTab:
         results.append(self.last_seed)
         self.generate_button.click(self.on_generate, self.inputs, results, show_progress_on=self.gallery)
         self.compare_button.click(self.on_compare, self.inputs, results, show_progress_on=self.gallery)
-        self.interrupt_button.click(self.on_interrupt, None, self.status, concurrency_limit=None)
+        # no output: an answer to Interrupt that came after the pictures' own would hide what they say
+        self.interrupt_button.click(self.on_interrupt, None, None, concurrency_limit=None)
         for slot, strength in zip(self.slot_names, self.slot_strengths):
             slot.input(self.on_pick_adapter, [slot, self.prompt], [self.prompt, self.status])
             strength.release(
@@ -277,25 +320,42 @@ class GenerateTab:
             box.change(
                 self.on_tokens, [self.inputs[0], self.prompt, self.negative], self.tokens, trigger_mode="always_last"
             )
-        self.tab.select(self.on_open, None, [*self.slot_names, self.history, self.history_paths])
+        self.tab.select(self.on_open, None, [*self.slot_names, self.history, self.history_paths, self.ckpt_run])
+        self.ckpt_run.input(
+            self.on_pick_run, self.ckpt_run, [self.ckpt_step, self.grid_checkpoints, self.ckpt_download, self.status]
+        )
+        self.ckpt_step.input(self.on_pick_checkpoint, [self.ckpt_run, self.ckpt_step], self.ckpt_download)
+        self.ckpt_try.click(
+            self.on_try_checkpoint,
+            [self.inputs[0], self.ckpt_run, self.ckpt_step, self.prompt],
+            [*self.slot_names, self.prompt, self.status],
+        )
+        grid_inputs = [self.grid_rows, self.grid_seeds, self.ckpt_run, self.grid_checkpoints, *self.inputs]
+        self.grid_button.click(self.on_grid, grid_inputs, results, show_progress_on=self.gallery)
         self.history.select(self.on_pick_history, self.history_paths, self.restored)
         self.upload_adapter.upload(self.on_upload_adapter, self.upload_adapter, [*self.slot_names, self.status])
 
+    def adapter_names(self) -> list[str]:
+        """What the slots offer: the run checkpoints put in a slot, then the library's adapters, newest first."""
+        return [*self.tried, *(e.name for e in self.library.list())]
+
+    def adapter_path(self, name: str) -> Path:
+        return self.tried[name] if name in self.tried else self.library.get(name).path
+
     def slot_updates(self):
-        names = [NONE, *(e.name for e in self.library.list())]
-        return [gr.Dropdown(choices=names) for _ in range(SLOTS)]
+        return [gr.Dropdown(choices=[NONE, *self.adapter_names()]) for _ in range(SLOTS)]
 
     def history_updates(self):
         paths = [str(p) for p in self.outputs.history()]
         return paths, paths
 
     def on_open(self):
-        return [*self.slot_updates(), *self.history_updates()]
+        return [*self.slot_updates(), *self.history_updates(), gr.Dropdown(choices=self.runs_with_checkpoints())]
 
-    def render(self, request: GenerateRequest, jobs: list[tuple[dict[str, float], str]], stop, progress) -> Shown:
-        """For each (strengths, label) of `jobs`: batch count x batch size pictures, the k-th from seed + k (the
-        same seeds for every job), each saved to the outputs folder with its parameters. `stop()` is asked after
-        every denoising step; `Interrupted` leaves what was made before it in the returned `Shown`."""
+    def render(self, request: GenerateRequest, jobs: list[Job], stop, progress, save: bool = True) -> Shown:
+        """For each job: batch count x batch size pictures, the k-th from seed + k (the job's seed, or the
+        request's), each saved to the outputs folder with its parameters (`save`; else kept as images). `stop()`
+        is asked after every denoising step; `Interrupted` leaves what was made before it in the returned `Shown`."""
         from adapters.runtime import Interrupted
 
         seed = random.randint(0, 2**31 - 1) if request.random_seed else request.seed
@@ -308,16 +368,16 @@ class GenerateTab:
             loads = self.studios.loads
             studio = self.studios.get(base)
             files_read = studio.files_read
-            for name in {n for strengths, _ in jobs for n in strengths}:
-                studio.load(self.library.get(name).path, name=name)
+            for name in {n for job in jobs for n in job.strengths}:
+                studio.load(self.adapter_path(name), name=name)
             if self.studios.loads > loads:
                 shown.loaded.append(f"base model {base_model_label(base)}")
             if studio.files_read > files_read:
                 shown.loaded.append(f"{studio.files_read - files_read} adapter file(s)")
             studio.set_scheduler(SCHEDULERS[request.scheduler])
-            for j, (strengths, label) in enumerate(jobs):
+            for j, job in enumerate(jobs):
                 for batch in range(request.batch_count):
-                    first = seed + batch * request.batch_size
+                    first = (seed if job.seed is None else job.seed) + batch * request.batch_size
                     done = (j * per_job + batch * request.batch_size) * request.sampling_steps
 
                     def after_step(step, steps, done=done, first=first):
@@ -338,7 +398,7 @@ class GenerateTab:
                             guidance_rescale=request.guidance_rescale,
                             width=request.width or None,
                             height=request.height or None,
-                            strengths=strengths,
+                            strengths=job.strengths,
                             num_images=request.batch_size,
                             after_step=after_step,
                         )
@@ -357,11 +417,13 @@ class GenerateTab:
                             height=image.height,
                             model=base_model_label(base),
                             guidance_rescale=request.guidance_rescale,
-                            adapters=dict(strengths),
-                            lora_hashes={name: studio.hashes[name] for name in strengths if name in studio.hashes},
+                            adapters=dict(job.strengths),
+                            lora_hashes={n: studio.hashes[n] for n in job.strengths if n in studio.hashes},
                         )
-                        caption = f"{label}, seed {first + k}" if per_job > 1 else label
-                        shown.pictures.append((str(self.outputs.save(image, parameters)), caption))
+                        caption = f"{job.label}, seed {first + k}" if per_job > 1 else job.label
+                        picture = str(self.outputs.save(image, parameters)) if save else image
+                        shown.pictures.append((picture, caption))
+                        shown.parameters.append(parameters)
                         shown.small = image.width < SMALL
         return shown
 
@@ -390,7 +452,7 @@ class GenerateTab:
             asked = GenerateRequest.from_inputs(values)
             label = ", ".join(f"{n} {s:g}" for n, s in asked.strengths.items()) or "base model"
             flag = self._stop_flag(request.session_hash)
-            shown = self.render(asked, [(asked.strengths, label)], flag.is_set, progress)
+            shown = self.render(asked, [Job(asked.strengths, label)], flag.is_set, progress)
         except UserError as exc:
             return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
         count = asked.batch_count * asked.batch_size
@@ -404,7 +466,7 @@ class GenerateTab:
             if first is None:
                 raise UserError("choose an adapter in slot 1 to compare its strengths")
             asked.batch_count = asked.batch_size = 1
-            jobs = [({**asked.strengths, first: v}, f"{first} strength {v:g}") for v in asked.compare_values()]
+            jobs = [Job({**asked.strengths, first: v}, f"{first} strength {v:g}") for v in asked.compare_values()]
             shown = self.render(asked, jobs, self._stop_flag(request.session_hash).is_set, progress)
         except UserError as exc:
             return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
@@ -420,7 +482,7 @@ class GenerateTab:
             asked.random_seed, asked.batch_count, asked.batch_size = False, 1, 1
             label = ", ".join(f"{n} {s:g}" for n, s in asked.strengths.items()) or "base model"
             shown = self.render(
-                asked, [(asked.strengths, label)], self._stop_flag(request.session_hash).is_set, progress
+                asked, [Job(asked.strengths, label)], self._stop_flag(request.session_hash).is_set, progress
             )
         except UserError as exc:
             return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
@@ -432,8 +494,9 @@ class GenerateTab:
         if not name or name == NONE:
             return gr.skip(), gr.skip()
         try:
-            trigger = self.library.get(name).summary["trigger_word"].strip()
-        except UserError as exc:
+            with safe_open(str(self.adapter_path(name)), framework="pt") as f:
+                trigger = (f.metadata() or {}).get("modelspec.trigger_phrase", "").strip()
+        except (UserError, OSError, SafetensorError) as exc:
             return gr.skip(), f"⚠ {exc}"
         if not trigger:
             return gr.skip(), f"{name} names no trigger word in its file; the prompt is left as it is."
@@ -444,10 +507,150 @@ class GenerateTab:
             f"Added {name}'s trigger word “{trigger}” to the prompt.",
         )
 
+    # -- a run's checkpoints -----------------------------------------------------------------------------------
+    def runs_with_checkpoints(self) -> list[tuple[str, str]]:
+        """(label, run folder name) of every run with checkpoints holding an adapter, newest first."""
+        from trainer.checkpoint import checkpoint_adapter, list_checkpoints
+
+        found = []
+        for run in sorted(self.runs_root.glob("*/"), key=lambda d: d.name, reverse=True):
+            kept = [c for c in list_checkpoints(run) if checkpoint_adapter(c)]
+            if kept:
+                found.append((f"{run.name} · {len(kept)} checkpoint(s)", run.name))
+        return found
+
+    def checkpoints_of(self, run: str) -> list[tuple[str, str]]:
+        """(label, folder name) of a run's checkpoints that hold an adapter, in step order."""
+        from trainer.checkpoint import checkpoint_adapter, list_checkpoints
+
+        if not run or Path(run).name != run or not (self.runs_root / run).is_dir():
+            raise UserError("choose a run with checkpoints first (runs whose Save every made some are listed)")
+        return [
+            (f"step {int(c.name.split('_')[1])}", c.name)
+            for c in list_checkpoints(self.runs_root / run)
+            if checkpoint_adapter(c)
+        ]
+
+    def checkpoint_file(self, run: str, checkpoint: str) -> Path:
+        from trainer.checkpoint import checkpoint_adapter
+
+        if checkpoint not in [name for _, name in self.checkpoints_of(run)]:
+            raise UserError(f"run {run} has no checkpoint {checkpoint!r} with an adapter; choose one of the list")
+        return checkpoint_adapter(self.runs_root / run / "checkpoints" / checkpoint)
+
+    def try_name(self, run: str, checkpoint: str, base_model: str) -> str:
+        """Register a run's checkpoint as an adapter the slots offer (named `<run>-step<N>`), after checking the
+        run was trained on the base model in the Base model box."""
+        from trainer.config import TrainConfig
+
+        path = self.checkpoint_file(run, checkpoint)
+        trained_on = base_model_label(TrainConfig.from_file(self.runs_root / run / "config.json").base_model)
+        if trained_on != base_model_label(base_model.strip() or "builtin"):
+            raise UserError(
+                f"run {run} was trained on base model {trained_on!r}; put that model in Base model to try its "
+                "checkpoints"
+            )
+        name = f"{run}-step{int(checkpoint.split('_')[1])}"
+        self.tried[name] = path
+        return name
+
+    def on_pick_run(self, run: str):
+        try:
+            steps = self.checkpoints_of(run)
+        except UserError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), f"⚠ {exc}"
+        newest = steps[-1][1] if steps else None
+        download = (
+            self.on_pick_checkpoint(run, newest) if newest else gr.DownloadButton(value=None, interactive=False)
+        )
+        return (
+            gr.Dropdown(choices=steps, value=newest),
+            gr.CheckboxGroup(choices=steps, value=[name for _, name in steps]),
+            download,
+            f"Run {run}: {len(steps)} checkpoint(s) with an adapter.",
+        )
+
+    def on_pick_checkpoint(self, run: str, checkpoint: str):
+        try:
+            path = self.checkpoint_file(run, checkpoint)
+        except UserError:
+            return gr.DownloadButton(value=None, interactive=False)
+        return gr.DownloadButton(f"Download {path.name}", value=str(path), interactive=True)
+
+    def on_try_checkpoint(self, base_model: str, run: str, checkpoint: str, prompt: str):
+        """Put a run's checkpoint in adapter slot 1 (with its trigger word in the prompt, as for any adapter)."""
+        try:
+            name = self.try_name(run, checkpoint, base_model)
+        except UserError as exc:
+            return *[gr.skip()] * (SLOTS + 1), f"⚠ {exc}"
+        prompt_update, said = self.on_pick_adapter(name, prompt)
+        slots = self.slot_updates()
+        slots[0] = gr.Dropdown(choices=[NONE, *self.adapter_names()], value=name)
+        return *slots, prompt_update, f"Adapter 1 is now **{name}**: press Generate to try it. {said}"
+
+    # -- X/Y grid ------------------------------------------------------------------------------------------------
+    def on_grid(self, request: gr.Request, progress=gr.Progress(), rows="seeds", seeds="", run="", steps=(), *values):
+        """One picture per (row, column): columns at the strengths of adapter 1 (the Compare box), rows at the
+        seeds typed, or at a run's checkpoints (each in place of adapter 1, at the request's seed); one grid image
+        with the labels drawn on it, saved to outputs/grids/."""
+        try:
+            asked = GenerateRequest.from_inputs(values)
+            asked.batch_count = asked.batch_size = 1
+            columns = asked.compare_values()
+            others = dict(list(asked.strengths.items())[1:]) if asked.strengths else {}
+            if rows == "checkpoints":
+                if not steps:
+                    raise UserError("tick at least one checkpoint of the run for the grid's rows")
+                names = [self.try_name(run, step, asked.base_model) for step in steps]
+                row_labels = [f"step {int(step.split('_')[1])}" for step in steps]
+                jobs = [Job({**others, n: x}, f"{n} strength {x:g}") for n in names for x in columns]
+                what = f"strength x checkpoint of run {run}"
+            else:
+                first = next(iter(asked.strengths), None)
+                if first is None:
+                    raise UserError("choose an adapter in slot 1: the grid's columns are its strengths")
+                try:
+                    row_seeds = [int(v) for v in seeds.replace(";", ",").split(",") if v.strip()]
+                except ValueError:
+                    raise UserError(
+                        f"Seeds (rows) must be whole numbers separated by commas, got {seeds!r}"
+                    ) from None
+                if not row_seeds:
+                    raise UserError("give at least one seed for the grid's rows, e.g. 7, 8, 9")
+                row_labels = [f"seed {seed}" for seed in row_seeds]
+                jobs = [
+                    Job({**asked.strengths, first: x}, f"seed {seed}", seed) for seed in row_seeds for x in columns
+                ]
+                what = f"strength of {first} x seed"
+            shown = self.render(asked, jobs, self._stop_flag(request.session_hash).is_set, progress, save=False)
+        except UserError as exc:
+            return gr.skip(), f"⚠ {exc}", *[gr.skip()] * 5
+        if shown.interrupted:
+            return gr.skip(), "Interrupted: the grid was not finished, nothing saved.", *[gr.skip()] * 5
+        images = [image for image, _ in shown.pictures]
+        cells = [images[i : i + len(columns)] for i in range(0, len(images), len(columns))]
+        small = images[0].width < SMALL
+        size = images[0].size if images[0].width >= 128 else (128, 128 * images[0].height // images[0].width)
+        grid = labelled_grid(cells, [f"strength {x:g}" for x in columns], row_labels, cell=size)
+        path = self.outputs.save_grid(grid, shown.parameters[0])
+        said = f"X/Y grid, {what}: {len(row_labels)} x {len(columns)} pictures."
+        said += f" Saved as outputs/grids/{path.parent.name}/{path.name}."
+        if shown.loaded:
+            said += f" Loaded {' and '.join(shown.loaded)}."
+        history, paths = self.history_updates()
+        return (
+            gr.Gallery(value=[str(path)], elem_classes=["small-pictures"] if small else []),
+            said,
+            history,
+            paths,
+            shown.seed,
+            asked.random_seed,
+            shown.seed,
+        )
+
     def on_interrupt(self, request: gr.Request):
         """Stop this session's pictures after the denoising step under way (what is finished is kept)."""
         self.stops.setdefault(request.session_hash, threading.Event()).set()
-        return "Interrupting after the current step…"
 
     def on_reuse_seed(self, last_seed):
         if last_seed is None:
@@ -491,14 +694,14 @@ class GenerateTab:
             return [*keep, "⚠ That picture is no longer in the history; open the tab again to refresh it."]
         except UserError as exc:
             return [*keep, f"⚠ {exc}"]
-        known = [e.name for e in self.library.list()]
+        known = self.adapter_names()
         adapters = [(n, s) for n, s in found.adapters.items() if n in known][:SLOTS]
         missing = [n for n in found.adapters if n not in known]
         names = [n for n, _ in adapters] + [NONE] * (SLOTS - len(adapters))
         levels = [s for _, s in adapters] + [1.0] * (SLOTS - len(adapters))
         notes = [f"Settings of **{path.name}** restored."]
         if missing:
-            notes.append(f"⚠ Not in the library, left out: {', '.join(missing)}.")
+            notes.append(f"⚠ Not in the library (nor a checkpoint tried here), left out: {', '.join(missing)}.")
         if len(found.adapters) - len(missing) > SLOTS:
             notes.append(f"⚠ Only the first {SLOTS} adapters fit in the slots.")
 
