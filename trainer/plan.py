@@ -391,14 +391,14 @@ def estimate(
     system = SYSTEM_BASE_GIB["cuda" if cuda else "cpu"] + SYSTEM_PER_WEIGHT_GIB * fp16_weights
     if not cuda:
         system += train_gib(config.batch_size, checkpointing) - base
-    # disk: the adapter (fp32) and each kept checkpoint (fp32 weights and AdamW's two moments); the last step writes
-    # the adapter, not a checkpoint
+    # disk: the adapter (fp32) and each kept checkpoint (fp32 weights, AdamW's two moments and its step's adapter);
+    # the last step writes the adapter, not a checkpoint
     steps = config.steps
     if config.epochs and images:
         steps = config.run_length(images, processes)[1]
     saves = (steps - 1) // config.save_every if config.save_every else 0
     kept = saves if config.keep_checkpoints == 0 else min(saves, config.keep_checkpoints)
-    disk = lora * (4 + kept * 12) / 2**20
+    disk = lora * (4 + kept * (12 + 4)) / 2**20
     step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
     start = 1.0 + 1.2 * fp16_weights
     return Plan(
