@@ -104,7 +104,9 @@ def test_train_plan_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     code = cli(["train", "--data", "sample_images", "--plan", "--steps", "50", "--run-dir", str(run)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "Plan for this run on the CPU" in out and "system memory" in out and "disk" in out and "time: about" in out
+    assert "Plan for this run on the CPU (builtin, batch 2 at 64 px" in out
+    assert "system memory" in out and "time: about" in out
+    assert "disk: 0.5 MiB (adapter" in out  # the built-in model's adapter is half a MiB, not "0 MiB"
     assert not run.exists()
 
 

@@ -33,6 +33,7 @@ import torch
 
 from adapters.base import check_base_model
 from adapters.errors import UserError
+from adapters.families import BUILTIN_DIR
 from adapters.single_file import inspect_checkpoint, is_single_file
 
 GIB = 2**30
@@ -67,7 +68,7 @@ CPU_STEP = {"a": 0.028, "b": 0.017}
 class Geometry:
     """What the plan needs to know of a base model, from its configs alone."""
 
-    family: str  # "sd1", "sd2", "sdxl" or "other"
+    family: str  # "sd1", "sd2", "sdxl", "builtin" or "other"
     native: int  # pixels
     unet_params: int
     vae_params: int
@@ -154,6 +155,8 @@ def geometry(base_model: str | None, prediction_type: str | None = None) -> Geom
         family = "sd1"
     elif family == "other" and cross == 1024:
         family = "sd2"
+    elif family == "other" and Path(source).resolve() == BUILTIN_DIR.resolve():
+        family = "builtin"
     return Geometry(
         family=family,
         native=native,
@@ -273,7 +276,7 @@ class Plan:
             room = f" of {self.gpu_available_gib:.1f} GiB it may use" if self.gpu_available_gib else ""
             rows.append(f"  GPU memory: peak {self.need_gib:.1f} GiB{room} (allocated by phase: {phases})")
         rows.append(f"  system memory: {self.system_gib:.1f} GiB")
-        rows.append(f"  disk: {self.disk_mib:.0f} MiB (adapter and kept checkpoints)")
+        rows.append(f"  disk: {mib(self.disk_mib)} (adapter and kept checkpoints)")
         rows.append(
             f"  time: about {duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
             f"{duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
@@ -282,6 +285,11 @@ class Plan:
         if not self.fits:
             rows.append(f"  does not fit: {self.advice}")
         return "\n".join(rows)
+
+
+def mib(size: float) -> str:
+    """A size in MiB as the plan prints it: a small adapter (the built-in model's is 0.5 MiB) is not "0 MiB"."""
+    return f"{size:.1f} MiB" if size < 10 else f"{size:.0f} MiB"
 
 
 def duration(seconds: float) -> str:
