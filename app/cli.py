@@ -69,15 +69,19 @@ def _check_data(config) -> int:
 
 
 def _plan(config) -> int:
-    """Print the run's plan (trainer/plan.py) for this machine; exit 1 when it would not fit."""
+    """Print the run's plan (trainer/plan.py) for this machine; exit 1 when it would not fit. An optimiser this
+    machine cannot run is refused as the run itself would refuse it."""
     from adapters.base import pick_device
     from trainer.dataset import check_folder, repeats_of
+    from trainer.optim import check_optimizer
     from trainer.plan import estimate
 
+    device = pick_device()
+    check_optimizer(config, device)
     images = 0
     if config.data:
         images = sum(repeats_of(path, config.data, config.repeats) for path, _ in check_folder(config.data))
-    plan = estimate(config, device=pick_device(), processes=config.num_processes, images=images)
+    plan = estimate(config, device=device, processes=config.num_processes, images=images)
     print(plan)
     return 0 if plan.fits else 1
 

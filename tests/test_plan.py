@@ -110,6 +110,14 @@ def test_train_plan_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert not run.exists()
 
 
+def test_train_plan_refuses_an_optimiser_this_machine_cannot_run(capsys):
+    """--plan says what the run would say: 8-bit AdamW on the CPU is refused, not planned as if it would train."""
+    assert cli(["train", "--data", "sample_images", "--plan", "--optimizer", "adamw8bit"]) == 2
+    captured = capsys.readouterr()
+    assert "adamw8bit needs a CUDA GPU" in captured.err and "use --optimizer adamw" in captured.err
+    assert "Plan for this run" not in captured.out
+
+
 def test_gpu_memory_must_be_a_size():
     with pytest.raises(UserError, match="gpu_memory"):
         TrainConfig(gpu_memory=-1).validate()

@@ -411,6 +411,7 @@ class TrainTab:
         """Beside Train: what a run with these settings would need here (with uploads, their epochs' steps)."""
         try:
             config = self.settings.config(settings)
+            check_optimizer(config, pick_device())  # what Train would refuse, said before it is pressed
             uploads, _ = pair_uploads(paths or [], self.max_upload_files)
             plan = estimate(config, device=pick_device(), images=len(uploads) * config.repeats)
         except UserError as exc:
