@@ -110,6 +110,38 @@ def test_train_plan_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert not run.exists()
 
 
+def test_train_plan_exits_1_when_the_run_would_not_fit(monkeypatch, capsys):
+    """On an 8 GiB card SDXL at batch 4 does not fit: --plan prints the settings that would, and exits 1."""
+    import trainer.plan
+
+    real = trainer.plan.estimate
+    monkeypatch.setattr(trainer.plan, "estimate", lambda config, **kw: real(config, **{**kw, **H200, "card_gib": 8}))
+    code = cli(["train", "--base-model", str(CONFIGS / "sdxl"), "--batch-size", "4", "--plan"])
+    out = capsys.readouterr().out
+    assert "does not fit: " in out and "--batch-size 2 --gradient-accumulation-steps 2" in out
+    assert code == 1
+
+
+def test_the_readmes_plan_table_is_what_the_plan_and_the_stored_runs_say():
+    """Every row of README's plan-vs-measured table is the plan of today's code beside the stored run."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for run in measured_runs() + load_results([RESULTS / "plan_sdxl_h200_8gib.json"]):
+        held = run["file"] == "plan_sdxl_h200_8gib.json"
+        plan = estimate(config_of(run, **({"gpu_memory": 8.0} if held else {})), **H200)
+        memory = run["memory"]["gpu_allocated_gib"]
+        label = f"{'SD 1.5 512' if run['arch'] == 'sd15' else 'SDXL 1024'}, {run['batch']}, "
+        label += run["gradient_checkpointing"] + (", `--gpu-memory 8`" if held else "")
+        preview = ""
+        if "preview" in memory:
+            tiled = " (tiled)" if plan.tiled_preview else ""
+            preview = f"{plan.gpu_gib['preview']:.2f} / {memory['preview']:.2f}{tiled}"
+        train = f"{plan.gpu_gib['train']:.2f} / {memory['train']:.2f}"
+        row = f"| {label} | {train} | {preview} | {plan.step_seconds:.3f} / {run['step_s']:.3f} s |".replace(
+            "|  |", "| |"
+        )
+        assert row in readme, row
+
+
 def test_train_plan_refuses_an_optimiser_this_machine_cannot_run(capsys):
     """--plan says what the run would say: 8-bit AdamW on the CPU is refused, not planned as if it would train."""
     assert cli(["train", "--data", "sample_images", "--plan", "--optimizer", "adamw8bit"]) == 2
