@@ -149,7 +149,6 @@ def model_modules(
     The models are built on the meta device (no weights read), so this is cheap even for SDXL-sized models.
     """
     import transformers
-    from accelerate import init_empty_weights
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     from adapters.lora import module_shapes
@@ -167,7 +166,7 @@ def model_modules(
             prediction_type=scheduler.get("prediction_type"),
             pipeline_class=index.get("_class_name"),
         )
-        with init_empty_weights():
+        with torch.device("meta"):  # this thread only (accelerate's init_empty_weights is process-wide)
             models = {"unet": UNet2DConditionModel.from_config(unet_config)}
             for name in family.text_encoders:
                 cls = getattr(transformers, index[name][1])  # e.g. ["transformers", "CLIPTextModel"]

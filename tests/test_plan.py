@@ -221,3 +221,36 @@ def test_the_plan_counts_every_adapter_shape_as_the_run_trains_it(tiny_model, im
     train(config, device="cpu", log_to_terminal=False)
     start = next(e for e in read_events(run) if e["type"] == "start")
     assert json.loads((run / PLAN).read_text())["lora_parameters"] == start["trainable_parameters"]
+
+
+@pytest.mark.parametrize("count", ["plan", "model_modules"])
+def test_counting_on_the_meta_device_leaves_models_other_threads_build_alone(count, monkeypatch):
+    """The page counts the plan (and a model's layers) in one thread while Generate loads a pipeline in another: a
+    model built meanwhile elsewhere gets real weights ('Cannot copy out of meta tensor' was seen when the two
+    overlapped, from accelerate's process-wide init_empty_weights)."""
+    import threading
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from adapters.base import model_modules
+    from trainer.plan import geometry
+
+    inside, built = threading.Event(), threading.Event()
+    real = UNet2DConditionModel.from_config
+
+    def waits_inside(*args, **kwargs):  # holds the counting thread in its meta-device block
+        inside.set()
+        built.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_config", waits_inside)
+    counting = threading.Thread(target=geometry.__wrapped__ if count == "plan" else model_modules, args=("builtin",))
+    counting.start()
+    try:
+        assert inside.wait(30)
+        elsewhere = torch.nn.Linear(4, 4)  # as the Generate tab's pipeline is built, in its own thread
+    finally:
+        built.set()
+        counting.join(30)
+    assert elsewhere.weight.device.type == "cpu"

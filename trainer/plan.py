@@ -91,7 +91,6 @@ def _source(base_model: str | None, prediction_type: str | None) -> str:
 def geometry(base_model: str | None, prediction_type: str | None = None) -> Geometry:
     """Build the UNet, VAE and text encoder(s) of `base_model` on the meta device and count (see the module doc)."""
     import transformers
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -101,7 +100,7 @@ def geometry(base_model: str | None, prediction_type: str | None = None) -> Geom
         index = DiffusionPipeline.load_config(source)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
         vae_config = AutoencoderKL.load_config(source, subfolder="vae")
-        with init_empty_weights():
+        with torch.device("meta"):  # this thread only (accelerate's init_empty_weights is process-wide)
             unet = UNet2DConditionModel.from_config(unet_config)
             vae = AutoencoderKL.from_config(vae_config)
             text_params = 0
@@ -206,7 +205,6 @@ def _count_lora_parameters(config) -> int:
     """The trainable parameters of `config`'s adapter: rank x (in + out) of each targeted layer (and the conv
     layers' rank x (in x k x k + out) with --conv-rank; DoRA's magnitudes; the text encoders' with
     --train-text-encoder), counted on the meta device."""
-    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
     from adapters.base import model_modules
@@ -214,7 +212,7 @@ def _count_lora_parameters(config) -> int:
 
     prediction = None if config.prediction_type == "auto" else config.prediction_type
     source = _source(config.base_model, prediction)
-    with init_empty_weights():
+    with torch.device("meta"):  # this thread only (accelerate's init_empty_weights is process-wide)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
     targets = attention_targets(unet, config.attention)
     targets += feed_forward_targets(unet) if config.train_ff else []
