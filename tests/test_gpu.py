@@ -2,7 +2,8 @@
 
     pytest -m gpu -s tests/test_gpu.py        # on a machine with a CUDA GPU; skipped elsewhere
 
-The last recorded run is benchmarks/results/gpu_tests_h100.txt.
+The first recorded run is benchmarks/results/gpu_tests_h100.txt; the newest whole run of this file,
+benchmarks/results/adapter_shape_gpu_h200.txt.
 """
 
 import json

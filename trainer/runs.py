@@ -1,7 +1,7 @@
 """Run folders (`runs/<run-id>/`) and their append-only event log, which the UI tails.
 
-A run folder holds config.json, events.jsonl, previews/, checkpoints/, the adapter and, once it ends, loss.png
-(and tensorboard/ with --log-with tensorboard).
+A run folder holds config.json, plan.json, events.jsonl, previews/, checkpoints/, the adapter and, once it ends,
+loss.png (and tensorboard/ with --log-with tensorboard).
 Events are JSON lines with a `type` (`start`, `resume`, `notice`, `progress`, `preview`, `checkpoint`, `error`,
 `cancelled`, `library`, `done`) and a wall-clock `time`.
 """
