@@ -142,6 +142,21 @@ def test_the_readmes_plan_table_is_what_the_plan_and_the_stored_runs_say():
         assert row in readme, row
 
 
+def test_the_gpu_is_probed_once_however_often_the_page_plans(monkeypatch):
+    """The page plans at every change of the form: the GPU's matrix-multiply probe runs once, not each time."""
+    import trainer.plan
+
+    calls = []
+    monkeypatch.setattr(trainer.plan, "matmul_tflops", lambda device: calls.append(device) or 805.8)
+    trainer.plan._probed_tflops.cache_clear()
+    for batch in (1, 2, 4):
+        config = TrainConfig(base_model=str(CONFIGS / "sd1"), batch_size=batch)
+        plan = estimate(config, device="cuda", card_gib=80, device_name="a GPU")
+        assert plan.step_seconds == estimate(config, **H200).step_seconds  # the probed rate, as given
+    assert len(calls) == 1
+    trainer.plan._probed_tflops.cache_clear()
+
+
 def test_train_plan_refuses_an_optimiser_this_machine_cannot_run(capsys):
     """--plan says what the run would say: 8-bit AdamW on the CPU is refused, not planned as if it would train."""
     assert cli(["train", "--data", "sample_images", "--plan", "--optimizer", "adamw8bit"]) == 2

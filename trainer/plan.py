@@ -315,6 +315,13 @@ def matmul_tflops(device: torch.device) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
+@functools.lru_cache(maxsize=4)
+def _probed_tflops(device: str) -> float:
+    """`matmul_tflops` once per device and process: the page plans again at every change of the form, and a probe
+    each time would cost 0.1 s and compete with a run training on the same GPU."""
+    return matmul_tflops(torch.device(device))
+
+
 def estimate(
     config,
     *,
@@ -473,7 +480,7 @@ def _step_seconds(
     known = STEP_SECONDS[(family, checkpointing)]
     reference = geometry(str(CONFIGS / family))
     size = area * geom.act / reference.act  # pictures of that family's model at its own size
-    speed = CALIBRATION_TFLOPS / (tflops or matmul_tflops(device))
+    speed = CALIBRATION_TFLOPS / (tflops or _probed_tflops(str(device)))
     step = (known["a"] + known["b"] * batch * size**1.5) * speed
     if not _graphed(config, processes):  # launch-bound: grows with the modules launched, not the GPU's speed
         step = max(step, known["eager"] * geom.leaves / reference.leaves)
