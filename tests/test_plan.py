@@ -157,6 +157,19 @@ def test_the_gpu_is_probed_once_however_often_the_page_plans(monkeypatch):
     trainer.plan._probed_tflops.cache_clear()
 
 
+def test_an_epochs_run_is_timed_from_its_images_and_without_them_says_so(capsys):
+    """--epochs 3 over sample_images' 16 pictures at batch 2 is 24 steps; with no --data the plan does not time the
+    default --steps instead, it says the steps come from the images."""
+    config = TrainConfig(epochs=3)
+    counted = estimate(config, images=16)
+    assert counted.steps == 24
+    assert counted.total_seconds == round(counted.start_seconds + 24 * counted.step_seconds, 1)
+    unknown = estimate(config)
+    assert unknown.steps == 0 and unknown.total_seconds == unknown.start_seconds
+    assert cli(["train", "--epochs", "3", "--plan"]) == 0
+    assert "the steps of --epochs are counted from the images (give --data)" in capsys.readouterr().out
+
+
 def test_train_plan_refuses_an_optimiser_this_machine_cannot_run(capsys):
     """--plan says what the run would say: 8-bit AdamW on the CPU is refused, not planned as if it would train."""
     assert cli(["train", "--data", "sample_images", "--plan", "--optimizer", "adamw8bit"]) == 2

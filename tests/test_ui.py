@@ -293,6 +293,8 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     longer = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2, "steps": 4000}.values())
     assert _minutes(longer) > 5 * _minutes(here)
     assert tab.show_machine_plan([], *values.values()).startswith("**On this machine**")  # before any upload
+    by_epochs = tab.show_machine_plan([], *{**values, "epochs": 3}.values())
+    assert "the steps of *Epochs* are counted from the images (upload them)" in by_epochs  # not 400 steps' time
     eight_bit = tab.show_machine_plan(files, *{**values, "optimizer": "adamw8bit"}.values())  # what Train refuses
     assert eight_bit.startswith("⚠ *Optimizer* adamw8bit needs a CUDA GPU"), eight_bit
     assert tab.show_plan(files, *{**values, "batch_size": 0}.values()).startswith("⚠ *Batch size* must be")

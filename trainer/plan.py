@@ -59,6 +59,7 @@ STEP_SECONDS = {
     ("sdxl", False): {"a": 0.060, "b": 0.048, "eager": 0.52},
     ("sdxl", True): {"a": 0.080, "b": 0.064, "eager": 1.10},
 }
+NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
 # the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px
 CPU_STEP = {"a": 0.028, "b": 0.017}
@@ -253,6 +254,7 @@ class Plan:
     system_gib: float
     disk_mib: float
     step_seconds: float
+    steps: int  # the steps timed; 0 for an --epochs run whose images are not known yet
     start_seconds: float
     total_seconds: float
     gradient_checkpointing: bool
@@ -275,10 +277,16 @@ class Plan:
             rows.append(f"  GPU memory: peak {self.need_gib:.1f} GiB{room} (allocated by phase: {phases})")
         rows.append(f"  system memory: {self.system_gib:.1f} GiB")
         rows.append(f"  disk: {mib(self.disk_mib)} (adapter and kept checkpoints)")
-        rows.append(
-            f"  time: about {duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
-            f"{duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
-        )
+        if self.steps:
+            rows.append(
+                f"  time: about {duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
+                f"{duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
+            )
+        else:
+            rows.append(
+                f"  time: {self.step_seconds:.3f} s a step after {duration(self.start_seconds)} of loading and "
+                f"caching; {NO_STEPS} (give --data)"
+            )
         rows += [f"  turned on: {what}" for what in self.turned_on]
         if not self.fits:
             rows.append(f"  does not fit: {self.advice}")
@@ -407,9 +415,9 @@ def estimate(
     # disk: the adapter (fp32) and each kept checkpoint (fp32 weights, AdamW's two moments and its step's adapter);
     # the last step writes the adapter, not a checkpoint
     steps = config.steps
-    if config.epochs and images:
-        steps = config.run_length(images, processes)[1]
-    saves = (steps - 1) // config.save_every if config.save_every else 0
+    if config.epochs:  # counted from the images: unknown (0) until they are
+        steps = config.run_length(images, processes)[1] if images else 0
+    saves = max(steps - 1, 0) // config.save_every if config.save_every else 0
     kept = saves if config.keep_checkpoints == 0 else min(saves, config.keep_checkpoints)
     disk = lora * (4 + kept * (12 + 4)) / 2**20
     step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
@@ -426,6 +434,7 @@ def estimate(
         system_gib=round(system, 2),
         disk_mib=round(disk, 1),
         step_seconds=round(step, 4),
+        steps=steps,
         start_seconds=round(start, 1),
         total_seconds=round(start + steps * step, 1),
         gradient_checkpointing=checkpointing,

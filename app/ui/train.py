@@ -38,7 +38,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
-from trainer.plan import Plan, duration, estimate, mib
+from trainer.plan import NO_STEPS, Plan, duration, estimate, mib
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
@@ -87,7 +87,10 @@ def machine_markdown(plan: Plan) -> str:
     if plan.gpu_gib:
         lines.append(f"GPU memory about {plan.need_gib:.1f} GiB at its peak, of {plan.gpu_available_gib:.1f} GiB")
     lines.append(f"system memory {plan.system_gib:.1f} GiB · disk {mib(plan.disk_mib)}")
-    lines.append(f"about {duration(plan.total_seconds)} ({plan.step_seconds:.2f} s a step)")
+    if plan.steps:
+        lines.append(f"about {duration(plan.total_seconds)} ({plan.step_seconds:.2f} s a step)")
+    else:
+        lines.append(f"{plan.step_seconds:.2f} s a step; {page_words(NO_STEPS)} (upload them)")
     lines += [f"turns on {page_words(what)}" for what in plan.turned_on]
     text = " · ".join(lines[:1]) + " " + " · ".join(lines[1:])
     if not plan.fits:
