@@ -244,3 +244,14 @@ def test_each_checkpoint_holds_the_adapter_of_its_step(tiny_model, image_folder,
     with safe_open(str(inside), "pt") as f:
         header = f.metadata()
     assert (header["ss_steps"], header["ss_output_name"], header["ss_network_dim"]) == ("2", "neon", "8")
+
+
+def test_a_finished_run_gives_ctrl_c_and_sigterm_back(tmp_path):
+    """During a run SIGINT/SIGTERM only ask it to stop (what it learned is saved); after it, they stop the process
+    again: a test session, a notebook or a benchmark that trained goes on killable."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    config = TrainConfig(data="sample_images", steps=1, run_dir=str(tmp_path / "run"), preview_prompt=())
+    train(config, device="cpu", log_to_terminal=False)
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -346,18 +346,26 @@ def make_batch(
 
 
 def _stop_on_signals() -> dict:
-    """Turn SIGTERM/SIGINT into a flag the loop checks, so a cancel still saves what was learned."""
-    flag = {"stop": False}
+    """Turn SIGTERM/SIGINT into a flag the loop checks, so a cancel still saves what was learned. The handlers they
+    had are kept in `flag["previous"]`, for `_restore_signals` when the run ends."""
+    flag = {"stop": False, "previous": {}}
 
     def handler(signum, frame):
         flag["stop"] = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            signal.signal(sig, handler)
+            flag["previous"][sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (tests); cancellation then comes through `should_stop`
             pass
     return flag
+
+
+def _restore_signals(flag: dict) -> None:
+    """Give SIGTERM/SIGINT back what they did before the run: after it, Ctrl+C and `kill` stop the process again
+    (a notebook, a test session, a benchmark that trained and goes on)."""
+    for sig, previous in flag["previous"].items():
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal: bool = True) -> TrainResult:
@@ -400,8 +408,6 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     if main:
         config.run_dir = str(run_dir)
         config.save(run_dir / "config.json")
-    stop_flag = _stop_on_signals()
-
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     # The plan: what this run needs on this machine, what it turns on to fit (gradient checkpointing, tiled
     # previews), a refusal with settings that fit when nothing does; in the run folder beside what was measured.
@@ -414,6 +420,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     if capped:  # hold the run to a card of that size (lifted again when it ends)
         total = torch.cuda.get_device_properties(index).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.gpu_available_gib / total), index)
+    stop_flag = _stop_on_signals()  # given back when the run ends (finally, below)
     try:
         check(plan)  # before any model loads
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
@@ -812,6 +819,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             raise
         raise error from exc
     finally:
+        _restore_signals(stop_flag)
         if capped:  # what runs next in this process (the page's Generate) has the whole card again
             torch.cuda.set_per_process_memory_fraction(1.0, index)
 
