@@ -36,6 +36,7 @@ from adapters.families import Family, family_of_adapter
 from adapters.lora import Lora, LoraModule, common_rank_alpha
 
 FORMAT_VERSION = "1"
+RECOMMENDED_STRENGTH = "lora_studio.recommended_strength"  # header key: the strength the run's judge recommends
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _TEXT_MODEL = "text_model."  # the CLIP level transformers 5's CLIPTextModel dropped; the other tools' names keep it
 _KOHYA_READ_PREFIXES = (
@@ -527,11 +528,13 @@ def build_metadata(
     config: dict,
     steps: int,
     network_args: dict[str, str] | None = None,
+    recommended_strength: float | None = None,
 ) -> dict[str, str]:
-    """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig and format version).
-    `network_args`: kohya's `ss_network_args` (e.g. conv_dim, conv_alpha), written when given."""
+    """The header: kohya `ss_*` fields, `modelspec.*` fields, and our own (full TrainConfig, format version and,
+    when the run was judged, the strength its judge recommends). `network_args`: kohya's `ss_network_args` (e.g.
+    conv_dim, conv_alpha), written when given."""
     extra = {"ss_network_args": json.dumps(network_args)} if network_args else {}
-    return {
+    metadata = {
         **extra,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -556,3 +559,6 @@ def build_metadata(
         "lora_studio.format_version": FORMAT_VERSION,
         "lora_studio.config": json.dumps(config, sort_keys=True),
     }
+    if recommended_strength is not None:
+        metadata[RECOMMENDED_STRENGTH] = f"{recommended_strength:g}"
+    return metadata

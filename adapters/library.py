@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from adapters.errors import UserError
-from adapters.formats import detect_layout, read_safetensors, write_atomic
+from adapters.formats import RECOMMENDED_STRENGTH, detect_layout, read_safetensors, write_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.()+-]+")
 
@@ -50,6 +50,8 @@ class Entry:
             "alpha": m.get("ss_network_alpha", "?"),
             "steps": m.get("ss_steps", "?"),
             "trigger_word": m.get("modelspec.trigger_phrase", ""),
+            # the strength the run's judge recommends for the file; "" when not judged or none qualified
+            "recommended_strength": m.get(RECOMMENDED_STRENGTH, ""),
             "date": m.get("modelspec.date", ""),
             "size_kb": round(self.size / 1024),
         }

@@ -33,6 +33,15 @@ def pytest_unconfigure(config):
         os.environ.pop("GRADIO_TEMP_DIR", None)
 
 
+@pytest.fixture(autouse=True)
+def _judge_only_where_tested(request, monkeypatch):
+    """The judge (trainer/judge.py) draws some 50 pictures at the end of every run, longer than a whole test run of
+    the tiny models: runs in tests not marked `judge` skip it, as with --no-judge. Trainers these tests start as
+    subprocesses still judge unless their config turns it off."""
+    if request.node.get_closest_marker("judge") is None:
+        monkeypatch.setattr("trainer.judge.Judge.start", classmethod(lambda cls, *args, **kwargs: None))
+
+
 # The tiny models' VAE: 32x32 pixels to 8x8x4 latents.
 TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 3,

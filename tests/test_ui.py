@@ -210,7 +210,7 @@ def test_the_page_uses_only_characters_debians_chromium_can_draw():
     character in the page's code must be one of these, each found in DejaVu Sans (`fc-list ':charset=HEX'`)."""
     from pathlib import Path
 
-    drawn = set("…·—–⚠×→’“”‘")
+    drawn = set("…·—–⚠×→’“”‘★")
     ui = Path(__file__).resolve().parent.parent / "app" / "ui"
     for path in ui.glob("*.py"):
         odd = {ch for ch in path.read_text() if ord(ch) > 127} - drawn
@@ -303,7 +303,7 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     log.emit("start", steps=30, images=4, repeats=12, batch_size=2, steps_per_epoch=6, epochs=5, buckets={"64x64": 4})
     log.emit("preview", step=6, path=str(run / "a.png"), prompt="zq, a red circle", seed=0)
     log.emit("preview", step=6, path=str(run / "b.png"), prompt="zq, a star", seed=9)
-    _, _, pictures, status, prompts = tab.refresh(run.name)
+    _, _, pictures, status, _, prompts = tab.refresh(run.name)
     assert "| 4 | 12 | 2 | 6 | 30 | 5 |" in status and "64×64: 4" in status
     captions = [caption for _, caption in pictures]
     assert captions == ["step 6 · zq, a red circle (seed 0)", "step 6 · zq, a star (seed 9)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -174,6 +175,16 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     assert page.locator("#previews img").count() >= 3  # steps 20, 40 and the end
     expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
     expect(page.locator("#previews")).to_contain_text("step 20 · glowline")  # each picture captioned with its prompt
+    # the judge's grid (judged at the end, the default): the step at each strength, its pictures served and drawn
+    expect(page.locator("#judge table")).to_contain_text("step 60")
+    assert page.locator("#judge table tr").first.locator("th").all_inner_texts()[1:] == [
+        "0 (base)",
+        "0.5",
+        "0.75",
+        "1",
+        "1.25",
+    ]
+    page.wait_for_function("() => { const i = document.querySelector('#judge img'); return i && i.naturalWidth > 0 }")
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#adapter-0 input").click()
@@ -189,6 +200,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#library-pick input").click()
     page.get_by_role("option", name="neon").click()
     page.get_by_text("Download neon.safetensors").wait_for()
+    expect(page.locator("#library-table")).to_contain_text("recommended_strength")
     with page.expect_download() as download:
         page.locator("#download-button").click()
     saved = tmp_path / "downloaded.safetensors"
@@ -204,6 +216,11 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     }
     assert meta["ss_network_dim"] == "8" and meta["ss_output_name"] == "neon"
     assert meta["modelspec.architecture"] == "lora-studio-builtin/lora"
+    # the strength the judge recommends for this file, in its header as the run's judge.json says
+    judged = json.loads(next((workspace / "runs").glob("*/judge.json")).read_text())
+    assert meta.get("lora_studio.recommended_strength") == (
+        None if judged["latest"]["strength"] is None else f"{judged['latest']['strength']:g}"
+    )
 
 
 def test_bad_upload_is_reported_and_nothing_starts(browser, workspace, tmp_path):

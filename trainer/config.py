@@ -364,6 +364,40 @@ class TrainConfig:
         "previews",
     )
 
+    judge: bool = _f(
+        True,
+        "At the end of the run (and at the checkpoints --judge-every names), draw held-out prompts at "
+        "--judge-strengths and score each picture for style (closeness to the training images' style statistics) "
+        "and content leak (likeness to the nearest training image); the scores go to judge.json in the run folder "
+        "and the adapter file records the recommended strength. --no-judge turns it off.",
+        "previews",
+    )
+    judge_every: int = _f(
+        0,
+        "Also judge the checkpoints of every N steps (a multiple of --save-every), for the grid of checkpoint x "
+        "strength; each adds about as much time as the judging at the end. 0 = only the end.",
+        "previews",
+    )
+    judge_prompts: str = _f(
+        "",
+        "The judge's held-out prompts, separated by ; (a prompt may hold commas). Empty = 3 made from the "
+        "captions, with their colours and things swapped for ones no caption names (the trigger word kept).",
+        "previews",
+    )
+    judge_strengths: str = _f(
+        "0,0.5,0.75,1,1.25",
+        "Adapter strengths the judge draws each prompt at, comma-separated (0, the base model, is always drawn: "
+        "the scores are measured from it).",
+        "previews",
+    )
+    judge_clip: str = _f(
+        "",
+        "A CLIP model (hub id already in the local Hugging Face cache, or a folder) for the judge's prompt-following "
+        "score; never downloaded. Empty = openai/clip-vit-base-patch32 or openai/clip-vit-large-patch14 when one is "
+        "in the local cache, else prompt following is skipped.",
+        "previews",
+    )
+
     # long runs and several GPUs
     save_every: int = _f(0, "Save a resumable checkpoint every N steps. 0 = none.", "runs")
     keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep. 0 = all.", "runs")
@@ -572,6 +606,12 @@ class TrainConfig:
                 f"caption_dropout (--caption-dropout) must be at least 0 and below 1; got {self.caption_dropout:g}",
             ),
             (self.save_every >= 0, "save_every (--save-every) must be 0 or more"),
+            (
+                self.judge_every == 0
+                or (self.judge_every > 0 and self.save_every > 0 and self.judge_every % self.save_every == 0),
+                f"judge_every (--judge-every) must be 0 (judge only the end) or a multiple of save_every "
+                f"(--save-every, now {self.save_every}): the judge scores saved checkpoints; got {self.judge_every}",
+            ),
             (self.keep_checkpoints >= 0, "keep_checkpoints (--keep-checkpoints) must be 0 (all) or more"),
             (
                 0 <= self.gpu_memory <= 10_000,
@@ -592,6 +632,9 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         self.previews()  # a preview prompt's options are read now, not at the first preview
+        from trainer.judge import parse_strengths
+
+        parse_strengths(self.judge_strengths)  # a UserError naming the field
         if self.name:  # an unusable adapter name is refused now, not when the run ends and the library needs it
             try:
                 sanitize_name(self.name)

@@ -55,6 +55,7 @@ from trainer.dataset import (
     shuffled_captions,
     tag_frequency,
 )
+from trainer.judge import Judge
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.plan import TILE, check, estimate
@@ -503,6 +504,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             captions = [list(variant) for variant in zip(*per_image)]
         previews = config.previews()
         cropping = config.crop == "random"  # no latent cache: each step encodes the crops it draws
+        # the judge's held-out prompts are encoded now, while the text encoders are still on the device
+        judge = Judge.start(config, pipe, family, examples, resolution, sampling, run_dir, events) if main else None
         cache = encode_examples(
             pipe,
             family,
@@ -687,9 +690,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             by_epoch = config.preview_every_epoch and at % (config.preview_every_epoch * steps_per_epoch) == 0
             return bool(by_step or by_epoch) and at != config.steps
 
-        def checkpoint(at: int) -> Path:
+        def checkpoint(at: int, strength: float | None = None) -> Path:
             """A resumable checkpoint of step `at`, with the adapter file of that step inside (the page's Generate
-            tab tries and downloads it)."""
+            tab tries and downloads it; `strength`: the judge's recommended strength for it)."""
             name = f"{sanitize_name(config.name or run_dir.name)}-step{at}.safetensors"
             unwrapped = accelerator.unwrap_model(unet)
             return save_checkpoint(
@@ -701,9 +704,22 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 config.to_dict(),
                 config.keep_checkpoints,
                 adapter=lambda folder: _save(
-                    config, unwrapped, text_encoders, examples, resolution, folder / name, at, model
+                    config, unwrapped, text_encoders, examples, resolution, folder / name, at, model, strength
                 ),
             )
+
+        def judged(at: int) -> float | None:
+            """The judge's recommended strength for the LoRA as it is at step `at`; None when it recommends none or
+            could not draw (out of GPU memory: said, and training goes on without that step's scores)."""
+            try:
+                return judge.score(at, accelerator.unwrap_model(unet), weight_dtype, text_encoders)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                notice(
+                    f"the judge ran out of GPU memory at step {at} and judged nothing there; training goes on "
+                    "(--no-judge turns the judge off)"
+                )
+                return None
 
         bar = tqdm(total=config.steps, initial=start_step, disable=not (main and log_to_terminal), unit="step")
         started, at, loss_value = time.perf_counter(), start_step, math.nan
@@ -746,8 +762,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     make_preview(at)
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
                     _require_finite(all_params, config, run_dir, at)
-                    if main:
-                        path = checkpoint(at)
+                    if main:  # judged first, so that the checkpoint's adapter file says the strength to use
+                        due = judge and config.judge_every and at % config.judge_every == 0
+                        path = checkpoint(at, judged(at) if due else None)
                         events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()
         except Cancelled:
@@ -784,7 +801,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         _require_finite(all_params, config, run_dir, config.steps)
         if main:
             unwrapped = accelerator.unwrap_model(unet)
-            _save(config, unwrapped, text_encoders, examples, resolution, output, config.steps, model)
+            strength = judged(config.steps) if judge else None
+            _save(config, unwrapped, text_encoders, examples, resolution, output, config.steps, model, strength)
             preview = make_preview(config.steps)
             if config.library:
                 name, replaced = _add_to_library(config, output, run_dir, preview)
@@ -881,12 +899,20 @@ def _out_of_memory(config: TrainConfig, run_dir: Path, exc: Exception, plan=None
 
 
 def _save(
-    config: TrainConfig, unet, text_encoders: dict, examples, resolution: int, output: Path, steps: int, model
+    config: TrainConfig,
+    unet,
+    text_encoders: dict,
+    examples,
+    resolution: int,
+    output: Path,
+    steps: int,
+    model,
+    strength: float | None = None,
 ) -> Path:
     """The adapter file, with the header other tools read: the UNet's LoRA and the trained `text_encoders`' ({pipeline
     attribute: model}; `lora_te_`, or `lora_te1_` and `lora_te2_` for SDXL's two); `model` is (family, prediction
-    type). Written in the kohya layout, but DoRA in the diffusers layout (the one layout diffusers reads DoRA from;
-    `to_kohya` refuses it)."""
+    type); `strength` the judge's recommended strength (None: not judged). Written in the kohya layout, but DoRA in
+    the diffusers layout (the one layout diffusers reads DoRA from; `to_kohya` refuses it)."""
     lora = extract(unet, "unet")
     for name, encoder in text_encoders.items():
         lora.update(extract(encoder, name))
@@ -911,6 +937,7 @@ def _save(
         config=_header_config(config),
         steps=steps,
         network_args=conv if config.conv_rank else None,  # kohya's own record of LoCon's rank and alpha
+        recommended_strength=strength,
     )
     save_adapter(output, tensors, {**metadata, **layout})
     return output

@@ -280,7 +280,7 @@ class Plan:
         if self.steps:
             rows.append(
                 f"  time: about {duration(self.total_seconds)} ({self.step_seconds:.3f} s a step after "
-                f"{duration(self.start_seconds)} of loading and caching; previews and saves not counted)"
+                f"{duration(self.start_seconds)} of loading and caching; previews, judging and saves not counted)"
             )
         else:
             rows.append(

@@ -11,7 +11,7 @@ from adapters.errors import UserError
 from adapters.library import Library
 from app.ui.settings import page_words
 
-COLUMNS = ["name", "base_model", "rank", "alpha", "steps", "trigger_word", "date", "size_kb"]
+COLUMNS = ["name", "base_model", "rank", "alpha", "steps", "trigger_word", "recommended_strength", "date", "size_kb"]
 
 
 def name_note(library: Library, typed: str, empty: str = "") -> str:

@@ -32,6 +32,7 @@ from app.jobs import (
     view_run,
 )
 from app.ui.data import DataPanel
+from app.ui.judge import judge_html
 from app.ui.library import name_note
 from app.ui.settings import SettingsForm, page_words
 from trainer.checkpoint import list_checkpoints
@@ -306,6 +307,7 @@ class TrainTab:
                     )
                     self.preview_prompt = gr.Markdown(elem_id="preview-prompt")
             self._build_log()
+            self.judge = gr.HTML(elem_id="judge")  # the judge's checkpoint x strength grid (app/ui/judge.py)
             # Polls once a second while a run is live, and not at all otherwise (an idle page costs nothing).
             self.timer = gr.Timer(1.0, active=False)
             self.shown_choices = gr.State([])  # the run list as last sent to the browser
@@ -322,7 +324,7 @@ class TrainTab:
 
     def wire(self, app: gr.Blocks) -> None:
         settings = self.settings.inputs
-        run_view = [self.progress, self.loss_plot, self.previews, self.status, self.preview_prompt]
+        run_view = [self.progress, self.loss_plot, self.previews, self.status, self.judge, self.preview_prompt]
         listing = [self.run_picker, self.shown_choices, self.timer]
         choosing = [self.run_picker, self.shown_choices, self.show_hidden]
         trigger, name = self.settings.controls["trigger_word"], self.settings.controls["name"]
@@ -498,7 +500,7 @@ class TrainTab:
         ]
         said = "; ".join(f"“{html.escape(p)}”" for p in view.preview_prompt) if view else ""
         prompt = f"Preview prompt{'s' if len(view.preview_prompt) > 1 else ''}: {said}" if said else ""
-        return progress_html(view), losses, pictures, status_text(view), prompt
+        return progress_html(view), losses, pictures, status_text(view), judge_html(run_dir if view else None), prompt
 
     def refresh_choices(self, name, shown, show_hidden=False):
         """Keep each run's state in the run list current (a run shown as starting reads done when it ends), and
