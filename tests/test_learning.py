@@ -113,6 +113,7 @@ def test_judge_recommends_a_trained_checkpoint_and_sees_an_over_trained_run_copy
         f"(step 100: {first['style']:.3f}), leak {best['leak']:.3f} (limit {judged['leak_limit']:.3f})"
     )
     assert best["step"] > 100 and best["style"] > first["style"] + 0.1, "training moved the pictures to the style"
+    assert _cell(judged, 400, 1.0)["style"] > _cell(judged, 100, 1.0)["style"] + 0.1, "the last more than the first"
     assert best["leak"] <= judged["leak_limit"]
     # the adapter file says the strength the judge recommends for it; the library shows it
     strength = read_safetensors(neon.adapter)[1][RECOMMENDED_STRENGTH]
