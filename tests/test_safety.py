@@ -927,7 +927,8 @@ def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_a
         plain = [str(tiny_model), "a red circle", "", 0, False, 2, 5.0, 0.0, 0, 0, "model default", 1, 1, "0, 1"]
 
         def one_session(seed: int):
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)  # a browser session of its own
+            # a browser session of its own; a browser waits for the page longer than httpx's 5 s default
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False, httpx_kwargs={"timeout": 120})
             values = list(plain)
             values[3] = seed
             return client.predict(*values, *[NONE] * SLOTS, *[1.0] * SLOTS, api_name="/on_generate")

@@ -42,6 +42,7 @@ from trainer.optim import check_optimizer
 from trainer.plan import NO_STEPS, Plan, duration, estimate, mib
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
+QUIET = "undocumented"  # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it)
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
 RAW, SMOOTHED = "each step", f"smoothed (EMA {SMOOTHING})"  # the loss plot's two lines, as its legend names them
 LOSS_CAPTION = (
@@ -330,11 +331,11 @@ class TrainTab:
         trigger, name = self.settings.controls["trigger_word"], self.settings.controls["name"]
         uploaded = self.files.change(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
         for control in settings:
-            control.change(self.show_command, settings, [self.command, self.config_json])
+            control.change(self.show_command, settings, [self.command, self.config_json], api_visibility=QUIET)
         base = self.settings.controls["base_model"]
         for changed in [self.files.change, base.blur, base.submit] + [c.change for c in settings if c is not base]:
-            changed(self.show_plan, [self.files, *settings], self.data_plan)
-            changed(self.show_machine_plan, [self.files, *settings], self.machine_plan)
+            changed(self.show_plan, [self.files, *settings], self.data_plan, api_visibility=QUIET)
+            changed(self.show_machine_plan, [self.files, *settings], self.machine_plan, api_visibility=QUIET)
         name.change(self.name_note_text, name, self.name_note)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
