@@ -27,7 +27,8 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
 - sdxl_bs4_mfu: the newest `benchmarks/sdxl.py` run at batch 4 with the default step and without gradient
   checkpointing. sdxl_bs1_peak_gib, sdxl_bs1_img_s: the newest sdxl.py run at batch 1 made for a small card (with
   `--gpu-memory` or gradient checkpointing): `torch.cuda.max_memory_allocated` over the whole run, the highest of
-  its phases' peaks (the reserved peak is in its file) and images/s. gen_sdxl_1024_30_s: the newest sdxl.py run that timed generation.
+  its phases' peaks (the reserved peak is in its file) and images/s. gen_sdxl_1024_30_s: the newest sdxl.py run that
+  timed generation.
 
 MFU = images/s x FLOPs per image / the device's dense bf16 peak (the vendor's datasheet figure, `PEAK_BF16`).
 FLOPs per image are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one forward and backward

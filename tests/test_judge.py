@@ -49,6 +49,11 @@ def test_style_and_leak_tell_a_copy_a_recoloured_copy_new_content_and_another_st
     assert in_parts.images == 8 and torch.allclose(in_parts.layouts, reference.layouts, atol=1e-6)
     parts, whole = [*in_parts.grams, in_parts.colour], [*reference.grams, reference.colour]
     assert len(parts) == len(whole) and all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(parts, whole))
+    one_by_one = statistics(vae, training, batch=1)  # as on a GPU, where the latent cache encodes one at a time
+    together = statistics(vae, training)
+    assert len(one_by_one.grams) == len(together.grams) and one_by_one.grams[0].shape[0] == 8
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(one_by_one.grams, together.grams))
+    assert torch.allclose(one_by_one.layout, together.layout, atol=1e-4)
     copies = statistics(vae, training)
     brighter = statistics(vae, (training + 0.3).clamp(-1, 1))
     new = statistics(vae, pictures(range(100, 108), "neon"))
@@ -194,7 +199,7 @@ def test_judge_off_writes_nothing_and_a_resumed_run_judges_its_steps_again(
     assert RECOMMENDED_STRENGTH not in read_safetensors(off.adapter)[1]
 
     run, library = tmp_path / "on", tmp_path / "library"
-    common |= dict(judge_every=2, judge_strengths="0,1", judge_clip=str(tiny_clip), run_dir=str(run))
+    common |= dict(judge_strengths="0,1", judge_clip=str(tiny_clip), run_dir=str(run))  # every checkpoint: default
     on = train(TrainConfig(**common), device="cpu")
     tensors, off_tensors = read_safetensors(on.adapter)[0], read_safetensors(off.adapter)[0]
     assert tensors.keys() == off_tensors.keys() and all(torch.equal(tensors[k], off_tensors[k]) for k in tensors)
@@ -309,3 +314,22 @@ def test_a_judge_out_of_gpu_memory_is_said_and_the_run_goes_on(tiny_model, image
     said = [e["message"] for e in read_events(result.run_dir) if e["type"] == "notice"]
     assert any("the judge ran out of GPU memory at step 2" in message for message in said)
     assert [e["type"] for e in read_events(result.run_dir)][-1] == "done"
+
+
+@pytest.mark.judge
+def test_the_recommended_checkpoint_outlives_keep_checkpoints(tiny_model, image_folder, tmp_path, monkeypatch):
+    """--keep-checkpoints 1 keeps the newest checkpoint and the one the judge recommends, whatever its age."""
+    import trainer.loop as loop
+
+    steps = []
+
+    def judge_prefers_step_2(rows, limit):
+        steps.append([row["step"] for row in rows])
+        return {"step": 2, "strength": 1.0, "style": 0.5, "leak": 0.1}, ""
+
+    monkeypatch.setattr(loop, "recommend", judge_prefers_step_2)
+    run = tmp_path / "run"
+    config = dict(base_model=str(tiny_model), data=str(image_folder), batch_size=1, steps=8, save_every=2)
+    loop.train(TrainConfig(**config, keep_checkpoints=1, judge_strengths="1", run_dir=str(run)), device="cpu")
+    assert steps and steps[-1] == [2, 4, 6]  # every saved checkpoint judged, by default
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000006"]

@@ -34,6 +34,7 @@ def config_of(run: dict, **changes) -> TrainConfig:
         gradient_checkpointing=run["gradient_checkpointing"],
         preview_prompt=("a picture",) if "p" in run["flags"] else (),
         cuda_graphs="e" not in run["flags"],
+        judge=False,  # measured before the judge existed: nothing drew but the previews
         **changes,
     )
 
@@ -66,6 +67,10 @@ def test_a_small_card_gets_checkpointing_and_tiled_previews_and_a_too_small_one_
     assert small.need_gib <= 8 - 0.5 < big.need_gib
     assert any("gradient checkpointing" in line for line in small.turned_on)
     assert "turned on: tiled VAE decoding" in str(small)
+    # the judge draws as previews do: a judged run without previews plans (and tiles) that phase too
+    judged = TrainConfig(**{**sdxl.to_dict(), "preview_prompt": ()})
+    assert judged.judge and estimate(judged, **{**H200, "card_gib": 8}).tiled_preview
+    assert "preview" not in estimate(TrainConfig(**{**judged.to_dict(), "judge": False}), **H200).gpu_gib
     # --gpu-memory plans for less than the card
     held = estimate(TrainConfig(**{**sdxl.to_dict(), "gpu_memory": 8.0}), **H200)
     assert held.gradient_checkpointing and held.gpu_available_gib == 7.5
@@ -116,10 +121,14 @@ def test_train_plan_exits_1_when_the_run_would_not_fit(monkeypatch, capsys):
 
     real = trainer.plan.estimate
     monkeypatch.setattr(trainer.plan, "estimate", lambda config, **kw: real(config, **{**kw, **H200, "card_gib": 8}))
-    code = cli(["train", "--base-model", str(CONFIGS / "sdxl"), "--batch-size", "4", "--plan"])
+    code = cli(["train", "--base-model", str(CONFIGS / "sdxl"), "--batch-size", "4", "--no-judge", "--plan"])
     out = capsys.readouterr().out
     assert "does not fit: " in out and "--batch-size 2 --gradient-accumulation-steps 2" in out
     assert code == 1
+    # judged, the run also draws beside the step's graph memory: two pictures a step no longer fit
+    code = cli(["train", "--base-model", str(CONFIGS / "sdxl"), "--batch-size", "4", "--plan"])
+    out = capsys.readouterr().out
+    assert "--batch-size 1 --gradient-accumulation-steps 4 --gradient-checkpointing on" in out and code == 1
 
 
 def test_the_readmes_plan_table_is_what_the_plan_and_the_stored_runs_say():

@@ -70,10 +70,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, params, optimizer, drawer, config: dict, keep: int, adapter=None
+    run_dir: Path, step: int, params, optimizer, drawer, config: dict, keep: int, adapter=None, also_keep=()
 ) -> Path:
-    """Write checkpoint `step` and delete all but the newest `keep` (0 keeps all). `adapter(folder)`, when given,
-    writes the adapter file of this step into the checkpoint's folder, before the folder gets its final name."""
+    """Write checkpoint `step` and delete all but the newest `keep` (0 keeps all) and those of the steps in
+    `also_keep` (the judge's recommended one). `adapter(folder)`, when given, writes the adapter file of this step
+    into the checkpoint's folder, before the folder gets its final name."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -113,8 +114,10 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep:
+        spared = {f"step_{s:06d}" for s in also_keep}
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in spared:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -366,7 +366,7 @@ class TrainConfig:
 
     judge: bool = _f(
         True,
-        "At the end of the run (and at the checkpoints --judge-every names), draw held-out prompts at "
+        "At every saved checkpoint (--judge-every) and at the end of the run, draw held-out prompts at "
         "--judge-strengths and score each picture for style (closeness to the training images' style statistics) "
         "and content leak (likeness to the nearest training image); the scores go to judge.json in the run folder "
         "and the adapter file records the recommended strength. --no-judge turns it off.",
@@ -374,8 +374,9 @@ class TrainConfig:
     )
     judge_every: int = _f(
         0,
-        "Also judge the checkpoints of every N steps (a multiple of --save-every), for the grid of checkpoint x "
-        "strength; each adds about as much time as the judging at the end. 0 = only the end.",
+        "Judge the checkpoints of every N steps (a multiple of --save-every), for the grid of checkpoint x "
+        "strength; each adds about as much time as the judging at the end. 0 = every saved checkpoint (none without "
+        "--save-every: then only the end); a multiple of --save-every beyond --steps: only the end.",
         "previews",
     )
     judge_prompts: str = _f(
@@ -400,7 +401,9 @@ class TrainConfig:
 
     # long runs and several GPUs
     save_every: int = _f(0, "Save a resumable checkpoint every N steps. 0 = none.", "runs")
-    keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep. 0 = all.", "runs")
+    keep_checkpoints: int = _f(
+        3, "How many of the newest checkpoints to keep (the one the judge recommends is kept too). 0 = all.", "runs"
+    )
     resume: str = _f(
         "",
         "Resume a run: 'latest' (its newest checkpoint in --run-dir) or a checkpoint folder. Empty = start fresh.",
@@ -609,7 +612,7 @@ class TrainConfig:
             (
                 self.judge_every == 0
                 or (self.judge_every > 0 and self.save_every > 0 and self.judge_every % self.save_every == 0),
-                f"judge_every (--judge-every) must be 0 (judge only the end) or a multiple of save_every "
+                f"judge_every (--judge-every) must be 0 (judge every saved checkpoint) or a multiple of save_every "
                 f"(--save-every, now {self.save_every}): the judge scores saved checkpoints; got {self.judge_every}",
             ),
             (self.keep_checkpoints >= 0, "keep_checkpoints (--keep-checkpoints) must be 0 (all) or more"),

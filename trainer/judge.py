@@ -1,6 +1,6 @@
-"""The judge: which checkpoint, at which strength? At the end of a run (and at the saved checkpoints --judge-every
-names), held-out prompts are drawn at several strengths with fixed seeds and every picture is scored; all of it goes
-to `<run>/judge.json`, with a contact sheet per judged step in `<run>/judge/`.
+"""The judge: which checkpoint, at which strength? At each saved checkpoint (or those --judge-every names) and at
+the end of a run, held-out prompts are drawn at several strengths with fixed seeds and every picture is scored; all
+of it goes to `<run>/judge.json`, with a contact sheet per judged step in `<run>/judge/`.
 
     judge = Judge.start(config, pipe, family, examples, resolution, sampling, run_dir, events)  # None if off
     strength = judge.score(step, unet, dtype)   # at a checkpoint: draws, scores, rewrites judge.json
@@ -124,32 +124,36 @@ class Statistics:
 
 
 @torch.no_grad()
-def statistics(vae, pixels: torch.Tensor, batch: int = 8) -> Statistics:
-    """`Statistics` of pictures (N, 3, H, W) in -1..1, from one pass of `vae`'s encoder each."""
+def statistics(vae, pixels: torch.Tensor, batch: int | None = None) -> Statistics:
+    """`Statistics` of pictures (N, 3, H, W) in -1..1, from one pass of `vae`'s encoder each: `batch` at a time
+    (default: 8 on the CPU, 1 on a GPU, as the latent cache encodes, so that the judge needs no more GPU memory than
+    the caching; each feature map is reduced to its Gram matrix as the encoder makes it, never kept)."""
     encoder = vae.encoder
     layers = [encoder.conv_in, *encoder.down_blocks]
     if next(vae.parameters()).dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.float()  # e.g. SDXL's VAE overflows in fp16 (the caching of the latents upcasts it too)
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    batch = batch or (1 if device.type == "cuda" else 8)
     grams: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def gram(i: int, out: torch.Tensor) -> None:
+        flat = out.float().flatten(2)  # (n, C, HW)
+        grams[i].append((flat @ flat.transpose(1, 2) / flat.shape[2]).cpu())
+
     colours, layouts = [], []
-    for start in range(0, len(pixels), batch):
-        chunk = pixels[start : start + batch]
-        features: list[torch.Tensor] = []
-        hooks = [layer.register_forward_hook(lambda m, i, out, kept=features: kept.append(out)) for layer in layers]
-        try:
+    hooks = [layer.register_forward_hook(lambda m, i, out, k=k: gram(k, out)) for k, layer in enumerate(layers)]
+    try:
+        for start in range(0, len(pixels), batch):
+            chunk = pixels[start : start + batch]
             latent = vae.encode(chunk.to(device, dtype)).latent_dist.mean.float()
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for i, fmap in enumerate(features):
-            flat = fmap.float().flatten(2)  # (n, C, HW)
-            grams[i].append((flat @ flat.transpose(1, 2) / flat.shape[2]).cpu())
-        rgb = (chunk.float() + 1) / 2
-        colours.append(torch.cat([rgb.mean((2, 3)), rgb.std((2, 3))], 1).cpu())
-        # where things are, whatever the size: on a grid of 8 x 8, with the overall colour (channel means) taken out
-        grid = torch.nn.functional.adaptive_avg_pool2d(latent, 8)
-        layouts.append((grid - grid.mean((2, 3), keepdim=True)).flatten(1).cpu())
+            rgb = (chunk.float() + 1) / 2
+            colours.append(torch.cat([rgb.mean((2, 3)), rgb.std((2, 3))], 1).cpu())
+            # where things are, whatever the size: on a grid of 8 x 8, with the overall colour (channel means) out
+            grid = torch.nn.functional.adaptive_avg_pool2d(latent, 8)
+            layouts.append((grid - grid.mean((2, 3), keepdim=True)).flatten(1).cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
     return Statistics([torch.cat(g) for g in grams], torch.cat(colours), torch.cat(layouts))
 
 

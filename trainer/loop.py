@@ -55,7 +55,7 @@ from trainer.dataset import (
     shuffled_captions,
     tag_frequency,
 )
-from trainer.judge import Judge
+from trainer.judge import Judge, recommend
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
 from trainer.plan import TILE, check, estimate
@@ -706,6 +706,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 adapter=lambda folder: _save(
                     config, unwrapped, text_encoders, examples, resolution, folder / name, at, model, strength
                 ),
+                also_keep=[best["step"]] if judge and (best := recommend(judge.rows, judge.limit)[0]) else (),
             )
 
         def judged(at: int) -> float | None:
@@ -763,7 +764,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 if config.save_every and at % config.save_every == 0 and at != config.steps:
                     _require_finite(all_params, config, run_dir, at)
                     if main:  # judged first, so that the checkpoint's adapter file says the strength to use
-                        due = judge and config.judge_every and at % config.judge_every == 0
+                        due = judge and at % (config.judge_every or config.save_every) == 0
                         path = checkpoint(at, judged(at) if due else None)
                         events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()

@@ -12,7 +12,8 @@ Memory is a small model of the step, in GiB, per phase of a run (the phases trai
   config describes (SD 2.x, the built-in model) without a calibration of its own.
 - `preview`: the weights, the LoRA, and the VAE decoding the picture, proportional to the decoder's largest
   activation at the preview size; with tiled decoding (what the plan turns on when the whole picture would not fit)
-  that of one 512-pixel tile.
+  that of one 512-pixel tile. The judge draws its pictures as previews are drawn (one at a time on a GPU, with the
+  same pipeline), so a judged run has this phase too, previews or not.
 The constants come from `benchmarks/plan_calibration.py` runs on an H200 (`benchmarks/results/plan_*_h200*.json`);
 tests/test_plan.py checks the plan against every run stored there (within 15%).
 
@@ -366,7 +367,7 @@ def estimate(
         decoded = geom.decoded_tile if tiled else geom.decoded * area
         return base + BYTES_PER_DECODED * decoded * scale / GIB
 
-    previews = bool(config.preview_prompt)
+    previews = bool(config.preview_prompt) or config.judge  # the judge draws as the previews do
     graphed = cuda and _graphed(config, processes)
 
     def need_gib(batch: int, checkpointing: bool) -> float:

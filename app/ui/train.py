@@ -42,7 +42,8 @@ from trainer.optim import check_optimizer
 from trainer.plan import NO_STEPS, Plan, duration, estimate, mib
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
-QUIET = "undocumented"  # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it)
+# page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it first)
+QUIET = "undocumented"
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
 RAW, SMOOTHED = "each step", f"smoothed (EMA {SMOOTHING})"  # the loss plot's two lines, as its legend names them
 LOSS_CAPTION = (
