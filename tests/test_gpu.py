@@ -330,3 +330,37 @@ def test_adamw8bit_keeps_8bit_moments_in_checkpoints_and_resumes_as_it_trains(tm
     print(json.dumps({"adamw8bit": found, "eight_bit_tensors": len(eight_bit)}))
     assert found["resume"] <= 2 * found["whole_vs_whole"] + 1e-7
     assert found["vs_adamw"] > 10 * found["whole_vs_whole"] + 1e-6
+
+
+@pytest.mark.judge
+def test_a_judged_gpu_run_keeps_its_graphs_and_learns_what_an_unjudged_one_learns(tiny_model, image_folder, tmp_path):
+    """The judge on a GPU: each checkpoint and the end judged (one picture at a time, beside the step's CUDA graph),
+    no fall-back to eager steps and no out-of-memory notice, scores for every cell, and the adapter as near to an
+    unjudged run's as two unjudged runs are to each other (judging changes nothing of what is learned)."""
+    import math
+
+    from trainer.judge import read_judge
+
+    settings = dict(
+        base_model=str(tiny_model), data=str(image_folder), batch_size=2, steps=8, save_every=4, judge_strengths="0,1"
+    )
+    judged = train(TrainConfig(run_dir=str(tmp_path / "judged"), **settings), log_to_terminal=False)
+    plain = [
+        train(TrainConfig(run_dir=str(tmp_path / f"plain{i}"), judge=False, **settings), log_to_terminal=False)
+        for i in range(2)
+    ]
+    events = read_events(judged.run_dir)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["step_kind"] == "cuda graph", start
+    assert [e["step"] for e in events if e["type"] == "judge"] == [4, 8]
+    notices = [e["message"] for e in events if e["type"] == "notice"]
+    assert not [m for m in notices if "CUDA graphs" in m or "judge" in m], notices
+    cells = [cell for row in read_judge(judged.run_dir)["checkpoints"] for cell in row["cells"]]
+    assert len(cells) == 4 and all(math.isfinite(c["style"]) and math.isfinite(c["leak"]) for c in cells), cells
+    a, b, c = (load_file(run.adapter) for run in (judged, *plain))
+
+    def distance(x, y):
+        return float(sum((x[k] - y[k]).pow(2).sum() for k in y) / sum(y[k].pow(2).sum() for k in y)) ** 0.5
+
+    print(json.dumps({"judged_vs_plain": distance(a, b), "plain_vs_plain": distance(c, b)}))
+    assert a.keys() == b.keys() and distance(a, b) <= 2 * distance(c, b) + 1e-7
