@@ -4,6 +4,7 @@ loading it once."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,34 @@ def resolve_base_model(base_model: str | None) -> str:
     return base_model
 
 
+HUB_RETRY_S = 60  # a hub id that could not be looked up is not asked for again for this long (each try: ~23 s)
+_HUB_FAILURES: dict[str, tuple[float, str]] = {}  # hub id -> (when, the message)
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the hub could not be reached at all (no network, no name server, a
+    timeout), as against a name the hub does not know."""
+    return any(
+        isinstance(e, (ConnectionError, TimeoutError))
+        or any(word in type(e).__name__ for word in ("Connect", "Timeout", "OfflineMode"))
+        or "Name or service not known" in str(e)
+        for e in _causes(exc)
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    last = list(_causes(exc))[-1]
+    return f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"[:200]
+
+
 def check_base_model(base_model: str | None, prediction_type: str | None = None) -> tuple[str, Family]:
     """The resolved source and its family, from its `model_index.json` alone (for a hub id, only that small
     file is fetched), or a single file's header: a model lora-studio cannot use is refused here, before any weight
@@ -60,14 +89,30 @@ def check_base_model(base_model: str | None, prediction_type: str | None = None)
     source = resolve_base_model(base_model)
     if is_single_file(source):
         return source, checkpoint_family(inspect_checkpoint(source, prediction_type))
+    hub = not Path(source).exists()
+    failed = _HUB_FAILURES.get(source) if hub else None
+    if failed and time.monotonic() - failed[0] < HUB_RETRY_S:  # the page asks at every change of its form
+        ago = time.monotonic() - failed[0]
+        raise UserError(f"{failed[1]} (asked {ago:.0f} s ago; asked again {HUB_RETRY_S - ago:.0f} s from now)")
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception as exc:  # hub or file errors: say which model and what to try
-        raise UserError(
-            f"could not read the model_index.json of base model {base_model!r} ({type(exc).__name__}: {exc}). "
-            "For a hub id, check the name and your network or log in with `hf auth login`; or pass a local "
-            "diffusers folder"
-        ) from exc
+        if hub and _unreachable(exc):
+            message = (
+                f"could not reach the Hugging Face hub for base model {base_model!r} ({_root_cause(exc)}). Check "
+                "your network; a model downloaded before loads from the local cache with HF_HUB_OFFLINE=1; or pass "
+                "a local diffusers folder or a checkpoint file"
+            )
+        else:
+            message = (
+                f"could not read the model_index.json of base model {base_model!r} ({type(exc).__name__}: {exc}). "
+                "For a hub id, check the name and your network or log in with `hf auth login`; or pass a local "
+                "diffusers folder"
+            )
+        if hub:
+            _HUB_FAILURES[source] = (time.monotonic(), message)
+        raise UserError(message) from exc
+    _HUB_FAILURES.pop(source, None)
     family = family_of_index(index, source=source)
     if family is None:
         raise UserError(

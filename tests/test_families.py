@@ -143,3 +143,43 @@ def test_the_native_size_is_read_from_the_configs(tiny_model, tiny_sdxl_model):
     assert native_size_of(str(tiny_model)) == 32 and native_size_of(str(tiny_sdxl_model)) == 32
     assert native_size_of(str(ROOT / "adapters" / "configs" / "sdxl")) == 1024  # the shipped SDXL base configs
     assert native_size_of(str(ROOT / "adapters" / "configs" / "sd2-768-v")) == 768
+
+
+def test_an_unreachable_hub_is_said_so_and_not_asked_again_at_every_change_of_the_page(monkeypatch):
+    """With no network, a hub id's lookup fails after some 23 s of retries; the page plans at every change of its
+    form, so the failure is remembered for a minute (then asked again), and it says the hub could not be reached,
+    not that the model lacks a file."""
+    import socket
+
+    from diffusers import DiffusionPipeline
+
+    import adapters.base as base
+
+    asked = []
+
+    def no_network(source, **kwargs):
+        asked.append(source)
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as exc:
+            raise OSError(f"{source} does not appear to have a file named model_index.json.") from exc
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", no_network)
+    monkeypatch.setattr(base, "_HUB_FAILURES", {})
+    for _ in range(3):
+        with pytest.raises(UserError, match=r"could not reach the Hugging Face hub for base model 'someone/model'"):
+            base.check_base_model("someone/model")
+    assert asked == ["someone/model"]
+    with pytest.raises(UserError, match=r"\(asked \d+ s ago; asked again \d+ s from now\)"):
+        base.check_base_model("someone/model")
+    monkeypatch.setattr(base, "HUB_RETRY_S", 0)  # a minute later
+    with pytest.raises(UserError, match="could not reach"):
+        base.check_base_model("someone/model")
+    assert len(asked) == 2
+
+    def unknown(source, **kwargs):  # the hub answered: no such model
+        raise OSError(f"{source} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", unknown)
+    with pytest.raises(UserError, match=r"could not read the model_index.json of base model 'someone/other'.*check"):
+        base.check_base_model("someone/other")
