@@ -95,7 +95,10 @@ def test_a_run_writes_its_plan_and_the_plan_counts_its_parameters_and_disk(tmp_p
     config = TrainConfig(
         data="sample_images", steps=4, save_every=2, keep_checkpoints=0, run_dir=str(run), preview_prompt=()
     )
+    config.gpu_memory = 4.0
     train(config, device="cpu", log_to_terminal=False)
+    notices = [e["message"] for e in read_events(run) if e["type"] == "notice"]
+    assert "--gpu-memory 4 is for a GPU; this run is on the CPU, where nothing holds it to that size" in notices
     plan = json.loads((run / PLAN).read_text())
     start = next(e for e in read_events(run) if e["type"] == "start")
     assert plan["lora_parameters"] == start["trainable_parameters"]

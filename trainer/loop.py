@@ -492,6 +492,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         sizes = sorted({(ex.pixels.shape[2], ex.pixels.shape[1]) for ex in examples})
         image_bucket = [sizes.index((ex.pixels.shape[2], ex.pixels.shape[1])) for ex in examples]
         notes += long_captions(examples, pipe.tokenizer)
+        if config.gpu_memory and not capped:
+            notes.append(
+                f"--gpu-memory {config.gpu_memory:g} is for a GPU; this run is on the "
+                f"{accelerator.device.type.upper()}, where nothing holds it to that size"
+            )
         shuffles = config.tag_shuffles if config.shuffle_tags else 1
         captions = None
         if config.shuffle_tags:  # K fixed orders of each caption's tags, encoded once; each draw picks one
