@@ -9,10 +9,12 @@
 # Nothing is fetched: diffusers comes from the wheel carried in .whl/ (unpacked into /tmp/site when python3 lacks
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
-#             sdxl_b1.json sdxl_b4.json sd15_compile.json session.log (8 files at most come back from a lent machine)
+#             sdxl_b1.json sdxl_b4.json sd15_compile.json train_compile.json session.log (8 files at most come
+#             back from a lent machine)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
-#   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile)
+#   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile
+#             train_compile)
 #   TINY=1    tiny shapes on the CPU, few steps, no torch.compile (TINY_COMPILE=1 compiles anyway)
 #   WORK      models, data and runs (default /tmp/lora-studio-session)
 #
@@ -30,6 +32,10 @@
 #   sdxl_b4       ~1.2  SDXL training at batch 4, ours and the SDXL example script's step -> sdxl_bs4_mfu
 #   sd15_compile  ~2    ours with one adapter again, then diffusers' fused pipeline with its UNet through
 #                       torch.compile (the compile ~1.3 of it) -> gen_vs_compiled_diffusers
+#   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
+#                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
+#                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
+#                       inductor-compiled gradients were wrong: benchmarks/results/compile_probe_cpu.json)
 # Last because the compile is the longest and least sure; if the budget stops it, the rest is kept.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,7 +43,7 @@ OUT=${OUT:-/tmp/lora-studio-session-out}
 WORK=${WORK:-/tmp/lora-studio-session}
 BUDGET_S=${BUDGET_S:-450}
 RESERVE_S=${RESERVE_S:-25}
-PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile}
+PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile train_compile}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/session.log
@@ -61,7 +67,7 @@ if [ "${TINY:-0}" = 1 ]; then
     SD15_STEPS=14 SDXL_STEPS=14 SCALE=0
     SD15_REF=(--reference-warmup 1 --reference-steps 2)
     SDXL_REF=(--reference-warmup 1 --reference-steps 2)
-    COMPILE=()
+    COMPILE=() TRAIN_COMPILE=(--tiny --backend aot_eager --batches 2 --repeat 2)
     [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile)
     SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
 else
@@ -69,7 +75,7 @@ else
     SD15_STEPS=32 SDXL_STEPS=26 SCALE=1
     SD15_REF=(--reference-warmup 5 --reference-steps 15)
     SDXL_REF=(--reference-warmup 3 --reference-steps 8)
-    COMPILE=(--diffusers-compile)
+    COMPILE=(--diffusers-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20)
     SUMMARY_FLAGS=()
 fi
 
@@ -131,9 +137,12 @@ for p in $PARTS; do
         part sdxl_b4 60 180 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 4 \
             --steps "$SDXL_STEPS" "${SDXL_REF[@]}" --json "$OUT/sdxl_b4.json"
         ;;
+    train_compile)
+        part train_compile 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_COMPILE[@]}" --json "$OUT/train_compile.json"
+        ;;
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile" \
-            | tee -a "$LOG"
+            "train_compile" | tee -a "$LOG"
         ;;
     esac
 done
