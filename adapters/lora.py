@@ -6,6 +6,7 @@ component is `unet`, `text_encoder` or `text_encoder_2` and the path is the modu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import dispatch_default
 from peft.utils import set_peft_model_state_dict
+from peft.utils.integrations import init_empty_weights
 
 from adapters.errors import UserError
 
@@ -266,9 +269,58 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
     """Attach `modules` (paths of this model) as adapter `adapter_name`, ranks and alphas per module; DoRA when
     the modules carry magnitudes (all of them, or none: peft's DoRA is set per adapter).
 
-    Trap: the model keeps the adapter until `model.delete_adapters(adapter_name)`; installing many without
-    deleting slows every forward pass and set_adapters call.
+    Each layer is looked up by its path and given the adapter by peft's own layer code: the first adapter on a
+    Linear or Conv2d wraps it in peft's `lora.Linear` / `lora.Conv2d`, a later one is added to that wrapper by its
+    `update_layer`, as peft's `add_adapter` does, but without walking every module of the model (which took longer
+    the more adapters were loaded). The LoRA weights are made empty and the given tensors copied into their place.
+    DoRA adapters, and layers of other kinds, go through peft's `add_adapter` and `set_peft_model_state_dict`.
+
+    Traps: the model keeps the adapter until `model.delete_adapters(adapter_name)`; installing many without
+    deleting slows every forward pass and set_adapters call. Which adapters are active afterwards is the caller's
+    to set (`Studio.set_strengths` does): a layer wrapped here starts with this adapter active.
     """
+    config = _lora_config(modules, adapter_name)
+    targets = {path: model.get_submodule(path) for path in modules}
+    plain = all(isinstance(getattr(t, "base_layer", t), (torch.nn.Linear, torch.nn.Conv2d)) for t in targets.values())
+    if config.use_dora or not plain:
+        _install_through_peft(model, modules, adapter_name, config)
+        return
+    if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in getattr(model, "peft_config", {}):
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    wrapped = []
+    empty = dataclasses.replace(config, init_lora_weights=False)  # no random init: the weights are given
+    with init_empty_weights():  # peft's low_cpu_mem_usage way: LoRA weights on the meta device, filled in below
+        for path, target in targets.items():
+            m = modules[path]
+            if isinstance(target, LoraLayer):
+                target.update_layer(adapter_name, m.rank, lora_alpha=m.alpha, config=empty, target_name=path)
+            else:
+                parent, _, child = path.rpartition(".")
+                layer = dispatch_default(target, adapter_name, empty, r=m.rank, lora_alpha=m.alpha, target_name=path)
+                setattr(model.get_submodule(parent), child, layer)
+                target = layer
+            wrapped.append((path, target))
+    for path, layer in wrapped:
+        m, weight = modules[path], layer.get_base_layer().weight
+        for slot, tensor in ((layer.lora_A[adapter_name], m.down), (layer.lora_B[adapter_name], m.up)):
+            if tuple(slot.weight.shape) != tuple(tensor.shape):
+                raise RuntimeError(
+                    f"adapter {adapter_name!r}: a LoRA weight for {path} has shape {tuple(tensor.shape)}, the layer "
+                    f"takes {tuple(slot.weight.shape)}"
+                )
+            slot.weight = torch.nn.Parameter(
+                tensor.to(weight.device, weight.dtype, copy=True), requires_grad=slot.weight.requires_grad
+            )
+    # what peft's add_adapter records on the model (diffusers' and transformers' models alike)
+    if not getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "peft_config", None) is None:
+        model.peft_config = {}
+    model._hf_peft_config_loaded = True
+    config.base_model_name_or_path = model.__dict__.get("name_or_path")
+    model.peft_config[adapter_name] = config
+
+
+def _lora_config(modules: dict[str, LoraModule], adapter_name: str) -> LoraConfig:
+    """The peft config of an adapter made of `modules`: its targets, ranks and alphas, DoRA or not."""
     rank, alpha = common_rank_alpha(modules)
     dora = [p for p, m in modules.items() if m.magnitude is not None]
     if dora and len(dora) != len(modules):
@@ -276,7 +328,7 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
             f"adapter {adapter_name!r} has DoRA magnitudes on {len(dora)} of its {len(modules)} layers; an adapter "
             "is DoRA on all of its layers or on none"
         )
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(modules),
@@ -284,7 +336,14 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
         alpha_pattern={re.escape(p): m.alpha for p, m in modules.items() if m.alpha != alpha},
         **({"use_dora": True} if dora else {}),
     )
-    model.add_adapter(config, adapter_name=adapter_name)
+
+
+def _install_through_peft(
+    model: torch.nn.Module, modules: dict[str, LoraModule], name: str, config: LoraConfig | None = None
+) -> None:
+    """`install` by peft's `add_adapter` (a walk over every module) and `set_peft_model_state_dict`: the way every
+    adapter was attached before `install` placed them by path."""
+    model.add_adapter(config or _lora_config(modules, name), adapter_name=name)
     dtype = next(model.parameters()).dtype
     state = {}
     for path, m in modules.items():
@@ -292,7 +351,7 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
         state[f"{path}.lora_B.weight"] = m.up.to(dtype)
         if m.magnitude is not None:
             state[f"{path}.lora_magnitude_vector"] = m.magnitude.to(dtype)
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter_name in k or "lora" in k]
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora" in k]
     if unexpected:
-        raise RuntimeError(f"LoRA weights for {unexpected[:3]} found no layer while installing {adapter_name!r}")
+        raise RuntimeError(f"LoRA weights for {unexpected[:3]} found no layer while installing {name!r}")
