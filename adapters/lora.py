@@ -265,9 +265,10 @@ def split_components(lora: Lora) -> dict[str, dict[str, LoraModule]]:
     return parts
 
 
-def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name: str) -> None:
+def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name: str) -> list[LoraLayer]:
     """Attach `modules` (paths of this model) as adapter `adapter_name`, ranks and alphas per module; DoRA when
-    the modules carry magnitudes (all of them, or none: peft's DoRA is set per adapter).
+    the modules carry magnitudes (all of them, or none: peft's DoRA is set per adapter). Returns the peft layers
+    that now hold it, in the order of `modules`.
 
     Each layer is looked up by its path and given the adapter by peft's own layer code: the first adapter on a
     Linear or Conv2d wraps it in peft's `lora.Linear` / `lora.Conv2d`, a later one is added to that wrapper by its
@@ -283,8 +284,7 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
     targets = {path: model.get_submodule(path) for path in modules}
     plain = all(isinstance(getattr(t, "base_layer", t), (torch.nn.Linear, torch.nn.Conv2d)) for t in targets.values())
     if config.use_dora or not plain:
-        _install_through_peft(model, modules, adapter_name, config)
-        return
+        return _install_through_peft(model, modules, adapter_name, config)
     if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
     wrapped = []
@@ -317,6 +317,7 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
     model._hf_peft_config_loaded = True
     config.base_model_name_or_path = model.__dict__.get("name_or_path")
     model.peft_config[adapter_name] = config
+    return [layer for _, layer in wrapped]
 
 
 def _lora_config(modules: dict[str, LoraModule], adapter_name: str) -> LoraConfig:
@@ -340,7 +341,7 @@ def _lora_config(modules: dict[str, LoraModule], adapter_name: str) -> LoraConfi
 
 def _install_through_peft(
     model: torch.nn.Module, modules: dict[str, LoraModule], name: str, config: LoraConfig | None = None
-) -> None:
+) -> list[LoraLayer]:
     """`install` by peft's `add_adapter` (a walk over every module) and `set_peft_model_state_dict`: the way every
     adapter was attached before `install` placed them by path."""
     model.add_adapter(config or _lora_config(modules, name), adapter_name=name)
@@ -355,3 +356,4 @@ def _install_through_peft(
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora" in k]
     if unexpected:
         raise RuntimeError(f"LoRA weights for {unexpected[:3]} found no layer while installing {name!r}")
+    return [model.get_submodule(path) for path in modules]

@@ -17,11 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers.loaders.lora_base import (
-    disable_lora_for_text_encoder,
-    enable_lora_for_text_encoder,
-    set_adapters_for_text_encoder,
-)
 from PIL import Image
 
 from adapters.base import generation_defaults, load_pipeline, pick_device
@@ -90,6 +85,7 @@ class Studio:
         self.hashes: dict[str, str] = {}  # name -> its file's hash, 12 digits, as A1111's `Lora hashes` give it
         self.files_read = 0  # adapter files `load` has read (a reused one is not read again)
         self.strengths: dict[str, float] = {}
+        self._layers: dict[str, dict[str, list]] = {}  # name -> {component: the peft layers holding it}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
@@ -119,9 +115,12 @@ class Studio:
         parts = split_components(lora)
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            for component, modules in parts.items():
-                install(getattr(self.pipe, component), modules, name)
+            layers = {
+                component: install(getattr(self.pipe, component), modules, name)
+                for component, modules in parts.items()
+            }
         self.adapters[name] = sorted(parts)
+        self._layers[name] = layers
         self._changed()
         self.set_strengths(self.strengths)
         return name
@@ -149,6 +148,7 @@ class Studio:
         self._require_unfused("unload an adapter")
         for component in self.adapters.pop(name):
             _delete_adapter(getattr(self.pipe, component), name)
+        self._layers.pop(name, None)
         self._sources.pop(name, None)
         self.hashes.pop(name, None)
         self.strengths.pop(name, None)
@@ -169,7 +169,9 @@ class Studio:
 
         When the same adapters stay active, only their strengths change: each layer's LoRA scale is a number on
         the model's device that is overwritten in place (one copy per adapter), so a captured generation graph
-        stays valid. Otherwise diffusers' `set_adapters` switches the active set."""
+        stays valid. Otherwise every peft layer of the loaded adapters is given the active set and switched on, as
+        diffusers' `set_adapters` does, or switched off; the layers are the ones `add` recorded (no walk over the
+        model's modules), and a layer already in that state is left as it is."""
         unknown = set(strengths) - set(self.adapters)
         if unknown:
             raise UserError(f"adapter(s) {sorted(unknown)} are not loaded; loaded: {sorted(self.adapters)}")
@@ -184,22 +186,13 @@ class Studio:
             self.strengths = dict(strengths)
             return
         for component in self.family.components:
-            model = getattr(self.pipe, component)
-            if not any(component in parts for parts in self.adapters.values()):
-                continue
+            layers = {id(layer): layer for parts in self._layers.values() for layer in parts.get(component, ())}
             names = [n for n in strengths if component in self.adapters[n]]
-            weights = [float(strengths[n]) for n in names]
-            if component == "unet":
-                if names:
-                    model.enable_adapters()
-                    model.set_adapters(names, weights)
-                else:
-                    model.disable_adapters()
-            elif names:
-                enable_lora_for_text_encoder(model)
-                set_adapters_for_text_encoder(names, model, weights)
-            else:
-                disable_lora_for_text_encoder(model)
+            for layer in layers.values():  # peft's own switches, each used only where the layer is not yet so
+                if names and layer.active_adapters != names:
+                    layer.set_adapter(names)
+                if layer.disable_adapters == bool(names):
+                    layer.enable_adapters(bool(names))
         self.strengths = dict(strengths)
         self._scales = self._scale_slots(strengths)
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
@@ -209,11 +202,7 @@ class Studio:
         layer's scale a view into it: {name: (values, alpha / rank per layer)}."""
         slots = {}
         for name, strength in strengths.items():
-            layers = [
-                layer
-                for component in self.adapters[name]
-                for _, layer in lora_layers(getattr(self.pipe, component), name)
-            ]
+            layers = [layer for component in self.adapters[name] for layer in self._layers[name][component]]
             bases = torch.tensor([layer.lora_alpha[name] / layer.r[name] for layer in layers], device=self.device)
             values = bases * float(strength)
             for i, layer in enumerate(layers):

@@ -29,8 +29,9 @@ benchmarks/results/runtime_cpu_sd15.json unless `--out` says otherwise:
 - first_load_ms: `Studio.load` of the first adapter file into the fresh runtime (no LoRA layer in the model yet),
   timed once: the cold load benchmarks/sd15.py times on a GPU.
 - cold_load_ms[N]: `Studio.load` (read, attach, strengths, file hash) of a file never loaded before while N others
-  are loaded, median of `--repeats` loads, each unloaded again afterwards; cold_load_read_ms[N]: the file reading
-  part of it (`Studio.read`), median over as many reads of the same files.
+  are loaded, all switched off, median of `--repeats` loads, each unloaded again afterwards; cold_load_active_ms[N]:
+  the same with the N others active at strength 0.5 (as when a picture was just drawn with them);
+  cold_load_read_ms[N]: the file reading part (`Studio.read`), median over as many reads of the same files.
 - profile[N] (`--profile`): one more such load under cProfile, the functions that took the most time in it
   (cumulative seconds under the profiler, which slows Python code down; for where the time goes, not how much).
 """
@@ -123,6 +124,15 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def code_revision() -> str:
+    """The commit of the code measured (`git describe --always --dirty`: `-dirty` when files differ from it)."""
+    try:
+        command = ["git", "-C", str(ROOT), "describe", "--always", "--dirty"]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def profiled(fn, *args, top: int = 15, **kwargs) -> list[dict]:
     """Run `fn(*args, **kwargs)` once under cProfile: the `top` functions by cumulative time (seconds)."""
     profile = cProfile.Profile()
@@ -159,17 +169,28 @@ def sd15_cold_loads(args, record: dict) -> None:
         studio.load(path, name="first")
         record["first_load_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         studio.unload("first")
-        record.update(cold_load_ms={}, cold_load_read_ms={}, cold_load_runs_ms={}, profile={})
-        for n in sorted(args.loaded):
-            while len(studio.adapters) < n:
-                studio.load(adapter_file(), name=f"kept{len(studio.adapters)}")
-            paths = [adapter_file() for _ in range(args.repeats)]
-            totals, reads = [], []
+        record.update(cold_load_ms={}, cold_load_active_ms={}, cold_load_read_ms={}, cold_load_runs_ms={}, profile={})
+
+        def cold_loads(paths: list[Path]) -> list[float]:
+            totals = []
             for path in paths:
                 t0 = time.perf_counter()
                 studio.load(path, name="new")
                 totals.append(time.perf_counter() - t0)
                 studio.unload("new")
+            return totals
+
+        for n in sorted(args.loaded):
+            while len(studio.adapters) < n:
+                studio.load(adapter_file(), name=f"kept{len(studio.adapters)}")
+            paths = [adapter_file() for _ in range(args.repeats)]
+            studio.set_strengths({})
+            totals, reads = cold_loads(paths), []
+            if n:
+                studio.set_strengths({name: 0.5 for name in studio.adapters})
+                active = cold_loads([adapter_file() for _ in range(args.repeats)])
+                record["cold_load_active_ms"][n] = round(statistics.median(active) * 1000, 2)
+                studio.set_strengths({})
             for path in paths:
                 t0 = time.perf_counter()
                 studio.read(path)
@@ -180,7 +201,10 @@ def sd15_cold_loads(args, record: dict) -> None:
             if args.profile:
                 record["profile"][n] = profiled(studio.load, adapter_file(), name="new")
                 studio.unload("new")
-            print(f"{n} loaded: cold load {record['cold_load_ms'][n]} ms (read {record['cold_load_read_ms'][n]} ms)")
+            print(
+                f"{n} loaded: cold load {record['cold_load_ms'][n]} ms (read {record['cold_load_read_ms'][n]} ms), "
+                f"with them active {record['cold_load_active_ms'].get(n)} ms"
+            )
 
 
 def main() -> None:
@@ -202,6 +226,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
+        "code": code_revision(),
         "uptime_before": uptime(),
         "load_average_before": os.getloadavg(),
     }
