@@ -16,7 +16,6 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import dispatch_default
 from peft.utils import set_peft_model_state_dict
-from peft.utils.integrations import init_empty_weights
 
 from adapters.errors import UserError
 
@@ -289,7 +288,10 @@ def install(model: torch.nn.Module, modules: dict[str, LoraModule], adapter_name
         raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
     wrapped = []
     empty = dataclasses.replace(config, init_lora_weights=False)  # no random init: the weights are given
-    with init_empty_weights():  # peft's low_cpu_mem_usage way: LoRA weights on the meta device, filled in below
+    # the LoRA weights made on the meta device, filled in below; torch.device("meta") holds for this thread only
+    # (peft's and accelerate's init_empty_weights patch nn.Module for the whole process: a model another thread of
+    # the page loads meanwhile, e.g. a base model for Generate, would get meta weights)
+    with torch.device("meta"):
         for path, target in targets.items():
             m = modules[path]
             if isinstance(target, LoraLayer):

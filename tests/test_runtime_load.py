@@ -115,3 +115,23 @@ def test_loading_more_adapters_leaves_the_first_ones_pictures_alone(tiny_model, 
     studio.load(files / "a.safetensors")
     studio.set_strengths({"a": 1.0})
     assert np.array_equal(draw(studio.pipe), first)
+
+
+def test_a_load_leaves_models_other_threads_build_meanwhile_alone(tiny_model, files, monkeypatch):
+    """The page loads adapters in one thread while another may be loading a model (a base model for Generate, the
+    VAE for the data check): the LoRA weights a load makes on the meta device are made so for its own thread only."""
+    import threading
+
+    made = []
+    real = lora_module.dispatch_default
+
+    def meanwhile(*args, **kwargs):  # another thread builds a layer while this load is placing its LoRA layers
+        if not made:
+            other = threading.Thread(target=lambda: made.append(torch.nn.Linear(4, 4).weight.device))
+            other.start()
+            other.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_module, "dispatch_default", meanwhile)
+    loaded(tiny_model, files, "c")
+    assert made == [torch.device("cpu")]
