@@ -1,6 +1,7 @@
 """The page's pieces without a browser: the Train tab's status line, the settings form, the Generate request."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import gradio as gr
@@ -366,3 +367,40 @@ def _minutes(plan: str) -> float:
 
     amount, unit = re.search(r"about ([0-9.]+) (s|min|h) \(", plan).groups()
     return float(amount) * {"s": 1 / 60, "min": 1, "h": 60}[unit]
+
+
+RACE = """
+import socket, sys, threading
+from app.ui import launch
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+app = launch("127.0.0.1", port, workspace=sys.argv[1], block=False)
+errors = []
+
+def use(names):
+    try:
+        import diffusers
+        for name in names:
+            getattr(diffusers, name)
+    except Exception as e:
+        errors.append(repr(e))
+
+wanted = [["StableDiffusionXLPipeline"], ["AutoencoderKL", "DiffusionPipeline", "UNet2DConditionModel"]] * 2
+threads = [threading.Thread(target=use, args=(names,)) for names in wanted]
+[t.start() for t in threads]
+[t.join() for t in threads]
+app.close()
+print("errors:", errors)
+"""
+
+
+def test_the_page_threads_never_race_on_a_first_diffusers_import(tmp_path):
+    """diffusers loads classes lazily and not thread-safely: a page that plans a run (Train tab) while it loads an
+    SDXL pipeline (Generate tab) failed with "cannot import name 'AutoencoderKL' from 'diffusers'". The page loads
+    them all before it serves: four threads of a fresh page process asking at once all get their classes."""
+    out = subprocess.run(
+        [sys.executable, "-c", RACE, str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    assert "errors: []" in out.stdout, out.stdout + out.stderr[-3000:]

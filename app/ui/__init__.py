@@ -18,6 +18,7 @@ import gradio as gr
 
 from adapters.errors import UserError
 from adapters.library import Library
+from adapters.libraries import import_all
 from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES, watch_queue
 from app.outputs import Outputs
 from app.ui.generate import CSS as GENERATE_CSS
@@ -97,6 +98,7 @@ def launch(
         raise UserError("--max-file-mb and --max-upload-files must be at least 1")
     workspace_dir = Path(workspace).resolve()
     (workspace_dir / "runs").mkdir(parents=True, exist_ok=True)
+    import_all()  # before any thread of the page imports a diffusers class (see adapters/libraries.py)
     app = build_app(workspace_dir, base_model, preload, max_upload_files)
     watch_queue(workspace_dir / "runs")  # runs left waiting by an app that stopped start in turn
     served = [
