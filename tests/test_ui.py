@@ -1,8 +1,8 @@
 """The page's pieces without a browser: the Train tab's status line, the settings form, the Generate request."""
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import gradio as gr
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import gradio as gr
 
 from adapters.errors import UserError
-from adapters.library import Library
 from adapters.libraries import import_all
+from adapters.library import Library
 from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES, watch_queue
 from app.outputs import Outputs
 from app.ui.generate import CSS as GENERATE_CSS
