@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from adapters.errors import UserError
 from trainer.builtin.scenes import render, sample_scene
 from trainer.config import TrainConfig
 from trainer.judge import (
+    LABEL,
     PROMPTS,
+    RULE,
     Reference,
     leak_limit,
     leak_score,
@@ -135,12 +138,27 @@ def test_bad_judge_strengths_are_refused_naming_the_field(bad):
         TrainConfig(judge_strengths=bad)
 
 
-@pytest.mark.parametrize(
-    "bad", [dict(judge_every=100), dict(save_every=100, judge_every=150), dict(save_every=100, judge_every=-100)]
-)
+@pytest.mark.parametrize("bad", [dict(save_every=100, judge_every=150), dict(save_every=100, judge_every=-100)])
 def test_judge_every_must_name_saved_checkpoints(bad):
     with pytest.raises(UserError, match=r"judge_every \(--judge-every\) must be 0 .* a multiple of save_every"):
         TrainConfig(**bad)
+    with pytest.raises(
+        UserError, match=r"none is saved: add --save-every N \(N dividing 100, e.g. --save-every 100\)"
+    ):
+        TrainConfig(judge_every=100)
+
+
+def test_a_judge_clip_that_is_not_there_is_refused_before_any_work(tmp_path):
+    """A --judge-clip folder that does not exist (or is no model) or a hub id not in the local cache is refused by
+    the settings check, as --plan and the page's Train run it, not after the base model has loaded."""
+    with pytest.raises(UserError, match=r"judge_clip \(--judge-clip\) '.*nowhere': no such folder$"):
+        TrainConfig(judge_clip=str(tmp_path / "nowhere"))
+    in_cache = r"no such model in the local Hugging Face cache .*\(hf download someone/clip\)"
+    with pytest.raises(UserError, match=in_cache):
+        TrainConfig(judge_clip="someone/clip")
+    with pytest.raises(UserError, match=r"the folder has no config.json"):
+        TrainConfig(judge_clip=str(tmp_path))
+    TrainConfig(judge_clip=str(tmp_path / "nowhere"), judge=False)  # not judged: not looked at
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +193,7 @@ def test_a_named_clip_model_that_cannot_be_loaded_is_refused_by_field(tmp_path):
 
 @pytest.mark.judge
 def test_judge_off_writes_nothing_and_a_resumed_run_judges_its_steps_again(
-    tiny_model, image_folder, tiny_clip, tmp_path
+    tiny_model, image_folder, tiny_clip, tmp_path, capsys
 ):
     """With --no-judge: no judge.json, no strength in the file. With it (the default), judging every checkpoint:
     the same adapter as without (judging changes nothing of what is learned); on a run stopped and resumed, every
@@ -205,6 +223,12 @@ def test_judge_off_writes_nothing_and_a_resumed_run_judges_its_steps_again(
     assert tensors.keys() == off_tensors.keys() and all(torch.equal(tensors[k], off_tensors[k]) for k in tensors)
     first = read_judge(run)
     assert [row["step"] for row in first["checkpoints"]] == [2, 4]
+    said = capsys.readouterr().err  # the terminal hears of each judging and of the verdict
+    assert f"lora-studio: judging step 2: {len(first['prompts'])} prompts at strengths 0, 1" in said
+    assert "lora-studio: judged step 4 in " in said
+    best, why = recommend(first["checkpoints"], first["leak_limit"])
+    verdict = f"recommended step {best['step']} at strength {best['strength']:g}" if best else why
+    assert f"lora-studio: judge: {'' if best else 'no checkpoint and strength recommended: '}{verdict}" in said
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]  # resumed from, steps 3-4 again
     # the checkpoint's adapter file says the strength the judge recommends for its step, as judge.json does
     best, _ = recommend(first["checkpoints"][:1], first["leak_limit"])
@@ -216,7 +240,11 @@ def test_judge_off_writes_nothing_and_a_resumed_run_judges_its_steps_again(
     again = read_judge(run)
     assert [row["step"] for row in again["checkpoints"]] == [2, 4, 6]
     assert again["checkpoints"][0] == first["checkpoints"][0]  # step 2 kept as it was judged
-    assert (run / "judge" / "step_000006.png").is_file()
+    sheet = Image.open(run / "judge" / "step_000006.png").convert("L")  # strengths 0 and 1, a row a prompt, labelled
+    tile = (sheet.width - LABEL) // 2
+    assert sheet.size == (LABEL + 2 * tile, LABEL + len(again["prompts"]) * tile)
+    assert min(sheet.crop((LABEL, 0, sheet.width, LABEL)).getdata()) < 128, "each column's strength written"
+    assert min(sheet.crop((0, LABEL, LABEL, sheet.height)).getdata()) < 128, "each prompt's number written"
     assert all(row["cells"][1]["leak"] != 0 for row in again["checkpoints"]), "strength 1 draws with the LoRA"
 
     latest = again["latest"]
@@ -241,9 +269,10 @@ def test_train_tab_grid_marks_the_recommended_pair_and_the_leaking_cells(tmp_pat
         {"step": 200, "cells": [cell(0, 0, 0), cell(0.5, 0.5, 0.3), cell(1, 0.9, 0.8)]},
     ]
     best, _ = recommend(rows, 0.6)
-    record = {"checkpoints": rows, "recommended": best, "leak_limit": 0.6, "prompts": ["zz, a cat"], "rule": "r"}
+    record = {"checkpoints": rows, "recommended": best, "leak_limit": 0.6, "prompts": ["zz, a cat"], "rule": RULE}
     (tmp_path / "judge.json").write_text(json.dumps(record))
     page = judge_html(tmp_path)
+    assert "★ = recommended: among the cells" in page and "1. “zz, a cat”" in page
     table = page.split("<table>", 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == 3 and "step 200" in table
     starred = table.split("★", 1)[1].split("</td>", 1)[0]

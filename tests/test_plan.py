@@ -116,6 +116,10 @@ def test_train_plan_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert "system memory" in out and "time: about" in out
     assert "disk: 0.5 MiB (adapter" in out  # the built-in model's adapter is half a MiB, not "0 MiB"
     assert not run.exists()
+    assert "note" not in out
+    cli(["train", "--data", "sample_images", "--plan", "--gpu-memory", "6"])
+    said = capsys.readouterr().out
+    assert "note: --gpu-memory 6 is for a GPU; this run is on the CPU, where nothing holds it" in said
 
 
 def test_train_plan_exits_1_when_the_run_would_not_fit(monkeypatch, capsys):

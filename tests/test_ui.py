@@ -271,8 +271,8 @@ def test_the_loss_curve_is_smoothed_as_tensorboard_does():
 
 def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(tmp_path):
     """Before Train, the upload's plan by the trainer's own rules (4 images x 3 repeats at batch 2: 6 steps per
-    epoch; the wide one in the built-in model's 80x48 bucket); once the run starts, its start event's plan, and
-    each preview captioned with its prompt and seed."""
+    epoch, 66.7 epochs to a tenth; the wide one in the built-in model's 80x48 bucket); the time it leaves out; once
+    the run starts, its start event's plan, and each preview captioned with its prompt and seed."""
     from PIL import Image
 
     from trainer.dataset import bucket_sizes, load_examples
@@ -284,13 +284,14 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     tab = _tab(tmp_path)
     values = {name: control.value for name, control in tab.settings.controls.items()}
     plan = tab.show_plan(files, *{**values, "repeats": 3, "batch_size": 2}.values())
-    assert "| 4 | 12 | 2 | 6 | 400 | 66.6667 |" in plan
+    assert "| 4 | 12 | 2 | 6 | 400 | 66.7 |" in plan
     wide = next(e for e in load_examples(images, 64, buckets=bucket_sizes(64, 16)) if e.path.name == "wide.png")
     assert tuple(wide.pixels.shape[1:]) == (48, 80)  # what training would cut it to: the plan's bucket
     assert "64×64: 3 · 80×48: 1" in plan
     # and, beside Train, what it needs on this machine: 400 steps at batch 2 of the built-in model on the CPU
     here = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2}.values())
-    assert "**On this machine** (the CPU):" in here and "system memory" in here and "a step)" in here
+    assert "**On this machine** (the CPU):" in here and "system memory" in here
+    assert "a step; previews, judging and saves not counted)" in here
     longer = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2, "steps": 4000}.values())
     assert _minutes(longer) > 5 * _minutes(here)
     assert tab.show_machine_plan([], *values.values()).startswith("**On this machine**")  # before any upload

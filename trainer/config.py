@@ -610,6 +610,12 @@ class TrainConfig:
             ),
             (self.save_every >= 0, "save_every (--save-every) must be 0 or more"),
             (
+                self.judge_every <= 0 or self.save_every > 0,
+                f"judge_every (--judge-every) counts saved checkpoints, and none is saved: add --save-every N (N "
+                f"dividing {self.judge_every}, e.g. --save-every {self.judge_every}), or leave --judge-every at 0 "
+                "(the end of the run is judged)",
+            ),
+            (
                 self.judge_every == 0
                 or (self.judge_every > 0 and self.save_every > 0 and self.judge_every % self.save_every == 0),
                 f"judge_every (--judge-every) must be 0 (judge every saved checkpoint) or a multiple of save_every "
@@ -635,9 +641,11 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         self.previews()  # a preview prompt's options are read now, not at the first preview
-        from trainer.judge import parse_strengths
+        from trainer.judge import check_clip, parse_strengths
 
         parse_strengths(self.judge_strengths)  # a UserError naming the field
+        if self.judge:
+            check_clip(self.judge_clip)  # a folder that is not there is said now, not after the model has loaded
         if self.name:  # an unusable adapter name is refused now, not when the run ends and the library needs it
             try:
                 sanitize_name(self.name)

@@ -40,6 +40,7 @@ from trainer.dataset import prepare_image
 
 JUDGE_JSON = "judge.json"
 JUDGE_DIR = "judge"  # a contact sheet per judged checkpoint: prompts as rows, strengths as columns
+LABEL = 14  # pixels of the contact sheet's bands for the strengths (top) and the prompts' numbers (left)
 # The cost: PROMPTS x 2 (guidance) pictures through the UNet SAMPLING_STEPS times per strength. At 3 prompts and 8
 # steps a default run's judging (its end only, 5 strengths) took 6.9% of the rest of the run on the built-in model
 # (benchmarks/results/judge_cost_cpu.json); 4 prompts at 20 steps would cost 3.3 times as much.
@@ -237,6 +238,32 @@ def _to_pixels(images) -> torch.Tensor:
 
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1 for im in images]
     return torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+
+
+def check_clip(choice: str) -> None:
+    """Refuse a --judge-clip that cannot load without a download, before any work: a folder that is not there or
+    holds no model config, or a hub id not in the local Hugging Face cache. Empty is fine (look in the cache)."""
+    if not choice:
+        return
+    where = f"judge_clip (--judge-clip) {choice!r}"
+    path = Path(choice).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{where}: the folder has no config.json; give a folder holding a CLIP model's files")
+        return
+    if path.exists():
+        raise UserError(f"{where} is a file; give a folder holding a CLIP model's files, or a hub id")
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", choice) and not choice.startswith((".", "~"))
+    if not hub_id:
+        raise UserError(f"{where}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(choice, "config.json"), str):
+        raise UserError(
+            f"{where}: no such folder, and no such model in the local Hugging Face cache (the judge never "
+            "downloads one): give a folder, download it first (hf download "
+            f"{choice}), or leave it empty to skip prompt following"
+        )
 
 
 class _Clip:
@@ -440,6 +467,30 @@ class Judge:
         self.events.emit("judge", step=step, seconds=row["seconds"], recommended=recommend(self.rows, self.limit)[0])
         return self.final_strength(step)
 
+    def summary(self, step: int) -> str:
+        """One line for the terminal on the judging of `step`: its best cell and the recommendation so far."""
+        row = next(r for r in self.rows if r["step"] == step)
+        here, why = recommend([row], self.limit)
+        best, _ = recommend(self.rows, self.limit)
+        said = (
+            f"best here strength {here['strength']:g} (style {here['style']:.2f}, leak {here['leak']:.2f})"
+            if here
+            else f"no strength qualifies here: {why}"
+        )
+        overall = f"recommended so far: step {best['step']} at strength {best['strength']:g}" if best else ""
+        return f"judged step {step} in {row['seconds']:.1f} s: {said}" + (f"; {overall}" if overall else "")
+
+    def verdict(self) -> str:
+        """The judge's last word for the terminal: the recommended checkpoint and strength, or why there is none."""
+        best, why = recommend(self.rows, self.limit)
+        where = self.run_dir / JUDGE_JSON
+        if best is None:
+            return f"judge: no checkpoint and strength recommended: {why} (scores: {where})"
+        return (
+            f"judge: recommended step {best['step']} at strength {best['strength']:g} (style {best['style']:.2f}, "
+            f"leak {best['leak']:.2f}; scores: {where})"
+        )
+
     def reference_scores(self, images) -> dict:
         stats = statistics(self.pipe.vae, _to_pixels(images))
         return {"distances": self.reference.distances(stats), "likeness": self.reference.likeness(stats)}
@@ -450,13 +501,18 @@ class Judge:
         return None if best is None else best["strength"]
 
     def _contact_sheet(self, step: int, pictures: dict) -> Path:
-        from PIL import Image
+        from PIL import Image, ImageDraw
 
         tile = min(TILE, self.resolution)
-        sheet = Image.new("RGB", (tile * len(pictures), tile * len(self.prompts)), "white")
+        top, left = LABEL, LABEL  # a band above for each column's strength, one at the left for the prompt's number
+        sheet = Image.new("RGB", (left + tile * len(pictures), top + tile * len(self.prompts)), "white")
+        draw = ImageDraw.Draw(sheet)
         for column, strength in enumerate(sorted(pictures)):
+            draw.text((left + column * tile + 2, 2), f"{strength:g}", fill="black")
             for row, image in enumerate(pictures[strength]):
-                sheet.paste(image.convert("RGB").resize((tile, tile)), (column * tile, row * tile))
+                sheet.paste(image.convert("RGB").resize((tile, tile)), (left + column * tile, top + row * tile))
+        for row in range(len(self.prompts)):
+            draw.text((2, top + row * tile + 2), str(row + 1), fill="black")
         path = self.run_dir / JUDGE_DIR / f"step_{step:06d}.png"
         path.parent.mkdir(exist_ok=True)
         import io

@@ -58,7 +58,7 @@ from trainer.dataset import (
 from trainer.judge import Judge, recommend
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
-from trainer.plan import TILE, check, estimate
+from trainer.plan import GPU_MEMORY_ON_CPU, TILE, check, estimate
 from trainer.runs import (
     EVENTS,
     LOSS_PNG,
@@ -493,10 +493,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         image_bucket = [sizes.index((ex.pixels.shape[2], ex.pixels.shape[1])) for ex in examples]
         notes += long_captions(examples, pipe.tokenizer)
         if config.gpu_memory and not capped:
-            notes.append(
-                f"--gpu-memory {config.gpu_memory:g} is for a GPU; this run is on the "
-                f"{accelerator.device.type.upper()}, where nothing holds it to that size"
-            )
+            notes.append(GPU_MEMORY_ON_CPU.format(config.gpu_memory, accelerator.device.type.upper()))
         shuffles = config.tag_shuffles if config.shuffle_tags else 1
         captions = None
         if config.shuffle_tags:  # K fixed orders of each caption's tags, encoded once; each draw picks one
@@ -562,6 +559,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 raise UserError(f"checkpoint {checkpoint} is at step {start_step}; raise --steps above it to go on")
         lr_schedule = make_lr_schedule(optimizer, config, start_step)
 
+        def say(message: str) -> None:
+            """A line for the person at the terminal only (the page shows the events)."""
+            if main and log_to_terminal:
+                tqdm.write(f"lora-studio: {message}", file=sys.stderr)
+
         def notice(message: str) -> None:
             print(f"lora-studio: {message}", file=sys.stderr)
             events.emit("notice", message=message)
@@ -582,7 +584,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         notice(
             f"{len(examples)} images, {per_epoch} per epoch with their repeats; {per_step} per step (batch "
             f"{config.batch_size} x {processes} process(es) x {config.gradient_accumulation_steps} accumulated) = "
-            f"{steps_per_epoch} steps per epoch; {config.steps} steps = {epochs:g} epochs"
+            f"{steps_per_epoch} steps per epoch; {config.steps} steps = {round(epochs, 1):g} epochs"
             + (" (from --epochs)" if config.epochs else "")
         )
         bucket_counts = {f"{w}x{h}": image_bucket.count(b) for b, (w, h) in enumerate(sizes)}
@@ -717,8 +719,12 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         def judged(at: int) -> float | None:
             """The judge's recommended strength for the LoRA as it is at step `at`; None when it recommends none or
             could not draw (out of GPU memory: said, and training goes on without that step's scores)."""
+            strengths = ", ".join(f"{s:g}" for s in judge.strengths)
+            say(f"judging step {at}: {len(judge.prompts)} prompts at strengths {strengths}")
             try:
-                return judge.score(at, accelerator.unwrap_model(unet), weight_dtype, text_encoders)
+                strength = judge.score(at, accelerator.unwrap_model(unet), weight_dtype, text_encoders)
+                say(judge.summary(at))
+                return strength
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 notice(
@@ -809,6 +815,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             unwrapped = accelerator.unwrap_model(unet)
             strength = judged(config.steps) if judge else None
             _save(config, unwrapped, text_encoders, examples, resolution, output, config.steps, model, strength)
+            if judge:
+                say(judge.verdict())
             preview = make_preview(config.steps)
             if config.library:
                 name, replaced = _add_to_library(config, output, run_dir, preview)

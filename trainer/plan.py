@@ -240,6 +240,9 @@ def _count_lora_parameters(config) -> int:
     return total
 
 
+GPU_MEMORY_ON_CPU = "--gpu-memory {:g} is for a GPU; this run is on the {}, where nothing holds it to that size"
+
+
 @dataclasses.dataclass
 class Plan:
     """What a run will need and what the trainer does so that it fits; `str(plan)` is the table `--plan` prints."""
@@ -263,6 +266,7 @@ class Plan:
     turned_on: list[str]  # what the plan turned on to fit, each with why
     fits: bool
     advice: str  # settings that fit, when it does not
+    notes: list[str] = dataclasses.field(default_factory=list)  # settings this machine ignores, said
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,6 +293,7 @@ class Plan:
                 f"caching; {NO_STEPS} (give --data)"
             )
         rows += [f"  turned on: {what}" for what in self.turned_on]
+        rows += [f"  note: {what}" for what in self.notes]
         if not self.fits:
             rows.append(f"  does not fit: {self.advice}")
         return "\n".join(rows)
@@ -443,6 +448,9 @@ def estimate(
         turned_on=turned_on,
         fits=fits,
         advice=advice,
+        notes=[GPU_MEMORY_ON_CPU.format(config.gpu_memory, device.type.upper())]
+        if config.gpu_memory and not cuda
+        else [],
     )
 
 

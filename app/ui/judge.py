@@ -12,7 +12,7 @@ EXPLAINED = (
     "<b>style</b>: how far the pictures moved from the base model's toward the training images' style (feature "
     "Gram matrices and colours from the model's own VAE encoder): 0 = as the base model, 1 = the training set's "
     "average. <b>leak</b>: how close they come to copying a training image: 0 = as close as the base model's, 1 = a "
-    "copy; above {limit:.2f} counts as leaking (⚠). ★ = recommended: {rule}"
+    "copy; above {limit:.2f} counts as leaking (⚠). ★ = {rule}"
 )
 
 
@@ -64,11 +64,12 @@ def judge_html(run_dir: Path | None) -> str:
     else:
         summary = f"<b>No recommendation</b>: {html.escape(str(record.get('not_recommended_because') or ''))}."
     following = record.get("prompt_following_skipped")
-    prompts = "; ".join(f"“{html.escape(p)}”" for p in record.get("prompts", []))
+    prompts = "; ".join(f"{k}. “{html.escape(p)}”" for k, p in enumerate(record.get("prompts", []), 1))
     sheet_step = best.get("step", rows[-1]["step"])
     sheet = Path(run_dir) / JUDGE_DIR / f"step_{sheet_step:06d}.png"
     picture = (
-        f"<div>Pictures at step {sheet_step} (rows: the prompts; columns: the strengths):<br>"
+        f"<div>Pictures at step {sheet_step} (rows: the held-out prompts, numbered in the order above; columns: "
+        "the strengths):<br>"
         f"<img src='/gradio_api/file={html.escape(str(sheet))}' style='max-width:100%;image-rendering:pixelated'>"
         "</div>"
         if sheet.is_file()

@@ -78,7 +78,7 @@ def plan_markdown(plan: dict) -> str:
     return (
         "| images | per epoch, with repeats | batch | steps per epoch | steps | epochs |\n|---|---|---|---|---|---|\n"
         f"| {plan['images']} | {plan['repeats']} | {plan['batch_size']} | {plan['steps_per_epoch']} | "
-        f"{plan['steps']} | {plan['epochs']:g} |\n\n"
+        f"{plan['steps']} | {round(plan['epochs'], 1):g} |\n\n"
         f"Aspect-ratio buckets (width × height: images): {buckets}"
     )
 
@@ -91,10 +91,14 @@ def machine_markdown(plan: Plan) -> str:
         lines.append(f"GPU memory about {plan.need_gib:.1f} GiB at its peak, of {plan.gpu_available_gib:.1f} GiB")
     lines.append(f"system memory {plan.system_gib:.1f} GiB · disk {mib(plan.disk_mib)}")
     if plan.steps:
-        lines.append(f"about {duration(plan.total_seconds)} ({plan.step_seconds:.2f} s a step)")
+        lines.append(
+            f"about {duration(plan.total_seconds)} ({plan.step_seconds:.2f} s a step; previews, judging and saves "
+            "not counted)"
+        )
     else:
         lines.append(f"{plan.step_seconds:.2f} s a step; {page_words(NO_STEPS)} (upload them)")
     lines += [f"turns on {page_words(what)}" for what in plan.turned_on]
+    lines += [page_words(what) for what in plan.notes]
     text = " · ".join(lines[:1]) + " " + " · ".join(lines[1:])
     if not plan.fits:
         text += f"\n\n<span id='plan-refusal'>⚠ Would not fit: {page_words(plan.advice)}</span>"
