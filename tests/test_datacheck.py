@@ -148,6 +148,10 @@ def test_cli_check_data_prints_the_report_and_trains_nothing(tmp_path, monkeypat
     assert out[3:] == ["aspect-ratio buckets (width x height):", "  64x64: 5 images"]
     assert not (tmp_path / "runs").exists()
 
+    write_scene_folder(tmp_path, count=2, size=64)  # pictures in the current folder are not a default data set
+    assert main(["train", "--check-data"]) == 2
+    assert "error: data (--data) is required" in capsys.readouterr().err
+
 
 def test_a_single_files_vae_is_its_folders(tmp_path, monkeypatch):
     """The check loads only the VAE; from a single-file checkpoint it is converted by diffusers, the same weights."""

@@ -28,12 +28,12 @@ def test_the_report_shows_on_upload_and_leave_out_keeps_an_image_out_of_the_run(
     report.get_by_text("2 thing(s) to look at").wait_for(timeout=60_000)
     assert "7 images, training at 64 px" in report.inner_text()
     findings = page.locator("#data-findings")
-    findings.get_by_text("neon_03_copy.png looks like the same picture as neon_03.png").wait_for()
-    assert "neon_04.png its caption is empty, so training refuses it" in findings.inner_text()
+    findings.get_by_text("neon_03_copy.png: looks like the same picture as neon_03.png").wait_for()
+    assert "neon_04.png: its caption is empty, so training refuses it" in findings.inner_text()
     assert "Default caption" in findings.inner_text() and "--default-caption" not in findings.inner_text()
 
     page.get_by_role("button", name="Leave out neon_03_copy.png").click()
-    findings.get_by_text("left out of this run").wait_for(timeout=15_000)
+    findings.get_by_text("neon_03_copy.png left out of this run").wait_for(timeout=15_000)  # names what was
     assert page.get_by_role("button", name="Put back neon_03_copy.png").count() == 1
     page.get_by_role("button", name="Leave out neon_04.png").click()  # its caption is empty: out of this run too
     page.get_by_role("button", name="Put back neon_04.png").wait_for(timeout=15_000)

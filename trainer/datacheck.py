@@ -522,8 +522,10 @@ def model_for_check(
 def folder_pairs(folder: str | Path) -> tuple[list[tuple[Path, str]], list[str]]:
     """(image, caption) for every image training would read from `folder` (its `<N>_name` sub-folders too), and the
     names the report gives them (relative to the folder)."""
+    if not str(folder):  # Path("") would be the current folder
+        raise UserError("data (--data) is required: the folder of training images with .txt captions")
     folder = Path(folder)
-    if not str(folder) or not folder.is_dir():
+    if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist or is not a folder (--data)")
     images, _, _ = training_images(folder)
     if not images:

@@ -139,9 +139,10 @@ class DataPanel:
         key = f"{finding.kind}|{finding.file}|{','.join(finding.others)}"
         left_out = [n for n in (finding.file, *finding.others) if n in (dropped or [])]
         with gr.Row(elem_classes=["data-finding"], equal_height=False):
-            state = " — *left out of this run*" if left_out else (" — *kept*" if key in (kept or []) else "")
+            state = f" — *{' and '.join(left_out)} left out of this run*" if left_out else ""
+            state = state or (" — *kept*" if key in (kept or []) else "")
             with gr.Column(scale=3):
-                gr.Markdown(f"⚠ **{finding.file}** {page_words(finding.message)}{state}")
+                gr.Markdown(f"⚠ **{finding.file}**: {page_words(finding.message)}{state}")
             with gr.Column(scale=1, min_width=160):
                 if left_out:
                     for name in left_out:
