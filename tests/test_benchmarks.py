@@ -234,3 +234,11 @@ def test_scaling_row_goes_under_its_table_and_the_summary_stays_last(tmp_path):
     md.write_text(f"# Results\n\n{head}\nText.\n\n## Summary\n\nsummary: x=na\n")
     add_row(md, "| 2 | gpu | 2 | 8 |")
     assert md.read_text() == f"# Results\n\n{head}| 2 | gpu | 2 | 8 |\n\nText.\n\n## Summary\n\nsummary: x=na\n"
+
+
+def test_the_stored_results_end_with_the_summary_line():
+    """The issue's form: RESULTS.md ends with the summary line, every field named, `na` for a measure not taken."""
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md").read_text()
+    last = text.rstrip("\n").splitlines()[-1]
+    assert last.startswith("summary: "), last
+    assert [part.split("=")[0] for part in last.removeprefix("summary: ").split()] == list(summary.FIELDS)
