@@ -1,4 +1,4 @@
-"""The `lora-studio` command line: train, generate, export, inspect, demo.
+"""The `lora-studio` command line: train, generate, export, inspect, caption, ui, demo.
 
 lora-studio train --data sample_images --steps 200 --rank 8 --output style.safetensors
 lora-studio generate --prompt "a red circle" --adapter style.safetensors:0.8 --seed 7 --output out.png
@@ -180,6 +180,28 @@ def _generate(args: argparse.Namespace) -> int:
     )
     save_image(image, out, parameters.text())
     print(f"wrote {out}")
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    """Write a caption file for each image of --data that has none (or an empty one), from an image-to-text
+    model; a caption already written is never changed."""
+    from adapters.formats import write_atomic
+    from trainer.captions import Captioner
+    from trainer.datacheck import folder_pairs
+
+    pairs, names = folder_pairs(args.data)
+    todo = [(path, name) for (path, caption), name in zip(pairs, names) if not caption]
+    if not todo:
+        print(f"every image in {args.data} has a caption; nothing to do (delete a .txt file to have it redone)")
+        return 0
+    captioner = Captioner(args.model)
+    for path, name in todo:
+        caption = captioner.caption(path, args.trigger_word)
+        write_atomic(path.with_suffix(".txt"), (caption + "\n").encode())
+        print(f"{name}: {caption}")
+    kept = len(pairs) - len(todo)
+    print(f"wrote {len(todo)} caption(s) beside their images; {kept} written before were kept: read and edit them")
     return 0
 
 
@@ -369,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "caption", help="write first captions for the images of a folder that have none, from an image-to-text model"
+    )
+    p.add_argument("--data", required=True, help="the folder of training images (its <N>_name sub-folders too)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an image-to-text model transformers loads (BLIP, GIT, Florence-2...): a Hugging Face id or a local "
+        "folder, e.g. Salesforce/blip-image-captioning-base",
+    )
+    p.add_argument("--trigger-word", default="", help="put first in every caption written")
+    p.set_defaults(func=_caption)
 
     p = sub.add_parser("inspect", help="print an adapter file's format and metadata as JSON")
     p.add_argument("file")

@@ -83,8 +83,36 @@ def test_a_bad_captioning_model_is_named(tmp_path):
     with pytest.raises(UserError, match="neither an existing folder nor a Hugging Face id"):
         Captioner("not a model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"could not load captioning model '.*empty'"):
+    with pytest.raises(UserError, match=r"captioning model folder '.*empty' has no config.json"):
         Captioner(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"could not load captioning model '.*empty'.*check the folder's files$"):
+        Captioner(str(tmp_path / "empty"))
+
+
+def test_cli_caption_writes_the_missing_captions_and_keeps_the_persons(tiny_blip, tmp_path, capsys):
+    import shutil
+
+    from app.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in sorted(SAMPLES.glob("*.png"))[:3]:
+        shutil.copy(path, data)
+    first, second, third = sorted(data.glob("*.png"))
+    first.with_suffix(".txt").write_text("glowline, my own words")
+    third.with_suffix(".txt").write_text("")  # empty: captioned
+    assert main(["caption", "--data", str(data), "--model", str(tiny_blip), "--trigger-word", "glowline"]) == 0
+    out = capsys.readouterr().out
+    assert first.with_suffix(".txt").read_text() == "glowline, my own words"
+    for image in (second, third):
+        written = image.with_suffix(".txt").read_text()
+        assert written.startswith("glowline, ") and f"{image.name}: {written.strip()}" in out
+    assert "wrote 2 caption(s) beside their images; 1 written before were kept" in out
+    assert main(["caption", "--data", str(data), "--model", str(tiny_blip)]) == 0
+    assert "every image in" in capsys.readouterr().out
+    assert main(["caption", "--data", str(tmp_path / "none"), "--model", str(tiny_blip)]) == 2
+    assert "does not exist or is not a folder" in capsys.readouterr().err
 
 
 def test_the_pages_caption_button_fills_empty_captions_in_the_table(tiny_blip, tmp_path):

@@ -59,14 +59,20 @@ class Captioner:
                 "Salesforce/blip-image-captioning-base"
             )
         source = str(path) if path.exists() else model
+        if path.exists() and not (path / "config.json").is_file():
+            raise UserError(
+                f"captioning model folder {model!r} has no config.json: give a folder holding an image-to-text "
+                "model's files (config.json, the processor's files and .safetensors weights), or a Hugging Face id"
+            )
         try:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source, use_safetensors=True)
         except Exception as exc:  # hub, file or architecture errors: say which model and what to try
+            where = "the folder's files" if path.exists() else "the name, and that this machine can reach the hub"
             raise UserError(
                 f"could not load captioning model {model!r} ({type(exc).__name__}: {exc}). Give an image-to-text "
                 "model transformers loads with AutoModelForImageTextToText (BLIP, GIT, Florence-2...) with "
-                "safetensors weights; for a hub id, check the name and your network"
+                f"safetensors weights; check {where}"
             ) from exc
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.eval().requires_grad_(False).to(self.device)
