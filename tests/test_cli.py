@@ -164,3 +164,20 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "rank (--rank) must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_does_not_tell_the_person_to_install_torchvision():
+    """transformers 5 says "CLIPImageProcessor requires torchvision (not installed)" when diffusers' pipelines import;
+    the project needs no torchvision, and importing `adapters` drops that notice (and only that one)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    load = "import diffusers; diffusers.StableDiffusionPipeline; import transformers; transformers.CLIPImageProcessor"
+    env = {key: value for key, value in os.environ.items() if key != "TRANSFORMERS_VERBOSITY"}  # as a person runs it
+    said = subprocess.run([sys.executable, "-c", f"import adapters; {load}"], capture_output=True, text=True, env=env)
+    assert said.returncode == 0 and "torchvision" not in said.stderr, said.stderr
+    if importlib.util.find_spec("torchvision") is None:  # the library does say it without the filter
+        plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env)
+        assert "requires torchvision (not installed)" in plain.stderr, plain.stderr
