@@ -98,6 +98,10 @@ def test_tag_shuffle_keeps_the_first_tags_and_the_trigger_word_in_place():
         assert tags[:2] == ["zz", "portrait"] and sorted(tags) == sorted(caption.split(", "))
     assert all(o.startswith("zz, ") for o in shuffled_captions(caption, 8, keep=0, seed=1, trigger_word="zz"))
     assert not all(o.startswith("zz, ") for o in shuffled_captions(caption, 8, keep=0, seed=1))
+    later = "portrait, red coat, snow, zz style, night, city"  # the trigger word's tag elsewhere: it goes first
+    orders = shuffled_captions(later, 8, keep=1, seed=1, trigger_word="zz")
+    assert all(o.startswith("zz style, portrait, ") for o in orders) and len(set(orders)) > 4
+    assert all(sorted(o.split(", ")) == sorted(later.split(", ")) for o in orders)
 
 
 def test_tag_shuffle_shows_each_image_with_its_cached_orders(tiny_model, image_folder):

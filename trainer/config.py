@@ -147,7 +147,8 @@ class TrainConfig:
     shuffle_tags: bool = _f(
         False,
         "Shuffle each caption's comma-separated tags, keeping the first --keep-tokens in place (and the trigger "
-        "word first). --tag-shuffles orders of each caption are made before training (and encoded once and cached, "
+        "word's tag first, moved there when the caption has it later). --tag-shuffles orders of each caption are "
+        "made before training (and encoded once and cached, "
         "unless --train-text-encoder), and every draw picks one of them from the run's seeded generator.",
         "data",
     )

@@ -174,10 +174,14 @@ def with_trigger(caption: str, trigger_word: str) -> str:
 
 
 def shuffled_captions(caption: str, count: int, keep: int, seed: int, trigger_word: str = "") -> list[str]:
-    """`count` orders of the caption's comma-separated tags, each shuffled but for the first `keep` tags (and the
-    trigger word, when it leads the caption); the same for the same seed and caption (kohya_ss's keep_tokens)."""
+    """`count` orders of the caption's comma-separated tags, each shuffled but for the first `keep` tags; the same for
+    the same seed and caption (kohya_ss's keep_tokens). The trigger word's tag is never shuffled: outside the kept
+    tags it goes first ("a cat, red, glowline" trains as "glowline, red, a cat" or "glowline, a cat, red")."""
     tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
-    keep = max(keep, 1 if trigger_word and tags and tags[0] == trigger_word else 0)
+    holder = next((i for i, tag in enumerate(tags) if trigger_word and trigger_word in tag), None)
+    if holder is not None and holder >= keep:  # a tag that would be shuffled: first, and kept there
+        tags.insert(0, tags.pop(holder))
+        keep += 1
     fixed, rest = tags[:keep], tags[keep:]
     generator = torch.Generator().manual_seed(seed)
     return [
