@@ -1,6 +1,7 @@
 """The data options a kohya_ss user brings: repeats, `<N>_name` sub-folders, epochs, flip, tag shuffle, buckets."""
 
 import argparse
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -43,17 +44,31 @@ def test_a_zero_repeat_folder_is_refused_with_the_fix(tmp_path):
 
 def test_epochs_derive_the_step_count_and_the_start_event_says_so(tiny_model, tmp_path):
     data = _kohya_folder(tmp_path / "data")  # 2 x 1 + 2 x 3 = 8 images per epoch
+    run = tmp_path / "run"
     config = TrainConfig(
-        base_model=str(tiny_model), data=str(data), epochs=2, steps=3, batch_size=3, run_dir=str(tmp_path / "run")
+        base_model=str(tiny_model), data=str(data), epochs=2, steps=3, batch_size=3, save_every=3, run_dir=str(run)
     )
     train(config, device="cpu", log_to_terminal=False)
-    events = read_events(tmp_path / "run")
+    events = read_events(run)
     start = next(e for e in events if e["type"] == "start")
     assert (start["images"], start["repeats"], start["batch_size"]) == (4, 8, 3)
     assert (start["steps_per_epoch"], start["steps"], start["epochs"], start["steps_from"]) == (3, 6, 2, "epochs")
     assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4, 5, 6]
     notices = [e["message"] for e in events if e["type"] == "notice"]
     assert "8 per epoch with their repeats" in " ".join(notices)
+
+    # warm-up is checked against the steps the epochs give, not against --steps' default (400)
+    TrainConfig(data="x", epochs=20, lr_scheduler="cosine", lr_warmup_steps=500)
+    warm = dataclasses.replace(config, lr_scheduler="cosine", lr_warmup_steps=6, run_dir=str(tmp_path / "warm"))
+    with pytest.raises(UserError, match=r"--lr-warmup-steps\) 6 is not below the run's 6 steps \(2 epochs of 3\)"):
+        train(warm, device="cpu", log_to_terminal=False)
+    # resuming a run counted in epochs: --epochs makes it longer, and --steps given counts it in steps instead
+    with pytest.raises(UserError, match=r"step 3; raise --epochs above 1 \(an epoch is 3 steps\), or give --steps"):
+        train(dataclasses.replace(config, epochs=1, resume="latest"), device="cpu", log_to_terminal=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    longer = from_args(parser.parse_args(["--run-dir", str(run), "--resume", "latest", "--steps", "9"]))
+    assert (longer.epochs, longer.steps, longer.data) == (0, 9, str(data))
 
 
 def test_steps_and_epochs_together_on_the_command_line_are_refused():

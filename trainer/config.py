@@ -538,10 +538,10 @@ class TrainConfig:
                 f"got {self.weight_decay:g}",
             ),
             (
-                0 <= self.lr_warmup_steps < self.steps,
+                0 <= self.lr_warmup_steps and (self.epochs > 0 or self.lr_warmup_steps < self.steps),
                 f"lr_warmup_steps (--lr-warmup-steps) must be 0 or more and below --steps ({self.steps}); "
                 f"got {self.lr_warmup_steps}",
-            ),
+            ),  # with --epochs the steps are counted from the images: checked then (check_run_length)
             (
                 self.lr_scheduler != "constant" or self.lr_warmup_steps == 0,
                 "lr_warmup_steps (--lr-warmup-steps) has no effect with --lr-scheduler constant: use "
@@ -667,6 +667,14 @@ class TrainConfig:
         steps_per_epoch = math.ceil(per_epoch / (self.batch_size * processes * self.gradient_accumulation_steps))
         steps = self.epochs * steps_per_epoch if self.epochs else self.steps
         return steps_per_epoch, steps, self.epochs or steps / steps_per_epoch
+
+    def check_run_length(self, steps: int, steps_per_epoch: int) -> None:
+        """What needs the run's step count, once --epochs has given it (from the images): warm-up below it."""
+        if self.epochs and self.lr_warmup_steps >= steps:
+            raise UserError(
+                f"lr_warmup_steps (--lr-warmup-steps) {self.lr_warmup_steps} is not below the run's {steps} steps "
+                f"({self.epochs} epochs of {steps_per_epoch}): lower it, or raise --epochs"
+            )
 
     def previews(self) -> list[Preview]:
         """Each preview prompt with its seed, negative prompt, sampling steps and guidance: its own options
@@ -875,6 +883,8 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
         TrainConfig.from_dict(dict(values) if isinstance(values, dict) else values, source=source)
     if "steps" in given and given.get("epochs"):
         raise UserError("give --steps or --epochs, not both: the one left out is derived from the other")
+    if "steps" in given and "epochs" not in given and isinstance(values, dict) and values.get("epochs"):
+        values["epochs"] = 0  # --steps given over a file (or resumed run) counted in epochs: the run is in steps
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig.from_dict(values, source=source)
 

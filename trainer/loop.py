@@ -399,6 +399,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     per_step = config.batch_size * processes * config.gradient_accumulation_steps
     steps_per_epoch, steps, epochs = config.run_length(per_epoch, processes)
     if config.epochs:
+        config.check_run_length(steps, steps_per_epoch)
         config = dataclasses.replace(config, steps=steps)
     run_dir = _shared_run_dir(config, accelerator)
     if (run_dir / EVENTS).exists() and not config.resume:
@@ -556,7 +557,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             checkpoint = find_checkpoint(run_dir, config.resume)
             start_step = load_checkpoint(checkpoint, all_params, optimizer, drawer, config.to_dict())
             if start_step >= config.steps:
-                raise UserError(f"checkpoint {checkpoint} is at step {start_step}; raise --steps above it to go on")
+                longer = (
+                    f"raise --epochs above {config.epochs} (an epoch is {steps_per_epoch} steps), or give --steps "
+                    f"above {start_step}"
+                    if config.epochs
+                    else f"raise --steps above {start_step}"
+                )
+                raise UserError(f"checkpoint {checkpoint} is at step {start_step}; {longer} to go on")
         lr_schedule = make_lr_schedule(optimizer, config, start_step)
 
         def say(message: str) -> None:
