@@ -1,5 +1,7 @@
 """Checkpoints and resume: a stopped run continues exactly where its last checkpoint was."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -183,3 +185,21 @@ def test_optimiser_state_nested_as_bitsandbytes_nests_it_survives_a_checkpoint(t
     saved, loaded = optimizer.state_dict()["state"][0], again.state_dict()["state"][0]
     assert torch.equal(saved["moments"]["exp_avg_sq"], loaded["moments"]["exp_avg_sq"])
     assert torch.equal(saved["moments"]["exp_avg"], loaded["moments"]["exp_avg"])
+
+
+def test_a_longer_resumed_run_says_its_decaying_rate_moved(tiny_model, image_folder, tmp_path):
+    """--steps raised on resume stretches a cosine schedule over the new length (as kohya_ss does): the rate at the
+    resumed step jumps, and the run says so, with both rates; the constant schedule says nothing."""
+    cosine = dict(steps=4, save_every=2, lr_scheduler="cosine")
+    train(config_for(tiny_model, image_folder, tmp_path / "r", **cosine), device="cpu", log_to_terminal=False)
+    longer = config_for(tiny_model, image_folder, tmp_path / "r", **cosine | dict(steps=8), resume="latest")
+    train(longer, device="cpu", log_to_terminal=False)
+    said = [e["message"] for e in read_events(tmp_path / "r") if e["type"] == "notice"]
+    moved = [m for m in said if m.startswith("steps 4 -> 8: the cosine learning-rate schedule now spans 8 steps")]
+    was = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4))  # cosine at step 2 of 4, then of 8
+    now = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 8))
+    assert moved == [f"{moved[0].split(', so')[0]}, so from step 2 the rate is {now:.3g} (it was {was:.3g} on the "
+                     "schedule the run began with); resume with the old steps to keep it"]  # fmt: skip
+    train(config_for(tiny_model, image_folder, tmp_path / "c", steps=4, save_every=2), device="cpu")
+    train(config_for(tiny_model, image_folder, tmp_path / "c", steps=8, resume="latest"), device="cpu")
+    assert not any("schedule now spans" in e.get("message", "") for e in read_events(tmp_path / "c"))

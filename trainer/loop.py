@@ -57,7 +57,7 @@ from trainer.dataset import (
 )
 from trainer.judge import Judge, recommend
 from trainer.memory import PhasePeaks
-from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer
+from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer, rate_at
 from trainer.plan import GPU_MEMORY_ON_CPU, TILE, check, estimate
 from trainer.runs import (
     EVENTS,
@@ -552,10 +552,20 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         )
         optimizer = make_optimizer(params, config, text_params)
         unet, optimizer = accelerator.prepare(unet, optimizer)
-        start_step = 0
+        start_step, stretched = 0, ""
         if config.resume:  # LoRA weights, AdamW moments and the batch generator: the run continues bit-exactly
             checkpoint = find_checkpoint(run_dir, config.resume)
             start_step = load_checkpoint(checkpoint, all_params, optimizer, drawer, config.to_dict())
+            before = json.loads((checkpoint / "state.json").read_text())["config"].get("steps", config.steps)
+            decays = config.lr_scheduler not in ("constant", "constant_with_warmup")
+            if decays and before != config.steps and start_step < config.steps:
+                # the schedule is a function of the step and the run's length: a longer run moves the rate
+                was, now = rate_at(dataclasses.replace(config, steps=before), start_step), rate_at(config, start_step)
+                stretched = (
+                    f"steps {before} -> {config.steps}: the {config.lr_scheduler} learning-rate schedule now spans "
+                    f"{config.steps} steps, so from step {start_step} the rate is {now:.3g} (it was {was:.3g} on "
+                    "the schedule the run began with); resume with the old steps to keep it"
+                )
             if start_step >= config.steps:
                 longer = (
                     f"raise --epochs above {config.epochs} (an epoch is {steps_per_epoch} steps), or give --steps "
@@ -574,6 +584,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         def notice(message: str) -> None:
             print(f"lora-studio: {message}", file=sys.stderr)
             events.emit("notice", message=message)
+
+        if stretched:
+            notice(stretched)
 
         for note in notes:
             notice(note)

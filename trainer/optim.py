@@ -92,6 +92,13 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, star
     return schedule
 
 
+def rate_at(config: TrainConfig, step: int) -> float:
+    """The learning rate `config`'s schedule gives at `step` (the first parameter group's: the UNet's LoRA)."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+    make_lr_schedule(probe, config, step)
+    return probe.param_groups[0]["lr"]
+
+
 @dataclass(frozen=True)
 class Loss:
     """How a step's prediction error becomes the number trained on (`--loss`, `--huber-c`, `--min-snr-gamma`).
