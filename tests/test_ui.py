@@ -362,6 +362,25 @@ def test_a_run_that_would_not_fit_says_so_before_train_in_the_pages_words():
     assert "turns on tiled VAE decoding" in shown
 
 
+def test_train_refuses_a_run_its_plan_says_would_not_fit_before_any_work(tmp_path, monkeypatch):
+    """Train refuses, in the page's words and before staging or starting anything, a run the plan beside it says
+    would not fit (here: planned for a GPU whose memory holds less than the built-in model's run needs)."""
+    from app.ui import train as train_tab
+    from trainer.plan import estimate
+
+    small_card = dict(device="cuda", card_gib=0.6, tflops=800.0, device_name="a GPU (0.6 GiB)")
+    monkeypatch.setattr(train_tab, "estimate", lambda config, **kw: estimate(config, **kw | small_card))
+    started = []
+    monkeypatch.setattr(train_tab, "start_run", lambda config, staged, *a: started.append(config) or staged)
+    tab = _tab(tmp_path)
+    files = [str(p) for p in sorted(write_scene_folder(tmp_path / "images").iterdir())]
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    message, _ = tab.on_train(files, [], *values.values())
+    assert message.startswith("⚠ Nothing started: this run would not fit in the GPU's memory") and not started
+    assert "*Batch size*" in message or "*Gradient checkpointing*" in message or "*Resolution*" in message
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing staged
+
+
 def _minutes(plan: str) -> float:
     """The time a plan in the page states, in minutes."""
     import re

@@ -39,7 +39,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
-from trainer.plan import NO_STEPS, Plan, duration, estimate, mib
+from trainer.plan import NO_STEPS, Plan, check, duration, estimate, mib
 from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
 
 # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it first)
@@ -433,8 +433,8 @@ class TrainTab:
         return self.on_train(paths, rows, *settings, dropped=dropped)
 
     def on_train(self, paths, rows, *settings, dropped=()):
-        """Check everything (settings, adapter name, base model, optimiser, upload) before any work, then stage the
-        upload, less the images the data check's *Leave out* left out (`dropped`), and start the run."""
+        """Check everything (settings, adapter name, base model, optimiser, upload, fit) before any work, then stage
+        the upload, less the images the data check's *Leave out* left out (`dropped`), and start the run."""
         try:
             config = self.settings.config(settings)
             if config.name:
@@ -447,6 +447,8 @@ class TrainTab:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
             left_out = [u.path.name for u in uploads if u.path.name in set(dropped or [])]
             uploads = [u for u in uploads if u.path.name not in left_out]
+            # a run its plan says will not fit is refused here, with the settings that would (as `train` does)
+            check(estimate(config, device=pick_device(), images=len(uploads) * config.repeats))
             typed = typed_captions(rows)
             for up in uploads:
                 if str(typed.get(up.path.name, "") or "").strip():
