@@ -212,6 +212,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+GRADIO_CACHE = ".gradio-cache"  # the workspace's folder for gradio's copies of uploads (`lora-studio ui`)
 DEMO_PROMPTS = ("glowline, a green triangle", "glowline, a large purple star", "glowline, an orange diamond")
 DEMO_STRENGTHS = (0.0, 0.5, 1.0)
 
@@ -250,22 +251,36 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import os
+    import shutil
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local tool
+    # gradio's copies of uploads and sent pictures: in the workspace (removed when the page stops), not the system
+    # temp folder, unless the person chose a folder with GRADIO_TEMP_DIR
+    own_cache = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        own_cache = Path(args.workspace).resolve() / GRADIO_CACHE / str(os.getpid())  # one a page process
+        os.environ["GRADIO_TEMP_DIR"] = str(own_cache)
     from app.ui import launch
 
-    launch(
-        args.host,
-        args.port,
-        args.auth,
-        args.workspace,
-        args.base_model,
-        args.preload,
-        insecure_no_auth=args.insecure_no_auth,
-        max_file_mb=args.max_file_mb,
-        max_upload_files=args.max_upload_files,
-    )
+    try:
+        launch(
+            args.host,
+            args.port,
+            args.auth,
+            args.workspace,
+            args.base_model,
+            args.preload,
+            insecure_no_auth=args.insecure_no_auth,
+            max_file_mb=args.max_file_mb,
+            max_upload_files=args.max_upload_files,
+        )
+    finally:
+        if own_cache is not None:
+            shutil.rmtree(own_cache, ignore_errors=True)
+            try:
+                own_cache.parent.rmdir()  # when no other page process of this workspace uses it
+            except OSError:
+                pass
     return 0
 
 
