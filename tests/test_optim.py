@@ -278,17 +278,26 @@ def test_an_8bit_run_on_the_cpu_is_refused_before_anything_loads(tiny_model, ima
 
 
 def test_prodigy_estimates_its_own_step_size():
-    """From its tiny starting estimate d0, Prodigy raises d as it goes: the step size is found, not given."""
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(16, 16))
-    optimizer = make_optimizer([weight], TrainConfig(optimizer="prodigy", learning_rate=1.0))
-    first = (weight - 3).pow(2).mean().item()
-    for _ in range(150):
-        (weight - 3).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert optimizer.param_groups[0]["d"] > 1e4 * optimizer.param_groups[0]["d0"]  # measured: 1e-6 -> 0.41
-    assert (weight - 3).pow(2).mean().item() < 0.01 * first
+    """From its tiny starting estimate d0, Prodigy raises d as it goes: the step size is found, not given; its
+    --prodigy-d-coef scales what it finds, and the betas reach it."""
+
+    def run(**knobs):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(16, 16))
+        optimizer = make_optimizer([weight], TrainConfig(optimizer="prodigy", learning_rate=1.0, **knobs))
+        first = (weight - 3).pow(2).mean().item()
+        for _ in range(150):
+            (weight - 3).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return optimizer.param_groups[0], first, (weight - 3).pow(2).mean().item()
+
+    group, first, last = run()
+    assert group["d"] > 1e4 * group["d0"]  # measured: 1e-6 -> 0.41
+    assert last < 0.01 * first
+    gentle, _, _ = run(prodigy_d_coef=0.25, adam_beta2=0.99)
+    assert (gentle["d_coef"], gentle["betas"]) == (0.25, (0.9, 0.99))
+    assert gentle["d"] < 0.8 * group["d"]  # measured: 0.30 against 0.41
 
 
 @pytest.mark.gpu
@@ -325,12 +334,16 @@ OPTIONS = {
     "gradient accumulation": dict(gradient_accumulation_steps=2),
     "max grad norm": dict(max_grad_norm=1e-4),
     "weight decay": dict(weight_decay=0.5),
+    "adam betas": dict(adam_beta1=0.5, adam_beta2=0.9),
+    "adam epsilon": dict(adam_epsilon=1e-2),
     "prodigy": dict(optimizer="prodigy", learning_rate=1.0),
     "huber loss": dict(loss="huber"),
+    "huber c": dict(loss="huber", huber_c=0.5),
     "min-SNR-gamma": dict(min_snr_gamma=1.0),
     "noise offset": dict(noise_offset=0.1),
     "input perturbation": dict(input_perturbation=0.1),
 }
+BASELINE = {"huber c": "huber loss"}  # a knob of another option: against that option
 
 
 @pytest.fixture(scope="module")
@@ -346,9 +359,11 @@ def default_adapter(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_changes_what_a_run_trains(option, tiny_model, default_adapter, tmp_path):
     data, default = default_adapter
-    config = TrainConfig(
-        base_model=str(tiny_model), data=str(data), steps=3, seed=2, run_dir=str(tmp_path / "run"), **OPTIONS[option]
-    )
+    common = dict(base_model=str(tiny_model), data=str(data), steps=3, seed=2)
+    if option in BASELINE:
+        baseline = TrainConfig(**common, run_dir=str(tmp_path / "baseline"), **OPTIONS[BASELINE[option]])
+        default = load_file(train(baseline, device="cpu", log_to_terminal=False).adapter)
+    config = TrainConfig(**common, run_dir=str(tmp_path / "run"), **OPTIONS[option])
     trained = load_file(train(config, device="cpu", log_to_terminal=False).adapter)
     assert trained.keys() == default.keys()
     assert any(not torch.equal(trained[k], default[k]) for k in trained), f"{option} left the adapter unchanged"

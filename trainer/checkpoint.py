@@ -43,6 +43,10 @@ RESUME_MUST_MATCH = (
     # accumulation and noise offset (how many draws a step takes from the batch generator) and the loss
     "optimizer",
     "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "prodigy_d_coef",
     "lr_scheduler",
     "lr_warmup_steps",
     "lr_scheduler_num_cycles",

@@ -283,6 +283,24 @@ class TrainConfig:
         OPTIMIZERS,
     )
     weight_decay: float = _f(0.01, "Decoupled weight decay of the optimiser (AdamW style). 0 = none.", "training")
+    adam_beta1: float = _f(
+        0.9,
+        "The optimiser's first-moment decay (AdamW's beta1, for every --optimizer; kohya_ss: betas=...).",
+        "training",
+    )
+    adam_beta2: float = _f(
+        0.999,
+        "The optimiser's second-moment decay (AdamW's beta2, for every --optimizer; kohya_ss: betas=...).",
+        "training",
+    )
+    adam_epsilon: float = _f(
+        1e-8, "The optimiser's epsilon, added to the denominator (every --optimizer).", "training"
+    )
+    prodigy_d_coef: float = _f(
+        1.0,
+        "With --optimizer prodigy: scales the step size Prodigy finds (its d_coef; below 1 for a gentler LoRA).",
+        "training",
+    )
     lr_scheduler: str = _f(
         "constant",
         "How the learning rate moves over the steps (diffusers' schedules): constant; constant_with_warmup; linear "
@@ -531,6 +549,25 @@ class TrainConfig:
                 self.train_text_encoder or self.text_encoder_lr == 0,
                 "text_encoder_lr (--text-encoder-lr) has no effect without --train-text-encoder: add "
                 "--train-text-encoder, or leave --text-encoder-lr at 0",
+            ),
+            (
+                0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                f"adam_beta1 and adam_beta2 (--adam-beta1, --adam-beta2) must be at least 0 and below 1 (typical: "
+                f"0.9 and 0.999); got {self.adam_beta1:g} and {self.adam_beta2:g}",
+            ),
+            (
+                0 < self.adam_epsilon <= 1e-2,
+                f"adam_epsilon (--adam-epsilon) must be above 0 and at most 0.01 (typical: 1e-8); got "
+                f"{self.adam_epsilon:g}",
+            ),
+            (
+                0 < self.prodigy_d_coef <= 10,
+                f"prodigy_d_coef (--prodigy-d-coef) must be above 0 and at most 10; got {self.prodigy_d_coef:g}",
+            ),
+            (
+                self.optimizer == "prodigy" or self.prodigy_d_coef == 1,
+                "prodigy_d_coef (--prodigy-d-coef) has no effect without --optimizer prodigy: add it, or leave "
+                "--prodigy-d-coef at 1",
             ),
             (
                 0 <= self.weight_decay < 1,

@@ -45,7 +45,8 @@ def check_optimizer(config: TrainConfig, device: torch.device) -> None:
 def make_optimizer(
     params: list[torch.nn.Parameter], config: TrainConfig, text_encoder_params: list[torch.nn.Parameter] = ()
 ) -> torch.optim.Optimizer:
-    """The configured optimiser over the LoRA parameters, at the configured learning rate and weight decay; the text
+    """The configured optimiser over the LoRA parameters, at the configured learning rate, weight decay, betas and
+    epsilon (and d_coef for Prodigy); the text
     encoders' LoRA (`text_encoder_params`, with --train-text-encoder) is a second parameter group at
     --text-encoder-lr. Without it there is one group, as before the option.
 
@@ -58,16 +59,17 @@ def make_optimizer(
         groups = [{"params": params}, {"params": list(text_encoder_params), "lr": config.effective_text_encoder_lr}]
     else:
         groups = params
+    knobs = dict(lr=lr, weight_decay=decay, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(groups, lr=lr, weight_decay=decay)
+        return bitsandbytes.optim.AdamW8bit(groups, **knobs)
     if config.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(groups, lr=lr, weight_decay=decay, use_bias_correction=True, safeguard_warmup=True)
+        return Prodigy(groups, **knobs, d_coef=config.prodigy_d_coef, use_bias_correction=True, safeguard_warmup=True)
     fused = True if params[0].is_cuda else None  # None: torch's own choice, as every run before this option
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=fused)
+    return torch.optim.AdamW(groups, **knobs, fused=fused)
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0):
