@@ -3,6 +3,7 @@ the run that Train starts (never out of the person's folder)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -45,3 +46,7 @@ def test_the_report_shows_on_upload_and_leave_out_keeps_an_image_out_of_the_run(
     staged = sorted(p.name for p in (run / "data").glob("*.png"))
     assert staged == ["neon_00.png", "neon_01.png", "neon_02.png", "neon_03.png", "neon_05.png"]
     assert (mine / "neon_03_copy.png").is_file() and (mine / "neon_04.png").is_file()  # the person's files stay
+    # the run folder keeps the data check as it stood at Train, beside plan.json and judge.json
+    checked = json.loads((run / "datacheck.json").read_text())
+    assert checked["left_out"] == ["neon_03_copy.png", "neon_04.png"] and checked["kept"] == []
+    assert {(f["kind"], f["file"]) for f in checked["findings"]} >= {("duplicate", "neon_03_copy.png")}

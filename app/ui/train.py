@@ -11,6 +11,7 @@ import gradio as gr
 
 from adapters.base import check_base_model, model_geometry, native_size_of, pick_device
 from adapters.errors import UserError
+from adapters.formats import write_atomic
 from adapters.library import Library
 from app.jobs import (
     MAX_UPLOAD_FILES,
@@ -45,6 +46,7 @@ from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, s
 # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it first)
 QUIET = "undocumented"
 PROBLEMS_SHOWN = 3  # unreadable event-log lines named in the status; the rest are counted
+DATACHECK_JSON = "datacheck.json"  # a page run's data check at Train: findings, what was left out and kept
 RAW, SMOOTHED = "each step", f"smoothed (EMA {SMOOTHING})"  # the loss plot's two lines, as its legend names them
 LOSS_CAPTION = (
     f"Faint: the loss of each step, noisy at small batches. Dark: the same smoothed as TensorBoard smooths it, an "
@@ -349,7 +351,7 @@ class TrainTab:
         self.data.wire(self.files, self.table, self.settings.controls, self.message)
         train = self.train_button.click(
             self.on_train_pressed,
-            [self.files, self.table, self.data.dropped, *settings],
+            [self.files, self.table, self.data.dropped, self.data.report, self.data.kept, *settings],
             [self.message, self.run_picker],
         )
         cancel = self.cancel_button.click(self.on_cancel, self.run_picker, [self.message, self.run_picker])
@@ -429,10 +431,10 @@ class TrainTab:
             return f"⚠ {page_words(str(exc))}"
         return machine_markdown(plan)
 
-    def on_train_pressed(self, paths, rows, dropped, *settings):
-        return self.on_train(paths, rows, *settings, dropped=dropped)
+    def on_train_pressed(self, paths, rows, dropped, report, kept, *settings):
+        return self.on_train(paths, rows, *settings, dropped=dropped, report=report, kept=kept)
 
-    def on_train(self, paths, rows, *settings, dropped=()):
+    def on_train(self, paths, rows, *settings, dropped=(), report=None, kept=()):
         """Check everything (settings, adapter name, base model, optimiser, upload, fit) before any work, then stage
         the upload, less the images the data check's *Leave out* left out (`dropped`), and start the run."""
         try:
@@ -458,6 +460,9 @@ class TrainTab:
                 first = next((u.caption for u in uploads if u.caption), "") or config.default_caption
                 config.preview_prompt = (with_trigger(first, config.trigger_word),)
             run_dir = start_run(config, staged, self.runs_root, self.library.root)
+            if report is not None:  # the data check as it stood at Train, beside the run's plan and scores
+                checked = {"findings": list(report), "left_out": left_out, "kept": list(kept or [])}
+                write_atomic(run_dir / DATACHECK_JSON, json.dumps(checked, indent=1).encode())
         except UserError as exc:
             message = page_words(str(exc)).replace("\n", "<br>")
             return f"⚠ Nothing started: {message}", gr.Dropdown(choices=self.run_choices())
