@@ -160,15 +160,16 @@ def test_sai_unet_names_match_the_original_layout_writer(tiny_sdxl_model):
         assert sai_unet_names(paths) == {o: p for p, o in original_unet_names(paths, unet.config).items()}
 
 
-def layout_as_written(modules, originals, tool):
-    """The tensors of `modules` laid out as `tool` writes an SDXL LoRA: sd-scripts (`lora_unet_input_blocks_…`,
-    `lora_te1_text_model_…`, `lora_te2_text_model_…`, lora_down/lora_up, 0-dim alpha) or ComfyUI's training node
-    (`diffusion_model.input_blocks.….lora_up.weight`, `text_encoders.clip_l.transformer.text_model.…`, clip_g for
-    the second encoder, alpha under the module's name)."""
+def layout_as_written(modules, originals, tool, sdxl=True):
+    """The tensors of `modules` laid out as `tool` writes an SDXL LoRA (or SD 1.x's): sd-scripts
+    (`lora_unet_input_blocks_…`, on SD 1.x `lora_unet_down_blocks_…`; `lora_te1_text_model_…`,
+    `lora_te2_text_model_…`, on SD 1.x `lora_te_text_model_…`; lora_down/lora_up, 0-dim alpha) or ComfyUI's training
+    node (`diffusion_model.input_blocks.….lora_up.weight` for either, `text_encoders.clip_l.transformer.text_model.…`,
+    clip_g for the second encoder, alpha under the module's name)."""
     tensors = {}
     for (component, path), m in modules.items():
         if tool == "sd-scripts":
-            name = sd_scripts_name(component, path, True, originals)
+            name = sd_scripts_name(component, path, sdxl, originals)
         elif component == "unet":
             name = "diffusion_model." + originals[path]
         else:
@@ -180,26 +181,32 @@ def layout_as_written(modules, originals, tool):
     return tensors
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd1"])
 @pytest.mark.parametrize("tool", ["sd-scripts", "comfyui"])
-def test_sdxl_files_as_sd_scripts_and_comfyui_write_them_apply_every_key(tiny_sdxl_model, tmp_path, tool):
-    """A tiny-SDXL LoRA on every attention projection and every CLIP module of both encoders, named as sd-scripts
-    or ComfyUI write it (the UNet by the original layout's names): every key lands on its layer, so the picture
-    is the base with the deltas merged by hand."""
-    studio = Studio(str(tiny_sdxl_model), device="cpu")
+def test_files_as_sd_scripts_and_comfyui_write_them_apply_every_key(
+    tiny_sdxl_model, tiny_model, tmp_path, tool, family
+):
+    """A tiny-SDXL (or SD 1.x) LoRA on every attention projection and every CLIP module of each encoder, named as
+    sd-scripts or ComfyUI write it (ComfyUI's UNet by the original layout's names, sd-scripts' too on SDXL): every
+    key lands on its layer, so the picture is the base with the deltas merged by hand."""
+    model = tiny_sdxl_model if family == "sdxl" else tiny_model
+    studio = Studio(str(model), device="cpu")
     modules = random_lora(studio.pipe, rank=4, alpha=2.0)
     originals = original_unet_names([p for c, p in modules if c == "unet"], studio.pipe.unet.config)
-    tensors = layout_as_written(modules, originals, tool)
-    assert any(
-        "input_blocks_3_1_transformer_blocks_0_attn1_to_q" in k.replace(".", "_") for k in tensors
-    )  # 1 layer a level
+    tensors = layout_as_written(modules, originals, tool, sdxl=family == "sdxl")
+    level = (
+        "input_blocks_3_1_transformer_blocks_0_attn1_to_q" if family == "sdxl" or tool == "comfyui" else "attn1_to_q"
+    )
+    assert any(level in k.replace(".", "_") for k in tensors)  # 1 layer a level
     save_file(tensors, tmp_path / "theirs.safetensors")
     base = draw(studio.pipe)
     studio.load(tmp_path / "theirs.safetensors", name="t")
-    assert studio.adapters["t"] == ["text_encoder", "text_encoder_2", "unet"]
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    assert studio.adapters["t"] == [*encoders, "unet"]
     studio.set_strengths({"t": 0.7})
     ours = draw(studio.pipe)
     assert np.abs(ours - base).max() > 1e-2  # it does something
-    assert np.abs(ours - draw(merged_reference(tiny_sdxl_model, modules, 0.7))).max() < 1e-4
+    assert np.abs(ours - draw(merged_reference(model, modules, 0.7))).max() < 1e-4
 
 
 def test_keys_we_cannot_apply_are_refused_by_name(tiny_sdxl_model, tmp_path):
