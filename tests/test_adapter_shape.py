@@ -262,3 +262,22 @@ def test_the_page_offers_each_shape_option_in_advanced():
         0.1,
         True,
     )
+
+
+def test_sdxl_extra_targets_are_named_as_comfyui_maps_them(tiny_sdxl_model, data, tmp_path):
+    """On SDXL too, feed-forward, proj_in/proj_out and LoCon's convolutions are written under names ComfyUI maps onto
+    the layer each came from (its key map re-derived in tests/other_tools.py), and our runtime reads the file back
+    onto every layer."""
+    extra = dict(train_ff=True, train_proj=True, conv_rank=4, conv_alpha=2, steps=1, judge=False)
+    done = train(config_for(tiny_sdxl_model, data, tmp_path / "run", **extra), device="cpu", log_to_terminal=False)
+    tensors, _ = read_safetensors(done.adapter)
+    names = {key.split(".")[0] for key in tensors}
+    kinds = ("_attn1_", "_attn2_", "_ff_net_", "_proj_in", "_proj_out", "_resnets_", "samplers_0_conv")
+    assert all(any(k in n for n in names) for k in kinds), sorted(names)
+    unet = load_pipeline(str(tiny_sdxl_model), device="cpu").unet
+    comfy = comfyui_lora_keys(unet.config, clip_layers=2, clip_g_layers=2)
+    assert sorted(names - comfy.keys()) == []
+    assert {comfy[n][1].replace(".", "_") for n in names} == {n.removeprefix("lora_unet_") for n in names}
+    studio = Studio(str(tiny_sdxl_model), device="cpu")
+    studio.load(done.adapter, name="x")
+    assert studio.adapters["x"] == ["unet"]
