@@ -287,7 +287,10 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     assert "| 4 | 12 | 2 | 6 | 400 | 66.7 |" in plan
     wide = next(e for e in load_examples(images, 64, buckets=bucket_sizes(64, 16)) if e.path.name == "wide.png")
     assert tuple(wide.pixels.shape[1:]) == (48, 80)  # what training would cut it to: the plan's bucket
-    assert "64×64: 3 · 80×48: 1" in plan
+    assert "64×64: 3 · 80×48: 1" in plan and "*Steps* box" not in plan
+    by_epochs = tab.show_plan(files, *{**values, "repeats": 3, "batch_size": 2, "epochs": 5}.values())
+    assert "| 4 | 12 | 2 | 6 | 30 | 5 |" in by_epochs  # 5 epochs of 6 steps, whatever Steps says
+    assert "The steps come from *Epochs* (5 × 6): the *Steps* box (400) is not used" in by_epochs
     # and, beside Train, what it needs on this machine: 400 steps at batch 2 of the built-in model on the CPU
     here = tab.show_machine_plan(files, *{**values, "repeats": 3, "batch_size": 2}.values())
     assert "**On this machine** (the CPU):" in here and "system memory" in here

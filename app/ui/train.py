@@ -415,10 +415,17 @@ class TrainTab:
         if not paths:
             return ""
         try:
-            plan = upload_plan(paths, self.settings.config(settings), self.max_upload_files)
+            config = self.settings.config(settings)
+            plan = upload_plan(paths, config, self.max_upload_files)
         except UserError as exc:
             return f"⚠ {page_words(str(exc))}"
-        return "**If trained now:**\n\n" + plan_markdown(plan)
+        counted = (
+            f"\n\nThe steps come from *Epochs* ({config.epochs} × {plan['steps_per_epoch']}): the *Steps* box "
+            f"({config.steps}) is not used; set *Epochs* to 0 to count the run in steps."
+            if config.epochs
+            else ""
+        )
+        return "**If trained now:**\n\n" + plan_markdown(plan) + counted
 
     def show_machine_plan(self, paths, *settings):
         """Beside Train: what a run with these settings would need here (with uploads, their epochs' steps)."""
