@@ -489,3 +489,39 @@ def test_a_run_cancelled_before_its_first_step_saves_nothing_and_resume_starts_i
     view = view_run(run)
     assert view.status == "done", (run / "train.log").read_text()[-2000:]
     assert [s for s, _ in view.losses] == [1, 2, 3] and view.library_name == "neon"
+
+
+def test_keep_partial_adapter_keeps_a_cancelled_runs_adapter_under_its_own_name(tiny_model, image_folder, tmp_path):
+    """Item 2's one click: Keep partial adapter renames `<name>-partial` to `<name>-step<N>`, the status says so,
+    and resuming the run to the end adds the finished adapter beside it instead of replacing it."""
+    import gradio as gr
+
+    from adapters.library import Library
+    from app.jobs import resume_run
+    from app.ui import status_text
+    from app.ui.train import TrainTab
+    from trainer.loop import Cancelled, train
+
+    runs, library = tmp_path / "runs", tmp_path / "lib"
+    run, calls = runs / "r", []
+    config = TrainConfig(
+        base_model=str(tiny_model), data=str(image_folder), steps=6, batch_size=2, run_dir=str(run), name="neon",
+        library=str(library), judge=False,
+    )  # fmt: skip
+    with pytest.raises(Cancelled):
+        train(config, should_stop=lambda: calls.append(1) or len(calls) > 3, device="cpu", log_to_terminal=False)
+    assert "press **Keep partial adapter**" in status_text(view_run(run))
+    with gr.Blocks():
+        tab = TrainTab(runs, Library(library), None)
+    said = tab.on_keep_partial("r")
+    assert (
+        said
+        == "Kept: **neon-partial** is now **neon-step3** in the library, and resuming the run no longer replaces it."
+    )
+    assert "in the library as **neon-step3**" in status_text(view_run(run))
+    assert tab.on_keep_partial("r").startswith("⚠ Keep partial adapter is for a cancelled run")  # done once
+    resume_run(run, runs)
+    _wait_until_stopped(runs)
+    assert view_run(run).status == "done", (run / "train.log").read_text()[-2000:]
+    kept = {e.name: e.summary["steps"] for e in Library(library).list()}
+    assert kept == {"neon": "6", "neon-step3": "3"}

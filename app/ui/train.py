@@ -41,7 +41,7 @@ from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
 from trainer.plan import NO_STEPS, Plan, check, duration, estimate, mib
-from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, check_log_with, smoothed
+from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, EventLog, check_log_with, smoothed
 
 # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it first)
 QUIET = "undocumented"
@@ -209,8 +209,12 @@ def _cancelled_words(view: RunView) -> str:
     if not view.losses:
         return "Cancelled before training began: nothing was learned. **Resume** starts it again."
     kept = (
-        f" The adapter learned so far is in the library as **{view.library_name}**: try it in Generate, download it "
-        "or rename it in Adapters."
+        f" The adapter learned so far is in the library as **{view.library_name}**: try it in Generate, download it"
+        + (
+            ", or press **Keep partial adapter** to keep it under its own name (resuming to the end replaces it)."
+            if view.library_name.endswith("-partial")
+            else "."
+        )
         if view.library_name
         else " The adapter learned so far was saved in the run folder."
     )
@@ -553,6 +557,7 @@ class TrainTab:
             self.show_hidden = gr.Checkbox(label="Show hidden runs", value=False, elem_id="show-hidden")
             self.load_settings_button = gr.Button("Load its settings", elem_id="load-settings")
             self.hide_button = gr.Button("Hide", elem_id="hide-run")
+            self.keep_partial_button = gr.Button("Keep partial adapter", elem_id="keep-partial")
             self.delete_run_button = gr.Button("Delete run", variant="stop", elem_id="delete-run")
         with gr.Row():
             with gr.Column(scale=3):
@@ -598,6 +603,28 @@ class TrainTab:
         )
         renamed.then(self.refresh, picker, run_view)  # the status names the run by its new name
         self.load_settings_button.click(self.on_load_settings, picker, [self.message, *self.settings.inputs])
+        kept = self.keep_partial_button.click(self.on_keep_partial, picker, self.message)
+        kept.then(self.refresh, picker, run_view)  # the status names the adapter by its new name
+
+    def on_keep_partial(self, name):
+        """A cancelled run's `<name>-partial` adapter, renamed `<name>-step<N>` in the library: its own adapter from
+        then on, which resuming the run to the end no longer replaces (the run's log records the new name)."""
+        try:
+            view = view_run(run_folder(self.runs_root, name))
+            partial = view.library_name
+            if view.status != "cancelled" or not partial.endswith("-partial"):
+                raise UserError(
+                    "Keep partial adapter is for a cancelled run whose adapter is in the library as <name>-partial; "
+                    f"run {view.shown_name} is {view.status}"
+                )
+            if not self.library.taken(partial):
+                raise UserError(f"the library has no adapter named {partial!r} any more (renamed or deleted?)")
+            new = self.library.new_name(f"{partial.removesuffix('-partial')}-step{view.step}")
+            self.library.rename(partial, new)
+        except UserError as exc:
+            return f"⚠ {page_words(str(exc))}"
+        EventLog(view.run_dir).emit("library", name=new, library=str(self.library.root), partial=False, kept=partial)
+        return f"Kept: **{partial}** is now **{new}** in the library, and resuming the run no longer replaces it."
 
     def refresh_log(self, name):
         """The picked run's trainer log (the newest lines), or what it waits for."""
