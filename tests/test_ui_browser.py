@@ -41,7 +41,8 @@ class Server:
         exe = Path(sys.executable).with_name("lora-studio")
         # gradio's uploads and sent files: `ui` puts them in the workspace as a user runs it (not the system's /tmp)
         env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}  # the suite's own, for in-process pages
-        env |= {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        env |= {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env["PYTHONFAULTHANDLER"] = "1"  # a server that will not stop dumps its threads' stacks to the log (stop)
         self.proc = subprocess.Popen(
             [str(exe), "ui", "--port", str(self.port), "--workspace", str(workspace)],
             stdout=open(workspace / f"ui-{self.port}.log", "wb"),
@@ -67,9 +68,15 @@ class Server:
         self.proc.wait()
 
     def stop(self):
-        """Stop it as a person does, with Ctrl-C."""
+        """Stop it as a person does, with Ctrl-C; one still running a minute later fails with its threads' stacks."""
         self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to the log
+            self.proc.wait(timeout=30)
+            log = (self.workspace / f"ui-{self.port}.log").read_text(errors="replace")
+            raise AssertionError(f"the page did not stop 60 s after Ctrl-C; its log ends:\n{log[-6000:]}") from None
 
 
 @pytest.fixture
