@@ -129,9 +129,14 @@ def _launch(config) -> int:
         str(launch_config),
     ]
     print(f"launching {config.num_processes} processes: {' '.join(cmd[2:])}", file=sys.stderr)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the workers get the signal too and stop cleanly
-        signal.signal(sig, signal.SIG_IGN)
-    return subprocess.call(cmd)
+    # the workers get the signal too and stop cleanly; this process waits for them, then gets its handlers back
+    # (ignored ones would stay ignored in every process it starts later: a page started after it ignored Ctrl-C)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return subprocess.call(cmd)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -181,3 +181,20 @@ def test_a_run_does_not_tell_the_person_to_install_torchvision():
     if importlib.util.find_spec("torchvision") is None:  # the library does say it without the filter
         plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env)
         assert "requires torchvision (not installed)" in plain.stderr, plain.stderr
+
+
+def test_a_multi_process_launch_gives_ctrl_c_back_when_its_workers_end(tmp_path, monkeypatch):
+    """While the workers run, the launcher ignores SIGINT/SIGTERM (the workers get them and save); after, it has
+    its handlers back: left ignored, every process it started later ignored Ctrl-C too (a page did not stop)."""
+    import signal
+    import subprocess
+
+    from app.cli import _launch
+    from trainer.config import TrainConfig
+
+    during = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: during.append(signal.getsignal(signal.SIGINT)) or 0)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    assert _launch(TrainConfig(data="d", num_processes=2, run_dir=str(tmp_path / "run"))) == 0
+    assert during == [signal.SIG_IGN]
+    assert {sig: signal.getsignal(sig) for sig in before} == before

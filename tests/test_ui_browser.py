@@ -31,6 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_signals() -> None:
+    """Ctrl-C and kill's TERM as a shell gives them to a program (an ignored signal is inherited across exec)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Server:
     """`lora-studio ui` as a user starts it, in its own process, on a workspace folder."""
 
@@ -48,6 +54,7 @@ class Server:
             stdout=open(workspace / f"ui-{self.port}.log", "wb"),
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_default_signals,  # as from a shell, whatever the test process ignores
         )
         self.cache = workspace / ".gradio-cache" / str(self.proc.pid)
         Server.started.append(self)
