@@ -69,6 +69,8 @@ class Studio:
         max_loaded: int = 8,
         prediction_type: str | None = None,
         cuda_graphs: bool = True,
+        packed: bool = True,
+        compile_blocks: bool = False,
     ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
@@ -88,8 +90,13 @@ class Studio:
         self._layers: dict[str, dict[str, list]] = {}  # name -> {component: the peft layers holding it}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
+        # generation's LoRA layers run as `PackedLinear` (`packed=False`: peft's own forward, adapter by adapter)
+        self.packed = packed
+        self._packs: Packs | None = None
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
         self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
+        if compile_blocks:  # an experiment (benchmarks/sd15.py --studio-compile): the first picture compiles
+            self.pipe.unet.compile_repeated_blocks(dynamic=False)
 
     @property
     def native_size(self) -> int:
@@ -183,6 +190,8 @@ class Studio:
             for name, strength in strengths.items():
                 values, bases = self._scales[name]
                 torch.mul(bases, float(strength), out=values)
+            if self._packs is not None:
+                self._packs.refresh()
             self.strengths = dict(strengths)
             return
         for component in self.family.components:
@@ -195,7 +204,18 @@ class Studio:
                     layer.enable_adapters(bool(names))
         self.strengths = dict(strengths)
         self._scales = self._scale_slots(strengths)
+        if self._packs is not None:
+            self._packs.remove()
+        active = {name: [layer for c in self.adapters[name] for layer in self._layers[name][c]] for name in strengths}
+        self._packs = Packs(active, self._scales) if self.packed and strengths else None
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
+
+    def use_packed(self, packed: bool) -> None:
+        """Run the LoRA layers packed (`PackedLinear`, the default) or through peft's forward, from now on."""
+        self.packed = packed
+        strengths = self.strengths
+        self._changed()
+        self.set_strengths(strengths)
 
     def _scale_slots(self, strengths: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each active adapter's LoRA scales gathered into one tensor per adapter on the model's device, every
@@ -214,6 +234,9 @@ class Studio:
         """Adapters were attached, removed or replaced: the next strengths go through diffusers again, and any
         captured generation graph (which reads the old layers) is dropped."""
         self._scales = None
+        if self._packs is not None:
+            self._packs.remove()
+            self._packs = None
         self._graphs.clear()
 
     # -- fuse / swap -----------------------------------------------------------------------------------------------
@@ -384,6 +407,94 @@ class Studio:
             raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
         cls = getattr(diffusers, SCHEDULERS[name])
         self.pipe.scheduler = cls.from_config(self._model_scheduler.config)
+
+
+class PackedLinear:
+    """Generation's forward of one peft LoRA Linear: every active adapter's LoRA in two matrix products.
+
+    peft runs each adapter apart, `base(x) + B(A(x)) * scale`: two products, a multiply and an add, each over the
+    whole output. Here the active adapters' down matrices are stacked into one (sum of ranks x in) and their up
+    matrices side by side into one (out x sum of ranks): `h = (x @ A_all.T) * scales` (a multiply over sum-of-ranks
+    columns only), then the output gets `h @ B_all.T` added in place (one product that also adds). One adapter or
+    several, each layer does the same work. The scales are a view into `Packs.values`, overwritten in place when a
+    strength changes, so a captured CUDA graph reads the new strengths. The sum is the same as peft's up to
+    rounding (the scale is applied before the up product instead of after). With gradients on, in training mode,
+    or with any other argument, peft's forward runs.
+    """
+
+    def __init__(self, layer, down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor):
+        self.layer, self.down, self.up, self.scales = layer, down, up, scales
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        if args or kwargs or torch.is_grad_enabled() or layer.disable_adapters or layer.merged:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        result = layer.base_layer(x)
+        h = torch.nn.functional.linear(x.to(self.down.dtype), self.down) * self.scales
+        if result.is_contiguous() and result.dtype == h.dtype:
+            result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.up.t())
+            return result
+        return result + (h @ self.up.t()).to(result.dtype)
+
+
+class Packs:
+    """The active adapters' LoRA Linear layers, each run by a `PackedLinear` while these adapters are active.
+
+    `active` is {adapter: its layers, in the order of its scale slots}; `slots` is `Studio._scale_slots`' result.
+    A layer is packed only where every active adapter on it is a plain LoRA (no DoRA, no dropout) on a Linear;
+    any other layer (LoCon convolutions, DoRA) keeps peft's forward. Every packed layer's scales are views into
+    one tensor, `values`, filled from the slots by one gather (`refresh`, after each strength change).
+    """
+
+    def __init__(self, active: dict[str, list], slots: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        uses: dict[int, tuple] = {}  # id(layer) -> (layer, [(adapter, index in its slot)])
+        for name, layers in active.items():
+            for i, layer in enumerate(layers):
+                uses.setdefault(id(layer), (layer, []))[1].append((name, i))
+        names = list(slots)
+        offsets, start = {}, 0
+        for name in names:
+            offsets[name], start = start, start + len(slots[name][0])
+        self._slots = [slots[name][0] for name in names]
+        self.layers: list = []
+        index, plan = [], []
+        for layer, on in uses.values():
+            plain = type(layer) is LoraLinear and all(
+                name not in getattr(layer, "lora_variant", {})
+                and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+                for name, _ in on
+            )
+            if not plain:
+                continue
+            first = len(index)
+            for name, i in on:
+                index += [offsets[name] + i] * layer.r[name]
+            plan.append((layer, on, first, len(index)))
+        if not plan:
+            self.values = None
+            return
+        some = plan[0][0].lora_A[plan[0][1][0][0]].weight
+        self.index = torch.tensor(index, device=some.device)
+        self.values = torch.empty(len(index), device=some.device, dtype=some.dtype)
+        self.refresh()
+        for layer, on, first, last in plan:
+            down = torch.cat([layer.lora_A[name].weight.detach() for name, _ in on], dim=0)
+            up = torch.cat([layer.lora_B[name].weight.detach() for name, _ in on], dim=1).contiguous()
+            layer.forward = PackedLinear(layer, down, up, self.values[first:last])
+            self.layers.append(layer)
+
+    def refresh(self) -> None:
+        """Copy every packed layer's scales from the adapters' slots (after a strength was written there)."""
+        if self.values is not None:
+            self.values.copy_(torch.cat(self._slots).index_select(0, self.index))
+
+    def remove(self) -> None:
+        """Give every packed layer peft's forward back."""
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        self.layers = []
 
 
 class _NoGraphs:

@@ -30,8 +30,9 @@
 #                       needs; the SDXL model is built and saved here first), 30-step generation
 #                       -> sdxl_bs1_peak_gib, sdxl_bs1_img_s, gen_sdxl_1024_30_s
 #   sdxl_b4       ~1.2  SDXL training at batch 4, ours and the SDXL example script's step -> sdxl_bs4_mfu
-#   sd15_compile  ~2    ours with one adapter again, then diffusers' fused pipeline with its UNet through
-#                       torch.compile (the compile ~1.3 of it) -> gen_vs_compiled_diffusers
+#   sd15_compile  ~3    ours with one adapter again, ours with the UNet's transformer blocks compiled inside the
+#                       generation graph, then diffusers' fused pipeline with its UNet through torch.compile (the
+#                       compiles ~2 of it) -> gen_vs_compiled_diffusers
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -68,14 +69,14 @@ if [ "${TINY:-0}" = 1 ]; then
     SD15_REF=(--reference-warmup 1 --reference-steps 2)
     SDXL_REF=(--reference-warmup 1 --reference-steps 2)
     COMPILE=() TRAIN_COMPILE=(--tiny --backend aot_eager --batches 2 --repeat 2)
-    [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile)
+    [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile --studio-compile)
     SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
 else
     SIZE=()
     SD15_STEPS=32 SDXL_STEPS=26 SCALE=1
     SD15_REF=(--reference-warmup 5 --reference-steps 15)
     SDXL_REF=(--reference-warmup 3 --reference-steps 8)
-    COMPILE=(--diffusers-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20)
+    COMPILE=(--diffusers-compile --studio-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20)
     SUMMARY_FLAGS=()
 fi
 
@@ -123,7 +124,7 @@ for p in $PARTS; do
             part sd15_gen 45 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
                 --no-reference --no-eager-generation --json "$OUT/sd15_gen.json"
         else
-            part sd15_compile 60 240 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+            part sd15_compile 60 330 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation "${COMPILE[@]}" \
                 --json "$OUT/sd15_compile.json"
         fi

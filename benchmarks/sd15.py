@@ -361,6 +361,11 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         studio.load(adapter, name="second")  # the same file under a second name: two adapters' layers run
         two = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
         results["generate_two_adapters_30_steps_s"] = two
+        studio.use_packed(False)  # the same two, then one, through peft's layers (what packing saves)
+        two_peft = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
+        results["generate_two_adapters_peft_30_steps_s"] = two_peft
+        results["generate_peft_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+        studio.use_packed(True)
         studio.unload("second")
         studio.fuse({"bench": 0.7})
         results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
@@ -370,8 +375,22 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
             unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
             unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
             fused_overhead=results["generate_fused_30_steps_s"] / base - 1,
+            peft_overhead_one=results["generate_peft_30_steps_s"] / base - 1,
+            peft_overhead_two=results["generate_two_adapters_peft_30_steps_s"] / base - 1,
         )
     del studio
+    if args.studio_compile:  # ours with the UNet's transformer blocks compiled inside the generation graph
+        from benchmarks.reference import free_memory
+
+        free_memory()
+        compiled = Studio(str(model_dir), device=args.device, compile_blocks=True)
+        compiled.load(adapter, name="bench")
+        t0 = time.perf_counter()
+        compiled.generate(PROMPT, sampling_steps=30, strengths={"bench": 0.7})
+        results["studio_compile_first_picture_s"] = time.perf_counter() - t0
+        results["generate_compiled_30_steps_s"] = time_generation(compiled, {"bench": 0.7}, device)
+        del compiled
+        free_memory()
     if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
         eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
         eager.load(adapter, name="bench")
@@ -404,6 +423,8 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         if "diffusers_compiled_30_steps_s" in fields:
             theirs = fields["diffusers_compiled_30_steps_s"]
             results["gen_vs_compiled_diffusers"] = theirs / results["generate_30_steps_s"]
+            if "generate_compiled_30_steps_s" in results:
+                results["gen_compiled_vs_compiled_diffusers"] = theirs / results["generate_compiled_30_steps_s"]
 
 
 def main() -> None:
@@ -462,6 +483,11 @@ def main() -> None:
         "--diffusers-compile",
         action="store_true",
         help="and with its UNet through torch.compile (minutes on a GPU; the first picture timed apart)",
+    )
+    parser.add_argument(
+        "--studio-compile",
+        action="store_true",
+        help="also time our runtime with the UNet's transformer blocks through torch.compile (first picture apart)",
     )
     parser.add_argument(
         "--compile-mode", default="reduce-overhead", help="torch.compile mode for --diffusers-compile"

@@ -63,6 +63,41 @@ def test_a_strength_changed_in_place_draws_what_a_fresh_setting_draws(tiny_model
     assert np.abs(changed - render(fresh, {"a": 0.3, "b": -0.5})).max() > 1e-3
 
 
+def test_packed_lora_layers_draw_what_peft_layers_draw(tiny_model):
+    """Generation runs each LoRA Linear packed (every active adapter in two products, `PackedLinear`); the pictures
+    are peft's own, adapter by adapter, up to rounding: one adapter, two of different ranks, the text encoder's,
+    a strength changed in place, a switch back to one, then none (the base model exactly)."""
+    from adapters.runtime import PackedLinear
+
+    packed, plain = Studio(str(tiny_model), device="cpu"), Studio(str(tiny_model), device="cpu", packed=False)
+    for studio in (packed, plain):
+        studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
+        other = random_lora(studio.pipe.unet, 0.1, seed=1)
+        small = {k: LoraModule(m.down[:2], m.up[:, :2], 1.0) for k, m in other.items()}
+        encoder = studio.pipe.text_encoder
+        gen = torch.Generator().manual_seed(2)
+        for path, layer in encoder.named_modules():
+            if path.endswith(("q_proj", "v_proj", "fc1")):
+                small[f"text_encoder.{path}"] = LoraModule(
+                    torch.randn(2, layer.in_features, generator=gen) * 0.1,
+                    torch.randn(layer.out_features, 2, generator=gen) * 0.1,
+                    1.0,
+                )
+        studio.add(small, "b")
+    base = render(plain, {})
+    for strengths in ({"a": 1.0}, {"a": 0.6, "b": -0.8}, {"a": 1.3, "b": 0.5}, {"b": 1.0}, {}):
+        ours, theirs = render(packed, strengths), render(plain, strengths)
+        assert np.abs(ours - theirs).max() < 1e-4, strengths
+        assert strengths == {} or np.abs(ours - base).max() > 1e-2, strengths
+    assert np.array_equal(render(packed, {}), base)
+    packed.set_strengths({"a": 0.5, "b": 0.5})
+    runs = [m for c in ("unet", "text_encoder") for m in getattr(packed.pipe, c).modules() if "forward" in m.__dict__]
+    expected = len(attention_targets(packed.pipe.unet, "both")) + len(small) - len(random_lora(packed.pipe.unet))
+    assert len(runs) == expected and all(isinstance(m.forward, PackedLinear) for m in runs)
+    packed.set_strengths({})
+    assert not [m for m in packed.pipe.unet.modules() if "forward" in m.__dict__]  # peft's forward back
+
+
 def test_unknown_adapter_name_is_an_error(tiny_model):
     studio = Studio(str(tiny_model), device="cpu")
     with pytest.raises(UserError, match="not loaded"):
