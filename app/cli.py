@@ -97,6 +97,7 @@ def _launch(config) -> int:
     import socket
     import subprocess
 
+    from trainer.loop import restore_signals, set_stop_signals
     from trainer.runs import new_run_dir
 
     run_dir = Path(config.run_dir) if config.run_dir else new_run_dir("runs", config.name)
@@ -131,12 +132,11 @@ def _launch(config) -> int:
     print(f"launching {config.num_processes} processes: {' '.join(cmd[2:])}", file=sys.stderr)
     # the workers get the signal too and stop cleanly; this process waits for them, then gets its handlers back
     # (ignored ones would stay ignored in every process it starts later: a page started after it ignored Ctrl-C)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = set_stop_signals(signal.SIG_IGN)
     try:
         return subprocess.call(cmd)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        restore_signals(previous)
 
 
 def _generate(args: argparse.Namespace) -> int:

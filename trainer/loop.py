@@ -62,6 +62,7 @@ from trainer.plan import GPU_MEMORY_ON_CPU, TILE, check, estimate
 from trainer.runs import (
     EVENTS,
     LOSS_PNG,
+    PARTIAL_SUFFIX,
     PLAN,
     PREVIEWS,
     TENSORBOARD,
@@ -346,27 +347,36 @@ def make_batch(
     return batch
 
 
+def set_stop_signals(handler) -> dict:
+    """Give SIGTERM and SIGINT `handler` (a function, or `signal.SIG_IGN`); returns the handlers they had, for
+    `restore_signals`. Outside the main thread nothing changes (an empty dict)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (tests, the page's workers)
+            pass
+    return previous
+
+
+def restore_signals(previous: dict) -> None:
+    """Give SIGTERM/SIGINT back the handlers `set_stop_signals` returned: afterwards Ctrl+C and `kill` stop the
+    process again (a notebook, a test session, a benchmark that trained and goes on, and every process started
+    later, which would inherit an ignored signal)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def _stop_on_signals() -> dict:
-    """Turn SIGTERM/SIGINT into a flag the loop checks, so a cancel still saves what was learned. The handlers they
-    had are kept in `flag["previous"]`, for `_restore_signals` when the run ends."""
-    flag = {"stop": False, "previous": {}}
+    """Turn SIGTERM/SIGINT into a flag the loop checks, so a cancel still saves what was learned (outside the main
+    thread, cancellation comes through `should_stop`). The handlers they had are kept in `flag["previous"]`."""
+    flag = {"stop": False}
 
     def handler(signum, frame):
         flag["stop"] = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            flag["previous"][sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (tests); cancellation then comes through `should_stop`
-            pass
+    flag["previous"] = set_stop_signals(handler)
     return flag
-
-
-def _restore_signals(flag: dict) -> None:
-    """Give SIGTERM/SIGINT back what they did before the run: after it, Ctrl+C and `kill` stop the process again
-    (a notebook, a test session, a benchmark that trained and goes on)."""
-    for sig, previous in flag["previous"].items():
-        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal: bool = True) -> TrainResult:
@@ -871,7 +881,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             raise
         raise error from exc
     finally:
-        _restore_signals(stop_flag)
+        restore_signals(stop_flag["previous"])
         if capped:  # what runs next in this process (the page's Generate) has the whole card again
             torch.cuda.set_per_process_memory_fraction(1.0, index)
 
@@ -1002,7 +1012,7 @@ def _add_to_library(
         name = own.pop()
         library.add(output, name, sample=preview, overwrite=True)
     else:
-        base = sanitize_name(config.name or run_dir.name) + ("-partial" if partial else "")
+        base = sanitize_name(config.name or run_dir.name) + (PARTIAL_SUFFIX if partial else "")
         name = next(n for n in (base if i == 0 else f"{base}-{i + 1}" for i in range(10_000)) if not library.taken(n))
         library.add(output, name, sample=preview)
     for old in own:

@@ -20,6 +20,7 @@ from adapters.errors import UserError
 EVENTS = "events.jsonl"
 PREVIEWS = "previews"  # the run folder's preview pictures, step_NNNNNN.png
 TERMINAL = ("done", "error", "cancelled")
+PARTIAL_SUFFIX = "-partial"  # a cancelled run's adapter in the library: <name>-partial (replaced when it finishes)
 PLAN = "plan.json"  # what the run was planned to need (trainer/plan.py), written before it starts
 LOSS_PNG = "loss.png"  # the run's loss curve, drawn when it ends
 TENSORBOARD = "tensorboard"  # the run's TensorBoard logs (--log-with tensorboard), beside events.jsonl

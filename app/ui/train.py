@@ -41,7 +41,15 @@ from trainer.config import TrainConfig
 from trainer.dataset import IMAGE_EXTENSIONS, bucket_counts, bucket_stride, image_problem, upright_size, with_trigger
 from trainer.optim import check_optimizer
 from trainer.plan import NO_STEPS, Plan, check, duration, estimate, mib
-from trainer.runs import RAW_COLOR, SMOOTHED_COLOR, SMOOTHING, EventLog, check_log_with, smoothed
+from trainer.runs import (
+    PARTIAL_SUFFIX,
+    RAW_COLOR,
+    SMOOTHED_COLOR,
+    SMOOTHING,
+    EventLog,
+    check_log_with,
+    smoothed,
+)
 
 # page-only listeners repeated per setting: kept out of /info (it was 4.6 MB, and every API client reads it first)
 QUIET = "undocumented"
@@ -212,7 +220,7 @@ def _cancelled_words(view: RunView) -> str:
         f" The adapter learned so far is in the library as **{view.library_name}**: try it in Generate, download it"
         + (
             ", or press **Keep partial adapter** to keep it under its own name (resuming to the end replaces it)."
-            if view.library_name.endswith("-partial")
+            if view.library_name.endswith(PARTIAL_SUFFIX)
             else "."
         )
         if view.library_name
@@ -612,14 +620,14 @@ class TrainTab:
         try:
             view = view_run(run_folder(self.runs_root, name))
             partial = view.library_name
-            if view.status != "cancelled" or not partial.endswith("-partial"):
+            if view.status != "cancelled" or not partial.endswith(PARTIAL_SUFFIX):
                 raise UserError(
                     "Keep partial adapter is for a cancelled run whose adapter is in the library as <name>-partial; "
                     f"run {view.shown_name} is {view.status}"
                 )
             if not self.library.taken(partial):
                 raise UserError(f"the library has no adapter named {partial!r} any more (renamed or deleted?)")
-            new = self.library.new_name(f"{partial.removesuffix('-partial')}-step{view.step}")
+            new = self.library.new_name(f"{partial.removesuffix(PARTIAL_SUFFIX)}-step{view.step}")
             self.library.rename(partial, new)
         except UserError as exc:
             return f"⚠ {page_words(str(exc))}"
