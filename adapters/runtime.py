@@ -418,8 +418,8 @@ class PackedLinear:
     columns only), then the output gets `h @ B_all.T` added in place (one product that also adds). One adapter or
     several, each layer does the same work. The scales are a view into `Packs.values`, overwritten in place when a
     strength changes, so a captured CUDA graph reads the new strengths. The sum is the same as peft's up to
-    rounding (the scale is applied before the up product instead of after). With gradients on, in training mode,
-    or with any other argument, peft's forward runs.
+    rounding (the scale is applied before the up product instead of after). With gradients on, with the layer's
+    adapters off or merged, or with any other argument, peft's forward runs.
     """
 
     def __init__(self, layer, down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor):
