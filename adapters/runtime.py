@@ -206,7 +206,7 @@ class Studio:
         self._scales = self._scale_slots(strengths)
         if self._packs is not None:
             self._packs.remove()
-        active = {name: [layer for c in self.adapters[name] for layer in self._layers[name][c]] for name in strengths}
+        active = {name: self._adapter_layers(name) for name in strengths}
         self._packs = Packs(active, self._scales) if self.packed and strengths else None
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
 
@@ -217,12 +217,16 @@ class Studio:
         self._changed()
         self.set_strengths(strengths)
 
+    def _adapter_layers(self, name: str) -> list:
+        """Adapter `name`'s peft layers, component by component, in the order of its scale slots."""
+        return [layer for component in self.adapters[name] for layer in self._layers[name][component]]
+
     def _scale_slots(self, strengths: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each active adapter's LoRA scales gathered into one tensor per adapter on the model's device, every
         layer's scale a view into it: {name: (values, alpha / rank per layer)}."""
         slots = {}
         for name, strength in strengths.items():
-            layers = [layer for component in self.adapters[name] for layer in self._layers[name][component]]
+            layers = self._adapter_layers(name)
             bases = torch.tensor([layer.lora_alpha[name] / layer.r[name] for layer in layers], device=self.device)
             values = bases * float(strength)
             for i, layer in enumerate(layers):

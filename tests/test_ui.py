@@ -148,6 +148,37 @@ def test_the_page_polls_only_while_a_run_is_live(tmp_path):
     assert timer.active is False
 
 
+def test_the_tick_that_stops_polling_draws_the_runs_last_state(tmp_path):
+    """A cancelled run reads "Cancelled", with its partial adapter, when the page stops polling, however slowly the
+    view draws. Gradio skips a listener's tick while its last one still runs: with the view and the timer on
+    listeners of their own, the timer stopped while the slow view missed its last tick, and the page kept saying
+    "Cancelling" (a CI run). So one listener draws the view and says whether to tick again."""
+    from app.ui import build_app
+
+    app = build_app(tmp_path)
+    ticks = [fn for fn in app.fns.values() if any(event == "tick" for _, event in fn.targets)]
+    assert len(ticks) == 1, [fn.name for fn in ticks]
+    outputs = {block.elem_id for block in ticks[0].outputs}
+    assert {"train-status", "run-picker"} <= outputs
+    assert any(isinstance(block, gr.Timer) for block in ticks[0].outputs)
+
+    runs = tmp_path / "runs"
+    run = _run_folder(runs, "20260101-000000-cut", steps=100)
+    log = EventLog(run)
+    log.emit("progress", step=5, total=100, loss=0.1, steps_per_s=1.0, eta_s=95.0)
+    log.emit("library", name="cut-partial", library=str(tmp_path / "library"), partial=True)
+    log.emit("cancelled", step=5)
+    tab = _tab(tmp_path, runs)
+    shown = [(f"{run.name} · running", run.name)]  # as the page last showed it
+    for _ in range(3):
+        picker, shown, timer, *view, _log = tab.tick(run.name, shown)
+        if not timer.active:
+            break
+    assert not timer.active
+    status = view[3]
+    assert "Cancelled at step 5" in status and "cut-partial" in status, status
+
+
 def test_the_adapter_name_is_checked_before_any_work_and_cleaned_as_the_library_does(tmp_path, monkeypatch):
     """Item 4: a taken or unusable name is refused before anything is staged or started; the page says the name
     an adapter will be saved under, by the same rule for Train and Rename, and the run keeps the cleaned name."""

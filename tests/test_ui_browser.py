@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 from trainer.config import TrainConfig
@@ -346,7 +347,11 @@ def test_runs_you_can_trust(browser, workspace):
     page.locator("#train-message").get_by_text(f"Cancelling {run.name}").wait_for(timeout=30_000)
     # item 2: a checkpoint, so Resume goes on (Save every is 200), and the adapter in the library
     status = page.locator("#train-status")
-    status.get_by_text("in the library as a_b_c-partial").wait_for(timeout=120_000)
+    try:
+        status.get_by_text("in the library as a_b_c-partial").wait_for(timeout=120_000)
+    except PlaywrightTimeout:  # say what the page showed and what the trainer wrote
+        events = (run / "events.jsonl").read_text().splitlines()[-4:] if (run / "events.jsonl").is_file() else []
+        pytest.fail(f"the page shows {status.inner_text()!r}; the run's last events: {events}")
     assert (workspace / "library" / "a_b_c-partial.safetensors").is_file() and (run / "loss.png").is_file()
     stopped_at = int(re.search(r"Cancelled at step (\d+)", status.inner_text()).group(1))
     # issue 14: the loss plot says how it is smoothed

@@ -368,14 +368,10 @@ class TrainTab:
         )
         cancel = self.cancel_button.click(self.on_cancel, self.run_picker, [self.message, self.run_picker])
         resume = self.resume_button.click(self.on_resume, self.run_picker, self.message)
+        ticked = [*listing, *run_view, self.log]
         for pressed in (train, cancel, resume):  # polling starts with a run (and its own ticks stop it after)
-            after = pressed.then(self.poll_state, None, self.timer)
-            after.then(self.refresh, self.run_picker, run_view)  # a trainer may have ended before any tick
-            after.then(self.refresh_choices, choosing, listing)
-            after.then(self.refresh_log, self.run_picker, self.log)
-        self.timer.tick(self.refresh, self.run_picker, run_view)
-        self.timer.tick(self.refresh_choices, choosing, listing)
-        self.timer.tick(self.refresh_log, self.run_picker, self.log)
+            pressed.then(self.tick, choosing, ticked)  # a trainer may have ended before any tick
+        self.timer.tick(self.tick, choosing, ticked)
         self.run_picker.change(self.refresh, self.run_picker, run_view)
         self.run_picker.focus(self.refresh_choices, choosing, listing)
         loaded = app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
@@ -533,6 +529,14 @@ class TrainTab:
         said = "; ".join(f"“{html.escape(p)}”" for p in view.preview_prompt) if view else ""
         prompt = f"Preview prompt{'s' if len(view.preview_prompt) > 1 else ''}: {said}" if said else ""
         return progress_html(view), losses, pictures, status_text(view), judge_html(run_dir if view else None), prompt
+
+    def tick(self, name, shown, show_hidden=False):
+        """One timer tick: the run list and the timer (`refresh_choices`), then the picked run's view and log.
+        One handler, so the tick that stops the timer also draws the run's last state: gradio skips a listener's
+        tick while its previous one still runs, and with the view drawn by a listener of its own, a slow view (a
+        loaded machine) missed its last tick and the page kept showing a cancelled run as "Cancelling"."""
+        listing = self.refresh_choices(name, shown, show_hidden)
+        return (*listing, *self.refresh(name), self.refresh_log(name))
 
     def refresh_choices(self, name, shown, show_hidden=False):
         """Keep each run's state in the run list current (a run shown as starting reads done when it ends), and
