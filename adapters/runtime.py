@@ -69,7 +69,7 @@ class Studio:
         max_loaded: int = 8,
         prediction_type: str | None = None,
         cuda_graphs: bool = True,
-        packed: bool = True,
+        lora_forward: str = "auto",
         compile_blocks: bool = False,
     ):
         self.device = torch.device(device) if device else pick_device()
@@ -90,8 +90,10 @@ class Studio:
         self._layers: dict[str, dict[str, list]] = {}  # name -> {component: the peft layers holding it}
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
-        # generation's LoRA layers run as `PackedLinear` (`packed=False`: peft's own forward, adapter by adapter)
-        self.packed = packed
+        # how generation runs the active adapters' LoRA Linear layers: see `use_lora_forward`
+        if lora_forward not in LORA_FORWARDS:
+            raise UserError(f"lora_forward must be one of {', '.join(LORA_FORWARDS)}, got {lora_forward!r}")
+        self.lora_forward = lora_forward
         self._packs: Packs | None = None
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
         self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
@@ -207,12 +209,36 @@ class Studio:
         if self._packs is not None:
             self._packs.remove()
         active = {name: self._adapter_layers(name) for name in strengths}
-        self._packs = Packs(active, self._scales) if self.packed and strengths else None
+        if self.lora_forward != "peft" and strengths:
+            merged = self.lora_forward in ("merged", "auto")
+            budget = None if self.lora_forward == "merged" else spare_memory(self.device) // 4
+            self._packs = Packs(active, self._scales, merged=merged, budget=budget)
+        else:
+            self._packs = None
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
 
-    def use_packed(self, packed: bool) -> None:
-        """Run the LoRA layers packed (`PackedLinear`, the default) or through peft's forward, from now on."""
-        self.packed = packed
+    @property
+    def lora_forward_now(self) -> str | None:
+        """How the active adapters' LoRA Linear layers run now: "merged", "packed", "peft", or None (none active)."""
+        if not self.strengths:
+            return None
+        return self._packs.mode if self._packs is not None and self._packs.layers else "peft"
+
+    def use_lora_forward(self, mode: str) -> None:
+        """How generation runs the active adapters' LoRA Linear layers, from now on (results equal up to rounding):
+
+        - "merged": each layer computes with its own copy of the base weight plus every active adapter's delta at
+          its strength (`MergedLinear`), as cheap as the base model; a strength change rewrites the copies in
+          place (a handful of batched products), the base weights are never touched. Costs one copy of the
+          adapted layers' weights in memory (SD 1.5's attention layers: about 0.2 GB in fp16).
+        - "packed": every active adapter's LoRA in two extra products per layer (`PackedLinear`); no copy.
+        - "peft": peft's own forward, adapter by adapter.
+        - "auto" (the default): "merged" when the copies take at most a quarter of the device's free memory,
+          else "packed".
+        DoRA and convolution layers always run through peft's forward."""
+        if mode not in LORA_FORWARDS:
+            raise UserError(f"lora_forward must be one of {', '.join(LORA_FORWARDS)}, got {mode!r}")
+        self.lora_forward = mode
         strengths = self.strengths
         self._changed()
         self.set_strengths(strengths)
@@ -441,16 +467,64 @@ class PackedLinear:
         return result + (h @ self.up.t()).to(result.dtype)
 
 
+class MergedLinear:
+    """Generation's forward of one peft LoRA Linear through a merged copy of its weight: one product, as the base.
+
+    `weight` is `W + sum over active adapters of scale * B @ A`, kept by `Packs` (rewritten in place on a strength
+    change, so a captured CUDA graph reads the new weight); the base layer's own weight is never changed. The
+    result equals peft's up to rounding (the delta is rounded into the weight's dtype once, as fusing does). With
+    gradients on, with the layer's adapters off or merged, or with any other argument, peft's forward runs."""
+
+    def __init__(self, layer, weight: torch.Tensor):
+        self.layer, self.weight = layer, weight
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        if args or kwargs or torch.is_grad_enabled() or layer.disable_adapters or layer.merged:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        return torch.nn.functional.linear(x, self.weight, layer.base_layer.bias)
+
+
+LORA_FORWARDS = ("auto", "merged", "packed", "peft")
+
+
+def spare_memory(device: torch.device) -> int:
+    """Bytes the device can still give: a CUDA card's free memory, the machine's available memory for the CPU,
+    0 where it is not known (so "auto" packs rather than merges)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return 0
+
+
 class Packs:
-    """The active adapters' LoRA Linear layers, each run by a `PackedLinear` while these adapters are active.
+    """The active adapters' LoRA Linear layers, each run by a `MergedLinear` or a `PackedLinear` while these
+    adapters are active.
 
     `active` is {adapter: its layers, in the order of its scale slots}; `slots` is `Studio._scale_slots`' result.
-    A layer is packed only where every active adapter on it is a plain LoRA (no DoRA, no dropout) on a Linear;
-    any other layer (LoCon convolutions, DoRA) keeps peft's forward. Every packed layer's scales are views into
-    one tensor, `values`, filled from the slots by one gather (`refresh`, after each strength change).
-    """
+    A layer is taken only where every active adapter on it is a plain LoRA (no DoRA, no dropout) on a Linear;
+    any other layer (LoCon convolutions, DoRA) keeps peft's forward. Every layer's scales are views into one
+    tensor, `values`, filled from the slots by one gather (`refresh`, after each strength change).
 
-    def __init__(self, active: dict[str, list], slots: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    `merged=True` gives each layer a merged weight (`MergedLinear`) unless the copies would take more than
+    `budget` bytes (then `mode` says "packed"). Layers of the same shape and total rank are kept as one stack
+    (their merged weights, up and down matrices, scales), so a refresh is a copy of the base weights and one
+    batched product per shape, some tens of kernels for a whole UNet."""
+
+    def __init__(
+        self,
+        active: dict[str, list],
+        slots: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        merged: bool = False,
+        budget: int | None = None,
+    ):
         from peft.tuners.lora.layer import Linear as LoraLinear
 
         uses: dict[int, tuple] = {}  # id(layer) -> (layer, [(adapter, index in its slot)])
@@ -463,42 +537,74 @@ class Packs:
             offsets[name], start = start, start + len(slots[name][0])
         self._slots = [slots[name][0] for name in names]
         self.layers: list = []
-        index, plan = [], []
+        self.groups: list[tuple] = []
+        groups: dict[tuple, list] = {}  # (out, in, total rank, dtype) -> [(layer, [(adapter, slot index)])]
         for layer, on in uses.values():
             plain = type(layer) is LoraLinear and all(
                 name not in getattr(layer, "lora_variant", {})
                 and isinstance(layer.lora_dropout[name], torch.nn.Identity)
                 for name, _ in on
             )
-            if not plain:
-                continue
-            first = len(index)
-            for name, i in on:
-                index += [offsets[name] + i] * layer.r[name]
-            plan.append((layer, on, first, len(index)))
-        if not plan:
+            if plain:
+                weight = layer.base_layer.weight
+                rank = sum(layer.r[name] for name, _ in on)
+                groups.setdefault((*weight.shape, rank, weight.dtype), []).append((layer, on))
+        merged = merged and all(type(layer.base_layer) is torch.nn.Linear for g in groups.values() for layer, _ in g)
+        copies = sum(layer.base_layer.weight.nbytes for g in groups.values() for layer, _ in g)
+        self.mode = "merged" if merged and (budget is None or copies <= budget) else "packed"
+        self.merged_bytes = copies if self.mode == "merged" else 0
+        if not groups:
             self.values = None
             return
-        some = plan[0][0].lora_A[plan[0][1][0][0]].weight
+        index = []
+        for members in groups.values():  # group by group, layer by layer: each group's scales are one block
+            for layer, on in members:
+                for name, i in on:
+                    index += [offsets[name] + i] * layer.r[name]
+        layer, on = next(iter(groups.values()))[0]
+        some = layer.lora_A[on[0][0]].weight  # the LoRA weights' dtype: `PackedLinear`'s products stay in it
         self.index = torch.tensor(index, device=some.device)
         self.values = torch.empty(len(index), device=some.device, dtype=some.dtype)
+        first = 0
+        for (out_f, in_f, rank, dtype), members in groups.items():
+            n = len(members)
+            scales = self.values[first : first + n * rank].view(n, rank)
+            first += n * rank
+            downs = [
+                torch.cat([layer.lora_A[name].weight.detach() for name, _ in on], dim=0) for layer, on in members
+            ]
+            ups = [torch.cat([layer.lora_B[name].weight.detach() for name, _ in on], dim=1) for layer, on in members]
+            if self.mode == "merged":
+                stack = torch.empty((n, out_f, in_f), device=some.device, dtype=dtype)
+                bases = [layer.base_layer.weight.detach() for layer, _ in members]
+                up_stack, down_stack = torch.stack(ups).to(dtype), torch.stack(downs).to(dtype)
+                self.groups.append((stack, list(stack.unbind(0)), bases, up_stack, down_stack, scales))
+                for j, (layer, _) in enumerate(members):
+                    layer.forward = MergedLinear(layer, stack[j])
+                    self.layers.append(layer)
+            else:
+                for j, (layer, _) in enumerate(members):
+                    down, up = downs[j], ups[j].contiguous()
+                    layer.forward = PackedLinear(layer, down, up, scales[j])
+                    self.layers.append(layer)
         self.refresh()
-        for layer, on, first, last in plan:
-            down = torch.cat([layer.lora_A[name].weight.detach() for name, _ in on], dim=0)
-            up = torch.cat([layer.lora_B[name].weight.detach() for name, _ in on], dim=1).contiguous()
-            layer.forward = PackedLinear(layer, down, up, self.values[first:last])
-            self.layers.append(layer)
 
     def refresh(self) -> None:
-        """Copy every packed layer's scales from the adapters' slots (after a strength was written there)."""
-        if self.values is not None:
-            self.values.copy_(torch.cat(self._slots).index_select(0, self.index))
+        """Copy every layer's scales from the adapters' slots (after a strength was written there); with merged
+        weights, rewrite them: base weight, plus each adapter's up matrix scaled times its down matrix."""
+        if self.values is None:
+            return
+        self.values.copy_(torch.cat(self._slots).index_select(0, self.index))
+        for stack, views, bases, ups, downs, scales in self.groups:
+            torch._foreach_copy_(views, bases)
+            stack.baddbmm_(ups * scales.unsqueeze(1).to(ups.dtype), downs)
 
     def remove(self) -> None:
-        """Give every packed layer peft's forward back."""
+        """Give every layer peft's forward back (and drop the merged copies)."""
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
         self.layers = []
+        self.groups = []
 
 
 class _NoGraphs:

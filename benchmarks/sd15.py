@@ -188,6 +188,11 @@ def compare_graphs(model_dir: Path, args) -> dict:
     return {f"compare_{k}": v for k, v in result.items()}
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_generation(studio, strengths: dict | None, device: torch.device, steps: int = 30) -> float:
     """Median seconds of three `steps`-step pictures (guidance on) at `strengths`, after one warm-up picture.
 
@@ -351,21 +356,25 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
     studio.load(adapter, name="bench")
     results["adapter_cold_load_s"] = time.perf_counter() - t0
     results["generate_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+    results["lora_forward"] = studio.lora_forward_now  # how the adapter's layers ran ("merged" where they fit)
     changes = []
     for s in (0.1, 0.5, 0.9, 1.3, 0.2):
+        sync(device)
         t0 = time.perf_counter()
         studio.set_strengths({"bench": s})
+        sync(device)  # the merged weights are rewritten on the GPU: counted
         changes.append(time.perf_counter() - t0)
     results["strength_change_ms"] = 1000 * statistics.median(changes)
     if args.overheads:
         studio.load(adapter, name="second")  # the same file under a second name: two adapters' layers run
         two = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
         results["generate_two_adapters_30_steps_s"] = two
-        studio.use_packed(False)  # the same two, then one, through peft's layers (what packing saves)
-        two_peft = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
-        results["generate_two_adapters_peft_30_steps_s"] = two_peft
-        results["generate_peft_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
-        studio.use_packed(True)
+        for mode in ("packed", "peft"):  # the same two, then one, run packed and through peft's own layers
+            studio.use_lora_forward(mode)
+            two = time_generation(studio, {"bench": 0.7, "second": 0.5}, device)
+            results[f"generate_two_adapters_{mode}_30_steps_s"] = two
+            results[f"generate_{mode}_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+        studio.use_lora_forward("auto")
         studio.unload("second")
         studio.fuse({"bench": 0.7})
         results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
@@ -375,6 +384,8 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
             unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
             unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
             fused_overhead=results["generate_fused_30_steps_s"] / base - 1,
+            packed_overhead_one=results["generate_packed_30_steps_s"] / base - 1,
+            packed_overhead_two=results["generate_two_adapters_packed_30_steps_s"] / base - 1,
             peft_overhead_one=results["generate_peft_30_steps_s"] / base - 1,
             peft_overhead_two=results["generate_two_adapters_peft_30_steps_s"] / base - 1,
         )

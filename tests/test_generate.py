@@ -63,14 +63,17 @@ def test_a_strength_changed_in_place_draws_what_a_fresh_setting_draws(tiny_model
     assert np.abs(changed - render(fresh, {"a": 0.3, "b": -0.5})).max() > 1e-3
 
 
-def test_packed_lora_layers_draw_what_peft_layers_draw(tiny_model):
-    """Generation runs each LoRA Linear packed (every active adapter in two products, `PackedLinear`); the pictures
-    are peft's own, adapter by adapter, up to rounding: one adapter, two of different ranks, the text encoder's,
-    a strength changed in place, a switch back to one, then none (the base model exactly)."""
-    from adapters.runtime import PackedLinear
+@pytest.mark.parametrize("mode", ["merged", "packed"])
+def test_merged_and_packed_lora_layers_draw_what_peft_layers_draw(tiny_model, mode):
+    """Generation runs each LoRA Linear from a merged copy of its weight (`MergedLinear`) or packed (every active
+    adapter in two products, `PackedLinear`); the pictures are peft's own, adapter by adapter, up to rounding: one
+    adapter, two of different ranks, the text encoder's, a strength changed in place, a switch back to one, then
+    none (the base model exactly: the base weights are never touched)."""
+    from adapters.runtime import MergedLinear, PackedLinear
 
-    packed, plain = Studio(str(tiny_model), device="cpu"), Studio(str(tiny_model), device="cpu", packed=False)
-    for studio in (packed, plain):
+    ours, plain = Studio(str(tiny_model), device="cpu", lora_forward=mode), Studio(str(tiny_model), device="cpu")
+    plain.use_lora_forward("peft")
+    for studio in (ours, plain):
         studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
         other = random_lora(studio.pipe.unet, 0.1, seed=1)
         small = {k: LoraModule(m.down[:2], m.up[:, :2], 1.0) for k, m in other.items()}
@@ -86,16 +89,38 @@ def test_packed_lora_layers_draw_what_peft_layers_draw(tiny_model):
         studio.add(small, "b")
     base = render(plain, {})
     for strengths in ({"a": 1.0}, {"a": 0.6, "b": -0.8}, {"a": 1.3, "b": 0.5}, {"b": 1.0}, {}):
-        ours, theirs = render(packed, strengths), render(plain, strengths)
-        assert np.abs(ours - theirs).max() < 1e-4, strengths
-        assert strengths == {} or np.abs(ours - base).max() > 1e-2, strengths
-    assert np.array_equal(render(packed, {}), base)
-    packed.set_strengths({"a": 0.5, "b": 0.5})
-    runs = [m for c in ("unet", "text_encoder") for m in getattr(packed.pipe, c).modules() if "forward" in m.__dict__]
-    expected = len(attention_targets(packed.pipe.unet, "both")) + len(small) - len(random_lora(packed.pipe.unet))
-    assert len(runs) == expected and all(isinstance(m.forward, PackedLinear) for m in runs)
-    packed.set_strengths({})
-    assert not [m for m in packed.pipe.unet.modules() if "forward" in m.__dict__]  # peft's forward back
+        mine, theirs = render(ours, strengths), render(plain, strengths)
+        assert np.abs(mine - theirs).max() < 1e-4, strengths
+        assert strengths == {} or np.abs(mine - base).max() > 1e-2, strengths
+        assert ours.lora_forward_now == (mode if strengths else None)
+        assert plain.lora_forward_now == ("peft" if strengths else None)
+    assert np.array_equal(render(ours, {}), base)
+    ours.set_strengths({"a": 0.5, "b": 0.5})
+    runs = [m for c in ("unet", "text_encoder") for m in getattr(ours.pipe, c).modules() if "forward" in m.__dict__]
+    expected = len(attention_targets(ours.pipe.unet, "both")) + len(small) - len(random_lora(ours.pipe.unet))
+    kind = MergedLinear if mode == "merged" else PackedLinear
+    assert len(runs) == expected and all(isinstance(m.forward, kind) for m in runs)
+    ours.set_strengths({})
+    assert not [m for m in ours.pipe.unet.modules() if "forward" in m.__dict__]  # peft's forward back
+
+
+def test_automatic_lora_forward_merges_when_the_copies_fit_and_packs_when_they_do_not(tiny_model, monkeypatch):
+    """ "auto" merges while a copy of the adapted layers' weights takes at most a quarter of the spare memory; with
+    too little spare memory it packs, and draws the same picture."""
+    import adapters.runtime as runtime
+
+    studio = Studio(str(tiny_model), device="cpu")
+    studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
+    merged = render(studio, {"a": 0.7})
+    assert studio.lora_forward_now == "merged" and studio._packs.merged_bytes > 0
+    copies = studio._packs.merged_bytes
+    monkeypatch.setattr(runtime, "spare_memory", lambda device: 4 * copies - 4)
+    studio.use_lora_forward("auto")
+    packed = render(studio, {"a": 0.7})
+    assert studio.lora_forward_now == "packed"
+    assert np.abs(merged - packed).max() < 1e-4
+    with pytest.raises(UserError, match="lora_forward must be one of auto, merged, packed, peft, got 'fast'"):
+        studio.use_lora_forward("fast")
 
 
 def test_unknown_adapter_name_is_an_error(tiny_model):

@@ -1,0 +1,201 @@
+"""Where one generated picture's time goes, and what each lever on the denoising step would save (issue 18: SD 1.5,
+512, 30 steps with guidance, goal 0.25 s), measured in one process on one GPU, random weights of SD 1.5's shapes.
+
+    python3 benchmarks/gen_profile.py --json out.json [--compile]
+    python3 benchmarks/gen_profile.py --tiny --device cpu       # the same path with tiny shapes (checks the script)
+
+Fields:
+- picture_30_steps_s: `Studio.generate`, no adapter, median of three; text_encode_ms, vae_decode_ms: those parts
+  of a picture alone (the prompt and the empty negative prompt; one 64x64 latent decoded).
+- unet_ms: one UNet call at batch 2 (the two guidance branches), {variant: {"eager": ms, "graphed": ms}}, each the
+  median over repeated calls: "default" (what `Studio` runs), "channels_last", "fused_qkv" (diffusers'
+  `fuse_qkv_projections`: q, k, v as one product), "sdpa_<backend>" (flash, efficient, cudnn: the attention kernel
+  forced), and with --compile "compiled" (the whole UNet through `torch.compile`, then captured; compile_s says
+  how long the first call took).
+- kernels: the 25 kernels that took the most GPU time in one eager default call, and the share of GPU time by
+  kind (matmul, conv, attention, norm, other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reference import PROMPT  # noqa: E402
+from benchmarks.sd15 import build_sd15, saved_model  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(call, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        call()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def graphed(call):
+    """`call` captured as a CUDA graph (after two warm-up calls on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("fprop", "conv", "dgrad", "implicit")):
+        return "conv"
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90", "sm80")):
+        return "matmul"
+    if "norm" in low:
+        return "norm"
+    return "other"
+
+
+def kernel_table(call, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        gpu = getattr(e, "self_device_time_total", None)
+        if gpu is None:
+            gpu = getattr(e, "self_cuda_time_total", 0)
+        if gpu and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            rows.append((gpu, e.count, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows) or 1.0
+    shares: dict[str, float] = {}
+    for gpu, _, key in rows:
+        shares[kind_of(key)] = shares.get(kind_of(key), 0.0) + gpu / total
+    return {
+        "gpu_ms": total / 1000,
+        "share": {k: round(v, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+        "top": [{"ms": round(g / 1000, 3), "calls": c, "kind": kind_of(k), "name": k[:120]} for g, c, k in rows[:25]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-gen-profile"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also the whole UNet through torch.compile")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from adapters.runtime import Studio
+
+    device = torch.device(args.device)
+    results: dict = {
+        "script": "gen_profile",
+        "command": " ".join(["python3", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+    model_dir = saved_model(args.work / ("tiny" if args.tiny else "sd15"), lambda: build_sd15(args.tiny)[0], device)
+    studio = Studio(str(model_dir), device=args.device)
+    pipe, size = studio.pipe, studio.native_size
+    studio.generate(PROMPT, sampling_steps=30)
+    results["picture_30_steps_s"] = median_ms(lambda: studio.generate(PROMPT, sampling_steps=30), device, 3) / 1000
+    results["text_encode_ms"] = median_ms(
+        lambda: pipe.encode_prompt(PROMPT, device, 1, True, negative_prompt=""), device, 5
+    )
+    scale = pipe.vae_scale_factor
+    latent = torch.randn(1, 4, size // scale, size // scale, device=device, dtype=pipe.unet.dtype)
+    with torch.no_grad():
+        results["vae_decode_ms"] = median_ms(lambda: pipe.vae.decode(latent), device, 5)
+    save()
+
+    unet = pipe.unet
+    forward = type(unet).forward  # the UNet's own forward, not the runtime's graphs
+    context = pipe.encode_prompt(PROMPT, device, 1, True, negative_prompt="")
+    states = torch.cat([context[1], context[0]])
+    sample = torch.randn(2, 4, size // scale, size // scale, device=device, dtype=unet.dtype)
+    timestep = torch.tensor(500, device=device)
+
+    def unet_call(model=unet, x=None):
+        x = sample if x is None else x
+        return lambda: forward(model, x, timestep, states, return_dict=False)
+
+    def measure(name: str, call, enter=None) -> None:
+        try:
+            with torch.no_grad(), enter() if enter else contextlib.nullcontext():
+                row = {"eager": median_ms(call, device, args.repeats)}
+                if device.type == "cuda":
+                    replay = graphed(call)
+                    row["graphed"] = median_ms(replay, device, args.repeats)
+        except Exception as exc:  # a backend this card or build lacks: recorded, the rest goes on
+            row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        results.setdefault("unet_ms", {})[name] = row
+        print(name, row, flush=True)
+        save()
+
+    measure("default", unet_call())
+    with torch.no_grad():
+        results["kernels"] = kernel_table(unet_call(), device) if device.type == "cuda" else {}
+    save()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        measure(
+            f"sdpa_{backend.split('_')[0].lower()}",
+            unet_call(),
+            lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)),
+        )
+    unet.fuse_qkv_projections()
+    measure("fused_qkv", unet_call())
+    unet.unfuse_qkv_projections()
+    unet.to(memory_format=torch.channels_last)
+    measure("channels_last", unet_call(x=sample.to(memory_format=torch.channels_last)))
+    unet.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        compiled = torch.compile(lambda x: forward(unet, x, timestep, states, return_dict=False), fullgraph=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(sample)
+        sync(device)
+        results["compile_s"] = time.perf_counter() - t0
+        measure("compiled", lambda: compiled(sample))
+    results["complete"] = True
+    save()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
