@@ -71,6 +71,7 @@ class Studio:
         cuda_graphs: bool = True,
         lora_forward: str = "auto",
         compile_blocks: bool = False,
+        channels_last: bool | None = None,
     ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
@@ -97,6 +98,13 @@ class Studio:
         self._packs: Packs | None = None
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
         self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
+        # on a CUDA GPU the UNet and the VAE hold their convolution weights channels-last (`channels_last=False`:
+        # never): cuDNN's convolutions then read and write that layout directly instead of converting every
+        # activation to it and back (a quarter of an SD 1.5 UNet call's GPU time on an H100:
+        # benchmarks/results/h100_gen_profile.json)
+        if channels_last if channels_last is not None else self.device.type == "cuda":
+            for component in ("unet", "vae"):
+                getattr(self.pipe, component).to(memory_format=torch.channels_last)
         if compile_blocks:  # an experiment (benchmarks/sd15.py --studio-compile): the first picture compiles
             self.pipe.unet.compile_repeated_blocks(dynamic=False)
 

@@ -349,6 +349,10 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
     --diffusers-compile) compiled. Every picture: 30 steps, guidance, median of three after a warm-up."""
     from adapters.runtime import Studio
 
+    if args.overheads and device.type == "cuda":  # the base model with its weights in the default layout
+        plain = Studio(str(model_dir), device=args.device, channels_last=False)
+        results["generate_base_contiguous_30_steps_s"] = time_generation(plain, {}, device)
+        del plain
     studio = Studio(str(model_dir), device=args.device)
     if args.overheads:
         results["generate_base_30_steps_s"] = time_generation(studio, {}, device)  # no adapter ever loaded

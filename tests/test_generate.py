@@ -104,6 +104,16 @@ def test_merged_and_packed_lora_layers_draw_what_peft_layers_draw(tiny_model, mo
     assert not [m for m in ours.pipe.unet.modules() if "forward" in m.__dict__]  # peft's forward back
 
 
+def test_channels_last_weights_draw_what_the_default_layout_draws(tiny_model):
+    """The layout CUDA generation uses (UNet and VAE channels-last) draws the default layout's picture."""
+    plain, last = Studio(str(tiny_model), device="cpu"), Studio(str(tiny_model), device="cpu", channels_last=True)
+    conv = last.pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for studio in (plain, last):
+        studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
+    assert np.abs(render(plain, {"a": 0.8}) - render(last, {"a": 0.8})).max() < 1e-4
+
+
 def test_automatic_lora_forward_merges_when_the_copies_fit_and_packs_when_they_do_not(tiny_model, monkeypatch):
     """ "auto" merges while a copy of the adapted layers' weights takes at most a quarter of the spare memory; with
     too little spare memory it packs, and draws the same picture."""

@@ -141,13 +141,14 @@ def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
 
 @pytest.mark.parametrize("mode", ["merged", "packed"])
 def test_merged_and_packed_lora_layers_in_generation_graphs_draw_what_peft_layers_draw_eagerly(tiny_model, mode):
-    """fp16 on the GPU: generation with graphs replayed and the LoRA layers merged (the default where the copies
-    fit) or packed, against peft's own layers run eagerly; one adapter and two, a strength changed in place."""
+    """fp16 on the GPU: generation with graphs replayed, weights channels-last and the LoRA layers merged (the
+    default where the copies fit) or packed, against peft's own layers run eagerly in the default layout; one
+    adapter and two, a strength changed in place."""
     from adapters.lora import LoraModule
     from adapters.runtime import Studio
 
     ours = Studio(str(tiny_model), device="cuda", lora_forward=mode)
-    theirs = Studio(str(tiny_model), device="cuda", cuda_graphs=False, lora_forward="peft")
+    theirs = Studio(str(tiny_model), device="cuda", cuda_graphs=False, lora_forward="peft", channels_last=False)
     for studio in (ours, theirs):
         gen = torch.Generator().manual_seed(0)
         for name, rank in (("a", 4), ("b", 2)):
