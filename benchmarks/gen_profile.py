@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reference import PROMPT  # noqa: E402
+from benchmarks.reference import PROMPT, median_seconds  # noqa: E402
 from benchmarks.sd15 import build_sd15, saved_model  # noqa: E402
 
 
@@ -40,14 +39,7 @@ def sync(device) -> None:
 
 
 def median_ms(call, device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        call()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return 1000 * median_seconds(call, device, repeats)
 
 
 def graphed(call):
