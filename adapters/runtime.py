@@ -92,9 +92,7 @@ class Studio:
         self._fused: dict[str, torch.Tensor] | None = None  # layer path -> base weight saved before fusing
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see set_strengths
         # how generation runs the active adapters' LoRA Linear layers: see `use_lora_forward`
-        if lora_forward not in LORA_FORWARDS:
-            raise UserError(f"lora_forward must be one of {', '.join(LORA_FORWARDS)}, got {lora_forward!r}")
-        self.lora_forward = lora_forward
+        self.lora_forward = checked_lora_forward(lora_forward)
         self._packs: Packs | None = None
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
         self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
@@ -244,9 +242,7 @@ class Studio:
         - "auto" (the default): "merged" when the copies take at most a quarter of the device's free memory,
           else "packed".
         DoRA and convolution layers always run through peft's forward."""
-        if mode not in LORA_FORWARDS:
-            raise UserError(f"lora_forward must be one of {', '.join(LORA_FORWARDS)}, got {mode!r}")
-        self.lora_forward = mode
+        self.lora_forward = checked_lora_forward(mode)
         strengths = self.strengths
         self._changed()
         self.set_strengths(strengths)
@@ -494,6 +490,13 @@ class MergedLinear:
 
 
 LORA_FORWARDS = ("auto", "merged", "packed", "peft")
+
+
+def checked_lora_forward(mode: str) -> str:
+    """`mode` when it is one of `LORA_FORWARDS`, else a message naming the choices."""
+    if mode not in LORA_FORWARDS:
+        raise UserError(f"lora_forward must be one of {', '.join(LORA_FORWARDS)}, got {mode!r}")
+    return mode
 
 
 def spare_memory(device: torch.device) -> int:
