@@ -29,13 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reference import PROMPT, median_seconds  # noqa: E402
+from benchmarks.reference import PROMPT, median_seconds, sync  # noqa: E402
 from benchmarks.sd15 import build_sd15, saved_model  # noqa: E402
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_ms(call, device, repeats: int) -> float:

@@ -37,7 +37,7 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 PROMPT = "a red circle"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -191,11 +191,11 @@ class ScriptStep:
             torch.cuda.reset_peak_memory_stats(self.device)
         for i in range(warmup):
             self.step(i)
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps):
             self.step(i)
-        _sync(self.device)
+        sync(self.device)
         seconds = (time.perf_counter() - t0) / steps
         out = {"script_step_s": seconds, "script_images_per_s": self.batch / seconds, "script_steps_timed": steps}
         if self.device.type == "cuda":
@@ -218,10 +218,10 @@ def median_seconds(draw: Callable[[], object], device: torch.device, repeats: in
     """Median wall-clock seconds of `repeats` calls of `draw` (synchronised around each)."""
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         draw()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.reference import PROMPT  # noqa: E402
+from benchmarks.reference import PROMPT, sync  # noqa: E402
 from trainer.builtin.builder import assemble_pipeline  # noqa: E402
 
 
@@ -188,11 +188,6 @@ def compare_graphs(model_dir: Path, args) -> dict:
     return {f"compare_{k}": v for k, v in result.items()}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_generation(studio, strengths: dict | None, device: torch.device, steps: int = 30) -> float:
     """Median seconds of three `steps`-step pictures (guidance on) at `strengths`, after one warm-up picture.
 
@@ -202,12 +197,10 @@ def time_generation(studio, strengths: dict | None, device: torch.device, steps:
     studio.generate(PROMPT, sampling_steps=steps, strengths=warm)
     times = []
     for seed in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         studio.generate(PROMPT, sampling_steps=steps, seed=seed, strengths=strengths)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
