@@ -11,6 +11,7 @@ The verbs: `load`/`add` (attach), `set_strengths` (any number of adapters, each 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -70,7 +71,7 @@ class Studio:
         prediction_type: str | None = None,
         cuda_graphs: bool = True,
         lora_forward: str = "auto",
-        compile_blocks: bool = False,
+        compile_unet: bool = False,
         channels_last: bool | None = None,
     ):
         self.device = torch.device(device) if device else pick_device()
@@ -94,8 +95,11 @@ class Studio:
         # how generation runs the active adapters' LoRA Linear layers: see `use_lora_forward`
         self.lora_forward = checked_lora_forward(lora_forward)
         self._packs: Packs | None = None
-        # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never)
-        self._graphs = UNetGraphs(self.pipe.unet) if cuda_graphs and self.device.type == "cuda" else _NoGraphs()
+        self._merged_runs: dict[int, MergedLinear] = {}  # id(layer) -> its MergedLinear, kept across adapter sets
+        # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never);
+        # `compile_unet`: the UNet's forward also goes through torch.compile (see `UNetGraphs`)
+        capture = cuda_graphs and self.device.type == "cuda"
+        self._graphs = UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet) if capture or compile_unet else _NoGraphs()
         # on a CUDA GPU the UNet and the VAE hold their convolution weights channels-last (`channels_last=False`:
         # never): cuDNN's convolutions then read and write that layout directly instead of converting every
         # activation to it and back (a quarter of an SD 1.5 UNet call's GPU time on an H100:
@@ -103,8 +107,6 @@ class Studio:
         if channels_last if channels_last is not None else self.device.type == "cuda":
             for component in ("unet", "vae"):
                 getattr(self.pipe, component).to(memory_format=torch.channels_last)
-        if compile_blocks:  # an experiment (benchmarks/sd15.py --studio-compile): the first picture compiles
-            self.pipe.unet.compile_repeated_blocks(dynamic=False)
 
     @property
     def native_size(self) -> int:
@@ -218,7 +220,7 @@ class Studio:
         if self.lora_forward != "peft" and strengths:
             merged = self.lora_forward in ("merged", "auto")
             budget = None if self.lora_forward == "merged" else spare_memory(self.device) // 4
-            self._packs = Packs(active, self._scales, merged=merged, budget=budget)
+            self._packs = Packs(active, self._scales, merged=merged, budget=budget, runs=self._merged_runs)
         else:
             self._packs = None
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
@@ -525,7 +527,10 @@ class Packs:
     tensor, `values`, filled from the slots by one gather (`refresh`, after each strength change).
 
     `merged=True` gives each layer a merged weight (`MergedLinear`) unless the copies would take more than
-    `budget` bytes (then `mode` says "packed"). Layers of the same shape and total rank are kept as one stack
+    `budget` bytes (then `mode` says "packed"). A layer's `MergedLinear` is taken from `runs` where an earlier
+    `Packs` made one (and stored there), only its weight replaced: a compiled UNet (`compile_unet`) checks that
+    the objects it was compiled with are still there, so switching between sets of adapters reuses it instead of
+    compiling again. Layers of the same shape and total rank are kept as one stack
     (their merged weights, up and down matrices, scales), so a refresh is a copy of the base weights and one
     batched product per shape, some tens of kernels for a whole UNet."""
 
@@ -535,6 +540,7 @@ class Packs:
         slots: dict[str, tuple[torch.Tensor, torch.Tensor]],
         merged: bool = False,
         budget: int | None = None,
+        runs: dict | None = None,
     ):
         from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -591,7 +597,13 @@ class Packs:
                 up_stack, down_stack = torch.stack(ups).to(dtype), torch.stack(downs).to(dtype)
                 self.groups.append((stack, list(stack.unbind(0)), bases, up_stack, down_stack, scales))
                 for j, (layer, _) in enumerate(members):
-                    layer.forward = MergedLinear(layer, stack[j])
+                    run = (runs or {}).get(id(layer))
+                    if run is None or run.layer is not layer:
+                        run = MergedLinear(layer, stack[j])
+                        if runs is not None:
+                            runs[id(layer)] = run
+                    run.weight = stack[j]
+                    layer.forward = run
                     self.layers.append(layer)
             else:
                 for j, (layer, _) in enumerate(members):
@@ -625,20 +637,43 @@ class _NoGraphs:
         pass
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compile_unet` (tests count compiles with their own)
+
+
+def use_compile_cache() -> str:
+    """Where torch.compile keeps what it compiled, so a later run (another process, after a reboot) reuses it
+    instead of compiling again: TORCHINDUCTOR_CACHE_DIR when the person set it, else lora-studio's folder in the
+    user's cache (`$XDG_CACHE_HOME` or ~/.cache), not inductor's own default under the system's temp folder."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(home, "lora-studio", "torchinductor"))
+
+
 class UNetGraphs:
-    """The UNet's forward during generation, captured once per shape as a CUDA graph and replayed every step.
+    """The UNet's forward during generation, captured once per shape as a CUDA graph and replayed every step, and
+    with `compiled=True` first put through torch.compile.
 
     A denoising step at common sizes is bound by launching some thousands of small kernels, not by the GPU's
     arithmetic; a replayed graph launches them all at once. Installed on the UNet instance, so the diffusers
-    pipeline calls it as it calls the UNet. What a graph reads (the weights, each LoRA's scale) is read in place,
-    so strengths change without a new capture; attaching, removing, replacing or fusing adapters drops the graphs
-    (`clear`). Training (gradients on) and any call it does not recognise run the UNet as it is."""
+    pipeline calls it as it calls the UNet. What a graph reads (the weights, each LoRA's scale or merged weight) is
+    read in place, so strengths change without a new capture or compile; attaching, removing, replacing or fusing
+    adapters drops the graphs (`clear`). Training (gradients on) and any call it does not recognise run the UNet as
+    it is.
 
-    def __init__(self, unet: torch.nn.Module, keep: int = 4):
-        self.unet, self.keep = unet, keep
+    `compiled`: the plain denoising call goes through `torch.compile` (whole UNet, static shapes) before it is
+    captured (`capture=False`, as on the CPU: it is run as compiled). The first picture at a size compiles (about
+    a minute for SD 1.5 on an H100 with an empty cache); what is compiled is kept on disk (`use_compile_cache`) for
+    the next run. Where compiling fails, generation goes on without it, with a warning."""
+
+    def __init__(self, unet: torch.nn.Module, keep: int = 4, capture: bool = True, compiled: bool = False):
+        self.unet, self.keep, self.capture = unet, keep, capture
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.failed = ""  # why capture was given up, if it was
+        self.compile_failed = ""  # why torch.compile was given up, if it was
         self._forward = type(unet).forward
+        self._run = self._plain
+        if compiled:
+            use_compile_cache()
+            self._run = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
         unet.forward = self  # the instance's forward: nn.Module.__call__ finds it first
 
     def clear(self) -> None:
@@ -646,6 +681,24 @@ class UNetGraphs:
 
     def _eager(self, *args, **kwargs):
         return self._forward(self.unet, *args, **kwargs)
+
+    def _plain(self, sample, timestep, encoder_hidden_states, added):
+        return self._forward(
+            self.unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def _run_or_uncompiled(self, call):
+        """`call()`; where torch.compile fails in it, warn and call again with the UNet uncompiled from now on."""
+        try:
+            return call()
+        except Exception as exc:
+            if self._run == self._plain:
+                raise
+            why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]  # less torch's own advice on more logging
+            self.compile_failed = " ".join(f"{type(exc).__name__}: {why}".split())
+            warnings.warn(f"lora-studio: generation runs without torch.compile ({self.compile_failed})", stacklevel=3)
+            self._run = self._plain
+            return call()
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, **kwargs):
         plain = not args and set(kwargs) <= {
@@ -655,26 +708,26 @@ class UNetGraphs:
             "return_dict",
         }
         if (
-            self.failed
-            or not plain
+            not plain
             or torch.is_grad_enabled()
-            or sample.device.type != "cuda"
             or kwargs.get("timestep_cond") is not None
             or kwargs.get("cross_attention_kwargs")
             or kwargs.get("return_dict", True)
         ):
             return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        timestep = torch.as_tensor(timestep, device=sample.device)
+        timestep = torch.as_tensor(timestep, device=sample.device)  # a number would be compiled in as a constant
         added = kwargs.get("added_cond_kwargs") or {}
+        if self.failed or not self.capture or sample.device.type != "cuda":
+            return (self._run_or_uncompiled(lambda: self._run(sample, timestep, encoder_hidden_states, added or None)),)
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **added}
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(inputs, list(added))
+                self.graphs[key] = self._run_or_uncompiled(lambda: self._capture(inputs, list(added)))
             except Exception as exc:  # an exotic model or driver: generate eagerly from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"lora-studio: generation runs without CUDA graphs ({self.failed})", stacklevel=2)
-                return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+                return (self._run_or_uncompiled(lambda: self._run(sample, timestep, encoder_hidden_states, added or None)),)
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
@@ -689,14 +742,7 @@ class UNetGraphs:
 
         def run():
             added = {k: static[k] for k in added_names} or None
-            return self._forward(
-                self.unet,
-                static["sample"],
-                static["timestep"],
-                static["encoder_hidden_states"],
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
+            return self._run(static["sample"], static["timestep"], static["encoder_hidden_states"], added)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from adapters.errors import UserError
 
+COMPILE_HELP = (
+    "generate through a torch.compile'd UNet: faster pictures after a one-time compile at each size (about a "
+    "minute for SD 1.5 on a GPU; kept in ~/.cache/lora-studio/torchinductor for later runs)"
+)
+
 
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import from_args
@@ -150,7 +155,7 @@ def _generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
-    studio = Studio(args.base_model, prediction_type=prediction)
+    studio = Studio(args.base_model, prediction_type=prediction, compile_unet=args.compile)
     strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
@@ -278,6 +283,7 @@ def _ui(args: argparse.Namespace) -> int:
             insecure_no_auth=args.insecure_no_auth,
             max_file_mb=args.max_file_mb,
             max_upload_files=args.max_upload_files,
+            compile_unet=args.compile,
         )
     finally:
         if own_cache is not None:
@@ -367,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(p, "--output", "--out", required=True, help="image file to write (.png, .jpg or .webp)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("ui", help="start the web app (Train, Generate, Adapters)")
@@ -392,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=".", help="folder holding runs/ and library/ (default: here)")
     p.add_argument("--base-model", default="builtin", help="base model preselected in the page")
     p.add_argument("--preload", default=None, metavar="FOLDER", help="put this folder's images in the upload box")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=_ui)
 
     p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")

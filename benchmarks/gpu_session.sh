@@ -9,12 +9,14 @@
 # Nothing is fetched: diffusers comes from the wheel carried in .whl/ (unpacked into /tmp/site when python3 lacks
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
-#             sdxl_b1.json sdxl_b4.json sd15_compile.json train_compile.json session.log (8 files at most come
-#             back from a lent machine)
+#             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
+#             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
 #   PARTS     which parts, in this order (default: sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile
-#             train_compile)
+#             sd15_compile_warm train_compile)
+#   TORCHINDUCTOR_CACHE_DIR  where torch.compile keeps what it compiled (default $WORK/torchinductor, so that the
+#             first sd15_compile compiles from nothing and sd15_compile_warm reuses it)
 #   TINY=1    tiny shapes on the CPU, few steps, no torch.compile (TINY_COMPILE=1 compiles anyway)
 #   WORK      models, data and runs (default /tmp/lora-studio-session)
 #
@@ -30,9 +32,10 @@
 #                       needs; the SDXL model is built and saved here first), 30-step generation
 #                       -> sdxl_bs1_peak_gib, sdxl_bs1_img_s, gen_sdxl_1024_30_s
 #   sdxl_b4       ~1.2  SDXL training at batch 4, ours and the SDXL example script's step -> sdxl_bs4_mfu
-#   sd15_compile  ~3    ours with one adapter again, ours with the UNet's transformer blocks compiled inside the
-#                       generation graph, then diffusers' fused pipeline with its UNet through torch.compile (the
-#                       compiles ~2 of it) -> gen_vs_compiled_diffusers
+#   sd15_compile  ~3.5  ours with one adapter again, ours with the whole UNet through torch.compile inside the
+#                       generation graph (the first picture compiles), then diffusers' fused pipeline with its UNet
+#                       through torch.compile (the compiles ~2 of it) -> gen_vs_compiled_diffusers
+#   sd15_compile_warm ~1  ours compiled again in a new process: the first picture from the compile cache
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -44,11 +47,12 @@ OUT=${OUT:-/tmp/lora-studio-session-out}
 WORK=${WORK:-/tmp/lora-studio-session}
 BUDGET_S=${BUDGET_S:-450}
 RESERVE_S=${RESERVE_S:-25}
-PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile train_compile}
+PARTS=${PARTS:-sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile sd15_compile_warm train_compile}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/session.log
 START=$(date +%s)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/torchinductor}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 
@@ -116,13 +120,17 @@ for p in $PARTS; do
         part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
         ;;
-    sd15_gen | sd15_compile)
+    sd15_gen | sd15_compile | sd15_compile_warm)
         # the adapter the training parts made; without one, a short run makes it first
         adapter=$(ls -t "$WORK"/sd15/run-*/bench.safetensors 2>/dev/null | head -1)
         if [ -n "$adapter" ]; then make=(--adapter "$adapter"); else make=(--steps 14 --no-flops); fi
         if [ "$p" = sd15_gen ]; then
             part sd15_gen 45 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
                 --no-reference --no-eager-generation --json "$OUT/sd15_gen.json"
+        elif [ "$p" = sd15_compile_warm ]; then
+            part sd15_compile_warm 30 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+                "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-compile \
+                --json "$OUT/sd15_compile_warm.json"
         else
             part sd15_compile 60 330 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation "${COMPILE[@]}" \
@@ -143,7 +151,7 @@ for p in $PARTS; do
         ;;
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile" \
-            "train_compile" | tee -a "$LOG"
+            "sd15_compile_warm train_compile" | tee -a "$LOG"
         ;;
     esac
 done

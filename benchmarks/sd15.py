@@ -28,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -386,17 +387,38 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
             peft_overhead_one=results["generate_peft_30_steps_s"] / base - 1,
             peft_overhead_two=results["generate_two_adapters_peft_30_steps_s"] / base - 1,
         )
+    plain_picture = np.asarray(studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
     del studio
-    if args.studio_compile:  # ours with the UNet's transformer blocks compiled inside the generation graph
+    if args.studio_compile:  # ours with the whole UNet through torch.compile, inside the generation graph
+        from adapters.runtime import use_compile_cache
         from benchmarks.reference import free_memory
 
         free_memory()
-        compiled = Studio(str(model_dir), device=args.device, compile_blocks=True)
+        cache = Path(use_compile_cache())
+        results["studio_compile_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file())
+        compiled = Studio(str(model_dir), device=args.device, compile_unet=True)
         compiled.load(adapter, name="bench")
-        t0 = time.perf_counter()
-        compiled.generate(PROMPT, sampling_steps=30, strengths={"bench": 0.7})
-        results["studio_compile_first_picture_s"] = time.perf_counter() - t0
+        for key, strengths in (("first_picture", {"bench": 0.7}), ("first_base_picture", {})):
+            t0 = time.perf_counter()
+            compiled.generate(PROMPT, sampling_steps=30, strengths=strengths)
+            sync(device)
+            results[f"studio_compile_{key}_s"] = time.perf_counter() - t0
+        results["studio_compile_failed"] = compiled._graphs.compile_failed
+        picture = np.asarray(compiled.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
+        # how far the compiled UNet's picture is from the uncompiled one's, in 8-bit levels (same seed, strength)
+        results["compiled_vs_plain_max_diff"] = int(np.abs(picture.astype(int) - plain_picture.astype(int)).max())
+        results["compiled_vs_plain_mean_diff"] = float(np.abs(picture.astype(float) - plain_picture).mean())
         results["generate_compiled_30_steps_s"] = time_generation(compiled, {"bench": 0.7}, device)
+        results["generate_compiled_base_30_steps_s"] = time_generation(compiled, {}, device)
+        results["compiled_unfused_overhead"] = (
+            results["generate_compiled_30_steps_s"] / results["generate_compiled_base_30_steps_s"] - 1
+        )
+        compiled.set_strengths({"bench": 0.7})
+        sync(device)
+        t0 = time.perf_counter()
+        compiled.set_strengths({"bench": 0.4})
+        sync(device)
+        results["compiled_strength_change_ms"] = (time.perf_counter() - t0) * 1000
         del compiled
         free_memory()
     if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
@@ -495,7 +517,9 @@ def main() -> None:
     parser.add_argument(
         "--studio-compile",
         action="store_true",
-        help="also time our runtime with the UNet's transformer blocks through torch.compile (first picture apart)",
+        help="also time our runtime with the whole UNet through torch.compile (Studio(compile_unet=True)): the first "
+        "picture with an adapter and the first without apart (they compile; TORCHINDUCTOR_CACHE_DIR or "
+        "~/.cache/lora-studio/torchinductor keeps what is compiled for the next run), then 30-step pictures",
     )
     parser.add_argument(
         "--compile-mode", default="reduce-overhead", help="torch.compile mode for --diffusers-compile"

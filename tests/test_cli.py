@@ -103,6 +103,30 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
+def test_generate_compile_draws_the_uncompiled_picture_through_a_compiled_unet(tiny_model, tmp_path, capsys, monkeypatch):
+    """`generate --compile` puts the UNet through torch.compile (here a backend that counts what it is given)
+    and writes the picture the plain command writes."""
+    import numpy as np
+    import torch
+
+    from adapters import runtime
+
+    graphs = []
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", lambda gm, inputs: graphs.append(gm) or gm.forward)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    pictures = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"picture{len(flags)}.png"
+        args = ["generate", "--base-model", tiny_model, "--prompt", "a red circle", "--sampling-steps", 3]
+        code, _, err = run_cli([*args, "--output", out, *flags], capsys)
+        assert code == 0, err
+        pictures.append(np.asarray(Image.open(out), dtype=int))
+        assert bool(graphs) == bool(flags)
+    assert np.abs(pictures[0] - pictures[1]).max() <= 1
+    torch._dynamo.reset()
+
+
 def test_old_spellings_still_work_with_a_notice(tiny_model, image_folder, tmp_path, capsys):
     """Flags renamed for one name per concept (--out, --steps of generate, --sample-*) keep working for now."""
     code, _, err = run_cli(

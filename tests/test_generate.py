@@ -1,5 +1,7 @@
 """Generation: strengths change the picture without reloading, and strength 0 is exactly the base model."""
 
+import logging
+import os
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,59 @@ def test_channels_last_weights_draw_what_the_default_layout_draws(tiny_model):
     for studio in (plain, last):
         studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
     assert np.abs(render(plain, {"a": 0.8}) - render(last, {"a": 0.8})).max() < 1e-4
+
+
+def test_a_compiled_unet_draws_the_plain_pictures_and_a_change_of_strengths_or_adapters_compiles_nothing(
+    tiny_model, tmp_path, monkeypatch, caplog
+):
+    """`compile_unet=True`: the UNet's denoising call goes through torch.compile and draws the uncompiled
+    pictures; a strength change is read in place (nothing compiled again); what is compiled is kept in the user's
+    cache folder unless TORCHINDUCTOR_CACHE_DIR names another; a backend that fails leaves generation uncompiled,
+    with a warning. The backend here only counts the graphs it is given (inductor is what users get)."""
+    from adapters import runtime
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", counting)
+    caplog.set_level(logging.WARNING, logger="torch.__trace")  # pytest's capture would take dynamo's trace log
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch._dynamo.reset()
+    ours, plain = Studio(str(tiny_model), device="cpu", compile_unet=True), Studio(str(tiny_model), device="cpu")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "lora-studio" / "torchinductor")
+    for studio in (ours, plain):
+        studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
+        studio.add(random_lora(studio.pipe.unet, scale=0.1, seed=1), "b")
+    assert np.abs(render(ours, {"a": 0.8}) - render(plain, {"a": 0.8})).max() < 1e-4
+    compiled = len(graphs)
+    assert compiled > 0
+    # other strengths and other sets of adapters reuse what was compiled
+    for strengths in ({"a": 0.3}, {"a": -0.5}, {"a": 0.5, "b": 0.5}, {"b": 1.2}):
+        assert np.abs(render(ours, strengths) - render(plain, strengths)).max() < 1e-4, strengths
+    assert len(graphs) == compiled
+    assert np.array_equal(render(ours, {}), render(plain, {}))  # the base model: compiled once more, then reused
+    compiled = len(graphs)
+    for strengths in ({"a": 1.0}, {}, {"a": 0.2, "b": 0.7}):
+        assert np.abs(render(ours, strengths) - render(plain, strengths)).max() < 1e-4, strengths
+    assert len(graphs) == compiled
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", failing)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    torch._dynamo.reset()
+    broken = Studio(str(tiny_model), device="cpu", compile_unet=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    broken.add(random_lora(broken.pipe.unet, scale=0.1), "a")
+    with pytest.warns(UserWarning, match="without torch.compile .BackendCompilerFailed.*no compiler here"):
+        picture = render(broken, {"a": 0.8})
+    assert np.abs(picture - render(plain, {"a": 0.8})).max() < 1e-4
+    torch._dynamo.reset()
 
 
 def test_automatic_lora_forward_merges_when_the_copies_fit_and_packs_when_they_do_not(tiny_model, monkeypatch):

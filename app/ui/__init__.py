@@ -37,6 +37,7 @@ def build_app(
     base_model: str = "builtin",
     preload: str | Path | None = None,
     max_upload_files: int = MAX_UPLOAD_FILES,
+    compile_unet: bool = False,
 ):
     """The Blocks app for a workspace folder (holding `runs/`, `library/` and `outputs/`)."""
     workspace = Path(workspace)
@@ -47,7 +48,7 @@ def build_app(
     with gr.Blocks(title="lora-studio", delete_cache=(3600, 86400)) as app:
         gr.Markdown("# lora-studio\nTrain a LoRA style adapter from a handful of images, then use it.")
         train = TrainTab(runs_root, library, preload_files, max_upload_files)
-        generate = GenerateTab(library, base_model, Outputs(workspace / "outputs"), runs_root)
+        generate = GenerateTab(library, base_model, Outputs(workspace / "outputs"), runs_root, compile_unet)
         adapters = LibraryTab(library)
         train.wire(app)
         generate.wire()
@@ -76,12 +77,14 @@ def launch(
     insecure_no_auth: bool = False,
     max_file_mb: int = MAX_FILE_MB,
     max_upload_files: int = MAX_UPLOAD_FILES,
+    compile_unet: bool = False,
     block: bool = True,
 ):
     """Serve the app; `auth` is `user:password`, and a `host` other than a loopback address needs it (or
     `insecure_no_auth`). Gradio serves files only from the workspace's `runs/`, `library/` and `outputs/` (and
     `preload`), besides its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so
-    is one of more than `max_upload_files` files on the Train tab. `block=False` returns the running app at once
+    is one of more than `max_upload_files` files on the Train tab. `compile_unet`: the Generate tab draws through a
+    torch.compile'd UNet (`Studio(compile_unet=True)`). `block=False` returns the running app at once
     (close it with `app.close()`)."""
     credentials = None
     if auth:
@@ -99,7 +102,7 @@ def launch(
     workspace_dir = Path(workspace).resolve()
     (workspace_dir / "runs").mkdir(parents=True, exist_ok=True)
     import_all()  # before any thread of the page imports a diffusers class (see adapters/libraries.py)
-    app = build_app(workspace_dir, base_model, preload, max_upload_files)
+    app = build_app(workspace_dir, base_model, preload, max_upload_files, compile_unet)
     watch_queue(workspace_dir / "runs")  # runs left waiting by an app that stopped start in turn
     served = [
         workspace_dir / "runs",

@@ -102,8 +102,9 @@ class GenerateRequest:
 class StudioCache:
     """One loaded base pipeline at a time, shared by every Generate request; a lock keeps requests in turn."""
 
-    def __init__(self):
+    def __init__(self, compile_unet: bool = False):
         self.studio = None
+        self.compile_unet = compile_unet  # each Studio's UNet through torch.compile (`lora-studio ui --compile`)
         self.lock = threading.Lock()
         self.loads = 0  # base models loaded so far
 
@@ -112,7 +113,7 @@ class StudioCache:
 
         if self.studio is None or self.studio.base_model != base_model:
             self.studio = None
-            self.studio = Studio(base_model)
+            self.studio = Studio(base_model, compile_unet=self.compile_unet)
             self.loads += 1
         return self.studio
 
@@ -144,9 +145,14 @@ class GenerateTab:
     """The tab's controls (made where it is built, inside the app's Blocks) and its handlers."""
 
     def __init__(
-        self, library: Library, base_model: str, outputs: Outputs | None = None, runs_root: Path | None = None
+        self,
+        library: Library,
+        base_model: str,
+        outputs: Outputs | None = None,
+        runs_root: Path | None = None,
+        compile_unet: bool = False,
     ):
-        self.library, self.studios = library, StudioCache()
+        self.library, self.studios = library, StudioCache(compile_unet)
         self.stops: dict[str, threading.Event] = {}  # browser session -> its Interrupt flag
         self.outputs = outputs or Outputs(Path(library.root).parent / "outputs")  # beside the library
         self.runs_root = Path(runs_root or Path(library.root).parent / "runs")
