@@ -717,8 +717,12 @@ class UNetGraphs:
             return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
         timestep = torch.as_tensor(timestep, device=sample.device)  # a number would be compiled in as a constant
         added = kwargs.get("added_cond_kwargs") or {}
-        if self.failed or not self.capture or sample.device.type != "cuda":
+
+        def uncaptured():
             return (self._run_or_uncompiled(lambda: self._run(sample, timestep, encoder_hidden_states, added or None)),)
+
+        if self.failed or not self.capture or sample.device.type != "cuda":
+            return uncaptured()
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **added}
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         if key not in self.graphs:
@@ -727,7 +731,7 @@ class UNetGraphs:
             except Exception as exc:  # an exotic model or driver: generate eagerly from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"lora-studio: generation runs without CUDA graphs ({self.failed})", stacklevel=2)
-                return (self._run_or_uncompiled(lambda: self._run(sample, timestep, encoder_hidden_states, added or None)),)
+                return uncaptured()
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
