@@ -337,6 +337,48 @@ def script_reference(args, model_dir: Path, data: Path, size: int, results: Reco
         results["speedup_vs_script"] = results["train_images_per_s"] / fields["script_images_per_s"]
 
 
+def compiled_generation(
+    model_dir: Path, adapter: Path, device_name: str, results: Record, plain_picture: np.ndarray, base: bool = True
+) -> None:
+    """Ours with the whole UNet through torch.compile, inside the generation graph: the first picture (which
+    compiles, or reads the compile cache) with the adapter and (`base`) with none, the pixel distance from the
+    uncompiled `plain_picture` (seed 0, strength 0.7), the 30-step time and a strength change."""
+    from adapters.runtime import Studio, use_compile_cache
+    from benchmarks.reference import free_memory
+
+    device = torch.device(device_name)
+    free_memory()
+    cache = Path(use_compile_cache())
+    results["studio_compile_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file())
+    compiled = Studio(str(model_dir), device=device_name, compile_unet=True)
+    compiled.load(adapter, name="bench")
+    firsts = (("first_picture", {"bench": 0.7}), ("first_base_picture", {}))
+    for key, strengths in firsts if base else firsts[:1]:
+        t0 = time.perf_counter()
+        compiled.generate(PROMPT, sampling_steps=30, strengths=strengths)
+        sync(device)
+        results[f"studio_compile_{key}_s"] = time.perf_counter() - t0
+    results["studio_compile_failed"] = compiled._graphs.compile_failed
+    picture = np.asarray(compiled.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
+    # how far the compiled UNet's picture is from the uncompiled one's, in 8-bit levels (same seed, strength)
+    results["compiled_vs_plain_max_diff"] = int(np.abs(picture.astype(int) - plain_picture.astype(int)).max())
+    results["compiled_vs_plain_mean_diff"] = float(np.abs(picture.astype(float) - plain_picture).mean())
+    results["generate_compiled_30_steps_s"] = time_generation(compiled, {"bench": 0.7}, device)
+    if base:
+        results["generate_compiled_base_30_steps_s"] = time_generation(compiled, {}, device)
+        results["compiled_unfused_overhead"] = (
+            results["generate_compiled_30_steps_s"] / results["generate_compiled_base_30_steps_s"] - 1
+        )
+    compiled.set_strengths({"bench": 0.7})
+    sync(device)
+    t0 = time.perf_counter()
+    compiled.set_strengths({"bench": 0.4})
+    sync(device)
+    results["compiled_strength_change_ms"] = (time.perf_counter() - t0) * 1000
+    del compiled
+    free_memory()
+
+
 def generation(args, model_dir: Path, adapter: Path, device: torch.device, results: Record) -> None:
     """Our runtime (`adapters.runtime.Studio`) with one adapter, a strength change and a cold load, and (--overheads)
     with no adapter, two unfused and one fused; then diffusers' pipeline with the adapter fused, eager and (with
@@ -389,38 +431,8 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         )
     plain_picture = np.asarray(studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
     del studio
-    if args.studio_compile:  # ours with the whole UNet through torch.compile, inside the generation graph
-        from adapters.runtime import use_compile_cache
-        from benchmarks.reference import free_memory
-
-        free_memory()
-        cache = Path(use_compile_cache())
-        results["studio_compile_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file())
-        compiled = Studio(str(model_dir), device=args.device, compile_unet=True)
-        compiled.load(adapter, name="bench")
-        for key, strengths in (("first_picture", {"bench": 0.7}), ("first_base_picture", {})):
-            t0 = time.perf_counter()
-            compiled.generate(PROMPT, sampling_steps=30, strengths=strengths)
-            sync(device)
-            results[f"studio_compile_{key}_s"] = time.perf_counter() - t0
-        results["studio_compile_failed"] = compiled._graphs.compile_failed
-        picture = np.asarray(compiled.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
-        # how far the compiled UNet's picture is from the uncompiled one's, in 8-bit levels (same seed, strength)
-        results["compiled_vs_plain_max_diff"] = int(np.abs(picture.astype(int) - plain_picture.astype(int)).max())
-        results["compiled_vs_plain_mean_diff"] = float(np.abs(picture.astype(float) - plain_picture).mean())
-        results["generate_compiled_30_steps_s"] = time_generation(compiled, {"bench": 0.7}, device)
-        results["generate_compiled_base_30_steps_s"] = time_generation(compiled, {}, device)
-        results["compiled_unfused_overhead"] = (
-            results["generate_compiled_30_steps_s"] / results["generate_compiled_base_30_steps_s"] - 1
-        )
-        compiled.set_strengths({"bench": 0.7})
-        sync(device)
-        t0 = time.perf_counter()
-        compiled.set_strengths({"bench": 0.4})
-        sync(device)
-        results["compiled_strength_change_ms"] = (time.perf_counter() - t0) * 1000
-        del compiled
-        free_memory()
+    if args.studio_compile:
+        compiled_generation(model_dir, adapter, args.device, results, plain_picture)
     if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
         eager = Studio(str(model_dir), device=args.device, cuda_graphs=False)
         eager.load(adapter, name="bench")

@@ -3,6 +3,7 @@
     python benchmarks/sdxl.py --batch 1 --json sdxl_b1.json                         # on a CUDA machine
     python benchmarks/sdxl.py --batch 1 --gradient-checkpointing on --json ...      # less memory
     python benchmarks/sdxl.py --batch 1 --gpu-memory 8 --gradient-checkpointing auto --generate  # an 8 GB card
+    python benchmarks/sdxl.py --batch 1 --no-reference --generate --studio-compile  # and through torch.compile
     python benchmarks/sdxl.py --tiny --device cpu                                   # the code path, small
 
 It builds an SDXL-shaped pipeline from the published sizes (no download), saves it once as a diffusers folder
@@ -18,12 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.reference import PROMPT  # noqa: E402
 from benchmarks.sd15 import (  # noqa: E402
     Record,
+    compiled_generation,
     run_header,
     saved_model,
     script_reference,
@@ -136,6 +140,11 @@ def main() -> None:
     parser.add_argument("--reference-warmup", type=int, default=3, help="reference steps before timing")
     parser.add_argument("--reference-steps", type=int, default=10, help="reference steps timed")
     parser.add_argument("--generate", action="store_true", help="also time 30-step generation at the native size")
+    parser.add_argument(
+        "--studio-compile",
+        action="store_true",
+        help="with --generate: also generate with the whole UNet through torch.compile (the first picture compiles)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here (rewritten as they come)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -165,6 +174,10 @@ def main() -> None:
         studio = Studio(str(model_dir), device=args.device)
         studio.load(adapter, name="bench")
         results["generate_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+        if args.studio_compile:
+            plain = np.asarray(studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
+            del studio
+            compiled_generation(model_dir, adapter, args.device, results, plain, base=False)
     results.finish()
 
 
