@@ -99,7 +99,15 @@ class Studio:
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never);
         # `compile_unet`: the UNet's forward also goes through torch.compile (see `UNetGraphs`)
         capture = cuda_graphs and self.device.type == "cuda"
-        self._graphs = UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet) if capture or compile_unet else _NoGraphs()
+        graphed = capture or compile_unet
+        self._graphs = UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet) if graphed else _NoGraphs()
+        # and each text encoder's forward too (launch-bound: SD 1.5's took 12.7 ms for a prompt and its negative
+        # prompt on an H100 eagerly, benchmarks/results/h100_gen_profile.json)
+        self._text_graphs = [
+            EncoderGraphs(getattr(self.pipe, name))
+            for name in ("text_encoder", "text_encoder_2")
+            if capture and getattr(self.pipe, name, None) is not None
+        ]
         # on a CUDA GPU the UNet and the VAE hold their convolution weights channels-last (`channels_last=False`:
         # never): cuDNN's convolutions then read and write that layout directly instead of converting every
         # activation to it and back (a quarter of an SD 1.5 UNet call's GPU time on an H100:
@@ -224,6 +232,8 @@ class Studio:
         else:
             self._packs = None
         self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
+        for graphs in self._text_graphs:
+            graphs.clear()
 
     @property
     def lora_forward_now(self) -> str | None:
@@ -274,6 +284,8 @@ class Studio:
             self._packs.remove()
             self._packs = None
         self._graphs.clear()
+        for graphs in self._text_graphs:
+            graphs.clear()
 
     # -- fuse / swap -----------------------------------------------------------------------------------------------
     def fuse(self, strengths: dict[str, float]) -> None:
@@ -637,6 +649,91 @@ class _NoGraphs:
         pass
 
 
+def _cloned(output):
+    """A copy of a module's output (a tensor, a tuple or list of them, or a transformers ModelOutput), so that the
+    next replay of the graph that wrote it does not change what the caller holds."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_cloned(v) for v in output)
+    if isinstance(output, dict):  # a ModelOutput: its fields that are set, in order
+        return type(output)(**{k: _cloned(v) for k, v in output.items()})
+    return output
+
+
+class EncoderGraphs:
+    """A text encoder's forward during generation, captured once per call shape as a CUDA graph and replayed.
+
+    Encoding a prompt is a few hundred small kernels, launched one by one eagerly; a replay launches them at
+    once. The pipeline calls it as it calls the encoder: token ids,
+    an attention mask or none, and flags such as `output_hidden_states`; the output is a copy of what the graph
+    wrote, in the encoder's own output type. Any other call (gradients on, another argument, not on CUDA) runs the
+    encoder as it is; where a capture fails, the encoder runs as it is from then on, with a warning. Weights and
+    LoRA strengths are read in place; `clear` drops the graphs when the adapters change."""
+
+    FLAGS = ("output_hidden_states", "output_attentions", "return_dict")
+
+    def __init__(self, encoder: torch.nn.Module, keep: int = 4):
+        self.encoder, self.keep = encoder, keep
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.failed = ""
+        self._forward = type(encoder).forward
+        encoder.forward = self
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, input_ids=None, attention_mask=None, *args, **kwargs):
+        flags = {k: kwargs[k] for k in self.FLAGS if k in kwargs}
+        if (
+            args
+            or set(kwargs) - set(flags)
+            or not all(v is None or isinstance(v, bool) for v in flags.values())
+            or not isinstance(input_ids, torch.Tensor)
+            or input_ids.device.type != "cuda"
+            or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))
+            or torch.is_grad_enabled()
+            or self.failed
+        ):
+            return self._forward(self.encoder, input_ids, attention_mask, *args, **kwargs)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        key = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in inputs.items())
+        key += tuple(sorted(flags.items()))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(inputs, flags)
+            except Exception as exc:  # an encoder that syncs or branches on its input: run it as it is
+                self.failed = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"lora-studio: the text encoder runs without CUDA graphs ({self.failed})", stacklevel=2)
+                return self._forward(self.encoder, input_ids, attention_mask, **kwargs)
+            while len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, output = self.graphs[key]
+        for name, value in inputs.items():
+            if value is not None:
+                static[name].copy_(value)
+        graph.replay()
+        return _cloned(output)
+
+    def _capture(self, inputs: dict, flags: dict) -> tuple:
+        static = {k: None if v is None else v.clone() for k, v in inputs.items()}
+
+        def run():
+            return self._forward(self.encoder, static["input_ids"], static["attention_mask"], **flags)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: lazy initialisations happen here
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run()
+        return graph, static, output
+
+
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compile_unet` (tests count compiles with their own)
 
 
@@ -718,8 +815,9 @@ class UNetGraphs:
         timestep = torch.as_tensor(timestep, device=sample.device)  # a number would be compiled in as a constant
         added = kwargs.get("added_cond_kwargs") or {}
 
-        def uncaptured():
-            return (self._run_or_uncompiled(lambda: self._run(sample, timestep, encoder_hidden_states, added or None)),)
+        def uncaptured():  # self._run read at each call: after a failed compile it is the plain forward
+            states = encoder_hidden_states
+            return (self._run_or_uncompiled(lambda: self._run(sample, timestep, states, added or None)),)
 
         if self.failed or not self.capture or sample.device.type != "cuda":
             return uncaptured()

@@ -139,6 +139,42 @@ def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
     assert not torch.equal(draw(graphed, {"a": 0.3}), draw(graphed, {"a": 1.0}))  # the strength is read, not baked
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_text_encoder_graphs_encode_what_the_eager_encoders_encode(request, family):
+    """Each text encoder's forward replayed as a CUDA graph (SD 1.x: one encoder; SDXL: two, read for hidden
+    states and the pooled output), against the same model with no graphs: the embeddings of a prompt and its
+    negative prompt, and pictures for prompts in turn (a graph reads the new tokens; what one call returned is not
+    overwritten by the next)."""
+    from adapters.runtime import Studio
+
+    path = request.getfixturevalue("tiny_model" if family == "sd1" else "tiny_sdxl_model")
+    graphed = Studio(str(path), device="cuda")
+    eager = Studio(str(path), device="cuda", cuda_graphs=False)
+    assert len(graphed._text_graphs) == (1 if family == "sd1" else 2) and not eager._text_graphs
+
+    def encode(studio, prompt, negative):
+        with torch.no_grad():
+            return studio.pipe.encode_prompt(
+                prompt=prompt,
+                device="cuda",
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative,
+            )
+
+    def draw(studio, prompt, negative):
+        image = studio.generate(prompt, negative_prompt=negative, seed=3, sampling_steps=6)[0]
+        return torch.tensor(np.asarray(image), dtype=torch.int16)
+
+    prompts = (("a red circle", "blurry"), ("a blue square on green grass", "a red circle"), ("a red circle", ""))
+    for prompt, negative in prompts:
+        for ours, theirs in zip(encode(graphed, prompt, negative), encode(eager, prompt, negative)):
+            assert ours is not None and torch.allclose(ours.float(), theirs.float(), atol=2e-3), (prompt, negative)
+        assert (draw(graphed, prompt, negative) - draw(eager, prompt, negative)).abs().max() <= 1, (prompt, negative)
+    assert not torch.equal(draw(graphed, *prompts[0]), draw(graphed, *prompts[1]))
+    assert all(graphs.graphs and not graphs.failed for graphs in graphed._text_graphs)
+
+
 @pytest.mark.parametrize("mode", ["merged", "packed"])
 def test_merged_and_packed_lora_layers_in_generation_graphs_draw_what_peft_layers_draw_eagerly(tiny_model, mode):
     """fp16 on the GPU: generation with graphs replayed, weights channels-last and the LoRA layers merged (the
