@@ -259,6 +259,20 @@ class Studio:
         self._changed()
         self.set_strengths(strengths)
 
+    @property
+    def compile_unet(self) -> bool:
+        """Whether the UNet's denoising call runs through torch.compile now (see `use_compile`)."""
+        return isinstance(self._graphs, UNetGraphs) and self._graphs.compiled
+
+    def use_compile(self, on: bool) -> None:
+        """Draw through a torch.compile'd UNet from the next picture on (True), or uncompiled (False), without
+        reloading anything: as `Studio(compile_unet=...)` at the start. The first picture at each size after
+        turning it on compiles (or reads the compile cache); turning it off and on again compiles nothing new."""
+        if isinstance(self._graphs, UNetGraphs):
+            self._graphs.use_compile(on)
+        elif on:  # no CUDA graphs here (the CPU, or cuda_graphs=False): the UNet runs compiled without a graph
+            self._graphs = UNetGraphs(self.pipe.unet, capture=False, compiled=True)
+
     def _adapter_layers(self, name: str) -> list:
         """Adapter `name`'s peft layers, component by component, in the order of its scale slots."""
         return [layer for component in self.adapters[name] for layer in self._layers[name][component]]
@@ -768,13 +782,28 @@ class UNetGraphs:
         self.compile_failed = ""  # why torch.compile was given up, if it was
         self._forward = type(unet).forward
         self._run = self._plain
+        self._compiled = None  # the torch.compile'd forward, once asked for: kept, so turning it on again reuses it
         if compiled:
-            use_compile_cache()
-            self._run = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
+            self.use_compile(True)
         unet.forward = self  # the instance's forward: nn.Module.__call__ finds it first
 
     def clear(self) -> None:
         self.graphs.clear()
+
+    @property
+    def compiled(self) -> bool:
+        return self._run != self._plain  # bound methods: a new object at each access, equal when the same
+
+    def use_compile(self, on: bool) -> None:
+        """From the next call on, run the UNet through torch.compile (True) or as it is (False). The graphs
+        captured through the other forward are dropped; what was compiled is kept for a later `use_compile(True)`."""
+        if on and self._compiled is None:
+            use_compile_cache()
+            self._compiled = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
+        run = self._compiled if on else self._plain
+        if run != self._run:
+            self._run, self.compile_failed = run, ""
+            self.graphs.clear()
 
     def _eager(self, *args, **kwargs):
         return self._forward(self.unet, *args, **kwargs)
@@ -789,7 +818,7 @@ class UNetGraphs:
         try:
             return call()
         except Exception as exc:
-            if self._run == self._plain:
+            if not self.compiled:
                 raise
             why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]  # less torch's own advice on more logging
             self.compile_failed = " ".join(f"{type(exc).__name__}: {why}".split())

@@ -121,8 +121,8 @@ def test_a_compiled_unet_draws_the_plain_pictures_and_a_change_of_strengths_or_a
 ):
     """`compile_unet=True`: the UNet's denoising call goes through torch.compile and draws the uncompiled
     pictures; a strength change is read in place (nothing compiled again); what is compiled is kept in the user's
-    cache folder unless TORCHINDUCTOR_CACHE_DIR names another; a backend that fails leaves generation uncompiled,
-    with a warning. The backend here only counts the graphs it is given (inductor is what users get)."""
+    cache folder unless TORCHINDUCTOR_CACHE_DIR names another; a running studio turns it on and off without a
+    reload; a backend that fails leaves generation uncompiled, with a warning. The backend here only counts the graphs it is given (inductor is what users get)."""
     from adapters import runtime
 
     graphs = []
@@ -153,6 +153,20 @@ def test_a_compiled_unet_draws_the_plain_pictures_and_a_change_of_strengths_or_a
     for strengths in ({"a": 1.0}, {}, {"a": 0.2, "b": 0.7}):
         assert np.abs(render(ours, strengths) - render(plain, strengths)).max() < 1e-4, strengths
     assert len(graphs) == compiled
+
+    # turned on, off and on again in a running studio (the Generate tab's checkbox): nothing reloaded, nothing
+    # compiled twice
+    before = render(plain, {"a": 0.8})
+    assert not plain.compile_unet
+    plain.use_compile(True)
+    assert plain.compile_unet
+    assert np.abs(render(plain, {"a": 0.8}) - before).max() < 1e-4 and len(graphs) > compiled
+    compiled = len(graphs)
+    plain.use_compile(False)
+    assert not plain.compile_unet and np.array_equal(render(plain, {"a": 0.8}), before)
+    plain.use_compile(True)
+    assert np.abs(render(plain, {"a": 0.8}) - before).max() < 1e-4 and len(graphs) == compiled
+    plain.use_compile(False)
 
     def failing(gm, example_inputs):
         raise RuntimeError("no compiler here")
