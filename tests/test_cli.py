@@ -103,7 +103,9 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
-def test_generate_compile_draws_the_uncompiled_picture_through_a_compiled_unet(tiny_model, tmp_path, capsys, monkeypatch):
+def test_generate_compile_draws_the_uncompiled_picture_through_a_compiled_unet(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
     """`generate --compile` puts the UNet through torch.compile (here a backend that counts what it is given)
     and writes the picture the plain command writes."""
     import numpy as np

@@ -2,6 +2,7 @@
 
 import logging
 import os
+
 import numpy as np
 import pytest
 import torch
@@ -122,7 +123,8 @@ def test_a_compiled_unet_draws_the_plain_pictures_and_a_change_of_strengths_or_a
     """`compile_unet=True`: the UNet's denoising call goes through torch.compile and draws the uncompiled
     pictures; a strength change is read in place (nothing compiled again); what is compiled is kept in the user's
     cache folder unless TORCHINDUCTOR_CACHE_DIR names another; a running studio turns it on and off without a
-    reload; a backend that fails leaves generation uncompiled, with a warning. The backend here only counts the graphs it is given (inductor is what users get)."""
+    reload; a backend that fails leaves generation uncompiled, with a warning. The backend here only counts the
+    graphs it is given (inductor is what users get)."""
     from adapters import runtime
 
     graphs = []

@@ -924,7 +924,23 @@ def test_14_ten_generate_requests_from_several_sessions_while_a_run_trains_are_a
     port = free_port()
     app = launch("127.0.0.1", port, workspace=str(workspace), base_model=str(tiny_model), block=False)
     try:
-        plain = [str(tiny_model), "a red circle", "", 0, False, 2, 5.0, 0.0, 0, 0, "model default", 1, 1, "0, 1"]
+        plain = [
+            str(tiny_model),
+            "a red circle",
+            "",
+            0,
+            False,
+            2,
+            5.0,
+            0.0,
+            0,
+            0,
+            "model default",
+            1,
+            1,
+            "0, 1",
+            False,
+        ]
 
         def one_session(seed: int):
             # a browser session of its own; a browser waits for the page longer than httpx's 5 s default

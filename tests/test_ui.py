@@ -17,6 +17,48 @@ from trainer.config import TrainConfig
 from trainer.runs import EventLog
 
 
+def test_the_compile_box_draws_through_a_compiled_unet_and_unticked_draws_without_it(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The Generate tab's "Compile the UNet" box: ticked, the pictures come through torch.compile (here a backend
+    that counts what it is given) and the page says the first one compiles; unticked, the same studio draws
+    uncompiled again, with no reload; the pictures are the same either way."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from adapters import runtime
+    from app.ui.generate import GenerateTab, Job
+
+    graphs = []
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    torch._dynamo.reset()
+    with gr.Blocks():
+        tab = GenerateTab(Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs")
+    values = [c.value for c in tab.inputs]
+    values[0], values[5] = str(tiny_model), 4  # the base model; 4 sampling steps
+    request = GenerateRequest.from_inputs(values)
+    assert request.compile_unet is False  # the box starts unticked (`lora-studio ui --compile` ticks it)
+
+    def draw(compile_unet: bool):
+        asked = dataclasses.replace(request, compile_unet=compile_unet)
+        shown = tab.render(asked, [Job({}, "")], lambda: False, lambda *a, **k: None, save=False)
+        return np.asarray(shown.pictures[0][0], dtype=float), shown.loaded
+
+    plain, _ = draw(False)
+    compiled, loaded = draw(True)
+    studio = tab.studios.studio
+    assert studio.compile_unet and graphs and np.abs(compiled - plain).max() <= 1
+    assert any("torch.compile" in said for said in loaded), loaded
+    count = len(graphs)
+    again, loaded = draw(False)
+    assert tab.studios.studio is studio and not studio.compile_unet and tab.studios.loads == 1
+    assert np.array_equal(again, plain) and len(graphs) == count and not loaded
+    torch._dynamo.reset()
+
+
 def test_run_status_warns_of_unreadable_event_lines(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
@@ -49,13 +91,14 @@ def test_settings_form_hides_what_the_page_chooses_and_keeps_its_defaults():
 
 
 def test_generate_request_reads_the_slots_in_order_and_leaves_empty_ones_out():
-    plain = ["builtin", "a prompt", "", 7.0, False, 20, 5, 0.7, None, 64, "Euler", 2, 3, "0, 1"]
+    plain = ["builtin", "a prompt", "", 7.0, False, 20, 5, 0.7, None, 64, "Euler", 2, 3, "0, 1", True]
     names = ["b", NONE, "a", None]
     assert len(names) == SLOTS
     request = GenerateRequest.from_inputs([*plain, *names, 0.5, 1.0, 1.5, 1.0])
     assert request.strengths == {"b": 0.5, "a": 1.5} and list(request.strengths) == ["b", "a"]
     assert (request.seed, request.width, request.height, request.sampling_steps) == (7, 0, 64, 20)
     assert (request.batch_count, request.batch_size, request.random_seed) == (2, 3, False)
+    assert request.compile_unet is True
     plain[3] = -1  # A1111's way to ask for a random seed
     assert GenerateRequest.from_inputs([*plain, *names, 0.5, 1.0, 1.5, 1.0]).random_seed
     assert request.compare_values() == [0.0, 1.0]

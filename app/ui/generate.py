@@ -27,6 +27,11 @@ from app.outputs import Outputs
 SCHEDULERS = {"model default": None, **{name: name for name in RUNTIME_SCHEDULERS}}
 NONE = "(none)"
 SLOTS = 4
+# measured on a lent H100, SD 1.5 shapes at 512 and 30 steps (benchmarks/RESULTS.md, 2026-12-06)
+COMPILE_INFO = (
+    "the first picture at each size compiles (SD 1.5 on an H100: 44 s the first time, 9 s once cached), later "
+    "ones draw faster (0.26 s against 0.38 s); strengths and adapters change without compiling again"
+)
 SMALL = 256  # pictures narrower than this are enlarged with square pixels (the built-in model's are 64)
 
 # The tab's look, given to `launch`: pictures whole (never cropped), small ones enlarged without blur; the results
@@ -68,6 +73,7 @@ class GenerateRequest:
     batch_count: int  # pipeline calls, one after the other
     batch_size: int  # pictures per call
     compare_strengths: str  # strengths of the first chosen adapter to compare, as typed: "0, 0.5, 1"
+    compile_unet: bool  # draw through a torch.compile'd UNet (`Studio.use_compile`)
     strengths: dict[str, float]  # adapter name -> strength, in slot order; empty slots left out
 
     @classmethod
@@ -214,6 +220,12 @@ class GenerateTab:
                             value=1, precision=0, minimum=1, label="Batch size", elem_id="batch-size", min_width=80
                         )
                     self.scheduler = gr.Dropdown(list(SCHEDULERS), value="model default", label="Scheduler")
+                    self.compile_box = gr.Checkbox(
+                        value=compile_unet,
+                        label="Compile the UNet (torch.compile): faster pictures after a slow first one",
+                        info=COMPILE_INFO,
+                        elem_id="compile-unet",
+                    )
                     self.slot_names, self.slot_strengths = [], []
                     for i in range(SLOTS):
                         with gr.Row():
@@ -289,6 +301,7 @@ class GenerateTab:
             batch_count=self.batch_count,
             batch_size=self.batch_size,
             compare_strengths=compare,
+            compile_unet=self.compile_box,
         )
         assert list(controls) == [f.name for f in dataclasses.fields(GenerateRequest)][:-1], "see from_inputs"
         self.inputs = [*controls.values(), *self.slot_names, *self.slot_strengths]
@@ -381,6 +394,10 @@ class GenerateTab:
             if studio.files_read > files_read:
                 shown.loaded.append(f"{studio.files_read - files_read} adapter file(s)")
             studio.set_scheduler(SCHEDULERS[request.scheduler])
+            if request.compile_unet != studio.compile_unet:
+                studio.use_compile(request.compile_unet)
+                if request.compile_unet:
+                    shown.loaded.append("the UNet through torch.compile (the first picture at each size compiles)")
             for j, job in enumerate(jobs):
                 for batch in range(request.batch_count):
                     first = (seed if job.seed is None else job.seed) + batch * request.batch_size
