@@ -663,6 +663,21 @@ class _NoGraphs:
         pass
 
 
+def captured(run) -> tuple:
+    """`run()` recorded as a CUDA graph, after two calls on a side stream outside the graph (lazy initialisations
+    happen there): (the graph, what the recorded call returned, which each replay overwrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph, output
+
+
 def _cloned(output):
     """A copy of a module's output (a tensor, a tuple or list of them, or a transformers ModelOutput), so that the
     next replay of the graph that wrote it does not change what the caller holds."""
@@ -736,15 +751,7 @@ class EncoderGraphs:
         def run():
             return self._forward(self.encoder, static["input_ids"], static["attention_mask"], **flags)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph: lazy initialisations happen here
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run()
+        graph, output = captured(run)
         return graph, static, output
 
 
@@ -875,13 +882,5 @@ class UNetGraphs:
             added = {k: static[k] for k in added_names} or None
             return self._run(static["sample"], static["timestep"], static["encoder_hidden_states"], added)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph: lazy initialisations happen here
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run()
+        graph, output = captured(run)
         return graph, static, output

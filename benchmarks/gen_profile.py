@@ -39,17 +39,10 @@ def median_ms(call, device, repeats: int) -> float:
 
 
 def graphed(call):
-    """`call` captured as a CUDA graph (after two warm-up calls on a side stream); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph.replay
+    """`call` captured as a CUDA graph as the runtime captures (`adapters.runtime.captured`); returns the replay."""
+    from adapters.runtime import captured
+
+    return captured(call)[0].replay
 
 
 def kind_of(name: str) -> str:
