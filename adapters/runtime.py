@@ -73,6 +73,7 @@ class Studio:
         lora_forward: str = "auto",
         compile_unet: bool = False,
         channels_last: bool | None = None,
+        vae_bf16: bool | None = None,
     ):
         self.device = torch.device(device) if device else pick_device()
         if dtype is None:
@@ -115,6 +116,19 @@ class Studio:
         if channels_last if channels_last is not None else self.device.type == "cuda":
             for component in ("unet", "vae"):
                 getattr(self.pipe, component).to(memory_format=torch.channels_last)
+        # SDXL's VAE overflows in fp16 (its config says `force_upcast`), so diffusers' SDXL pipeline converts an
+        # fp16 VAE to fp32 for every picture, decodes in fp32 and converts it back. Where the device has bf16
+        # (fp32's range, half its bytes), the VAE is held in bf16 instead, as ComfyUI runs it (`vae_bf16=False`:
+        # diffusers' way; True: bf16 whatever the model)
+        if vae_bf16 if vae_bf16 is not None else self._vae_overflows_in_fp16(dtype):
+            hold_vae_in_bf16(self.pipe.vae)
+
+    def _vae_overflows_in_fp16(self, dtype: torch.dtype) -> bool:
+        """Whether diffusers would decode this model's pictures by upcasting its fp16 VAE to fp32 (SDXL), on a
+        device with bf16."""
+        upcast = dtype == torch.float16 and bool(getattr(self.pipe.vae.config, "force_upcast", False))
+        has_bf16 = self.device.type != "cuda" or torch.cuda.is_bf16_supported()
+        return upcast and has_bf16 and self.family.pipeline_class == "StableDiffusionXLPipeline"
 
     @property
     def native_size(self) -> int:
@@ -676,6 +690,14 @@ def captured(run) -> tuple:
     with torch.cuda.graph(graph):
         output = run()
     return graph, output
+
+
+def hold_vae_in_bf16(vae: torch.nn.Module) -> None:
+    """The VAE's weights in bf16, and latents of any dtype cast to bf16 as decoding starts (at `post_quant_conv`,
+    else the decoder), so a pipeline that hands it fp16 latents decodes in bf16; the picture comes out in bf16."""
+    vae.to(torch.bfloat16)
+    first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+    first.register_forward_pre_hook(lambda module, args: (args[0].to(torch.bfloat16), *args[1:]))
 
 
 def _cloned(output):

@@ -140,3 +140,29 @@ def test_strengths_fuse_and_refusals_on_sdxl(sdxl_adapter, tiny_sdxl_model, tmp_
     )
     with pytest.raises(UserError, match="is an SD 1.x adapter but the loaded base model is SDXL"):
         studio.load(sd15)
+
+
+def test_an_fp16_sdxl_vae_decodes_in_bf16_instead_of_being_upcast_to_fp32_for_every_picture(
+    tiny_sdxl_model, tiny_model
+):
+    """SDXL's VAE says `force_upcast` (it overflows in fp16), so diffusers' SDXL pipeline converts an fp16 VAE to
+    fp32 for every picture. The studio holds it in bf16 instead (fp32's range): the decoder runs in bf16, and the
+    picture is the upcast one's within a few levels. `vae_bf16=False` keeps diffusers' way; SD 1.x keeps fp16."""
+    ours = Studio(str(tiny_sdxl_model), device="cpu", dtype=torch.float16)
+    theirs = Studio(str(tiny_sdxl_model), device="cpu", dtype=torch.float16, vae_bf16=False)
+    decoded = {}
+    for name, studio in (("ours", ours), ("theirs", theirs)):
+
+        def seen(module, args, name=name):
+            decoded.setdefault(name, args[0].dtype)  # returns None: the input goes on unchanged
+
+        hook = studio.pipe.vae.decoder.register_forward_pre_hook(seen)
+        picture = studio.generate("a red circle", seed=2, sampling_steps=4)[0]
+        decoded[f"{name} picture"] = np.asarray(picture).astype(int)
+        hook.remove()
+    assert decoded["ours"] == torch.bfloat16 and ours.pipe.vae.dtype == torch.bfloat16
+    assert decoded["theirs"] == torch.float32 and theirs.pipe.vae.dtype == torch.float16  # upcast, then back
+    gap = np.abs(decoded["ours picture"] - decoded["theirs picture"])
+    print("bf16 against fp32 decoding, levels of 255: max", gap.max(), "mean", gap.mean())
+    assert gap.max() <= 8 and gap.mean() <= 1.5
+    assert Studio(str(tiny_model), device="cpu", dtype=torch.float16).pipe.vae.dtype == torch.float16
