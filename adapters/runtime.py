@@ -275,13 +275,20 @@ class Studio:
 
     @property
     def compile_unet(self) -> bool:
-        """Whether the UNet's denoising call runs through torch.compile now (see `use_compile`)."""
-        return isinstance(self._graphs, UNetGraphs) and self._graphs.compiled
+        """Whether the UNet's denoising call is asked to run through torch.compile (see `use_compile`); where
+        compiling failed (`compile_failed` says why) it runs uncompiled all the same."""
+        return isinstance(self._graphs, UNetGraphs) and self._graphs.asked
+
+    @property
+    def compile_failed(self) -> str:
+        """Why torch.compile was given up for this studio's UNet, or "" (generation then runs uncompiled)."""
+        return self._graphs.compile_failed if isinstance(self._graphs, UNetGraphs) else ""
 
     def use_compile(self, on: bool) -> None:
         """Draw through a torch.compile'd UNet from the next picture on (True), or uncompiled (False), without
         reloading anything: as `Studio(compile_unet=...)` at the start. The first picture at each size after
-        turning it on compiles (or reads the compile cache); turning it off and on again compiles nothing new."""
+        turning it on compiles (or reads the compile cache); turning it off and on again compiles nothing new.
+        Once compiling has failed, turning it on again draws uncompiled without trying again."""
         if isinstance(self._graphs, UNetGraphs):
             self._graphs.use_compile(on)
         elif on:  # no CUDA graphs here (the CPU, or cuda_graphs=False): the UNet runs compiled without a graph
@@ -812,6 +819,7 @@ class UNetGraphs:
         self._forward = type(unet).forward
         self._run = self._plain
         self._compiled = None  # the torch.compile'd forward, once asked for: kept, so turning it on again reuses it
+        self.asked = False  # whether compiling is asked for (it may have failed: `compile_failed`)
         if compiled:
             self.use_compile(True)
         unet.forward = self  # the instance's forward: nn.Module.__call__ finds it first
@@ -825,13 +833,15 @@ class UNetGraphs:
 
     def use_compile(self, on: bool) -> None:
         """From the next call on, run the UNet through torch.compile (True) or as it is (False). The graphs
-        captured through the other forward are dropped; what was compiled is kept for a later `use_compile(True)`."""
+        captured through the other forward are dropped; what was compiled is kept for a later `use_compile(True)`.
+        After a failed compile (`compile_failed`) it stays uncompiled: each try would compile and fail again."""
+        self.asked = on
         if on and self._compiled is None:
             use_compile_cache()
             self._compiled = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
-        run = self._compiled if on else self._plain
+        run = self._compiled if on and not self.compile_failed else self._plain
         if run != self._run:
-            self._run, self.compile_failed = run, ""
+            self._run = run
             self.graphs.clear()
 
     def _eager(self, *args, **kwargs):

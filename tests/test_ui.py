@@ -1,10 +1,12 @@
 """The page's pieces without a browser: the Train tab's status line, the settings form, the Generate request."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import gradio as gr
+import pytest
 
 from adapters.library import Library
 from app.jobs import PID_FILE, view_run
@@ -18,11 +20,12 @@ from trainer.runs import EventLog
 
 
 def test_the_compile_box_draws_through_a_compiled_unet_and_unticked_draws_without_it(
-    tiny_model, tmp_path, monkeypatch
+    tiny_model, tmp_path, monkeypatch, caplog
 ):
     """The Generate tab's "Compile the UNet" box: ticked, the pictures come through torch.compile (here a backend
-    that counts what it is given) and the page says the first one compiles; unticked, the same studio draws
-    uncompiled again, with no reload; the pictures are the same either way."""
+    that counts what it is given) and the status line says the first one compiles; unticked, the same studio draws
+    uncompiled again, with no reload; the pictures are the same either way. A compiler that fails is named on the
+    status line, the pictures are drawn uncompiled, and no later press tries it again."""
     import dataclasses
 
     import numpy as np
@@ -31,10 +34,10 @@ def test_the_compile_box_draws_through_a_compiled_unet_and_unticked_draws_withou
     from adapters import runtime
     from app.ui.generate import GenerateTab, Job
 
-    graphs = []
+    graphs, tries = [], []
+    caplog.set_level(logging.WARNING, logger="torch.__trace")  # pytest's capture would take dynamo's trace log
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", lambda gm, example_inputs: graphs.append(gm) or gm.forward)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
-    torch._dynamo.reset()
     with gr.Blocks():
         tab = GenerateTab(Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs")
     values = [c.value for c in tab.inputs]
@@ -45,18 +48,41 @@ def test_the_compile_box_draws_through_a_compiled_unet_and_unticked_draws_withou
     def draw(compile_unet: bool):
         asked = dataclasses.replace(request, compile_unet=compile_unet)
         shown = tab.render(asked, [Job({}, "")], lambda: False, lambda *a, **k: None, save=False)
-        return np.asarray(shown.pictures[0][0], dtype=float), shown.loaded
+        return np.asarray(shown.pictures[0][0], dtype=float), tab._loaded_and_notes(asked, shown)
 
-    plain, _ = draw(False)
-    compiled, loaded = draw(True)
-    studio = tab.studios.studio
-    assert studio.compile_unet and graphs and np.abs(compiled - plain).max() <= 1
-    assert any("torch.compile" in said for said in loaded), loaded
-    count = len(graphs)
-    again, loaded = draw(False)
-    assert tab.studios.studio is studio and not studio.compile_unet and tab.studios.loads == 1
-    assert np.array_equal(again, plain) and len(graphs) == count and not loaded
     torch._dynamo.reset()
+    try:
+        plain, _ = draw(False)
+        compiled, said = draw(True)
+        studio = tab.studios.studio
+        assert studio.compile_unet and graphs and np.abs(compiled - plain).max() <= 1
+        assert "runs through torch.compile now" in said, said
+        count = len(graphs)
+        again, said = draw(False)
+        assert tab.studios.studio is studio and not studio.compile_unet and tab.studios.loads == 1
+        assert np.array_equal(again, plain) and len(graphs) == count and "torch.compile" not in said
+
+        def failing(gm, example_inputs):
+            tries.append(gm)
+            raise RuntimeError("no compiler here")
+
+        monkeypatch.setattr(runtime, "COMPILE_BACKEND", failing)
+        torch._dynamo.reset()
+        with gr.Blocks():
+            tab = GenerateTab(Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs")
+        with pytest.warns(UserWarning, match="without torch.compile"):
+            broken, said = draw(True)
+        assert tries and np.abs(broken - plain).max() <= 1
+        assert "torch.compile failed, so pictures are drawn uncompiled" in said and "no compiler here" in said, said
+        count = len(tries)
+        for _ in range(2):  # the box still ticked: no new try, and the status line keeps saying why
+            _, said = draw(True)
+            assert len(tries) == count and "torch.compile failed" in said, said
+        draw(False)  # unticked and ticked again: still no new try
+        _, said = draw(True)
+        assert len(tries) == count and "torch.compile failed" in said, said
+    finally:
+        torch._dynamo.reset()
 
 
 def test_run_status_warns_of_unreadable_event_lines(tmp_path):

@@ -7,6 +7,7 @@ reads that folder, and clicking a picture there puts its settings back into the 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import re
 import threading
@@ -108,18 +109,24 @@ class GenerateRequest:
 class StudioCache:
     """One loaded base pipeline at a time, shared by every Generate request; a lock keeps requests in turn."""
 
-    def __init__(self, compile_unet: bool = False):
+    def __init__(self):
         self.studio = None
-        self.compile_unet = compile_unet  # each Studio's UNet through torch.compile (`lora-studio ui --compile`)
         self.lock = threading.Lock()
         self.loads = 0  # base models loaded so far
 
     def get(self, base_model: str):
+        """The studio for `base_model`, loaded if another is held (each request then says whether to compile)."""
+        import torch
+
         from adapters.runtime import Studio
 
         if self.studio is None or self.studio.base_model != base_model:
-            self.studio = None
-            self.studio = Studio(base_model, compile_unet=self.compile_unet)
+            if self.studio is not None:  # its graphs hold it in reference cycles: free its memory before loading
+                self.studio = None
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self.studio = Studio(base_model)
             self.loads += 1
         return self.studio
 
@@ -143,6 +150,7 @@ class Shown:
     parameters: list[Parameters] = dataclasses.field(default_factory=list)
     asked: int = 0  # pictures asked for
     loaded: list[str] = dataclasses.field(default_factory=list)  # what had to be loaded for them
+    compile_on: bool = False  # compiling was turned on for them (the first picture at a size compiles)
     small: bool = False  # pictures narrower than SMALL: shown with square pixels
     interrupted: bool = False
 
@@ -158,7 +166,7 @@ class GenerateTab:
         runs_root: Path | None = None,
         compile_unet: bool = False,
     ):
-        self.library, self.studios = library, StudioCache(compile_unet)
+        self.library, self.studios = library, StudioCache()
         self.stops: dict[str, threading.Event] = {}  # browser session -> its Interrupt flag
         self.outputs = outputs or Outputs(Path(library.root).parent / "outputs")  # beside the library
         self.runs_root = Path(runs_root or Path(library.root).parent / "runs")
@@ -396,8 +404,7 @@ class GenerateTab:
             studio.set_scheduler(SCHEDULERS[request.scheduler])
             if request.compile_unet != studio.compile_unet:
                 studio.use_compile(request.compile_unet)
-                if request.compile_unet:
-                    shown.loaded.append("the UNet through torch.compile (the first picture at each size compiles)")
+                shown.compile_on = request.compile_unet
             for j, job in enumerate(jobs):
                 for batch in range(request.batch_count):
                     first = (seed if job.seed is None else job.seed) + batch * request.batch_size
@@ -450,14 +457,23 @@ class GenerateTab:
                         shown.small = image.width < SMALL
         return shown
 
+    def _loaded_and_notes(self, request: GenerateRequest, shown: Shown) -> str:
+        """What the status line adds after the pictures: what had to be loaded, and whether the UNet compiles."""
+        said = f" Loaded {' and '.join(shown.loaded)}." if shown.loaded else ""
+        failed = self.studios.studio.compile_failed if request.compile_unet and self.studios.studio else ""
+        if failed:
+            said += f" ⚠ torch.compile failed, so pictures are drawn uncompiled ({failed})."
+        elif shown.compile_on:
+            said += " The UNet runs through torch.compile now: the first picture at each size compiles."
+        return said
+
     def _answer(self, request: GenerateRequest, shown: Shown, said: str):
         """What Generate and Compare put on the page: the pictures, what happened, the history, and the seed used
         in the Seed box (Random seed stays as it was, or is turned on by a -1 typed there)."""
         if shown.pictures:
             saved = [Path(path) for path, _ in shown.pictures]
             said += f" Saved in outputs/{saved[0].parent.name}/: {', '.join(p.name for p in saved)}."
-        if shown.loaded:
-            said += f" Loaded {' and '.join(shown.loaded)}."
+        said += self._loaded_and_notes(request, shown)
         if shown.interrupted:
             said = f"Interrupted: {len(shown.pictures)} of {shown.asked} picture(s) made, the rest not. " + said
         history, paths = self.history_updates()
@@ -658,8 +674,7 @@ class GenerateTab:
         path = self.outputs.save_grid(grid, shown.parameters[0])
         said = f"X/Y grid, {what}: {len(row_labels)} x {len(columns)} pictures."
         said += f" Saved as outputs/grids/{path.parent.name}/{path.name}."
-        if shown.loaded:
-            said += f" Loaded {' and '.join(shown.loaded)}."
+        said += self._loaded_and_notes(asked, shown)
         history, paths = self.history_updates()
         return (
             gr.Gallery(value=[str(path)], elem_classes=["small-pictures"] if small else []),
