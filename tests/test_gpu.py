@@ -143,8 +143,8 @@ def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
 def test_text_encoder_graphs_encode_what_the_eager_encoders_encode(request, family):
     """Each text encoder's forward replayed as a CUDA graph (SD 1.x: one encoder; SDXL: two, read for hidden
     states and the pooled output), against the same model with no graphs: the embeddings of a prompt and its
-    negative prompt, and pictures for prompts in turn (a graph reads the new tokens; what one call returned is not
-    overwritten by the next)."""
+    negative prompt, and pictures for prompts in turn (a graph reads the new tokens); what one call to an encoder
+    returned is not overwritten by the next call's replay."""
     from adapters.runtime import Studio
 
     path = request.getfixturevalue("tiny_model" if family == "sd1" else "tiny_sdxl_model")
@@ -173,6 +173,21 @@ def test_text_encoder_graphs_encode_what_the_eager_encoders_encode(request, fami
         assert (draw(graphed, prompt, negative) - draw(eager, prompt, negative)).abs().max() <= 1, (prompt, negative)
     assert not torch.equal(draw(graphed, *prompts[0]), draw(graphed, *prompts[1]))
     assert all(graphs.graphs and not graphs.failed for graphs in graphed._text_graphs)
+    # each encoder called twice in a row: what the first call returned is not overwritten by the second's replay
+    # (SD 1.x's encode_prompt copies its embeddings before the negative prompt is encoded, so this is the check)
+    for name in ("text_encoder", "text_encoder_2")[: len(graphed._text_graphs)]:
+        tokenizer = getattr(graphed.pipe, "tokenizer_2" if name.endswith("2") else "tokenizer")
+        ids = [
+            tokenizer(
+                p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.cuda()
+            for p in (prompts[0][0], prompts[1][0])
+        ]
+        with torch.no_grad():
+            first = getattr(graphed.pipe, name)(ids[0], output_hidden_states=True)
+            kept = [first[0].clone(), first.hidden_states[-2].clone()]
+            getattr(graphed.pipe, name)(ids[1], output_hidden_states=True)
+        assert torch.equal(first[0], kept[0]) and torch.equal(first.hidden_states[-2], kept[1]), name
 
 
 @pytest.mark.parametrize("mode", ["merged", "packed"])
