@@ -16,8 +16,8 @@ from pathlib import Path
 from adapters.errors import UserError
 
 COMPILE_HELP = (
-    "generate through a torch.compile'd UNet: faster pictures after a one-time compile at each size (about a "
-    "minute for SD 1.5 on a GPU; kept in ~/.cache/lora-studio/torchinductor for later runs)"
+    "generate through a torch.compile'd UNet: faster pictures after a one-time compile at each size (SD 1.5 on an "
+    "H100: 44 s, then 9 s in later runs from ~/.cache/lora-studio/torchinductor; 0.26 s a picture against 0.38 s)"
 )
 
 

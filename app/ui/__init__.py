@@ -83,9 +83,9 @@ def launch(
     """Serve the app; `auth` is `user:password`, and a `host` other than a loopback address needs it (or
     `insecure_no_auth`). Gradio serves files only from the workspace's `runs/`, `library/` and `outputs/` (and
     `preload`), besides its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so
-    is one of more than `max_upload_files` files on the Train tab. `compile_unet`: the Generate tab draws through a
-    torch.compile'd UNet (`Studio(compile_unet=True)`). `block=False` returns the running app at once
-    (close it with `app.close()`)."""
+    is one of more than `max_upload_files` files on the Train tab. `compile_unet`: the Generate tab's "Compile the
+    UNet" box starts ticked (pictures through a torch.compile'd UNet, `Studio.use_compile`). `block=False` returns
+    the running app at once (close it with `app.close()`)."""
     credentials = None
     if auth:
         user, sep, password = auth.partition(":")
