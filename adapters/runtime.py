@@ -245,7 +245,11 @@ class Studio:
             self._packs = Packs(active, self._scales, merged=merged, budget=budget, runs=self._merged_runs)
         else:
             self._packs = None
-        self._graphs.clear()  # another set of adapters runs: what a graph recorded no longer applies
+        self._drop_graphs()  # another set of adapters runs: what a graph recorded no longer applies
+
+    def _drop_graphs(self) -> None:
+        """Drop every captured generation graph (the UNet's and the text encoders'): they read the old layers."""
+        self._graphs.clear()
         for graphs in self._text_graphs:
             graphs.clear()
 
@@ -318,9 +322,7 @@ class Studio:
         if self._packs is not None:
             self._packs.remove()
             self._packs = None
-        self._graphs.clear()
-        for graphs in self._text_graphs:
-            graphs.clear()
+        self._drop_graphs()
 
     # -- fuse / swap -----------------------------------------------------------------------------------------------
     def fuse(self, strengths: dict[str, float]) -> None:
@@ -723,11 +725,11 @@ class EncoderGraphs:
     """A text encoder's forward during generation, captured once per call shape as a CUDA graph and replayed.
 
     Encoding a prompt is a few hundred small kernels, launched one by one eagerly; a replay launches them at
-    once. The pipeline calls it as it calls the encoder: token ids,
-    an attention mask or none, and flags such as `output_hidden_states`; the output is a copy of what the graph
-    wrote, in the encoder's own output type. Any other call (gradients on, another argument, not on CUDA) runs the
-    encoder as it is; where a capture fails, the encoder runs as it is from then on, with a warning. Weights and
-    LoRA strengths are read in place; `clear` drops the graphs when the adapters change."""
+    once. The pipeline calls it as it calls the encoder: token ids, an attention mask or none, and flags such as
+    `output_hidden_states`; the output is a copy of what the graph wrote, in the encoder's own output type. Any
+    other call (gradients on, another argument, not on CUDA) runs the encoder as it is; where a capture fails, the
+    encoder runs as it is from then on, with a warning. Weights and LoRA strengths are read in place; `clear` drops
+    the graphs when the adapters change."""
 
     FLAGS = ("output_hidden_states", "output_attentions", "return_dict")
 
