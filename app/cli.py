@@ -139,9 +139,22 @@ def _launch(config) -> int:
     # (ignored ones would stay ignored in every process it starts later: a page started after it ignored Ctrl-C)
     previous = set_stop_signals(signal.SIG_IGN)
     try:
-        return subprocess.call(cmd)
+        code = subprocess.call(cmd)
     finally:
         restore_signals(previous)
+    if code:
+        _say_why_the_workers_failed(run_dir)
+    return code
+
+
+def _say_why_the_workers_failed(run_dir: Path) -> None:
+    """torchrun ends a failed run with every worker's traceback and its own report, which bury the cause: say the
+    error the main process logged in the run's events last, where the user looks."""
+    from trainer.runs import scan_events
+
+    events = scan_events(run_dir)[0]
+    if events and events[-1]["type"] == "error":
+        print(f"lora-studio: training failed: {events[-1]['message']}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -224,3 +224,26 @@ def test_a_multi_process_launch_gives_ctrl_c_back_when_its_workers_end(tmp_path,
     assert _launch(TrainConfig(data="d", num_processes=2, run_dir=str(tmp_path / "run"))) == 0
     assert during == [signal.SIG_IGN]
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_failed_multi_process_run_ends_with_the_main_process_error(tmp_path, monkeypatch, capsys):
+    """torchrun's report and the other worker's traceback come last on the terminal; the launcher's own last line
+    is the error the main process logged, so the cause is where the user looks."""
+    import subprocess
+
+    from app.cli import _launch
+    from trainer.config import TrainConfig
+    from trainer.runs import EventLog
+
+    run = tmp_path / "run"
+
+    def workers(cmd):  # the main worker logs its error, then torchrun reports the failure
+        EventLog(run).emit("start", steps=4)
+        EventLog(run).emit("error", message="resume (--resume): checkpoint step_000004 is not complete")
+        print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+        return 1
+
+    monkeypatch.setattr(subprocess, "call", workers)
+    assert _launch(TrainConfig(data="d", num_processes=2, run_dir=str(run))) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "lora-studio: training failed: resume (--resume): checkpoint step_000004 is not complete"

@@ -25,6 +25,15 @@ def cli(args, **kwargs):
     )
 
 
+def why(out: str) -> str:
+    """A failed run's cause: the CLI's own last line and the main process's traceback, which torchrun's report
+    and the other worker's traceback would push out of a plain tail."""
+    lines = out.splitlines()
+    said = [line for line in lines if line.startswith("lora-studio: training failed")]
+    rank0 = [line for line in lines if line.startswith("[rank0]")]
+    return "\n".join([*said, *rank0[-40:], "--- tail:", out[-1500:]])
+
+
 def common(tiny_model, data):
     return ["--base-model", tiny_model, "--data", data, "--steps", 40, "--learning-rate", 1e-3, "--seed", 2]
 
@@ -35,7 +44,7 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
     # 1. Two processes at batch 2, uninterrupted.
     whole = cli([*common(tiny_model, data), "--batch-size", 2, "--num-processes", 2, "--run-dir", tmp_path / "p2"])
     out = whole.communicate(timeout=300)[0].decode(errors="replace")
-    assert whole.returncode == 0, out[-3000:]
+    assert whole.returncode == 0, why(out)
     assert sorted(p.name for p in (tmp_path / "p2").glob("*.safetensors")) == ["adapter.safetensors"]
     events = read_events(tmp_path / "p2")
     assert [e["type"] for e in events].count("start") == 1  # one event stream, written by the main process
@@ -82,7 +91,7 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
     assert killed_at < 40
     resumed = cli(["--run-dir", tmp_path / "cut", "--resume", "latest"])  # settings come from the run folder
     out = resumed.communicate(timeout=300)[0].decode(errors="replace")
-    assert resumed.returncode == 0, out[-3000:]
+    assert resumed.returncode == 0, why(out)
     events = read_events(tmp_path / "cut")
     resume = next(e for e in events if e["type"] == "resume")
     assert resume["step"] >= 4 and events[-1]["type"] == "done" and events[-1]["step"] == 40
@@ -98,7 +107,7 @@ def test_text_encoder_lora_on_two_processes_matches_one_with_twice_the_batch(tin
     args += ["--train-text-encoder", "--text-encoder-lr", 3e-3, "--batch-size", 1, "--num-processes", 2]
     both = cli([*args, "--run-dir", tmp_path / "p2"])
     out = both.communicate(timeout=300)[0].decode(errors="replace")
-    assert both.returncode == 0, out[-3000:]
+    assert both.returncode == 0, why(out)
     config = TrainConfig(
         base_model=str(tiny_model),
         data=str(data),
