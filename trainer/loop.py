@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -379,6 +381,32 @@ def _stop_on_signals() -> dict:
     return flag
 
 
+class _LauncherWatch:
+    """A worker of a multi-process run stops, saving what it learned, once its launcher is gone.
+
+    torchrun starts each worker in a session of its own, so a launcher killed outright (SIGKILL, the OOM killer)
+    takes none of them along: left alone, they trained on as orphans, beside a resumed run in the same folder.
+    A thread polls the parent process and raises the stop flag the loop checks; the loop's per-step vote then stops
+    every process at the same step. `end()` ends the watch."""
+
+    def __init__(self, flag: dict):
+        self.parent, self._done = os.getppid(), threading.Event()
+
+        def watch() -> None:
+            while not self._done.wait(0.5):
+                if self.gone():
+                    flag["stop"] = True
+                    return
+
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent
+
+    def end(self) -> None:
+        self._done.set()
+
+
 def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal: bool = True) -> TrainResult:
     """Train one adapter as `config` says; the .safetensors file is written before this returns."""
     from accelerate import Accelerator, PartialState
@@ -433,6 +461,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         total = torch.cuda.get_device_properties(index).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.gpu_available_gib / total), index)
     stop_flag = _stop_on_signals()  # given back when the run ends (finally, below)
+    launcher = _LauncherWatch(stop_flag) if processes > 1 else None
     try:
         check(plan)  # before any model loads
         # 2. The base model, frozen in the compute dtype; fresh LoRA on the chosen attention projections, in fp32.
@@ -812,6 +841,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         except Cancelled:
             at -= 1
             bar.close()
+            if launcher is not None and launcher.gone():  # every worker lost it at once: the main one says so
+                notice(
+                    f"the launcher (process {launcher.parent}) is gone: every process stops here and saves what it "
+                    "learned; --resume latest goes on from there"
+                )
             if at == 0:  # stopped before the first step: nothing was learned, nothing is saved
                 events.emit("cancelled", step=0)
                 raise
@@ -882,6 +916,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         raise error from exc
     finally:
         restore_signals(stop_flag["previous"])
+        if launcher is not None:
+            launcher.end()
         if capped:  # what runs next in this process (the page's Generate) has the whole card again
             torch.cuda.set_per_process_memory_fraction(1.0, index)
 
