@@ -53,7 +53,7 @@ def main() -> None:
     del pipe
     write_data(args.work / "data", size)
     exe = str(Path(sys.executable).with_name("lora-studio"))
-    speeds = {}
+    speeds, kinds = {}, {}
     for k in (1, args.processes):
         run = args.work / f"run-{k}-{time.time():.0f}"
         cmd = [
@@ -74,7 +74,10 @@ def main() -> None:
         ]
         subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         speeds[k] = steady_images_per_s(run, args.batch, k)
+        kinds[k] = step_kind(run)
     n = args.processes
+    if kinds[1] != kinds[n]:  # e.g. --no-cuda-graphs in one of them, or a capture that failed on N GPUs
+        print(f"scaling: not like with like: 1 process stepped as {kinds[1]!r}, {n} as {kinds[n]!r}", file=sys.stderr)
     efficiency = speeds[n] / (n * speeds[1])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
     row = {
@@ -89,6 +92,8 @@ def main() -> None:
         "images_per_s_1": round(speeds[1], 2),
         f"images_per_s_{n}": round(speeds[n], 2),
         "efficiency": round(efficiency, 3),
+        "step_kind_1": kinds[1],
+        f"step_kind_{n}": kinds[n],
         "command": " ".join(sys.argv),
     }
     print(json.dumps(row, indent=1))
@@ -99,6 +104,13 @@ def main() -> None:
         f"| {time.strftime('%Y-%m-%d')} | {device} | {n} | {args.batch} | {size} | {speeds[1]:.2f} | "
         f"{speeds[n]:.2f} | {efficiency:.1%} | `python {' '.join(sys.argv)}` |",
     )
+
+
+def step_kind(run_dir: Path) -> str:
+    """How the run stepped (`cuda graph` or `eager`), from its start event."""
+    from trainer.runs import read_events
+
+    return next(e for e in read_events(run_dir) if e["type"] == "start")["step_kind"]
 
 
 TABLE_HEAD = "| date | device | processes |"

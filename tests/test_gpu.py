@@ -456,3 +456,44 @@ def test_a_judged_gpu_run_keeps_its_graphs_and_learns_what_an_unjudged_one_learn
 
     print(json.dumps({"judged_vs_plain": distance(a, b), "plain_vs_plain": distance(c, b)}))
     assert a.keys() == b.keys() and distance(a, b) <= 2 * distance(c, b) + 1e-7
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_each_replay_a_graph_and_train_what_one_gpu_trains_at_twice_the_batch(tiny_model, tmp_path):
+    """Each process captures its own graph; the LoRA gradients are averaged outside it, once per step (DDP's
+    hooks do not see a graph's backward: without the averaging each GPU would learn from its own half)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import write_scene_folder
+
+    data = write_scene_folder(tmp_path / "data", count=8)
+    common = dict(base_model=str(tiny_model), data=str(data), steps=20, learning_rate=1e-3, seed=2)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    exe = str(Path(sys.executable).with_name("lora-studio"))
+    two = subprocess.run(
+        [
+            exe,
+            "train",
+            *args,
+            "--batch-size=2",
+            "--num-processes=2",
+            "--mixed-precision=no",
+            f"--run-dir={tmp_path / 'p2'}",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    start = next(e for e in read_events(tmp_path / "p2") if e["type"] == "start")
+    assert (start["step_kind"], start["processes"]) == ("cuda graph", 2), start
+    config = TrainConfig(batch_size=4, mixed_precision="no", run_dir=str(tmp_path / "p1"), **common)
+    one = load_file(train(config, log_to_terminal=False).adapter)
+    both = load_file(tmp_path / "p2" / "adapter.safetensors")
+    apart = sum(float((one[k] - both[k]).pow(2).sum()) for k in one) ** 0.5
+    norm = sum(float(one[k].pow(2).sum()) for k in one) ** 0.5
+    learned = max(one[k].abs().max().item() for k in one if "lora_up" in k)  # lora_up starts at zero
+    assert learned > 1e-3 and apart / norm < 1e-2, (apart / norm, learned)

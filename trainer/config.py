@@ -254,9 +254,9 @@ class TrainConfig:
     )
     cuda_graphs: bool = _f(
         True,
-        "On one CUDA GPU, replay each step's UNet forward and backward as a CUDA graph: the same training, "
-        "several times faster at small batches. Not used on the CPU or with several processes; "
-        "--no-cuda-graphs turns it off.",
+        "On a CUDA GPU, replay each step's UNet forward and backward as a CUDA graph: the same training, "
+        "several times faster at small batches. With several processes each GPU replays its own and the "
+        "gradients are averaged once per step. Not used on the CPU; --no-cuda-graphs turns it off.",
         "training",
     )
     gradient_checkpointing: str = _f(

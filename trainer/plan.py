@@ -373,7 +373,7 @@ def estimate(
         return base + BYTES_PER_DECODED * decoded * scale / GIB
 
     previews = bool(config.preview_prompt) or config.judge  # the judge draws as the previews do
-    graphed = cuda and _graphed(config, processes)
+    graphed = cuda and _graphed(config)
 
     def need_gib(batch: int, checkpointing: bool) -> float:
         """The run's peak: the step, or a (tiled) preview beside the graph's pool of the step's activations."""
@@ -500,14 +500,14 @@ def _step_seconds(
     size = area * geom.act / reference.act  # pictures of that family's model at its own size
     speed = CALIBRATION_TFLOPS / (tflops or _probed_tflops(str(device)))
     step = (known["a"] + known["b"] * batch * size**1.5) * speed
-    if not _graphed(config, processes):  # launch-bound: grows with the modules launched, not the GPU's speed
+    if not _graphed(config):  # launch-bound: grows with the modules launched, not the GPU's speed
         step = max(step, known["eager"] * geom.leaves / reference.leaves)
     return step
 
 
-def _graphed(config, processes: int) -> bool:
+def _graphed(config) -> bool:
     """Whether the step will be a CUDA graph (trainer/step.py's make_step says why not, at the run's start)."""
-    return config.cuda_graphs and processes == 1 and not config.train_text_encoder and config.lora_dropout == 0
+    return config.cuda_graphs and not config.train_text_encoder and config.lora_dropout == 0
 
 
 def check(plan: Plan) -> None:

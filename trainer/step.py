@@ -11,7 +11,6 @@ trains the adapter the eager one does (within the GPU's own run-to-run noise); t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,15 +76,29 @@ class _Predict(torch.nn.Module):
             return type(self.unet).forward(self.unet, latents, timesteps, **kwargs, return_dict=False)[0]
 
 
+def average_gradients(params: list, accelerator) -> None:
+    """Every process's gradients become their mean over the processes, in place, through one all-reduce of them
+    all laid end to end (the LoRA's gradients are a few MB: one call, not one per tensor)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    mean = accelerator.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduction="mean")
+    for g, part in zip(grads, mean.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 @dataclass
 class Step:
     """One training step; `kind` says how it runs (`eager` or `cuda graph`) and `why`.
 
-    Given several batches it accumulates: each one's loss, divided by their number, goes backward in turn (on
-    several processes the gradients are averaged across them once, after the last), then the gradients are clipped
-    to `max_grad_norm` (0 = not), and the optimiser steps once. With `encode` (--train-text-encoder) the text
-    encoders run in the step too; their LoRA (`text_encoder_params`) lies outside the UNet that accelerate wraps
-    for data parallelism, so on several processes its gradients are averaged here, once, after the last batch."""
+    Given several batches it accumulates: each one's loss, divided by their number, goes backward in turn, then
+    the gradients are clipped to `max_grad_norm` (0 = not), and the optimiser steps once. With `encode`
+    (--train-text-encoder) the text encoders run in the step too, and their LoRA (`text_encoder_params`) learns.
+
+    On several processes the UNet runs past the DDP wrapper accelerate put on it (whose hooks then never fire),
+    and every LoRA gradient, the text encoders' too, is averaged over the processes here, in one all-reduce after
+    the last batch: the mean DDP takes, in one call, and it works the same when a CUDA graph ran the backward,
+    which DDP's per-parameter hooks do not see."""
 
     kind: str
     why: str
@@ -115,23 +128,17 @@ class Step:
 
     def __call__(self, *batches: dict) -> torch.Tensor:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        several = self.accelerator.num_processes > 1
+        unet = self.accelerator.unwrap_model(self.unet) if several else self.unet  # past DDP: averaged below
         losses = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             graphed = self._graphed(batch)
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
-                with self.accelerator.autocast():
-                    loss = batch_loss(
-                        self.unet,
-                        batch,
-                        self.noise_scheduler,
-                        self.family,
-                        self.dtype,
-                        graphed,
-                        self.loss,
-                        self.encode,
-                    )
-                self.accelerator.backward(loss / len(batches))
+            with self.accelerator.autocast():
+                loss = batch_loss(
+                    unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss, self.encode
+                )
+            self.accelerator.backward(loss / len(batches))
             if graphed is not None and not last:
                 # A graph's backward hands out gradients in its own buffers, which the next replay overwrites; a
                 # parameter that has no gradient yet takes the buffer itself. Copies keep the sum.
@@ -139,10 +146,8 @@ class Step:
                     if p.grad is not None:
                         p.grad = p.grad.clone()
             losses.append(loss.detach())
-        if self.accelerator.num_processes > 1:  # what DDP does for the UNet's LoRA: the mean over the processes
-            for p in self.text_encoder_params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if several:
+            average_gradients(params, self.accelerator)
         if self.max_grad_norm:
             self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
@@ -198,7 +203,8 @@ def make_step(
     text_encoder_params: list | None = None,
     eager_why: str = "",
 ) -> Step:
-    """The fastest step this run can take, and why: a CUDA graph on one CUDA GPU unless switched off, else eager.
+    """The fastest step this run can take, and why: a CUDA graph on CUDA (one GPU or several) unless switched off,
+    else eager.
 
     `encode` and `text_encoder_params` (--train-text-encoder): the step runs the text encoders on the batch's token
     ids and trains their LoRA too; it then runs eagerly (the graph holds the UNet's forward and backward alone).
@@ -209,8 +215,6 @@ def make_step(
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
     if accelerator.device.type != "cuda":
         choice = ("eager", f"CUDA graphs need a CUDA GPU; this run is on {accelerator.device.type}")
-    elif accelerator.num_processes > 1:
-        choice = ("eager", f"{accelerator.num_processes} processes: the data-parallel step runs eagerly")
     elif not cuda_graphs:
         choice = ("eager", "--no-cuda-graphs")
     elif encode is not None:
@@ -221,6 +225,12 @@ def make_step(
         )
     elif eager_why:
         choice = ("eager", eager_why)
+    elif accelerator.num_processes > 1:
+        choice = (
+            "cuda graph",
+            f"--cuda-graphs on, on each of {accelerator.num_processes} processes' GPUs; the gradients are averaged "
+            "over them once per step, outside the graph",
+        )
     else:
         choice = ("cuda graph", "one CUDA GPU, --cuda-graphs on")
     return Step(
