@@ -167,7 +167,8 @@ def random_batches(unet, count: int, batch: int, seed: int = 0, device="cuda") -
 
 
 def compare_graphs(model_dir: Path, args) -> dict:
-    """trainer.step.compare_with_eager on this architecture: 30 steps eagerly twice and with CUDA graphs once."""
+    """trainer.step.compare_with_eager on this architecture: 30 steps eagerly twice and with CUDA graphs once (with
+    --torch-compile on, the graph holds the compiled blocks)."""
     from diffusers import DDPMScheduler
 
     from adapters.base import load_pipeline
@@ -183,6 +184,7 @@ def compare_graphs(model_dir: Path, args) -> dict:
         family=SD1,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         dtype=torch.bfloat16,
+        torch_compile=args.torch_compile == "on",
     )
     del pipe, unet, params
     torch.cuda.empty_cache()
@@ -293,6 +295,7 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
         run_dir=str(run_dir),
         output=str(run_dir / "bench.safetensors"),
         cuda_graphs=args.cuda_graphs,
+        torch_compile=args.torch_compile,
         **options,
     )
     gc.collect()
@@ -305,8 +308,10 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     results["train_wall_s"] = time.perf_counter() - t0
     start = next(e for e in read_events(run_dir) if e["type"] == "start")
     notices = [e["message"] for e in read_events(run_dir) if e["type"] == "notice"]
-    keys = ("step_kind", "step_why", "gradient_checkpointing", "gradient_checkpointing_why")
+    keys = ("step_kind", "step_why", "torch_compile", "gradient_checkpointing", "gradient_checkpointing_why")
     results.update({k: start[k] for k in keys if k in start}, notices=notices, adapter=config.output)
+    first = next(e for e in read_events(run_dir) if e["type"] == "progress")
+    results["first_step_s"] = first["time"] - start["time"]  # the first step's capture (and compile, if any)
     steady = steady_step_seconds(run_dir)
     results.update(train_step_s=steady, train_images_per_s=args.batch / steady)
     if device.type == "cuda":  # the run's own per-phase peaks (trainer/memory.py): torch's counters restart per phase
@@ -481,9 +486,18 @@ def main() -> None:
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="train with CUDA graphs"
     )
     parser.add_argument(
+        "--torch-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
+    )
+    parser.add_argument(
         "--compare-graphs",
         action="store_true",
-        help="first train 30 steps eagerly twice and with graphs once; report how far apart the adapters are",
+        help=(
+            "first train 30 steps eagerly twice and with graphs (compiled with --torch-compile on) once;"
+            " report how far apart the adapters are"
+        ),
     )
     parser.add_argument(
         "--adapter",

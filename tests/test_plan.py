@@ -298,3 +298,22 @@ def test_counting_on_the_meta_device_leaves_models_other_threads_build_alone(cou
         built.set()
         counting.join(30)
     assert elsewhere.weight.device.type == "cpu"
+
+
+def test_torch_compile_auto_waits_for_a_run_long_enough_to_repay_the_compile():
+    """auto compiles the step's blocks only where the faster steps repay the compile twice over; on only where the
+    step is a CUDA graph; the plan's time counts the compile and the faster steps."""
+    sd1 = dict(base_model=str(CONFIGS / "sd1"), batch_size=8, mixed_precision="bf16", judge=False)
+    short = estimate(TrainConfig(steps=1000, **sd1), **H200)
+    assert not short.torch_compile and "would save about" in short.torch_compile_why, short.torch_compile_why
+    long = estimate(TrainConfig(steps=40000, **sd1), **H200)
+    assert long.torch_compile and "saves about" in long.torch_compile_why
+    assert long.step_seconds < short.step_seconds and long.start_seconds > short.start_seconds + 60
+    assert "torch.compile: on (auto:" in str(long) and "torch.compile: off (auto:" in str(short)
+    forced = estimate(TrainConfig(steps=100, torch_compile="on", **sd1), **H200)
+    assert forced.torch_compile
+    sdxl = estimate(TrainConfig(**{**sd1, "base_model": str(CONFIGS / "sdxl"), "batch_size": 1}, steps=40000), **H200)
+    assert not sdxl.torch_compile and "not measured on sdxl" in sdxl.torch_compile_why
+    eager = estimate(TrainConfig(steps=40000, torch_compile="on", cuda_graphs=False, **sd1), **H200)
+    assert not eager.torch_compile and "eager" in eager.torch_compile_why
+    assert not estimate(TrainConfig(steps=40000, **sd1), device="cpu").torch_compile

@@ -652,6 +652,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             + ", ".join(f"{size}: {count}" for size, count in bucket_counts.items())
             + ("" if config.buckets else " (--no-buckets: every image centre-cropped to the square)")
         )
+        if config.torch_compile == "on" and not plan.torch_compile:
+            notice(plan.torch_compile_why)  # asked for, and this run's step cannot: say why
         step = make_step(
             unet,
             optimizer,
@@ -666,6 +668,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             encode=(lambda tokens: family.encode(pipe, tokens)) if text_encoders else None,
             text_encoder_params=text_params,
             eager_why="--lora-dropout draws new masks in every step" if config.lora_dropout else "",
+            torch_compile=plan.torch_compile,
+            compile_why=plan.torch_compile_why,
         )
         if config.use_dora:
             notice(
@@ -693,6 +697,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             family=family.name,
             step_kind=step.kind,
             step_why=step.why,
+            torch_compile=bool(step.compiled),
             gradient_checkpointing=checkpointing[0],
             gradient_checkpointing_why=checkpointing[1],
         )

@@ -60,6 +60,13 @@ STEP_SECONDS = {
     ("sdxl", False): {"a": 0.060, "b": 0.048, "eager": 0.52},
     ("sdxl", True): {"a": 0.080, "b": 0.064, "eager": 1.10},
 }
+# --torch-compile (regional, inside the CUDA graph), measured on SD 1.5 at batch 1 and 8 on an H100 machine of 16
+# CPU cores with an empty compile cache (benchmarks/results/train_compile_h100.json): the first step's compile, and
+# the share of a graphed step's time it saves (16% at batch 1, 21% at batch 8: the smaller).
+COMPILE_SECONDS = 91.0
+COMPILE_SAVING = 0.16
+COMPILE_MEASURED = ("sd1",)  # families whose compiled step was measured; auto compiles no other
+COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
 # the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px
@@ -267,6 +274,8 @@ class Plan:
     fits: bool
     advice: str  # settings that fit, when it does not
     notes: list[str] = dataclasses.field(default_factory=list)  # settings this machine ignores, said
+    torch_compile: bool = False  # --torch-compile: the step's blocks compiled (its time in start_seconds)
+    torch_compile_why: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,6 +301,8 @@ class Plan:
                 f"  time: {self.step_seconds:.3f} s a step after {duration(self.start_seconds)} of loading and "
                 f"caching; {NO_STEPS} (give --data)"
             )
+        if self.torch_compile_why:
+            rows.append(f"  torch.compile: {'on' if self.torch_compile else 'off'} ({self.torch_compile_why})")
         rows += [f"  turned on: {what}" for what in self.turned_on]
         rows += [f"  note: {what}" for what in self.notes]
         if not self.fits:
@@ -428,6 +439,10 @@ def estimate(
     disk = lora * (4 + kept * (12 + 4)) / 2**20
     step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
     start = 1.0 + 1.2 * fp16_weights
+    compiled, compile_why = _torch_compile(config, geom.family, graphed, checkpointing, steps, step)
+    if compiled:
+        step *= 1 - COMPILE_SAVING
+        start += COMPILE_SECONDS
     return Plan(
         device=device_name or _device_name(device, card_gib),
         family=geom.family,
@@ -451,6 +466,8 @@ def estimate(
         notes=[GPU_MEMORY_ON_CPU.format(config.gpu_memory, device.type.upper())]
         if config.gpu_memory and not cuda
         else [],
+        torch_compile=compiled,
+        torch_compile_why=compile_why,
     )
 
 
@@ -503,6 +520,29 @@ def _step_seconds(
     if not _graphed(config):  # launch-bound: grows with the modules launched, not the GPU's speed
         step = max(step, known["eager"] * geom.leaves / reference.leaves)
     return step
+
+
+def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, steps: int, step: float):
+    """Whether the step compiles the UNet's blocks (--torch-compile), and why: `auto` compiles only where it was
+    measured and the run is long enough for the faster steps to repay the compile `COMPILE_PAYBACK` times."""
+    setting = getattr(config, "torch_compile", "off")
+    if setting == "off":
+        return False, "--torch-compile off"
+    if not graphed:
+        why = "it compiles inside the CUDA-graph step, and this run's step is eager"
+        return False, f"auto: {why}" if setting == "auto" else f"--torch-compile on: not used, {why}"
+    if setting == "on":
+        return True, f"--torch-compile on: about {COMPILE_SECONDS:.0f} s of compiling before the first step"
+    if family not in COMPILE_MEASURED or checkpointing:
+        what = "with gradient checkpointing" if checkpointing else f"on {family} models"
+        return False, f"auto: the compiled step is not measured {what}; --torch-compile on tries it"
+    saved = steps * step * COMPILE_SAVING
+    if saved < COMPILE_PAYBACK * COMPILE_SECONDS:
+        return False, (
+            f"auto: about {COMPILE_SECONDS:.0f} s of compiling would save about {saved:.0f} s over "
+            f"{steps or 'the'} steps"
+        )
+    return True, f"auto: about {COMPILE_SECONDS:.0f} s of compiling saves about {saved:.0f} s over {steps} steps"
 
 
 def _graphed(config) -> bool:

@@ -11,7 +11,8 @@ trains the adapter the eager one does (within the GPU's own run-to-run noise); t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,35 @@ def average_gradients(params: list, accelerator) -> None:
         g.copy_(part.view_as(g))
 
 
+def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
+    """Each repeated block of the UNet (every transformer and resnet block) with its torch.compile'd call, which
+    `compiled_blocks` puts in place only while a CUDA graph is captured: the graph replays the compiled kernels,
+    and every other call (previews, the judge, an eager batch) runs the blocks as they were. Blocks of one class
+    and shape share their compiled code (regional compilation: a few dozen small compiles, not one of the UNet)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = []
+    for module in unet.modules():
+        if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
+            module.compile()
+            blocks.append((module, module._compiled_call_impl))
+            module._compiled_call_impl = None
+    return blocks
+
+
+@contextmanager
+def compiled_blocks(blocks: list[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """The blocks of `compile_blocks` run compiled inside this block, as they were after it."""
+    try:
+        for module, call in blocks:
+            module._compiled_call_impl = call
+        yield
+    finally:
+        for module, _ in blocks:
+            module._compiled_call_impl = None
+
+
 @dataclass
 class Step:
     """One training step; `kind` says how it runs (`eager` or `cuda graph`) and `why`.
@@ -114,6 +144,7 @@ class Step:
     max_shapes: int = 4  # batch shapes (aspect-ratio buckets) that get a graph each; others run eagerly
     encode: Callable[[dict], dict] | None = None  # caption token ids -> conditioning, with gradients (see batch_loss)
     text_encoder_params: list = field(default_factory=list)  # the LoRA that `encode` trains
+    compiled: list = field(default_factory=list, repr=False)  # `compile_blocks`' (block, call): the graphs run them
     _graphs: dict = field(default_factory=dict, repr=False)  # batch latent shape -> its graphed UNet
 
     def _graphed(self, batch: dict) -> Callable | None:
@@ -168,7 +199,8 @@ class Step:
         raw = self.accelerator.unwrap_model(self.unet)
         try:
             predict = _Predict(raw, self.family, tuple(cond), self.dtype)
-            return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
+            with compiled_blocks(self.compiled):  # the warm-up compiles (once per shape), the capture records it
+                return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
         except Exception as exc:  # an exotic model or driver: the same training, eagerly
             self.kind, self.why = "eager", f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
             self.notice(self.why)
@@ -202,6 +234,8 @@ def make_step(
     encode: Callable[[dict], dict] | None = None,
     text_encoder_params: list | None = None,
     eager_why: str = "",
+    torch_compile: bool = False,
+    compile_why: str = "--torch-compile on",
 ) -> Step:
     """The fastest step this run can take, and why: a CUDA graph on CUDA (one GPU or several) unless switched off,
     else eager.
@@ -209,7 +243,9 @@ def make_step(
     `encode` and `text_encoder_params` (--train-text-encoder): the step runs the text encoders on the batch's token
     ids and trains their LoRA too; it then runs eagerly (the graph holds the UNet's forward and backward alone).
     `eager_why`, when given, is another reason of the run's own to step eagerly (e.g. LoRA dropout's random masks,
-    which a graph's warm-up would draw from the run's generator)."""
+    which a graph's warm-up would draw from the run's generator).
+    `torch_compile` (--torch-compile, `compile_why` saying why): the UNet's repeated blocks are compiled at each
+    graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
@@ -233,6 +269,19 @@ def make_step(
         )
     else:
         choice = ("cuda graph", "one CUDA GPU, --cuda-graphs on")
+    blocks = []
+    if torch_compile and choice[0] == "cuda graph":
+        blocks = compile_blocks(accelerator.unwrap_model(unet))
+        choice = (
+            choice[0],
+            f"{choice[1]}; {len(blocks)} UNet blocks through torch.compile in the graph ({compile_why})",
+        )
+        notice(
+            f"compiling the UNet's {len(blocks)} repeated blocks at the first step of each picture shape "
+            f"({compile_why})"
+        )
+    elif torch_compile:
+        notice(f"--torch-compile: not used, the step runs eagerly ({choice[1]})")
     return Step(
         *choice,
         unet,
@@ -246,6 +295,7 @@ def make_step(
         max_grad_norm=max_grad_norm,
         encode=encode,
         text_encoder_params=list(text_encoder_params or []),
+        compiled=blocks,
     )
 
 
@@ -259,12 +309,13 @@ def compare_with_eager(
     dtype,
     lr=1e-4,
     accumulation: int = 1,
+    torch_compile: bool = False,
 ) -> dict:
     """How far the fast step's LoRA lands from the eager one's, against how far two eager runs land apart.
 
     `unet` (on a CUDA GPU, frozen in `dtype`, LoRA `params` attached in fp32) is trained on `batches` three times
     from the same LoRA weights with a fresh AdamW: eagerly twice, then with the fastest step `make_step` picks;
-    each step takes `accumulation` batches.
+    each step takes `accumulation` batches; `torch_compile`: the fast step compiles the UNet's blocks too.
     Distances are relative L2 over all LoRA parameters; `moved` is how far the eager run went from the start."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -287,6 +338,7 @@ def compare_with_eager(
             family=family,
             dtype=dtype,
             cuda_graphs=fast,
+            torch_compile=fast and torch_compile,
         )
         for i in range(0, len(batches), accumulation):
             step(*batches[i : i + accumulation])
