@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import random
 import statistics
 import sys
@@ -303,6 +304,14 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         results["allocated_before_train_gib"] = torch.cuda.memory_allocated() / 2**30  # 0 unless something lingers
+    limit_hits = []  # dynamo's warnings that a block's further shapes run eagerly (its recompile limit)
+
+    class LimitHits(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                limit_hits.append(record.getMessage())
+
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(LimitHits())
     t0 = time.perf_counter()
     train(config, device=args.device, log_to_terminal=False)
     results["train_wall_s"] = time.perf_counter() - t0
@@ -312,6 +321,9 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     results.update({k: start[k] for k in keys if k in start}, notices=notices, adapter=config.output)
     first = next(e for e in read_events(run_dir) if e["type"] == "progress")
     results["first_step_s"] = first["time"] - start["time"]  # the first step's capture (and compile, if any)
+    if start.get("torch_compile"):  # how many block versions were compiled, and how many calls fell back to eager
+        counters = torch._dynamo.utils.counters
+        results.update(dynamo_frames_ok=counters["frames"]["ok"], dynamo_limit_hits=len(limit_hits))
     steady = steady_step_seconds(run_dir)
     results.update(train_step_s=steady, train_images_per_s=args.batch / steady)
     if device.type == "cuda":  # the run's own per-phase peaks (trainer/memory.py): torch's counters restart per phase

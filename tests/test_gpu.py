@@ -68,14 +68,16 @@ def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype):
 
 
 def test_a_graph_of_compiled_blocks_trains_what_the_eager_step_trains():
-    """--torch-compile on: the UNet's blocks are compiled inside the captured graph. Ten batches, bf16: compiled
-    code that read stale inputs or weights, or computed something else, would land far from eager."""
+    """--torch-compile on: the UNet's blocks are compiled inside the captured graph. Ten batches in fp32: compiled
+    code that read stale inputs or weights, or computed something else, would land far from eager. (In bf16 the
+    tiny UNet's eager runs agree exactly while the compiled kernels round differently, 8% of the distance trained
+    on an H100; at SD 1.5 size in bf16 the compiled run is as close to eager as two eager runs: RESULTS.md.)"""
     from diffusers import DDPMScheduler
 
     from tests.conftest import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
-    unet = pipe.unet.to("cuda", torch.bfloat16).requires_grad_(False)
+    unet = pipe.unet.to("cuda", torch.float32).requires_grad_(False)
     attach(unet, attention_targets(unet, "both"), 4, 4)
     params = train_in_fp32(unet)
     frames = torch._dynamo.utils.counters["frames"]["ok"]
@@ -85,7 +87,7 @@ def test_a_graph_of_compiled_blocks_trains_what_the_eager_step_trains():
         random_batches(unet, 10, 2),
         family=SD1,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        dtype=torch.bfloat16,
+        dtype=torch.float32,
         lr=1e-3,
         torch_compile=True,
     )
