@@ -77,12 +77,12 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
             "--run-dir",
             tmp_path / "cut",
             "--save-every",
-            2,
+            8,
         ],
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while not (tmp_path / "cut" / "checkpoints" / "step_000004").is_dir():
+    while not (tmp_path / "cut" / "checkpoints" / "step_000008").is_dir():
         assert cut.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
     os.killpg(cut.pid, signal.SIGKILL)
@@ -97,7 +97,7 @@ def test_two_processes_match_one_with_twice_the_batch_and_a_killed_run_resumes(t
     assert events[-1]["type"] == "cancelled", "the workers of the killed launcher trained on to the end"
     assert any("launcher" in e.get("message", "") for e in events if e["type"] == "notice")
     killed_at = max(e["step"] for e in events if e["type"] == "progress")
-    assert 4 <= killed_at < 40
+    assert 8 <= killed_at < 40
     resumed = cli(["--run-dir", tmp_path / "cut", "--resume", "latest"])  # settings come from the run folder
     out = resumed.communicate(timeout=300)[0].decode(errors="replace")
     assert resumed.returncode == 0, why(out)
