@@ -19,6 +19,7 @@ import torch
 
 from adapters.errors import UserError
 from adapters.families import Family
+from adapters.runtime import use_compile_cache
 from trainer.optim import Loss, diffusion_loss
 
 TARGETS = ("epsilon", "v_prediction")
@@ -96,6 +97,7 @@ def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
+    use_compile_cache()  # a resumed or repeated run of the same shapes reads the compiled code back
     blocks = []
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
