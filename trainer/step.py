@@ -97,7 +97,7 @@ def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    use_compile_cache()  # a resumed or repeated run of the same shapes reads the compiled code back
+    use_compile_cache()  # where generation keeps its compiled code, not inductor's default in the temp folder
     blocks = []
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
