@@ -526,7 +526,7 @@ def _step_seconds(
 def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, steps: int, step: float):
     """Whether the step compiles the UNet's blocks (--torch-compile), and why: `auto` compiles only where it was
     measured and the run is long enough for the faster steps to repay the compile `COMPILE_PAYBACK` times."""
-    setting = getattr(config, "torch_compile", "off")
+    setting = config.torch_compile
     if setting == "off":
         return False, "--torch-compile off"
     if not graphed:
@@ -537,11 +537,13 @@ def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, step
     if family not in COMPILE_MEASURED or checkpointing:
         what = "with gradient checkpointing" if checkpointing else f"on {family} models"
         return False, f"auto: the compiled step is not measured {what}; --torch-compile on tries it"
+    if not steps:
+        return False, f"auto: the run's length is not known ({NO_STEPS})"
     saved = steps * step * COMPILE_SAVING
     if saved < COMPILE_PAYBACK * COMPILE_SECONDS:
-        return False, (
-            f"auto: about {COMPILE_SECONDS:.0f} s of compiling would save about {saved:.0f} s over "
-            f"{steps or 'the'} steps"
+        return (
+            False,
+            f"auto: about {COMPILE_SECONDS:.0f} s of compiling would save about {saved:.0f} s over {steps} steps",
         )
     return True, f"auto: about {COMPILE_SECONDS:.0f} s of compiling saves about {saved:.0f} s over {steps} steps"
 
