@@ -465,6 +465,19 @@ def test_a_run_that_would_not_fit_says_so_before_train_in_the_pages_words():
     assert "turns on tiled VAE decoding" in shown
 
 
+def test_a_long_gpu_run_says_beside_train_that_it_compiles_first_and_a_short_one_does_not():
+    """A run long enough for --torch-compile auto to compile on an H200: the page says so and what it saves; the
+    minutes of compiling are in the time it shows. A short run says nothing of compiling."""
+    from app.ui.train import machine_markdown
+    from trainer.plan import CONFIGS, estimate
+
+    h200 = dict(device="cuda", card_gib=139.8, tflops=805.8, device_name="NVIDIA H200")
+    sd1 = dict(base_model=str(CONFIGS / "sd1"), batch_size=8, mixed_precision="bf16", judge=False)
+    long = machine_markdown(estimate(TrainConfig(steps=40000, **sd1), **h200))
+    assert "compiles the UNet's blocks first (auto: about 97 s of compiling saves about" in long, long
+    assert "compil" not in machine_markdown(estimate(TrainConfig(steps=1000, **sd1), **h200))
+
+
 def test_train_refuses_a_run_its_plan_says_would_not_fit_before_any_work(tmp_path, monkeypatch):
     """Train refuses, in the page's words and before staging or starting anything, a run the plan beside it says
     would not fit (here: planned for a GPU whose memory holds less than the built-in model's run needs)."""

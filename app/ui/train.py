@@ -108,6 +108,8 @@ def machine_markdown(plan: Plan) -> str:
     else:
         lines.append(f"{plan.step_seconds:.2f} s a step; {page_words(NO_STEPS)} (upload them)")
     lines += [f"turns on {page_words(what)}" for what in plan.turned_on]
+    if plan.torch_compile:  # minutes before the first step: said, with why (the time above counts them)
+        lines.append(f"compiles the UNet's blocks first ({page_words(plan.torch_compile_why)})")
     lines += [page_words(what) for what in plan.notes]
     text = " · ".join(lines[:1]) + " " + " · ".join(lines[1:])
     if not plan.fits:
