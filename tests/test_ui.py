@@ -466,8 +466,8 @@ def test_a_run_that_would_not_fit_says_so_before_train_in_the_pages_words():
 
 
 def test_a_long_gpu_run_says_beside_train_that_it_compiles_first_and_a_short_one_does_not():
-    """A run long enough for --torch-compile auto to compile on an H200: the page says so and what it saves; the
-    minutes of compiling are in the time it shows. A short run says nothing of compiling."""
+    """A run long enough for --torch-compile auto to compile on an H200: the page says so and what it saves. A
+    short run says nothing of compiling."""
     from app.ui.train import machine_markdown
     from trainer.plan import CONFIGS, estimate
 
