@@ -102,6 +102,8 @@ class Studio:
         capture = cuda_graphs and self.device.type == "cuda"
         graphed = capture or compile_unet
         self._graphs = UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet) if graphed else _NoGraphs()
+        # with the UNet compiled, the VAE's decoder (once a picture) is compiled too: see `DecoderCompile`
+        self._decoder = DecoderCompile(self.pipe.vae.decoder, compiled=compile_unet)
         # and each text encoder's forward too (launch-bound: SD 1.5's took 12.7 ms for a prompt and its negative
         # prompt on an H100 eagerly, benchmarks/results/h100_gen_profile.json)
         self._text_graphs = [
@@ -286,13 +288,15 @@ class Studio:
     @property
     def compile_failed(self) -> str:
         """Why torch.compile was given up for this studio's UNet, or "" (generation then runs uncompiled)."""
-        return self._graphs.compile_failed if isinstance(self._graphs, UNetGraphs) else ""
+        unet = self._graphs.compile_failed if isinstance(self._graphs, UNetGraphs) else ""
+        return unet or self._decoder.compile_failed
 
     def use_compile(self, on: bool) -> None:
-        """Draw through a torch.compile'd UNet from the next picture on (True), or uncompiled (False), without
-        reloading anything: as `Studio(compile_unet=...)` at the start. The first picture at each size after
-        turning it on compiles (or reads the compile cache); turning it off and on again compiles nothing new.
-        Once compiling has failed, turning it on again draws uncompiled without trying again."""
+        """Draw through a torch.compile'd UNet (and VAE decoder) from the next picture on (True), or uncompiled
+        (False), without reloading anything: as `Studio(compile_unet=...)` at the start. The first picture at each
+        size after turning it on compiles (or reads the compile cache); turning it off and on again compiles
+        nothing new. Once compiling has failed, turning it on again draws uncompiled without trying again."""
+        self._decoder.use_compile(on)
         if isinstance(self._graphs, UNetGraphs):
             self._graphs.use_compile(on)
         elif on:  # no CUDA graphs here (the CPU, or cuda_graphs=False): the UNet runs compiled without a graph
@@ -795,6 +799,40 @@ def use_compile_cache() -> str:
     user's cache (`$XDG_CACHE_HOME` or ~/.cache), not inductor's own default under the system's temp folder."""
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(home, "lora-studio", "torchinductor"))
+
+
+class DecoderCompile:
+    """The VAE decoder's forward through `torch.compile` (static shapes) while compiling is on, else as it is.
+
+    A picture's decode is one call of some large convolutions with GroupNorm and SiLU between them; compiled, the
+    norms and activations are fused into fewer passes over the activations. Installed on the decoder instance, so
+    `vae.decode` calls it as it calls the decoder; forward hooks on the decoder (`hold_vae_in_bf16`) still run.
+    Where compiling fails, decoding goes on uncompiled, with a warning."""
+
+    def __init__(self, decoder: torch.nn.Module, compiled: bool = False):
+        self._plain = decoder.forward  # the bound method of the decoder's class
+        self._compiled = None  # the torch.compile'd forward, once asked for
+        self.on = False
+        self.compile_failed = ""
+        self.use_compile(compiled)
+        decoder.forward = self
+
+    def use_compile(self, on: bool) -> None:
+        self.on = on
+        if on and self._compiled is None:
+            use_compile_cache()
+            self._compiled = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if not self.on or self.compile_failed or torch.is_grad_enabled():
+            return self._plain(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as exc:
+            why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]
+            self.compile_failed = " ".join(f"{type(exc).__name__}: {why}".split())
+            warnings.warn(f"lora-studio: the VAE decodes without torch.compile ({self.compile_failed})", stacklevel=3)
+            return self._plain(*args, **kwargs)
 
 
 class UNetGraphs:

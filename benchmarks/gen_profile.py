@@ -7,12 +7,15 @@
 Fields:
 - picture_30_steps_s: `Studio.generate`, no adapter, median of three; text_encode_ms, vae_decode_ms: those parts
   of a picture alone (the prompt and the empty negative prompt; one 64x64 latent decoded); text_encode_eager_ms:
-  the prompts encoded without the runtime's text encoder graphs.
+  the prompts encoded without the runtime's text encoder graphs. With --compile also vae_decode_compiled_ms (the
+  decoder through torch.compile, as a compiled studio runs it), vae_compile_s (its first call) and
+  vae_compiled_max_levels (its largest difference from the uncompiled picture, in 8-bit levels).
 - unet_ms: one UNet call at batch 2 (the two guidance branches), {variant: {"eager": ms, "graphed": ms}}, each the
   median over repeated calls: "default" (what `Studio` runs), "channels_last", "fused_qkv" (diffusers'
   `fuse_qkv_projections`: q, k, v as one product), "sdpa_<backend>" (flash, efficient, cudnn: the attention kernel
   forced), and with --compile "compiled" (the whole UNet through `torch.compile`, then captured; compile_s says
-  how long the first call took).
+  how long the first call took); then picture_30_steps_compiled_s, a picture as a studio with compiling on draws it
+  (median of three after first_compiled_picture_s, the one that compiles).
 - kernels: the 25 kernels that took the most GPU time in one eager default call, and the share of GPU time by
   kind (matmul, conv, attention, norm, other).
 """
@@ -129,6 +132,17 @@ def main() -> None:
     latent = torch.randn(1, 4, size // scale, size // scale, device=device, dtype=pipe.unet.dtype)
     with torch.no_grad():
         results["vae_decode_ms"] = median_ms(lambda: pipe.vae.decode(latent), device, 5)
+        if args.compile:  # the decoder as `Studio(compile_unet=True)` runs it
+            plain = pipe.vae.decode(latent).sample.float()
+            studio._decoder.use_compile(True)
+            t0 = time.perf_counter()
+            compiled = pipe.vae.decode(latent).sample.float()
+            sync(device)
+            results["vae_compile_s"] = time.perf_counter() - t0
+            results["vae_decode_compiled_ms"] = median_ms(lambda: pipe.vae.decode(latent), device, 5)
+            # in 8-bit levels of the picture ([-1, 1] -> 0..255)
+            results["vae_compiled_max_levels"] = float((compiled - plain).abs().max()) * 127.5
+            studio._decoder.use_compile(False)
     save()
 
     unet = pipe.unet
@@ -170,9 +184,14 @@ def main() -> None:
     unet.fuse_qkv_projections()
     measure("fused_qkv", unet_call())
     unet.unfuse_qkv_projections()
+    studio_format = (  # what the studio holds (channels-last on CUDA), put back after the channels-last measure
+        torch.channels_last
+        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
     unet.to(memory_format=torch.channels_last)
     measure("channels_last", unet_call(x=sample.to(memory_format=torch.channels_last)))
-    unet.to(memory_format=torch.contiguous_format)
+    unet.to(memory_format=studio_format)
     if args.compile:
         compiled = torch.compile(lambda x: forward(unet, x, timestep, states, return_dict=False), fullgraph=True)
         t0 = time.perf_counter()
@@ -181,6 +200,15 @@ def main() -> None:
         sync(device)
         results["compile_s"] = time.perf_counter() - t0
         measure("compiled", lambda: compiled(sample))
+        # a whole picture as `Studio(compile_unet=True)` draws it: the UNet compiled inside its graph, the decoder
+        # compiled (the first picture compiles both)
+        studio.use_compile(True)
+        t0 = time.perf_counter()
+        studio.generate(PROMPT, sampling_steps=30)
+        results["first_compiled_picture_s"] = time.perf_counter() - t0
+        results["picture_30_steps_compiled_s"] = (
+            median_ms(lambda: studio.generate(PROMPT, sampling_steps=30), device, 3) / 1000
+        )
     results["complete"] = True
     save()
     print(json.dumps(results, indent=1))

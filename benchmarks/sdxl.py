@@ -4,6 +4,7 @@
     python benchmarks/sdxl.py --batch 1 --gradient-checkpointing on --json ...      # less memory
     python benchmarks/sdxl.py --batch 1 --gpu-memory 8 --gradient-checkpointing auto --generate  # an 8 GB card
     python benchmarks/sdxl.py --batch 1 --no-reference --generate --studio-compile  # and through torch.compile
+    python benchmarks/sdxl.py --batch 4 --no-reference --torch-compile on          # train with compiled blocks
     python benchmarks/sdxl.py --tiny --device cpu                                   # the code path, small
 
 It builds an SDXL-shaped pipeline from the published sizes (no download), saves it once as a diffusers folder
@@ -125,6 +126,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", default="off", choices=("auto", "on", "off"))
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--torch-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
+    )
     parser.add_argument(
         "--gpu-memory",
         type=float,
