@@ -14,7 +14,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# The cores are shared among pytest-xdist's workers (`make test` runs two): each worker, and each app, trainer or
+# script a test starts (OMP_NUM_THREADS, inherited), takes its share, so that threads never outnumber the cores
+# (torch's threads wait on each other at every parallel loop, and one left without a core stalls the rest: a
+# trainer took ten times as long beside another worker). Alone (plain `pytest`), up to four threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(4, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 _GRADIO_CACHE: list[str] = []
 
 
