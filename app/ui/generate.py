@@ -28,9 +28,11 @@ from app.outputs import Outputs
 SCHEDULERS = {"model default": None, **{name: name for name in RUNTIME_SCHEDULERS}}
 NONE = "(none)"
 SLOTS = 4
-# measured on a lent H100, SD 1.5 shapes at 512 and 30 steps (benchmarks/RESULTS.md, 2026-12-06)
+# measured on a lent H100, SD 1.5 shapes at 512 and 30 steps (benchmarks/RESULTS.md, 2026-12-06), with the UNet
+# alone compiled (the VAE's decoder, compiled too since, is not timed there)
 COMPILE_INFO = (
-    "the first picture at each size compiles (SD 1.5 on an H100: 44 s the first time, 9 s once cached), later "
+    "the UNet and the VAE's decoder are compiled; the first picture at each size compiles (SD 1.5 on an H100, "
+    "the UNet alone: 44 s the first time, 9 s once cached), later "
     "ones draw faster (0.26 s against 0.38 s); strengths and adapters change without compiling again"
 )
 SMALL = 256  # pictures narrower than this are enlarged with square pixels (the built-in model's are 64)
