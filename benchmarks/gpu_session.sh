@@ -10,6 +10,7 @@
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
+#             (and, for the parts not in the default PARTS: sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -36,6 +37,12 @@
 #                       generation graph (the first picture compiles), then diffusers' fused pipeline with its UNet
 #                       through torch.compile (the compiles ~2 of it) -> gen_vs_compiled_diffusers
 #   sd15_compile_warm ~1  ours compiled again in a new process: the first picture from the compile cache
+#   sd15_b8_warm  ~1.5  sd15_b8 again in a new process, the compile cache filled by it: how long a second compiled
+#                       run takes to its first step (not in the default PARTS)
+#   gen_decoder   ~3    benchmarks/gen_profile.py --compile --no-levers: the VAE decoder's decode compiled and not,
+#                       and a whole picture from a compiled studio (not in the default PARTS)
+#   sdxl_b4_compile ~4  sdxl_b4 with --torch-compile on (SDXL's compiled training step is not measured; not in the
+#                       default PARTS)
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -72,7 +79,7 @@ if [ "${TINY:-0}" = 1 ]; then
     SD15_STEPS=14 SDXL_STEPS=14 SCALE=0
     SD15_REF=(--reference-warmup 1 --reference-steps 2)
     SDXL_REF=(--reference-warmup 1 --reference-steps 2)
-    COMPILE=() TRAIN_COMPILE=(--tiny --backend aot_eager --batches 2 --repeat 2) SD15_B8=()
+    COMPILE=() TRAIN_COMPILE=(--tiny --backend aot_eager --batches 2 --repeat 2) SD15_B8=() GEN_COMPILE=()
     [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile --studio-compile)
     SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
 else
@@ -80,7 +87,7 @@ else
     SD15_STEPS=32 SDXL_STEPS=26 SCALE=1
     SD15_REF=(--reference-warmup 5 --reference-steps 15)
     SDXL_REF=(--reference-warmup 3 --reference-steps 8)
-    COMPILE=(--diffusers-compile --studio-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20)
+    COMPILE=(--diffusers-compile --studio-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20) GEN_COMPILE=(--compile)
     SD15_B8=(--torch-compile on)  # the fastest step a long run gets (auto compiles from about 13,000 steps)
     SUMMARY_FLAGS=()
 fi
@@ -117,6 +124,18 @@ for p in $PARTS; do
         part sd15_b8 160 280 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8.json"
         ;;
+    sd15_b8_warm)
+        part sd15_b8_warm 60 160 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
+            --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8_warm.json"
+        ;;
+    gen_decoder)
+        part gen_decoder 60 240 "$PY" benchmarks/gen_profile.py "${SIZE[@]}" --work "$WORK/sd15" "${GEN_COMPILE[@]}" \
+            --no-levers --json "$OUT/gen_decoder.json"
+        ;;
+    sdxl_b4_compile)
+        part sdxl_b4_compile 120 300 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 4 \
+            --steps "$SDXL_STEPS" --no-reference --torch-compile on --json "$OUT/sdxl_b4_compile.json"
+        ;;
     sd15_b1)
         part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
@@ -151,8 +170,8 @@ for p in $PARTS; do
         part train_compile 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_COMPILE[@]}" --json "$OUT/train_compile.json"
         ;;
     *)
-        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b1 sd15_gen sdxl_b1 sdxl_b4 sd15_compile" \
-            "sd15_compile_warm train_compile" | tee -a "$LOG"
+        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
+            "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm train_compile" | tee -a "$LOG"
         ;;
     esac
 done
