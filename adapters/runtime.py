@@ -801,6 +801,12 @@ def use_compile_cache() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(home, "lora-studio", "torchinductor"))
 
 
+def compile_error(exc: Exception) -> str:
+    """Why torch.compile failed, on one line: the exception's kind and message, less torch's advice on logging."""
+    why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]
+    return " ".join(f"{type(exc).__name__}: {why}".split())
+
+
 class DecoderCompile:
     """The VAE decoder's forward through `torch.compile` (static shapes) while compiling is on, else as it is.
 
@@ -829,8 +835,7 @@ class DecoderCompile:
         try:
             return self._compiled(*args, **kwargs)
         except Exception as exc:
-            why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]
-            self.compile_failed = " ".join(f"{type(exc).__name__}: {why}".split())
+            self.compile_failed = compile_error(exc)
             warnings.warn(f"lora-studio: the VAE decodes without torch.compile ({self.compile_failed})", stacklevel=3)
             return self._plain(*args, **kwargs)
 
@@ -899,8 +904,7 @@ class UNetGraphs:
         except Exception as exc:
             if not self.compiled:
                 raise
-            why = str(exc).split("\n\nSet TORCHDYNAMO_VERBOSE")[0]  # less torch's own advice on more logging
-            self.compile_failed = " ".join(f"{type(exc).__name__}: {why}".split())
+            self.compile_failed = compile_error(exc)
             warnings.warn(f"lora-studio: generation runs without torch.compile ({self.compile_failed})", stacklevel=3)
             self._run = self._plain
             return call()
