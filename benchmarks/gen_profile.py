@@ -190,43 +190,38 @@ def main() -> None:
         save()
 
     measure("default", unet_call())
-    if not args.levers:
-        if args.compile:
-            compiled_picture(studio, results, device)
-        results["complete"] = True
-        save()
-        print(json.dumps(results, indent=1))
-        return
-    with torch.no_grad():
-        results["kernels"] = kernel_table(unet_call(), device) if device.type == "cuda" else {}
-    save()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-        measure(
-            f"sdpa_{backend.split('_')[0].lower()}",
-            unet_call(),
-            lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)),
-        )
-    unet.fuse_qkv_projections()
-    measure("fused_qkv", unet_call())
-    unet.unfuse_qkv_projections()
-    studio_format = (  # what the studio holds (channels-last on CUDA), put back after the channels-last measure
-        torch.channels_last
-        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
-    unet.to(memory_format=torch.channels_last)
-    measure("channels_last", unet_call(x=sample.to(memory_format=torch.channels_last)))
-    unet.to(memory_format=studio_format)
-    if args.compile:
-        compiled = torch.compile(lambda x: forward(unet, x, timestep, states, return_dict=False), fullgraph=True)
-        t0 = time.perf_counter()
+    if args.levers:
         with torch.no_grad():
-            compiled(sample)
-        sync(device)
-        results["compile_s"] = time.perf_counter() - t0
-        measure("compiled", lambda: compiled(sample))
+            results["kernels"] = kernel_table(unet_call(), device) if device.type == "cuda" else {}
+        save()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            measure(
+                f"sdpa_{backend.split('_')[0].lower()}",
+                unet_call(),
+                lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)),
+            )
+        unet.fuse_qkv_projections()
+        measure("fused_qkv", unet_call())
+        unet.unfuse_qkv_projections()
+        studio_format = (  # what the studio holds (channels-last on CUDA), put back after the channels-last measure
+            torch.channels_last
+            if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        unet.to(memory_format=torch.channels_last)
+        measure("channels_last", unet_call(x=sample.to(memory_format=torch.channels_last)))
+        unet.to(memory_format=studio_format)
+        if args.compile:
+            compiled = torch.compile(lambda x: forward(unet, x, timestep, states, return_dict=False), fullgraph=True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                compiled(sample)
+            sync(device)
+            results["compile_s"] = time.perf_counter() - t0
+            measure("compiled", lambda: compiled(sample))
+    if args.compile:
         compiled_picture(studio, results, device)
     results["complete"] = True
     save()
