@@ -278,6 +278,16 @@ def saved_model(folder: Path, build, device: torch.device | None = None) -> Path
     return folder
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments `train_run` reads beyond a script's own (each script that calls it adds them here)."""
+    parser.add_argument(
+        "--torch-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
+    )
+
+
 def train_run(args, model_dir: Path, data: Path, device: torch.device, results: Record, **options) -> Path:
     """Train through the real `trainer.loop.train`; records its steady speed, step kind and peak memory; returns the
     adapter file."""
@@ -497,12 +507,7 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="train with CUDA graphs"
     )
-    parser.add_argument(
-        "--torch-compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
-    )
+    add_train_arguments(parser)
     parser.add_argument(
         "--compare-graphs",
         action="store_true",

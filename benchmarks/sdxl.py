@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.reference import PROMPT  # noqa: E402
 from benchmarks.sd15 import (  # noqa: E402
     Record,
+    add_train_arguments,
     compiled_generation,
     run_header,
     saved_model,
@@ -126,12 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", default="off", choices=("auto", "on", "off"))
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument(
-        "--torch-compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
-    )
+    add_train_arguments(parser)
     parser.add_argument(
         "--gpu-memory",
         type=float,
