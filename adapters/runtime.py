@@ -11,7 +11,11 @@ The verbs: `load`/`add` (attach), `set_strengths` (any number of adapters, each 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -72,6 +76,7 @@ class Studio:
         cuda_graphs: bool = True,
         lora_forward: str = "auto",
         compile_unet: bool = False,
+        background_compile: bool = False,
         channels_last: bool | None = None,
         vae_bf16: bool | None = None,
     ):
@@ -98,16 +103,22 @@ class Studio:
         self._packs: Packs | None = None
         self._merged_runs: dict[int, MergedLinear] = {}  # id(layer) -> its MergedLinear, kept across adapter sets
         # on a CUDA GPU the UNet's denoising steps are replayed as CUDA graphs (`cuda_graphs=False`: never);
-        # `compile_unet`: the UNet's forward also goes through torch.compile (see `UNetGraphs`)
+        # `compile_unet`: the UNet's forward also goes through torch.compile (see `UNetGraphs`); with
+        # `background_compile`, compiled on a worker thread while the first pictures are drawn uncompiled
+        self._background = BackgroundCompiles(self.device) if background_compile else None
         capture = cuda_graphs and self.device.type == "cuda"
         graphed = capture or compile_unet
-        self._graphs = UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet) if graphed else _NoGraphs()
+        self._graphs = (
+            UNetGraphs(self.pipe.unet, capture=capture, compiled=compile_unet, background=self._background)
+            if graphed
+            else _NoGraphs()
+        )
         # with the UNet compiled, the VAE's decoder (once a picture) is compiled too: see `DecoderCompile`
-        self._decoder = DecoderCompile(self.pipe.vae.decoder, compiled=compile_unet)
+        self._decoder = DecoderCompile(self.pipe.vae.decoder, compiled=compile_unet, background=self._background)
         # and each text encoder's forward too (launch-bound: SD 1.5's took 12.7 ms for a prompt and its negative
         # prompt on an H100 eagerly, benchmarks/results/h100_gen_profile.json)
         self._text_graphs = [
-            EncoderGraphs(getattr(self.pipe, name))
+            EncoderGraphs(getattr(self.pipe, name), background=self._background)
             for name in ("text_encoder", "text_encoder_2")
             if capture and getattr(self.pipe, name, None) is not None
         ]
@@ -300,7 +311,19 @@ class Studio:
         if isinstance(self._graphs, UNetGraphs):
             self._graphs.use_compile(on)
         elif on:  # no CUDA graphs here (the CPU, or cuda_graphs=False): the UNet runs compiled without a graph
-            self._graphs = UNetGraphs(self.pipe.unet, capture=False, compiled=True)
+            self._graphs = UNetGraphs(self.pipe.unet, capture=False, compiled=True, background=self._background)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compile (`background_compile`) is running or waiting for the next picture to end;
+        pictures drawn meanwhile are uncompiled."""
+        background = self._background
+        return background is not None and (background.busy or bool(background._asked))
+
+    def wait_for_compile(self, timeout: float | None = None) -> bool:
+        """Wait until the background compiles asked for so far are done (True) or `timeout` seconds have passed;
+        the next picture then runs compiled. Without `background_compile`, True at once."""
+        return self._background is None or self._background.wait(timeout)
 
     def _adapter_layers(self, name: str) -> list:
         """Adapter `name`'s peft layers, component by component, in the order of its scale slots."""
@@ -448,6 +471,8 @@ class Studio:
             self.set_strengths(strengths)
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(num_images)]
         stopped = []
+        if self._background is not None:
+            self._background.picture_starts()
 
         def on_step_end(pipe, step, timestep, tensors):
             if after_step is not None and after_step(step + 1, sampling_steps) and not stopped:
@@ -455,18 +480,26 @@ class Studio:
                 stopped.append(step + 1)
             return tensors
 
-        images = self.pipe(
-            prompt,
-            negative_prompt=negative_prompt or None,
-            num_inference_steps=sampling_steps,
-            guidance_scale=self.defaults["guidance"] if guidance is None else guidance,
-            guidance_rescale=self.defaults["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
-            width=width,
-            height=height,
-            generator=generators[0] if num_images == 1 else generators,
-            num_images_per_prompt=num_images,
-            callback_on_step_end=on_step_end,
-        ).images
+        drawing = _TRACING if self._background is not None else contextlib.nullcontext()
+        try:
+            with drawing:
+                images = self.pipe(
+                    prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=sampling_steps,
+                    guidance_scale=self.defaults["guidance"] if guidance is None else guidance,
+                    guidance_rescale=self.defaults["guidance_rescale"]
+                    if guidance_rescale is None
+                    else guidance_rescale,
+                    width=width,
+                    height=height,
+                    generator=generators[0] if num_images == 1 else generators,
+                    num_images_per_prompt=num_images,
+                    callback_on_step_end=on_step_end,
+                ).images
+        finally:
+            if self._background is not None:
+                self._background.start()  # what this picture asked to have compiled, once it is drawn
         if stopped:
             raise Interrupted(f"stopped after step {stopped[0]} of {sampling_steps}")
         return images
@@ -733,12 +766,13 @@ class EncoderGraphs:
     `output_hidden_states`; the output is a copy of what the graph wrote, in the encoder's own output type. Any
     other call (gradients on, another argument, not on CUDA) runs the encoder as it is; where a capture fails, the
     encoder runs as it is from then on, with a warning. Weights and LoRA strengths are read in place; `clear` drops
-    the graphs when the adapters change."""
+    the graphs when the adapters change. While a `background` compile runs, nothing new is captured (the call runs
+    as it is)."""
 
     FLAGS = ("output_hidden_states", "output_attentions", "return_dict")
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 4):
-        self.encoder, self.keep = encoder, keep
+    def __init__(self, encoder: torch.nn.Module, keep: int = 4, background: BackgroundCompiles | None = None):
+        self.encoder, self.keep, self.background = encoder, keep, background
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.failed = ""
         self._forward = type(encoder).forward
@@ -764,6 +798,8 @@ class EncoderGraphs:
         key = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in inputs.items())
         key += tuple(sorted(flags.items()))
         if key not in self.graphs:
+            if self.background is not None and self.background.busy:
+                return self._forward(self.encoder, input_ids, attention_mask, **kwargs)
             try:
                 self.graphs[key] = self._capture(inputs, flags)
             except Exception as exc:  # an encoder that syncs or branches on its input: run it as it is
@@ -807,19 +843,162 @@ def compile_error(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {why}".split())
 
 
+# Held by a picture being drawn while a studio compiles in the background, and by torch.fx's tracer (see
+# `_lock_fx_tracing`): while the tracer runs, every nn.Module call in the process goes into it
+_TRACING = threading.RLock()
+
+
+def _lock_fx_tracing() -> bool:
+    """Make torch.fx's `Tracer.trace` hold `_TRACING` while it runs; False where this torch has no such method.
+
+    While it traces (AOTAutograd's make_fx does, in a cold compile), `Tracer.trace` replaces `nn.Module.__call__`
+    for the whole process, not only for its own thread: a module called meanwhile on another thread is taken into
+    the trace and fails (NameError: module is not installed as a submodule), as the drawing thread's modules did
+    while a compile ran beside it. A compile read from the compile cache traces nothing this way."""
+    tracer = getattr(getattr(torch.fx, "_symbolic_trace", None), "Tracer", None)
+    trace = getattr(tracer, "trace", None)
+    if trace is None:
+        return False
+    if getattr(trace, "lora_studio_locked", False):
+        return True
+
+    @functools.wraps(trace)
+    def locked(self, *args, **kwargs):
+        with _TRACING:
+            return trace(self, *args, **kwargs)
+
+    locked.lora_studio_locked = True
+    tracer.trace = locked
+    return True
+
+
+class BackgroundCompiles:
+    """torch.compile's first calls run on a worker thread while pictures go on being drawn uncompiled.
+
+    A part (the UNet's denoising call, the VAE's decoder) asks for a compile of one input shape (`request`, with
+    example inputs) the first time it is called at that shape; the worker starts when the picture is finished
+    (`start`), calls the compiled forward once with the examples (that call compiles, or reads the compile cache),
+    and marks the shape ready. At the start of each picture (`picture_starts`), if the worker is idle, every ready
+    shape is handed to the parts, which draw that picture through the compiled code; a picture never switches
+    halfway. So no picture waits for a compile: the first ones are drawn as fast as without compiling, the later
+    ones compiled. While a picture is drawn, the worker's compile does not enter torch.fx's tracer, nor the other
+    way round (`_lock_fx_tracing`); a compile from an empty cache traces for a few seconds, so a picture may wait
+    that long.
+
+    What a compile traced can go stale: attaching, removing or replacing adapters changes the UNet's layers. A part
+    then `bump`s its version; shapes marked ready under an older version are asked for again. While the worker runs,
+    no CUDA graph is captured (a capture in one thread fails on what another thread does at the same time): the
+    parts draw uncaptured instead. A compile that fails gives a warning and leaves the part uncompiled for good."""
+
+    # the interpreter's thread switch interval while the worker runs: the drawing thread releases the GIL at most
+    # torch operations and then waits up to this long for it (Python's default, 5 ms, made a picture of the
+    # built-in model on the CPU several times slower while a compile ran)
+    SWITCH_INTERVAL_S = 0.0001
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.versions: dict[str, int] = {}
+        self.ready: set[tuple] = set()  # (part, key, version)
+        self.usable: set[tuple] = set()  # (part, key): what the picture being drawn runs compiled
+        self._asked: OrderedDict[tuple, tuple] = OrderedDict()  # (part, key) -> (fn, example inputs, on_failure)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._interval = sys.getswitchinterval()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def bump(self, part: str) -> None:
+        """`part`'s compiled code may no longer match the module: shapes ready before must be compiled again (the
+        worker finds them in the compile cache when they are what they were)."""
+        with self._lock:
+            self.versions[part] = self.versions.get(part, 0) + 1
+            self.usable = {u for u in self.usable if u[0] != part}
+
+    def request(self, part: str, key: tuple, fn: Callable, inputs: tuple, on_failure: Callable[[Exception], None]):
+        """Ask for `fn(*inputs)` (the compiled forward) to be run once on the worker, unless `key` is ready."""
+        with self._lock:
+            if (part, key, self.versions.get(part, 0)) in self.ready or (part, key) in self._asked:
+                return
+            self._asked[(part, key)] = (fn, tuple(_cloned(v) for v in inputs), on_failure)
+
+    def start(self) -> None:
+        """Start the worker on what was asked for (a picture has just been drawn)."""
+        with self._lock:
+            if not self._asked or self.busy:
+                return
+            if not _lock_fx_tracing():  # no way to keep the tracer off the drawing thread: compile here and now
+                self._thread = None
+            else:
+                sys.setswitchinterval(min(self._interval, self.SWITCH_INTERVAL_S))
+                self._thread = threading.Thread(target=self._work, name="lora-studio compile", daemon=True)
+                self._thread.start()
+                return
+        self._work()
+
+    def picture_starts(self) -> None:
+        """Decide what the coming picture runs compiled: every shape ready at the parts' current versions, while the
+        worker is idle (else nothing: a compiled shape's CUDA graph could not be captured now)."""
+        with self._lock:
+            if self.busy:
+                self.usable = set()
+            else:
+                self.usable = {(p, k) for p, k, v in self.ready if v == self.versions.get(p, 0)}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to finish what was asked so far; True when it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.busy
+
+    def _work(self) -> None:
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        try:
+            while True:
+                with self._lock:
+                    if not self._asked:
+                        return
+                    (part, key), (fn, inputs, on_failure) = self._asked.popitem(last=False)
+                    version = self.versions.get(part, 0)
+                try:
+                    with torch.no_grad(), device:
+                        fn(*inputs)
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                except Exception as exc:
+                    with self._lock:
+                        stale = version != self.versions.get(part, 0)
+                    if not stale:  # an error while the module changed under the trace is not the compiler's
+                        on_failure(exc)
+                    continue
+                with self._lock:
+                    if version == self.versions.get(part, 0):
+                        self.ready.add((part, key, version))
+        finally:
+            sys.setswitchinterval(self._interval)
+
+
 class DecoderCompile:
     """The VAE decoder's forward through `torch.compile` (static shapes) while compiling is on, else as it is.
 
     A picture's decode is one call of some large convolutions with GroupNorm and SiLU between them; compiled, the
     norms and activations are fused into fewer passes over the activations. Installed on the decoder instance, so
     `vae.decode` calls it as it calls the decoder; forward hooks on the decoder (`hold_vae_in_bf16`) still run.
-    Where compiling fails, decoding goes on uncompiled, with a warning."""
+    With `background`, a shape is compiled on its worker thread and decoded compiled once ready (see
+    `BackgroundCompiles`). Where compiling fails, decoding goes on uncompiled, with a warning."""
 
-    def __init__(self, decoder: torch.nn.Module, compiled: bool = False):
+    PART = "vae decoder"
+
+    def __init__(
+        self, decoder: torch.nn.Module, compiled: bool = False, background: BackgroundCompiles | None = None
+    ):
         self._plain = decoder.forward  # the bound method of the decoder's class
         self._compiled = None  # the torch.compile'd forward, once asked for
         self.on = False
         self.compile_failed = ""
+        self.background = background
         self.use_compile(compiled)
         decoder.forward = self
 
@@ -829,14 +1008,23 @@ class DecoderCompile:
             use_compile_cache()
             self._compiled = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
 
+    def _failed(self, exc: Exception) -> None:
+        self.compile_failed = compile_error(exc)
+        warnings.warn(f"lora-studio: the VAE decodes without torch.compile ({self.compile_failed})", stacklevel=4)
+
     def __call__(self, *args, **kwargs):
         if not self.on or self.compile_failed or torch.is_grad_enabled():
             return self._plain(*args, **kwargs)
+        if self.background is not None:
+            key = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in args)
+            if kwargs or (self.PART, key) not in self.background.usable:
+                if not kwargs:
+                    self.background.request(self.PART, key, self._compiled, args, self._failed)
+                return self._plain(*args, **kwargs)
         try:
             return self._compiled(*args, **kwargs)
         except Exception as exc:
-            self.compile_failed = compile_error(exc)
-            warnings.warn(f"lora-studio: the VAE decodes without torch.compile ({self.compile_failed})", stacklevel=3)
+            self._failed(exc)
             return self._plain(*args, **kwargs)
 
 
@@ -854,10 +1042,21 @@ class UNetGraphs:
     `compiled`: the plain denoising call goes through `torch.compile` (whole UNet, static shapes) before it is
     captured (`capture=False`, as on the CPU: it is run as compiled). The first picture at a size compiles (about
     a minute for SD 1.5 on an H100 with an empty cache); what is compiled is kept on disk (`use_compile_cache`) for
-    the next run. Where compiling fails, generation goes on without it, with a warning."""
+    the next run. With `background`, that compile runs on a worker thread instead and pictures go on uncompiled
+    until it is ready (see `BackgroundCompiles`). Where compiling fails, generation goes on without it, with a
+    warning."""
 
-    def __init__(self, unet: torch.nn.Module, keep: int = 4, capture: bool = True, compiled: bool = False):
-        self.unet, self.keep, self.capture = unet, keep, capture
+    PART = "unet"
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        keep: int = 4,
+        capture: bool = True,
+        compiled: bool = False,
+        background: BackgroundCompiles | None = None,
+    ):
+        self.unet, self.keep, self.capture, self.background = unet, keep, capture, background
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.failed = ""  # why capture was given up, if it was
         self.compile_failed = ""  # why torch.compile was given up, if it was
@@ -871,6 +1070,8 @@ class UNetGraphs:
 
     def clear(self) -> None:
         self.graphs.clear()
+        if self.background is not None:
+            self.background.bump(self.PART)
 
     @property
     def compiled(self) -> bool:
@@ -879,11 +1080,14 @@ class UNetGraphs:
     def use_compile(self, on: bool) -> None:
         """From the next call on, run the UNet through torch.compile (True) or as it is (False). The graphs
         captured through the other forward are dropped; what was compiled is kept for a later `use_compile(True)`.
-        After a failed compile (`compile_failed`) it stays uncompiled: each try would compile and fail again."""
+        After a failed compile (`compile_failed`) it stays uncompiled: each try would compile and fail again. With
+        `background` the compiled forward is used shape by shape, once the worker has compiled it."""
         self.asked = on
         if on and self._compiled is None:
             use_compile_cache()
             self._compiled = torch.compile(self._plain, backend=COMPILE_BACKEND, dynamic=False)
+        if self.background is not None:
+            return
         run = self._compiled if on and not self.compile_failed else self._plain
         if run != self._run:
             self._run = run
@@ -897,17 +1101,20 @@ class UNetGraphs:
             self.unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False
         )[0]
 
-    def _run_or_uncompiled(self, call):
+    def _compile_failed(self, exc: Exception) -> None:
+        self.compile_failed = compile_error(exc)
+        warnings.warn(f"lora-studio: generation runs without torch.compile ({self.compile_failed})", stacklevel=4)
+        self._run = self._plain
+
+    def _run_or_uncompiled(self, call, compiled: bool):
         """`call()`; where torch.compile fails in it, warn and call again with the UNet uncompiled from now on."""
         try:
-            return call()
+            return call(self._compiled if compiled else self._run)
         except Exception as exc:
-            if not self.compiled:
+            if not (compiled or self.compiled):
                 raise
-            self.compile_failed = compile_error(exc)
-            warnings.warn(f"lora-studio: generation runs without torch.compile ({self.compile_failed})", stacklevel=3)
-            self._run = self._plain
-            return call()
+            self._compile_failed(exc)
+            return call(self._plain)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, **kwargs):
         plain = not args and set(kwargs) <= {
@@ -926,37 +1133,52 @@ class UNetGraphs:
             return self._eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
         timestep = torch.as_tensor(timestep, device=sample.device)  # a number would be compiled in as a constant
         added = kwargs.get("added_cond_kwargs") or {}
-
-        def uncaptured():  # self._run read at each call: after a failed compile it is the plain forward
-            states = encoder_hidden_states
-            return (self._run_or_uncompiled(lambda: self._run(sample, timestep, states, added or None)),)
-
-        if self.failed or not self.capture or sample.device.type != "cuda":
-            return uncaptured()
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **added}
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
-        if key not in self.graphs:
+        # with a background compiler: this call runs compiled when its shape was ready as the picture started, else
+        # uncompiled, and asks for the compile (`compiled` False: `self._run` decides, as without one)
+        compiled = False
+        background = self.background
+        if background is not None and self.asked and not self.compile_failed:
+            compiled = (self.PART, key) in background.usable
+            if not compiled:
+                example = (sample, timestep, encoder_hidden_states, added or None)
+                background.request(self.PART, key, self._compiled, example, self._compile_failed)
+
+        def uncaptured():  # the forward read at each call: after a failed compile it is the plain one
+            states = encoder_hidden_states
+            return (self._run_or_uncompiled(lambda run: run(sample, timestep, states, added or None), compiled),)
+
+        busy = background is not None and background.busy
+        if self.failed or not self.capture or sample.device.type != "cuda":
+            return uncaptured()
+        graph_key = (compiled, *key)
+        if graph_key not in self.graphs:
+            if busy:  # a capture now could fail on what the compile worker does at the same time
+                return uncaptured()
             try:
-                self.graphs[key] = self._run_or_uncompiled(lambda: self._capture(inputs, list(added)))
+                self.graphs[graph_key] = self._run_or_uncompiled(
+                    lambda run: self._capture(run, inputs, list(added)), compiled
+                )
             except Exception as exc:  # an exotic model or driver: generate eagerly from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"lora-studio: generation runs without CUDA graphs ({self.failed})", stacklevel=2)
                 return uncaptured()
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        graph, static, output = self.graphs[key]
+        self.graphs.move_to_end(graph_key)
+        graph, static, output = self.graphs[graph_key]
         for name, value in inputs.items():
             static[name].copy_(value)
         graph.replay()
         return (output.clone(),)
 
-    def _capture(self, inputs: dict, added_names: list) -> tuple:
+    def _capture(self, forward, inputs: dict, added_names: list) -> tuple:
         static = {k: v.clone() for k, v in inputs.items()}
 
         def run():
             added = {k: static[k] for k in added_names} or None
-            return self._run(static["sample"], static["timestep"], static["encoder_hidden_states"], added)
+            return forward(static["sample"], static["timestep"], static["encoder_hidden_states"], added)
 
         graph, output = captured(run)
         return graph, static, output

@@ -16,10 +16,13 @@ from pathlib import Path
 from adapters.errors import UserError
 
 COMPILE_HELP = (
-    "generate through a torch.compile'd UNet and VAE decoder: faster pictures after a one-time compile at each size "
+    "draw through a torch.compile'd UNet and VAE decoder: faster pictures after a one-time compile at each size "
     "(SD 1.5 on an H100, the UNet alone compiled: 44 s, then 9 s in later runs from "
-    "~/.cache/lora-studio/torchinductor; 0.26 s a picture against 0.38 s)"
+    "~/.cache/lora-studio/torchinductor; 0.26 s a picture against 0.38 s). now (what a bare --compile means): the "
+    "first picture at a size waits for the compile; background: pictures are drawn uncompiled while a worker thread "
+    "compiles, then compiled; off: never"
 )
+COMPILE_CHOICES = ("now", "background", "off")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -169,7 +172,12 @@ def _generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
-    studio = Studio(args.base_model, prediction_type=prediction, compile_unet=args.compile)
+    studio = Studio(
+        args.base_model,
+        prediction_type=prediction,
+        compile_unet=args.compile != "off",
+        background_compile=args.compile == "background",
+    )
     strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
@@ -387,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(p, "--output", "--out", required=True, help="image file to write (.png, .jpg or .webp)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument(
+        "--compile", nargs="?", const="now", default="off", choices=COMPILE_CHOICES, help=COMPILE_HELP + " (default)"
+    )
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("ui", help="start the web app (Train, Generate, Adapters)")
@@ -413,7 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=".", help="folder holding runs/ and library/ (default: here)")
     p.add_argument("--base-model", default="builtin", help="base model preselected in the page")
     p.add_argument("--preload", default=None, metavar="FOLDER", help="put this folder's images in the upload box")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="now",
+        default="auto",
+        choices=("auto", *COMPILE_CHOICES),
+        help=COMPILE_HELP + "; auto (the default): background on a CUDA GPU, else off. It sets the Generate tab's "
+        "Compile box: ticked (now, background) or not; ticked later, it compiles in the background unless now",
+    )
     p.set_defaults(func=_ui)
 
     p = sub.add_parser("demo", help="train on the bundled sample images and write a preview grid")

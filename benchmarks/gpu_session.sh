@@ -10,7 +10,8 @@
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
-#             (and, for the parts not in the default PARTS: sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json)
+#             (and, for the parts not in the default PARTS: sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
+#             gen_background.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -41,6 +42,9 @@
 #                       run takes to its first step (not in the default PARTS)
 #   gen_decoder   ~3    benchmarks/gen_profile.py --compile --no-levers: the VAE decoder's decode compiled and not,
 #                       and a whole picture from a compiled studio (not in the default PARTS)
+#   gen_background ~2.5 ours compiling in the background (the page's way on a GPU): the first picture, pictures
+#                       while the worker compiles, how long it takes, then compiled pictures (not in the default
+#                       PARTS; first in a call, so that the compile cache holds no SD 1.5 generation code yet)
 #   sdxl_b4_compile ~4  sdxl_b4 with --torch-compile on (SDXL's compiled training step is not measured; not in the
 #                       default PARTS)
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
@@ -140,13 +144,17 @@ for p in $PARTS; do
         part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
         ;;
-    sd15_gen | sd15_compile | sd15_compile_warm)
+    sd15_gen | sd15_compile | sd15_compile_warm | gen_background)
         # the adapter the training parts made; without one, a short run makes it first
         adapter=$(ls -t "$WORK"/sd15/run-*/bench.safetensors 2>/dev/null | head -1)
         if [ -n "$adapter" ]; then make=(--adapter "$adapter"); else make=(--steps 14 --no-flops); fi
         if [ "$p" = sd15_gen ]; then
             part sd15_gen 45 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
                 --no-reference --no-eager-generation --json "$OUT/sd15_gen.json"
+        elif [ "$p" = gen_background ]; then
+            part gen_background 60 300 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+                "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-background \
+                --background-limit 200 --json "$OUT/gen_background.json"
         elif [ "$p" = sd15_compile_warm ]; then
             part sd15_compile_warm 30 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-compile \
@@ -171,7 +179,7 @@ for p in $PARTS; do
         ;;
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
-            "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm train_compile" | tee -a "$LOG"
+            "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_compile" | tee -a "$LOG"
         ;;
     esac
 done

@@ -406,6 +406,43 @@ def compiled_generation(
     free_memory()
 
 
+def background_generation(
+    model_dir: Path, adapter: Path, device_name: str, results: Record, plain_picture: np.ndarray, limit_s: float
+) -> None:
+    """Ours with the compile in the background (`Studio(compile_unet=True, background_compile=True)`, what the page
+    does on a CUDA GPU): the first picture (seed 0, strength 0.7), then 30-step pictures one after another while
+    the worker compiles (each one's seconds), the seconds from the first picture's end until the compile is done
+    (at most `limit_s`), then the compiled 30-step time and the pixel distance from the uncompiled `plain_picture`."""
+    from adapters.runtime import Studio
+    from benchmarks.reference import free_memory
+
+    device = torch.device(device_name)
+    free_memory()
+    studio = Studio(str(model_dir), device=device_name, compile_unet=True, background_compile=True)
+    studio.load(adapter, name="bench")
+    t0 = time.perf_counter()
+    studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})
+    sync(device)
+    results["background_first_picture_s"] = time.perf_counter() - t0
+    started, during = time.perf_counter(), []
+    results["background_pictures_during_s"] = during
+    while studio.compiling and time.perf_counter() - started < limit_s:
+        t0 = time.perf_counter()
+        studio.generate(PROMPT, sampling_steps=30, seed=len(during) + 1, strengths={"bench": 0.7})
+        sync(device)
+        during.append(time.perf_counter() - t0)
+        results["background_pictures_during_s"] = during  # written as it goes
+    results["background_compile_ready_s"] = time.perf_counter() - started if not studio.compiling else None
+    results["background_compile_failed"] = studio.compile_failed
+    if studio.compiling:
+        return
+    picture = np.asarray(studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
+    results["background_vs_plain_max_diff"] = int(np.abs(picture.astype(int) - plain_picture.astype(int)).max())
+    results["generate_background_compiled_30_steps_s"] = time_generation(studio, {"bench": 0.7}, device)
+    del studio
+    free_memory()
+
+
 def generation(args, model_dir: Path, adapter: Path, device: torch.device, results: Record) -> None:
     """Our runtime (`adapters.runtime.Studio`) with one adapter, a strength change and a cold load, and (--overheads)
     with no adapter, two unfused and one fused; then diffusers' pipeline with the adapter fused, eager and (with
@@ -458,6 +495,8 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         )
     plain_picture = np.asarray(studio.generate(PROMPT, sampling_steps=30, seed=0, strengths={"bench": 0.7})[0])
     del studio
+    if args.studio_background:
+        background_generation(model_dir, adapter, args.device, results, plain_picture, args.background_limit)
     if args.studio_compile:
         compiled_generation(model_dir, adapter, args.device, results, plain_picture)
     if device.type == "cuda" and args.eager_generation:  # the same without the runtime's generation graphs
@@ -563,6 +602,16 @@ def main() -> None:
         help="also time our runtime with the whole UNet through torch.compile (Studio(compile_unet=True)): the first "
         "picture with an adapter and the first without apart (they compile; TORCHINDUCTOR_CACHE_DIR or "
         "~/.cache/lora-studio/torchinductor keeps what is compiled for the next run), then 30-step pictures",
+    )
+    parser.add_argument(
+        "--studio-background",
+        action="store_true",
+        help="also time our runtime compiling in the background (Studio(background_compile=True), the page's way on "
+        "a GPU): the first picture, each picture drawn while it compiles, how long until it is done, then 30-step "
+        "pictures",
+    )
+    parser.add_argument(
+        "--background-limit", type=float, default=300.0, help="give the background compile at most this many seconds"
     )
     parser.add_argument(
         "--compile-mode", default="reduce-overhead", help="torch.compile mode for --diffusers-compile"

@@ -192,6 +192,110 @@ def test_a_compiled_unet_draws_the_plain_pictures_and_a_change_of_strengths_or_a
     torch._dynamo.reset()
 
 
+def test_a_background_compile_never_makes_a_picture_wait_and_later_pictures_run_compiled(
+    tiny_model, monkeypatch, caplog
+):
+    """`background_compile=True`: the first picture is drawn uncompiled at once and the compile runs on a worker
+    thread after it; once it is done, pictures run through the compiled code, the same pictures, and nothing is
+    ever compiled on the drawing thread. New adapters make the compiled code stale: the next picture is drawn
+    uncompiled and the worker compiles again. A failing compiler leaves pictures uncompiled, with a warning."""
+    import threading
+
+    from adapters import runtime
+
+    compiles, compiled_runs = [], []
+
+    def counting(gm, example_inputs):
+        compiles.append(threading.current_thread() is threading.main_thread())
+
+        def run(*args):
+            compiled_runs.append(threading.current_thread() is threading.main_thread())
+            return gm.forward(*args)
+
+        return run
+
+    def draw(studio, strengths):
+        return np.asarray(studio.generate("a red circle", seed=3, sampling_steps=4, strengths=strengths)[0], float)
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", counting)
+    caplog.set_level(logging.WARNING, logger="torch.__trace")
+    torch._dynamo.reset()
+    ours = Studio(str(tiny_model), device="cpu", compile_unet=True, background_compile=True)
+    plain = Studio(str(tiny_model), device="cpu")
+    for studio in (ours, plain):
+        studio.add(random_lora(studio.pipe.unet, scale=0.1), "a")
+    assert np.array_equal(draw(ours, {"a": 0.8}), draw(plain, {"a": 0.8}))
+    assert True not in compiled_runs and ours.compiling  # drawn uncompiled; the compile starts after it
+    assert ours.wait_for_compile(timeout=300) and not ours.compiling
+    assert compiles and True not in compiles  # on the worker thread only
+    for strengths in ({"a": 0.8}, {"a": 0.3}):  # a strength change is read in place: still compiled
+        runs = len(compiled_runs)
+        assert np.abs(draw(ours, strengths) - draw(plain, strengths)).max() <= 1, strengths
+        assert compiled_runs[runs:].count(True) >= 2, strengths  # the UNet's steps and the decoder, compiled
+
+    # another set of adapters: drawn uncompiled until the worker has compiled for it
+    for studio in (ours, plain):
+        studio.add(random_lora(studio.pipe.unet, scale=0.1, seed=1), "b")
+    runs = len(compiled_runs)
+    both = {"a": 0.5, "b": 0.5}
+    assert np.array_equal(draw(ours, both), draw(plain, both))
+    assert compiled_runs[runs:].count(True) == 1  # only the decoder (no adapter in it) ran compiled
+    assert ours.wait_for_compile(timeout=300)
+    runs = len(compiled_runs)
+    assert np.abs(draw(ours, both) - draw(plain, both)).max() <= 1
+    assert compiled_runs[runs:].count(True) >= 2 and True not in compiles
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", failing)
+    torch._dynamo.reset()
+    broken = Studio(str(tiny_model), device="cpu", compile_unet=True, background_compile=True)
+    broken.add(random_lora(broken.pipe.unet, scale=0.1), "a")
+    with pytest.warns(UserWarning, match="without torch.compile .BackendCompilerFailed.*no compiler here"):
+        assert np.array_equal(draw(broken, {"a": 0.8}), draw(plain, {"a": 0.8}))
+        assert broken.wait_for_compile(timeout=300)
+    assert "no compiler here" in broken.compile_failed
+    assert np.array_equal(draw(broken, {"a": 0.8}), draw(plain, {"a": 0.8})) and not broken.compiling
+    torch._dynamo.reset()
+
+
+def test_a_picture_drawn_while_the_background_compile_traces_waits_for_the_trace(tiny_model, monkeypatch, caplog):
+    """torch.fx's tracer (AOTAutograd's make_fx, in a compile from an empty cache) takes over every module call in
+    the process while it runs. A picture asked for while the worker is inside such a trace waits for it to end and
+    comes out right, instead of failing inside the tracer. Here the compiler traces a module that takes 2 s."""
+    import threading
+    import time
+
+    from adapters import runtime
+
+    inside = threading.Event()
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            inside.set()
+            time.sleep(2)
+            return x + 1
+
+    def tracing(gm, example_inputs):
+        torch.fx.symbolic_trace(Slow())
+        return gm.forward
+
+    def draw(studio):
+        return np.asarray(studio.generate("a red circle", seed=3, sampling_steps=2, strengths={})[0], float)
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", tracing)
+    caplog.set_level(logging.WARNING, logger="torch.__trace")
+    torch._dynamo.reset()
+    ours = Studio(str(tiny_model), device="cpu", compile_unet=True, background_compile=True)
+    plain = draw(Studio(str(tiny_model), device="cpu"))
+    assert np.array_equal(draw(ours), plain)
+    assert inside.wait(timeout=300)  # the worker is in the trace now
+    assert np.array_equal(draw(ours), plain)
+    assert ours.wait_for_compile(timeout=300) and not ours.compile_failed
+    torch._dynamo.reset()
+
+
 def test_automatic_lora_forward_merges_when_the_copies_fit_and_packs_when_they_do_not(tiny_model, monkeypatch):
     """ "auto" merges while a copy of the adapted layers' weights takes at most a quarter of the spare memory; with
     too little spare memory it packs, and draws the same picture."""

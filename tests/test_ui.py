@@ -85,6 +85,61 @@ def test_the_compile_box_draws_through_a_compiled_unet_and_unticked_draws_withou
         torch._dynamo.reset()
 
 
+def test_the_compile_box_compiles_in_the_background_where_the_app_says_so(tiny_model, tmp_path, monkeypatch, caplog):
+    """`ui --compile background` (what `auto` means on a CUDA GPU): the box starts ticked, the first picture is
+    drawn at once, uncompiled, and the status line says the compile goes on in the background; once it is done,
+    pictures come through the compiled code, the same pictures, and the status line says nothing more of it.
+    `auto` on a machine without CUDA leaves the box unticked."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from adapters import runtime
+    from app.ui.generate import GenerateTab, Job, compile_mode
+
+    assert compile_mode("auto") == (torch.cuda.is_available(), True)
+    runs = []
+
+    def counting(gm, example_inputs):
+        def run(*args):
+            runs.append(threading.current_thread() is threading.main_thread())
+            return gm.forward(*args)
+
+        return run
+
+    caplog.set_level(logging.WARNING, logger="torch.__trace")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", counting)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    with gr.Blocks():
+        tab = GenerateTab(Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs")
+        background = GenerateTab(
+            Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs", compile_unet="background"
+        )
+    assert background.compile_box.value is True and "in the background" in background.compile_box.info
+
+    def draw(page, ticked: bool):
+        values = [c.value for c in page.inputs]
+        values[0], values[5] = str(tiny_model), 4  # the base model; 4 sampling steps
+        request = GenerateRequest.from_inputs(values)
+        assert request.compile_unet is ticked
+        shown = page.render(request, [Job({}, "")], lambda: False, lambda *a, **k: None, save=False)
+        return np.asarray(shown.pictures[0][0], dtype=float), page._loaded_and_notes(request, shown)
+
+    torch._dynamo.reset()
+    try:
+        plain, _ = draw(tab, False)
+        first, said = draw(background, True)
+        assert np.array_equal(first, plain) and True not in runs
+        assert "being compiled in the background" in said, said
+        assert background.studios.studio.wait_for_compile(timeout=300)
+        compiled, said = draw(background, True)
+        assert np.abs(compiled - plain).max() <= 1 and runs.count(True) >= 2
+        assert "torch.compile" not in said and "compiled" not in said, said
+    finally:
+        torch._dynamo.reset()
+
+
 def test_run_status_warns_of_unreadable_event_lines(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)

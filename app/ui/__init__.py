@@ -37,7 +37,7 @@ def build_app(
     base_model: str = "builtin",
     preload: str | Path | None = None,
     max_upload_files: int = MAX_UPLOAD_FILES,
-    compile_unet: bool = False,
+    compile_unet: bool | str = False,
 ):
     """The Blocks app for a workspace folder (holding `runs/`, `library/` and `outputs/`)."""
     workspace = Path(workspace)
@@ -77,15 +77,17 @@ def launch(
     insecure_no_auth: bool = False,
     max_file_mb: int = MAX_FILE_MB,
     max_upload_files: int = MAX_UPLOAD_FILES,
-    compile_unet: bool = False,
+    compile_unet: bool | str = False,
     block: bool = True,
 ):
     """Serve the app; `auth` is `user:password`, and a `host` other than a loopback address needs it (or
     `insecure_no_auth`). Gradio serves files only from the workspace's `runs/`, `library/` and `outputs/` (and
     `preload`), besides its own upload and cache folders; an upload larger than `max_file_mb` is refused, and so
-    is one of more than `max_upload_files` files on the Train tab. `compile_unet`: the Generate tab's "Compile the
-    UNet" box starts ticked (pictures through a torch.compile'd UNet, `Studio.use_compile`). `block=False` returns
-    the running app at once (close it with `app.close()`)."""
+    is one of more than `max_upload_files` files on the Train tab. `compile_unet`: whether the Generate tab's
+    "Compile the UNet" box starts ticked (pictures through a torch.compile'd UNet, `Studio.use_compile`) and whether
+    compiles run in the background: "auto", "background", "now" (True) or "off" (False), as `ui --compile` takes
+    them (`app.ui.generate.compile_mode`). `block=False` returns the running app at once (close it with
+    `app.close()`)."""
     credentials = None
     if auth:
         user, sep, password = auth.partition(":")
