@@ -19,10 +19,8 @@ COMPILE_HELP = (
     "draw through a torch.compile'd UNet and VAE decoder: faster pictures after a one-time compile at each size "
     "(SD 1.5 on an H100, the UNet alone compiled: 44 s, then 9 s in later runs from "
     "~/.cache/lora-studio/torchinductor; 0.26 s a picture against 0.38 s). now (what a bare --compile means): the "
-    "first picture at a size waits for the compile; background: pictures are drawn uncompiled while a worker thread "
-    "compiles, then compiled; off: never"
+    "first picture at a size waits for the compile; off: never"
 )
-COMPILE_CHOICES = ("now", "background", "off")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -172,12 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
-    studio = Studio(
-        args.base_model,
-        prediction_type=prediction,
-        compile_unet=args.compile != "off",
-        background_compile=args.compile == "background",
-    )
+    studio = Studio(args.base_model, prediction_type=prediction, compile_unet=args.compile == "now")
     strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
     for spec in args.adapter or []:
         path, strength = parse_adapter_arg(spec)
@@ -396,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "--output", "--out", required=True, help="image file to write (.png, .jpg or .webp)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument(
-        "--compile", nargs="?", const="now", default="off", choices=COMPILE_CHOICES, help=COMPILE_HELP + " (default)"
+        "--compile", nargs="?", const="now", default="off", choices=("now", "off"), help=COMPILE_HELP + " (default)"
     )
     p.set_defaults(func=_generate)
 
@@ -428,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="now",
         default="auto",
-        choices=("auto", *COMPILE_CHOICES),
-        help=COMPILE_HELP + "; auto (the default): background on a CUDA GPU, else off. It sets the Generate tab's "
-        "Compile box: ticked (now, background) or not; ticked later, it compiles in the background unless now",
+        choices=("auto", "background", "now", "off"),
+        help=COMPILE_HELP + "; background: pictures are drawn uncompiled while a worker thread compiles, then "
+        "compiled; auto (the default): background on a CUDA GPU, else off. It sets the Generate tab's Compile box: "
+        "ticked (now, background) or not; ticked later, it compiles in the background unless now",
     )
     p.set_defaults(func=_ui)
 
