@@ -42,6 +42,15 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: tracing only, fast)")
     parser.add_argument("--blocks", default="both", choices=["both", "transformer", "resnet"], help="what to compile")
     parser.add_argument("--fp32", action="store_true", help="frozen UNet in fp32, no autocast (exact comparisons)")
+    parser.add_argument(
+        "--sdpa",
+        action="store_true",
+        help="also time the graph step with each attention kernel forced (flash, efficient, cudnn; CUDA only), "
+        "and its LoRA gradients' distance from the default kernel's",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="time the compiled blocks (minutes)"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -139,6 +148,12 @@ def main() -> None:
 
         return run
 
+    def forced(backend: str):
+        """The attention kernel forced to `backend` (torch.nn.attention.SDPBackend's name) while it is open."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, backend))
+
     def timed(run) -> float:
         for _ in range(3):
             run()
@@ -161,6 +176,22 @@ def main() -> None:
         if cuda:
             results[f"graph_b{batch}_s"] = timed(graph_step(batch))
             save()
+
+    if args.sdpa and cuda:
+        for batch in batches:
+            for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+                name = backend.split("_")[0].lower()
+                try:
+                    with forced(backend):  # the kernel is chosen as the graph is captured; replays keep it
+                        results[f"graph_b{batch}_sdpa_{name}_s"] = timed(graph_step(batch))
+                        results[f"sdpa_{name}_grad_distance_b{batch}"] = distance(gradients(batch), reference[batch])
+                except Exception as exc:  # a kernel this GPU or these shapes do not have
+                    results[f"graph_b{batch}_sdpa_{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                restore()
+                save()
+    if not args.compile:
+        save()
+        return
 
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
