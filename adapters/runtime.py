@@ -118,7 +118,7 @@ class Studio:
         # and each text encoder's forward too (launch-bound: SD 1.5's took 12.7 ms for a prompt and its negative
         # prompt on an H100 eagerly, benchmarks/results/h100_gen_profile.json)
         self._text_graphs = [
-            EncoderGraphs(getattr(self.pipe, name), background=self._background)
+            EncoderGraphs(getattr(self.pipe, name))
             for name in ("text_encoder", "text_encoder_2")
             if capture and getattr(self.pipe, name, None) is not None
         ]
@@ -317,8 +317,13 @@ class Studio:
     def compiling(self) -> bool:
         """Whether a background compile (`background_compile`) is running or waiting for the next picture to end;
         pictures drawn meanwhile are uncompiled."""
-        background = self._background
-        return background is not None and (background.busy or bool(background._asked))
+        return self._background is not None and self._background.busy
+
+    def stop_compiling(self) -> None:
+        """Start no more background compiles (the studio is being let go); one running finishes on its own, and
+        until then no other studio captures a CUDA graph."""
+        if self._background is not None:
+            self._background.close(timeout=0)
 
     def wait_for_compile(self, timeout: float | None = None) -> bool:
         """Wait until the background compiles asked for so far are done (True) or `timeout` seconds have passed;
@@ -766,13 +771,13 @@ class EncoderGraphs:
     `output_hidden_states`; the output is a copy of what the graph wrote, in the encoder's own output type. Any
     other call (gradients on, another argument, not on CUDA) runs the encoder as it is; where a capture fails, the
     encoder runs as it is from then on, with a warning. Weights and LoRA strengths are read in place; `clear` drops
-    the graphs when the adapters change. While a `background` compile runs, nothing new is captured (the call runs
-    as it is)."""
+    the graphs when the adapters change. While a background compile runs (`compiles_running`), nothing new is
+    captured (the call runs as it is)."""
 
     FLAGS = ("output_hidden_states", "output_attentions", "return_dict")
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 4, background: BackgroundCompiles | None = None):
-        self.encoder, self.keep, self.background = encoder, keep, background
+    def __init__(self, encoder: torch.nn.Module, keep: int = 4):
+        self.encoder, self.keep = encoder, keep
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.failed = ""
         self._forward = type(encoder).forward
@@ -798,7 +803,7 @@ class EncoderGraphs:
         key = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in inputs.items())
         key += tuple(sorted(flags.items()))
         if key not in self.graphs:
-            if self.background is not None and self.background.busy:
+            if compiles_running():  # a capture now could fail on what a compile worker does at the same time
                 return self._forward(self.encoder, input_ids, attention_mask, **kwargs)
             try:
                 self.graphs[key] = self._capture(inputs, flags)
@@ -843,9 +848,27 @@ def compile_error(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {why}".split())
 
 
-# Held by a picture being drawn while a studio compiles in the background, and by torch.fx's tracer (see
-# `_lock_fx_tracing`): while the tracer runs, every nn.Module call in the process goes into it
+# Held by a picture being drawn while a studio compiles in the background, by anything else in the process that
+# calls a model (`model_calls`), and by torch.fx's tracer (see `_lock_fx_tracing`): while the tracer runs, every
+# nn.Module call in the process goes into it
 _TRACING = threading.RLock()
+_WORKERS: set[threading.Thread] = set()  # background compile workers alive in this process
+_WORKERS_LOCK = threading.Lock()
+_SWITCH_INTERVAL = sys.getswitchinterval()  # the interpreter's own, put back when no worker runs
+
+
+def model_calls():
+    """A context in which model calls are safe from a background compile's tracer (see `_lock_fx_tracing`): code
+    that runs a model in a process where a studio may compile in the background (the app's data check and
+    captioner) calls it inside `with model_calls():`."""
+    return _TRACING
+
+
+def compiles_running() -> bool:
+    """Whether any studio's background compile worker is running in this process (no CUDA graph is captured then:
+    a capture in one thread fails on what another thread does on the GPU at the same time)."""
+    with _WORKERS_LOCK:
+        return any(t.is_alive() for t in _WORKERS)
 
 
 def _lock_fx_tracing() -> bool:
@@ -878,17 +901,19 @@ class BackgroundCompiles:
     A part (the UNet's denoising call, the VAE's decoder) asks for a compile of one input shape (`request`, with
     example inputs) the first time it is called at that shape; the worker starts when the picture is finished
     (`start`), calls the compiled forward once with the examples (that call compiles, or reads the compile cache),
-    and marks the shape ready. At the start of each picture (`picture_starts`), if the worker is idle, every ready
-    shape is handed to the parts, which draw that picture through the compiled code; a picture never switches
-    halfway. So no picture waits for a compile: the first ones are drawn as fast as without compiling, the later
-    ones compiled. While a picture is drawn, the worker's compile does not enter torch.fx's tracer, nor the other
-    way round (`_lock_fx_tracing`); a compile from an empty cache traces for a few seconds, so a picture may wait
-    that long.
+    and marks the shape ready. At the start of each picture (`picture_starts`), if no worker is running, every
+    ready shape is handed to the parts, which draw that picture through the compiled code; a picture never
+    switches halfway. So no picture waits for a compile: the first ones are drawn as fast as without compiling,
+    the later ones compiled. While a picture is drawn, the worker's compile does not enter torch.fx's tracer, nor
+    the other way round (`_lock_fx_tracing`); a compile from an empty cache traces for a few seconds, so a picture
+    may wait that long.
 
     What a compile traced can go stale: attaching, removing or replacing adapters changes the UNet's layers. A part
-    then `bump`s its version; shapes marked ready under an older version are asked for again. While the worker runs,
-    no CUDA graph is captured (a capture in one thread fails on what another thread does at the same time): the
-    parts draw uncaptured instead. A compile that fails gives a warning and leaves the part uncompiled for good."""
+    then `bump`s its version; shapes marked ready under an older version are asked for again. A compile that fails
+    while the module is being changed is tried once more; one that fails again gives a warning and leaves the part
+    uncompiled for good. One that runs out of memory is given up for now and asked for again at the next picture.
+    While a worker runs, no CUDA graph is captured (`compiles_running`): the parts draw uncaptured instead.
+    `close` stops the worker after what it is compiling (a studio that is let go)."""
 
     # the interpreter's thread switch interval while the worker runs: the drawing thread releases the GIL at most
     # torch operations and then waits up to this long for it (Python's default, 5 ms, made a picture of the
@@ -896,18 +921,25 @@ class BackgroundCompiles:
     SWITCH_INTERVAL_S = 0.0001
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the worker thread's own could differ
         self.device = device
         self.versions: dict[str, int] = {}
         self.ready: set[tuple] = set()  # (part, key, version)
         self.usable: set[tuple] = set()  # (part, key): what the picture being drawn runs compiled
         self._asked: OrderedDict[tuple, tuple] = OrderedDict()  # (part, key) -> (fn, example inputs, on_failure)
+        self._running: tuple | None = None  # the (part, key) being compiled
+        self._retried: set[tuple] = set()  # (part, key, version) tried again after a failure
+        self._failed: set[str] = set()  # parts given up
+        self._closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._interval = sys.getswitchinterval()
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Whether this studio's worker is running or has compiles waiting for it."""
+        with self._lock:
+            return self._thread is not None or bool(self._asked)
 
     def bump(self, part: str) -> None:
         """`part`'s compiled code may no longer match the module: shapes ready before must be compiled again (the
@@ -917,67 +949,101 @@ class BackgroundCompiles:
             self.usable = {u for u in self.usable if u[0] != part}
 
     def request(self, part: str, key: tuple, fn: Callable, inputs: tuple, on_failure: Callable[[Exception], None]):
-        """Ask for `fn(*inputs)` (the compiled forward) to be run once on the worker, unless `key` is ready."""
+        """Ask for `fn(*inputs)` (the compiled forward) to be run once on the worker, unless `key` is ready, asked
+        for or being compiled."""
         with self._lock:
-            if (part, key, self.versions.get(part, 0)) in self.ready or (part, key) in self._asked:
+            if (
+                self._closed
+                or part in self._failed
+                or (part, key, self.versions.get(part, 0)) in self.ready
+                or (part, key) in self._asked
+                or (part, key) == self._running
+            ):
                 return
             self._asked[(part, key)] = (fn, tuple(_cloned(v) for v in inputs), on_failure)
 
     def start(self) -> None:
         """Start the worker on what was asked for (a picture has just been drawn)."""
         with self._lock:
-            if not self._asked or self.busy:
+            if not self._asked or self._thread is not None or self._closed:
                 return
-            if not _lock_fx_tracing():  # no way to keep the tracer off the drawing thread: compile here and now
-                self._thread = None
-            else:
-                sys.setswitchinterval(min(self._interval, self.SWITCH_INTERVAL_S))
+            if _lock_fx_tracing():
                 self._thread = threading.Thread(target=self._work, name="lora-studio compile", daemon=True)
+                with _WORKERS_LOCK:
+                    _WORKERS.add(self._thread)
+                    sys.setswitchinterval(min(_SWITCH_INTERVAL, self.SWITCH_INTERVAL_S))
                 self._thread.start()
                 return
-        self._work()
+            self._thread = threading.current_thread()  # no way to keep the tracer off the drawing thread: compile
+        self._work()  # here and now
 
     def picture_starts(self) -> None:
-        """Decide what the coming picture runs compiled: every shape ready at the parts' current versions, while the
-        worker is idle (else nothing: a compiled shape's CUDA graph could not be captured now)."""
+        """Decide what the coming picture runs compiled: every shape ready at the parts' current versions, while no
+        worker runs (else nothing: a compiled shape's CUDA graph could not be captured now)."""
+        running = compiles_running()
         with self._lock:
-            if self.busy:
+            if running or self._thread is not None:
                 self.usable = set()
             else:
                 self.usable = {(p, k) for p, k, v in self.ready if v == self.versions.get(p, 0)}
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the worker to finish what was asked so far; True when it has."""
+        """Wait for the worker to finish what was asked so far (True), or `timeout` seconds."""
         thread = self._thread
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         return not self.busy
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Ask for nothing more, drop what waits, and wait for what is being compiled to finish (True), or
+        `timeout` seconds."""
+        with self._lock:
+            self._closed = True
+            self._asked.clear()
+        return self.wait(timeout)
 
     def _work(self) -> None:
         device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
             while True:
                 with self._lock:
-                    if not self._asked:
+                    if not self._asked or self._closed:
+                        self._asked.clear()
+                        self._thread = self._running = None  # under the lock: `start` may begin a new worker
                         return
                     (part, key), (fn, inputs, on_failure) = self._asked.popitem(last=False)
-                    version = self.versions.get(part, 0)
+                    self._running, version = (part, key), self.versions.get(part, 0)
+                    if part in self._failed:
+                        continue
                 try:
                     with torch.no_grad(), device:
                         fn(*inputs)
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
+                except torch.cuda.OutOfMemoryError:
+                    continue  # not the compiler's fault: asked for again by the next picture at this shape
                 except Exception as exc:
                     with self._lock:
-                        stale = version != self.versions.get(part, 0)
-                    if not stale:  # an error while the module changed under the trace is not the compiler's
-                        on_failure(exc)
+                        if self._closed:
+                            continue
+                        retry = (part, key, version) not in self._retried
+                        if retry:  # perhaps the module was being changed under the trace: once more, as it is now
+                            self._retried.add((part, key, version))
+                            self._asked[(part, key)] = (fn, inputs, on_failure)
+                            continue
+                        self._failed.add(part)
+                    on_failure(exc)
                     continue
                 with self._lock:
                     if version == self.versions.get(part, 0):
                         self.ready.add((part, key, version))
         finally:
-            sys.setswitchinterval(self._interval)
+            with self._lock:
+                self._thread = self._running = None
+            with _WORKERS_LOCK:
+                _WORKERS.discard(threading.current_thread())
+                if not any(t.is_alive() and t is not threading.current_thread() for t in _WORKERS):
+                    sys.setswitchinterval(_SWITCH_INTERVAL)
 
 
 class DecoderCompile:
@@ -1016,7 +1082,7 @@ class DecoderCompile:
         if not self.on or self.compile_failed or torch.is_grad_enabled():
             return self._plain(*args, **kwargs)
         if self.background is not None:
-            key = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in args)
+            key = tuple((tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v for v in args)
             if kwargs or (self.PART, key) not in self.background.usable:
                 if not kwargs:
                     self.background.request(self.PART, key, self._compiled, args, self._failed)
@@ -1134,7 +1200,7 @@ class UNetGraphs:
         timestep = torch.as_tensor(timestep, device=sample.device)  # a number would be compiled in as a constant
         added = kwargs.get("added_cond_kwargs") or {}
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **added}
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        key = tuple((k, tuple(v.shape), v.stride(), v.dtype) for k, v in inputs.items())
         # with a background compiler: this call runs compiled when its shape was ready as the picture started, else
         # uncompiled, and asks for the compile (`compiled` False: `self._run` decides, as without one)
         compiled = False
@@ -1149,12 +1215,11 @@ class UNetGraphs:
             states = encoder_hidden_states
             return (self._run_or_uncompiled(lambda run: run(sample, timestep, states, added or None), compiled),)
 
-        busy = background is not None and background.busy
         if self.failed or not self.capture or sample.device.type != "cuda":
             return uncaptured()
         graph_key = (compiled, *key)
         if graph_key not in self.graphs:
-            if busy:  # a capture now could fail on what the compile worker does at the same time
+            if compiles_running():  # a capture now could fail on what a compile worker does at the same time
                 return uncaptured()
             try:
                 self.graphs[graph_key] = self._run_or_uncompiled(

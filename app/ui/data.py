@@ -16,12 +16,14 @@ import gradio as gr
 
 from adapters.base import model_geometry, pick_device
 from adapters.errors import UserError
+from adapters.runtime import model_calls
 from app.jobs import MAX_UPLOAD_FILES, pair_uploads
 from app.ui.settings import page_words
 from trainer.datacheck import Finding, caption_findings, picture_findings, size_findings
 from trainer.dataset import bucket_stride, upright_size
 
 _LOCK = threading.Lock()  # one check or captioner at a time: they share the loaded models below
+# (and `model_calls`: their models are not run while a background compile in this process traces)
 _VAES: OrderedDict = OrderedDict()  # base model -> its VAE (or the UserError that loading it raised); the last 2
 _PICTURES: OrderedDict = OrderedDict()  # (base model, files) -> picture findings and notes; the last 8
 _CAPTIONERS: OrderedDict = OrderedDict()  # captioning model -> Captioner; the last 1
@@ -74,7 +76,7 @@ def report_for(
         found, said = picture_findings([u.path for u in uploads], names, vae)
         return found, notes + said
 
-    with _LOCK:
+    with _LOCK, model_calls():
         found, notes = _remember(_PICTURES, (base_model, files), pictures, 8)
     unreadable = {f.file for f in found if f.kind == "unreadable"}
     sizes = {u.path.name: upright_size(u.path) for u in uploads if u.path.name not in unreadable}
@@ -198,7 +200,7 @@ class DataPanel:
         if not todo:
             return gr.skip(), "Every image has a caption; tick *Replace captions already written* to redo them."
         try:
-            with _LOCK:
+            with _LOCK, model_calls():
                 captioner = _remember(_CAPTIONERS, model.strip(), lambda: Captioner(model, device=pick_device()), 1)
                 for row in progress.tqdm(todo, desc="Captioning"):
                     row[2] = captioner.caption(images[row[1]], (trigger_word or "").strip())

@@ -149,6 +149,7 @@ class StudioCache:
 
         if self.studio is None or self.studio.base_model != base_model:
             if self.studio is not None:  # its graphs hold it in reference cycles: free its memory before loading
+                self.studio.stop_compiling()
                 self.studio = None
                 gc.collect()
                 if torch.cuda.is_available():
