@@ -175,6 +175,45 @@ def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
     assert not torch.equal(draw(graphed, {"a": 0.3}), draw(graphed, {"a": 1.0}))  # the strength is read, not baked
 
 
+def test_a_background_compile_on_a_gpu_draws_the_plain_pictures_then_replays_the_compiled_unet(tiny_model):
+    """`background_compile=True` on CUDA with inductor: the first picture and those drawn while the worker compiles
+    match the graphed studio's; once it is done, the UNet's CUDA graph is captured through the compiled code, the
+    pictures still match, and nothing failed (compile or capture)."""
+    from adapters.lora import LoraModule
+    from adapters.runtime import Studio
+
+    ours = Studio(str(tiny_model), device="cuda", compile_unet=True, background_compile=True)
+    plain = Studio(str(tiny_model), device="cuda")
+    for studio in (ours, plain):
+        gen = torch.Generator().manual_seed(0)
+        lora = {}
+        for path in attention_targets(studio.pipe.unet, "both"):
+            layer = studio.pipe.unet.get_submodule(path)
+            lora[f"unet.{path}"] = LoraModule(
+                down=torch.randn(4, layer.in_features, generator=gen) * 0.3,
+                up=torch.randn(layer.out_features, 4, generator=gen) * 0.3,
+                alpha=4.0,
+            )
+        studio.add(lora, "a")
+
+    def draw(studio, strength=0.8):
+        image = studio.generate("a red circle", seed=3, sampling_steps=6, strengths={"a": strength})[0]
+        return torch.tensor(np.asarray(image), dtype=torch.int16)
+
+    expected = draw(plain)
+    assert torch.equal(draw(ours), expected) and ours.compiling
+    during = 0
+    while ours.compiling and during < 3:  # drawn while the worker compiles: uncompiled, not captured anew
+        assert (draw(ours) - expected).abs().max() <= 1
+        during += 1
+    assert ours.wait_for_compile(timeout=600) and not ours.compile_failed
+    for strength in (0.8, 0.3):
+        assert (draw(ours, strength) - draw(plain, strength)).abs().max() <= 1, strength
+    graphs = ours._graphs
+    assert any(key[0] for key in graphs.graphs) and not graphs.failed, list(graphs.graphs)
+    print(json.dumps({"pictures_during_compile": during, "graphs": [bool(k[0]) for k in graphs.graphs]}))
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_text_encoder_graphs_encode_what_the_eager_encoders_encode(request, family):
     """Each text encoder's forward replayed as a CUDA graph (SD 1.x: one encoder; SDXL: two, read for hidden
