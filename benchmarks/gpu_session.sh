@@ -158,7 +158,7 @@ for p in $PARTS; do
         elif [ "$p" = gen_background ]; then
             part gen_background 60 300 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-background \
-                --background-limit 200 --json "$OUT/gen_background.json"
+                --background-limit 200 --background-gap 0.5 --json "$OUT/gen_background.json"
         elif [ "$p" = sd15_compile_warm ]; then
             part sd15_compile_warm 30 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-compile \
