@@ -144,25 +144,31 @@ def test_a_failed_capture_falls_back_to_eager_with_a_notice(tiny_model, image_fo
     assert result.adapter.is_file() and torch.isfinite(torch.tensor(result.loss))
 
 
+def random_unet_lora(unet, gen):
+    """A rank-4 LoRA with random weights on every attention projection of `unet`, in the runtime's in-memory form."""
+    from adapters.lora import LoraModule
+
+    lora = {}
+    for path in attention_targets(unet, "both"):
+        layer = unet.get_submodule(path)
+        lora[f"unet.{path}"] = LoraModule(
+            down=torch.randn(4, layer.in_features, generator=gen) * 0.3,
+            up=torch.randn(layer.out_features, 4, generator=gen) * 0.3,
+            alpha=4.0,
+        )
+    return lora
+
+
 def test_generation_graphs_draw_what_eager_generation_draws(tiny_model):
     """Replayed CUDA graphs of the UNet's denoising step, against the same studio without them: after a strength
     change in place (no new capture), after another adapter is attached (graphs dropped), in fp16."""
-    from adapters.lora import LoraModule
     from adapters.runtime import Studio
 
     studios = [Studio(str(tiny_model), device="cuda", cuda_graphs=graphs) for graphs in (True, False)]
     for studio in studios:
         gen = torch.Generator().manual_seed(0)
         for name in ("a", "b"):
-            lora = {}
-            for path in attention_targets(studio.pipe.unet, "both"):
-                layer = studio.pipe.unet.get_submodule(path)
-                lora[f"unet.{path}"] = LoraModule(
-                    down=torch.randn(4, layer.in_features, generator=gen) * 0.3,
-                    up=torch.randn(layer.out_features, 4, generator=gen) * 0.3,
-                    alpha=4.0,
-                )
-            studio.add(lora, name)
+            studio.add(random_unet_lora(studio.pipe.unet, gen), name)
 
     def draw(studio, strengths):
         image = studio.generate("a red circle", seed=3, sampling_steps=6, strengths=strengths)[0]
@@ -179,22 +185,12 @@ def test_a_background_compile_on_a_gpu_draws_the_plain_pictures_then_replays_the
     """`background_compile=True` on CUDA with inductor: the first picture and those drawn while the worker compiles
     match the graphed studio's; once it is done, the UNet's CUDA graph is captured through the compiled code, the
     pictures still match, and nothing failed (compile or capture)."""
-    from adapters.lora import LoraModule
     from adapters.runtime import Studio
 
     ours = Studio(str(tiny_model), device="cuda", compile_unet=True, background_compile=True)
     plain = Studio(str(tiny_model), device="cuda")
     for studio in (ours, plain):
-        gen = torch.Generator().manual_seed(0)
-        lora = {}
-        for path in attention_targets(studio.pipe.unet, "both"):
-            layer = studio.pipe.unet.get_submodule(path)
-            lora[f"unet.{path}"] = LoraModule(
-                down=torch.randn(4, layer.in_features, generator=gen) * 0.3,
-                up=torch.randn(layer.out_features, 4, generator=gen) * 0.3,
-                alpha=4.0,
-            )
-        studio.add(lora, "a")
+        studio.add(random_unet_lora(studio.pipe.unet, torch.Generator().manual_seed(0)), "a")
 
     def draw(studio, strength=0.8):
         image = studio.generate("a red circle", seed=3, sampling_steps=6, strengths={"a": strength})[0]
