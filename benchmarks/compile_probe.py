@@ -40,7 +40,21 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: tracing only, fast)")
-    parser.add_argument("--blocks", default="both", choices=["both", "transformer", "resnet"], help="what to compile")
+    parser.add_argument(
+        "--blocks",
+        default="both",
+        choices=["both", "transformer", "resnet", "unet"],
+        help="what to compile (unet: the whole UNet as one module, not regional)",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="the UNet and the latents in channels_last, in every way timed"
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also profile one step eagerly (and compiled, without the graph) and record the GPU time per kernel "
+        "kind (attention, convolution, matmul, norm, triton, copy, elementwise) and the 20 costliest kernels",
+    )
     parser.add_argument("--fp32", action="store_true", help="frozen UNet in fp32, no autocast (exact comparisons)")
     parser.add_argument(
         "--sdpa",
@@ -58,6 +72,8 @@ def main() -> None:
     dim = pipe.unet.config.cross_attention_dim
     dtype = torch.float32 if args.fp32 else torch.bfloat16
     unet, params = with_lora(pipe.unet, device, dtype)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet.to(memory_format=layout)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for p in params:
@@ -82,6 +98,7 @@ def main() -> None:
         "backend": args.backend,
         "blocks": args.blocks,
         "dtype": str(dtype),
+        "channels_last": args.channels_last,
     }
 
     def save() -> None:
@@ -97,6 +114,7 @@ def main() -> None:
     def inputs(batch: int, seed: int = 0):
         gen = torch.Generator(device=device).manual_seed(seed)
         latents = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype, generator=gen)
+        latents = latents.contiguous(memory_format=layout)
         emb = torch.randn(batch, 77, dim, device=device, dtype=dtype, generator=gen)
         timesteps = torch.randint(0, 1000, (batch,), device=device, generator=gen)
         return latents, timesteps, emb
@@ -166,6 +184,33 @@ def main() -> None:
         restore()
         return seconds
 
+    def kernel_profile(run) -> dict:
+        """GPU time of one step by kernel kind, in ms, and its 20 costliest kernels (`run` warmed up first)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(2):
+            run()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            sync()
+        kinds: dict[str, float] = {}
+        top = []
+        for event in prof.key_averages():
+            if event.device_type.name != "CUDA":
+                continue
+            ms = getattr(event, "self_device_time_total", 0) / 1000
+            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+            top.append([round(ms, 3), event.count, kernel_kind(event.key), event.key[:140]])
+        restore()
+        top.sort(reverse=True)
+        return {
+            "gpu_ms": round(sum(kinds.values()), 3),
+            "kinds_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "kernels": sum(row[1] for row in top),
+            "top": top[:20],
+        }
+
     batches = [int(b) for b in args.batches.split(",")]
     reference = {b: gradients(b) for b in batches}
     again = gradients(batches[0])
@@ -173,6 +218,9 @@ def main() -> None:
     for batch in batches:
         results[f"eager_b{batch}_s"] = timed(eager_step(batch))
         save()
+        if args.kernels and cuda:
+            results[f"kernels_eager_b{batch}"] = kernel_profile(eager_step(batch))
+            save()
         if cuda:
             results[f"graph_b{batch}_s"] = timed(graph_step(batch))
             save()
@@ -197,7 +245,10 @@ def main() -> None:
     from diffusers.models.resnet import ResnetBlock2D
 
     kinds = {"both": (BasicTransformerBlock, ResnetBlock2D), "transformer": (BasicTransformerBlock,)}
-    blocks = [m for m in unet.modules() if isinstance(m, kinds.get(args.blocks, (ResnetBlock2D,)))]
+    if args.blocks == "unet":
+        blocks = [unet]
+    else:
+        blocks = [m for m in unet.modules() if isinstance(m, kinds.get(args.blocks, (ResnetBlock2D,)))]
     for block in blocks:
         block.compile(backend=args.backend)
     results["compiled_blocks"] = len(blocks)
@@ -216,6 +267,9 @@ def main() -> None:
         results[f"compiled_grad_distance_b{batch}_median_param"] = each[len(each) // 2][0]
         results[f"compiled_b{batch}_s"] = timed(eager_step(batch))
         save()
+        if args.kernels and cuda:
+            results[f"kernels_compiled_b{batch}"] = kernel_profile(eager_step(batch))
+            save()
         if cuda:
             try:
                 results[f"compiled_graph_b{batch}_s"] = timed(graph_step(batch))
@@ -223,6 +277,26 @@ def main() -> None:
                 results[f"compiled_graph_b{batch}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             save()
     save()
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind from its name (cuDNN, cuBLAS, flash-attention and triton naming)."""
+    low = name.lower()
+    if any(k in low for k in ("fmha", "flash", "attention", "sdpa", "attn")):
+        return "attention"
+    if low.startswith("triton"):
+        return "triton"
+    if any(k in low for k in ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")):
+        return "convolution"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "splitk")):
+        return "matmul"
+    if "norm" in low:
+        return "norm"
+    if any(k in low for k in ("copy", "transpose", "nchw", "nhwc", "memcpy", "memset", "cat")):
+        return "copy"
+    if any(k in low for k in ("elementwise", "reduce", "vectorized", "foreach", "adam")):
+        return "elementwise"
+    return "other"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
 #             (and, for the parts not in the default PARTS: sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
-#             gen_background.json train_sdpa.json)
+#             gen_background.json train_sdpa.json train_kernels.json train_cl.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -49,6 +49,11 @@
 #                       default PARTS)
 #   train_sdpa    ~1    the graphed training step (batch 1 and 8) with each attention kernel forced: flash,
 #                       efficient, cudnn (benchmarks/compile_probe.py --sdpa --no-compile; not in the default PARTS)
+#   train_kernels ~3    the batch-8 training step's GPU time by kernel kind (eager and compiled), and the whole UNet
+#                       compiled as one module (not regional) inside the graph (compile_probe.py --kernels --blocks
+#                       unet; not in the default PARTS)
+#   train_cl      ~3    the regional compile at batch 8 with the UNet and latents channels_last, kernels profiled
+#                       (not in the default PARTS)
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -87,6 +92,7 @@ if [ "${TINY:-0}" = 1 ]; then
     SDXL_REF=(--reference-warmup 1 --reference-steps 2)
     COMPILE=() TRAIN_COMPILE=(--tiny --backend aot_eager --batches 2 --repeat 2) SD15_B8=() GEN_COMPILE=()
     TRAIN_SDPA=(--tiny --batches 2 --repeat 2)
+    TRAIN_KERNELS=(--tiny --backend aot_eager --batches 2 --repeat 2)
     [ "${TINY_COMPILE:-0}" = 1 ] && COMPILE=(--diffusers-compile --studio-compile)
     SUMMARY_FLAGS=(--allow-tiny --allow-cpu)
 else
@@ -96,6 +102,7 @@ else
     SDXL_REF=(--reference-warmup 3 --reference-steps 8)
     COMPILE=(--diffusers-compile --studio-compile) TRAIN_COMPILE=(--batches 1,8 --repeat 20) GEN_COMPILE=(--compile)
     TRAIN_SDPA=(--batches 1,8 --repeat 20)
+    TRAIN_KERNELS=(--batches 8 --repeat 20)
     SD15_B8=(--torch-compile on)  # the fastest step a long run gets (auto compiles from about 13,000 steps)
     SUMMARY_FLAGS=()
 fi
@@ -182,12 +189,21 @@ for p in $PARTS; do
         part train_sdpa 40 120 "$PY" benchmarks/compile_probe.py "${TRAIN_SDPA[@]}" --sdpa --no-compile \
             --json "$OUT/train_sdpa.json"
         ;;
+    train_kernels)
+        part train_kernels 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_KERNELS[@]}" --kernels --blocks unet \
+            --json "$OUT/train_kernels.json"
+        ;;
+    train_cl)
+        part train_cl 90 240 "$PY" benchmarks/compile_probe.py "${TRAIN_KERNELS[@]}" --kernels --channels-last \
+            --json "$OUT/train_cl.json"
+        ;;
     train_compile)
         part train_compile 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_COMPILE[@]}" --json "$OUT/train_compile.json"
         ;;
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
-            "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_compile" | tee -a "$LOG"
+            "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
+            "train_compile" | tee -a "$LOG"
         ;;
     esac
 done
