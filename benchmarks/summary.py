@@ -22,12 +22,13 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
   --compile auto` compiles the UNet in the background there): the newest sd15.py run that timed the compiled studio
   (`generate_background_compiled_30_steps_s`, else `generate_compiled_30_steps_s`); only if none did, the newest
   uncompiled figure (`generate_30_steps_s`, what `generate` on the command line draws).
-- scale_change_ms, cold_load_s: the newest sd15.py run that measured each: a strength change (`strength_change_ms`); an adapter file loaded into the
-  running model (`adapter_cold_load_s`), from a run that did not train in the same process first (the app trains
-  in a process of its own; right after training in the same process a load took 0.36-0.38 s on an H100 against
-  0.07-0.09 s, not explained yet: `h100_sd15_studio_compile_cold.json`, `h100_sd15_studio_compile_warm.json`).
-  unfused_overhead, fused_overhead: the newest sd15.py run that timed the
-  model with no adapter ever loaded: one adapter unfused, and fused, over that, minus 1.
+- scale_change_ms, cold_load_s: the newest sd15.py run that measured each: a strength change
+  (`strength_change_ms`); an adapter file loaded into the running model (`adapter_cold_load_s`), from a run that
+  did not train in the same process first (the app trains in a process of its own; right after training in the
+  same process a load took 0.36-0.38 s on an H100 against 0.07-0.09 s, not explained yet:
+  `h100_sd15_studio_compile_cold.json`, `h100_sd15_studio_compile_warm.json`). unfused_overhead, fused_overhead:
+  the newest sd15.py run that timed the model with no adapter ever loaded: one adapter unfused, and fused, over
+  that, minus 1.
 - gen_vs_compiled_diffusers: the newest sd15.py run that timed diffusers' pipeline with the LoRA fused and the UNet
   compiled: its 30-step time over ours from the same run, ours as in gen_512_30_s (above 1: we are faster).
 - sdxl_bs4_mfu: the newest `benchmarks/sdxl.py` run at batch 4 with the default step and without gradient
