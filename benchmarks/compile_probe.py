@@ -72,8 +72,8 @@ def main() -> None:
     dim = pipe.unet.config.cross_attention_dim
     dtype = torch.float32 if args.fp32 else torch.bfloat16
     unet, params = with_lora(pipe.unet, device, dtype)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    unet.to(memory_format=layout)
+    layouts = [torch.channels_last if args.channels_last else torch.contiguous_format]  # [0]: the one in use
+    unet.to(memory_format=layouts[0])
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for p in params:
@@ -114,7 +114,7 @@ def main() -> None:
     def inputs(batch: int, seed: int = 0):
         gen = torch.Generator(device=device).manual_seed(seed)
         latents = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype, generator=gen)
-        latents = latents.contiguous(memory_format=layout)
+        latents = latents.contiguous(memory_format=layouts[0])
         emb = torch.randn(batch, 77, dim, device=device, dtype=dtype, generator=gen)
         timesteps = torch.randint(0, 1000, (batch,), device=device, generator=gen)
         return latents, timesteps, emb
@@ -223,6 +223,13 @@ def main() -> None:
             save()
         if cuda:
             results[f"graph_b{batch}_s"] = timed(graph_step(batch))
+            save()
+        if cuda and args.channels_last:  # the plain layout's graph step in the same process, for comparison
+            layouts[0] = torch.contiguous_format
+            unet.to(memory_format=layouts[0])
+            results[f"graph_b{batch}_contiguous_s"] = timed(graph_step(batch))
+            layouts[0] = torch.channels_last
+            unet.to(memory_format=layouts[0])
             save()
 
     if args.sdpa and cuda:
