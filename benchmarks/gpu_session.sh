@@ -10,7 +10,7 @@
 # it), everything else is the machine's own python3. Settings (environment):
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
-#             (and, for the parts not in the default PARTS: sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
+#             (and, for the parts not in the default PARTS: sd15_b8_cl.json sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
 #             gen_background.json train_sdpa.json train_kernels.json train_cl.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
@@ -38,6 +38,8 @@
 #                       generation graph (the first picture compiles), then diffusers' fused pipeline with its UNet
 #                       through torch.compile (the compiles ~2 of it) -> gen_vs_compiled_diffusers
 #   sd15_compile_warm ~1  ours compiled again in a new process: the first picture from the compile cache
+#   sd15_b8_cl    ~2.5  sd15_b8 through the trainer with --channels-last on, without the script's step (not in the
+#                       default PARTS)
 #   sd15_b8_warm  ~1.5  sd15_b8 again in a new process, the compile cache filled by it: how long a second compiled
 #                       run takes to its first step (not in the default PARTS)
 #   gen_decoder   ~3    benchmarks/gen_profile.py --compile --no-levers: the VAE decoder's decode compiled and not,
@@ -139,6 +141,11 @@ for p in $PARTS; do
         part sd15_b8 160 280 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8.json"
         ;;
+    sd15_b8_cl)
+        part sd15_b8_cl 100 220 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
+            --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --channels-last on --no-generate \
+            --json "$OUT/sd15_b8_cl.json"
+        ;;
     sd15_b8_warm)
         part sd15_b8_warm 60 160 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
             --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8_warm.json"
@@ -201,7 +208,7 @@ for p in $PARTS; do
         part train_compile 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_COMPILE[@]}" --json "$OUT/train_compile.json"
         ;;
     *)
-        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
+        echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_cl sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
             "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
             "train_compile" | tee -a "$LOG"
         ;;

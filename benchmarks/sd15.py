@@ -286,6 +286,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the trainer's --torch-compile (default: %(default)s, what a user gets)",
     )
+    parser.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the trainer's --channels-last (default: %(default)s, what a user gets)",
+    )
 
 
 def train_run(args, model_dir: Path, data: Path, device: torch.device, results: Record, **options) -> Path:
@@ -307,6 +313,7 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
         output=str(run_dir / "bench.safetensors"),
         cuda_graphs=args.cuda_graphs,
         torch_compile=args.torch_compile,
+        channels_last=args.channels_last,
         **options,
     )
     gc.collect()

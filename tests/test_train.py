@@ -1,6 +1,8 @@
 """Training: LoRA lands on exactly the attention projections, only LoRA changes, and the loss falls."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +257,34 @@ def test_a_finished_run_gives_ctrl_c_and_sigterm_back(tmp_path):
     config = TrainConfig(data="sample_images", steps=1, run_dir=str(tmp_path / "run"), preview_prompt=())
     train(config, device="cpu", log_to_terminal=False)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_channels_last_convolutions_train_the_same_adapter_and_the_run_says_so(tiny_model, image_folder, tmp_path):
+    """--channels-last on holds the frozen convolution weights NHWC (a GPU's convolution kernels' layout); the
+    adapter, a conv LoRA's included, is the one the plain layout trains, and its file is written as always."""
+    from safetensors.torch import load_file
+
+    outs, whys = [], []
+    for layout in ("off", "on"):
+        config = TrainConfig(
+            base_model=str(tiny_model),
+            data=str(image_folder),
+            steps=4,
+            batch_size=2,
+            seed=3,
+            conv_rank=4,
+            channels_last=layout,
+            output=str(tmp_path / f"{layout}.safetensors"),
+            run_dir=str(tmp_path / f"run-{layout}"),
+        )
+        result = train(config, device="cpu", log_to_terminal=False)
+        outs.append(load_file(result.adapter))
+        events = [json.loads(line) for line in (Path(config.run_dir) / "events.jsonl").read_text().splitlines()]
+        whys.append(next(e for e in events if e["type"] == "start")["step_why"])
+    assert "channels-last" not in whys[0] and "convolutions channels-last (--channels-last on)" in whys[1]
+    assert outs[0].keys() == outs[1].keys() and any(".conv" in k or "conv" in k for k in outs[0])
+    # another convolution kernel rounds differently, and AdamW's first steps move each weight by about the learning
+    # rate whatever its gradient's size, which shows in the smallest weights: compared over the whole adapter
+    apart = sum(float((outs[1][k].float() - outs[0][k].float()).pow(2).sum()) for k in outs[0]) ** 0.5
+    size = sum(float(outs[0][k].float().pow(2).sum()) for k in outs[0]) ** 0.5
+    assert apart <= 1e-5 * size, (apart, size)

@@ -269,6 +269,15 @@ class TrainConfig:
         "training",
         ("auto", "on", "off"),
     )
+    channels_last: str = _f(
+        "auto",
+        "Hold the frozen UNet's convolution weights and the step's latents channels-last (NHWC), the layout the "
+        "GPU's convolution kernels work in, so that they do not convert every convolution's input and output. "
+        "auto = on where the step compiles (--torch-compile), whose fused kernels keep the layout; the eager "
+        "step's GroupNorm converts back, and there it was not faster. The adapter does not depend on it.",
+        "training",
+        ("auto", "on", "off"),
+    )
     gradient_checkpointing: str = _f(
         "auto",
         "Recompute the UNet's activations during the backward pass instead of keeping them: less GPU memory, "

@@ -670,6 +670,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             eager_why="--lora-dropout draws new masks in every step" if config.lora_dropout else "",
             torch_compile=plan.torch_compile,
             compile_why=plan.torch_compile_why,
+            channels_last=config.channels_last,
         )
         if config.use_dora:
             notice(

@@ -68,11 +68,16 @@ class _Predict(torch.nn.Module):
     It calls the UNet class's forward directly, past the autocast wrapper accelerate puts on the instance:
     capture needs an autocast that does not cache casted weights."""
 
-    def __init__(self, unet, family: Family, cond_keys: tuple[str, ...], dtype: torch.dtype):
+    def __init__(
+        self, unet, family: Family, cond_keys: tuple[str, ...], dtype: torch.dtype, channels_last: bool = False
+    ):
         super().__init__()
         self.unet, self.family, self.cond_keys, self.dtype = unet, family, cond_keys, dtype
+        self.channels_last = channels_last
 
     def forward(self, latents, timesteps, *cond):
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         kwargs = self.family.unet_kwargs(dict(zip(self.cond_keys, cond)))
         with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
             return type(self.unet).forward(self.unet, latents, timesteps, **kwargs, return_dict=False)[0]
@@ -112,6 +117,17 @@ def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
     config.recompile_limit = max(config.recompile_limit, room)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, room)
     return blocks
+
+
+def hold_channels_last(unet) -> int:
+    """Store `unet`'s frozen 4-D weights (its convolutions') channels-last, in place; trained ones (a conv LoRA's)
+    keep their layout, and with it their optimiser state's and the saved file's. Returns how many were changed."""
+    changed = 0
+    for param in unet.parameters():
+        if param.dim() == 4 and not param.requires_grad and not param.is_contiguous(memory_format=torch.channels_last):
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+            changed += 1
+    return changed
 
 
 @contextmanager
@@ -154,6 +170,7 @@ class Step:
     encode: Callable[[dict], dict] | None = None  # caption token ids -> conditioning, with gradients (see batch_loss)
     text_encoder_params: list = field(default_factory=list)  # the LoRA that `encode` trains
     compiled: list = field(default_factory=list, repr=False)  # `compile_blocks`' (block, call): the graphs run them
+    channels_last: bool = False  # the graphs take the latents channels-last (the weights: `hold_channels_last`)
     _graphs: dict = field(default_factory=dict, repr=False)  # batch latent shape -> its graphed UNet
 
     def _graphed(self, batch: dict) -> Callable | None:
@@ -207,7 +224,7 @@ class Step:
         sample = tuple(t.clone() for t in (noisy, timesteps, *cond.values()))
         raw = self.accelerator.unwrap_model(self.unet)
         try:
-            predict = _Predict(raw, self.family, tuple(cond), self.dtype)
+            predict = _Predict(raw, self.family, tuple(cond), self.dtype, self.channels_last)
             with compiled_blocks(self.compiled):  # the warm-up compiles (once per shape), the capture records it
                 return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
         except Exception as exc:  # an exotic model or driver: the same training, eagerly
@@ -245,6 +262,7 @@ def make_step(
     eager_why: str = "",
     torch_compile: bool = False,
     compile_why: str = "--torch-compile on",
+    channels_last: str = "auto",
 ) -> Step:
     """The fastest step this run can take, and why: a CUDA graph on CUDA (one GPU or several) unless switched off,
     else eager.
@@ -254,7 +272,9 @@ def make_step(
     `eager_why`, when given, is another reason of the run's own to step eagerly (e.g. LoRA dropout's random masks,
     which a graph's warm-up would draw from the run's generator).
     `torch_compile` (--torch-compile, `compile_why` saying why): the UNet's repeated blocks are compiled at each
-    graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`."""
+    graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`.
+    `channels_last` (--channels-last auto|on|off): the frozen convolution weights are held channels-last and the
+    graphed step takes its latents so; auto: where the step compiles (the eager step's GroupNorm converts back)."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
@@ -291,6 +311,10 @@ def make_step(
         )
     elif torch_compile:
         notice(f"--torch-compile: not used, the step runs eagerly ({choice[1]})")
+    layout = channels_last == "on" or (channels_last == "auto" and bool(blocks))
+    if layout:
+        hold_channels_last(accelerator.unwrap_model(unet))
+        choice = (choice[0], f"{choice[1]}; convolutions channels-last (--channels-last {channels_last})")
     return Step(
         *choice,
         unet,
@@ -305,6 +329,7 @@ def make_step(
         encode=encode,
         text_encoder_params=list(text_encoder_params or []),
         compiled=blocks,
+        channels_last=layout,
     )
 
 
