@@ -271,10 +271,10 @@ class TrainConfig:
     )
     channels_last: str = _f(
         "auto",
-        "Hold the frozen UNet's convolution weights and the step's latents channels-last (NHWC), the layout the "
-        "GPU's convolution kernels work in, so that they do not convert every convolution's input and output. "
-        "auto = on where the step compiles (--torch-compile), whose fused kernels keep the layout; the eager "
-        "step's GroupNorm converts back, and there it was not faster. The adapter does not depend on it.",
+        "Hold the frozen UNet's convolution weights and the step's latents channels-last (NHWC), the layout a "
+        "GPU's convolution kernels work in, so that cuDNN need not convert each convolution's input and output. "
+        "The adapter does not depend on it. auto = off for now: without --torch-compile it was not faster (H100, "
+        "batch 8), and with it it is not measured yet; on tries it.",
         "training",
         ("auto", "on", "off"),
     )

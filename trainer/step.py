@@ -123,9 +123,10 @@ def hold_channels_last(unet) -> int:
     """Store `unet`'s frozen 4-D weights (its convolutions') channels-last, in place; trained ones (a conv LoRA's)
     keep their layout, and with it their optimiser state's and the saved file's. Returns how many were changed."""
     changed = 0
+    nhwc = torch.channels_last
     for param in unet.parameters():
-        if param.dim() == 4 and not param.requires_grad and not param.is_contiguous(memory_format=torch.channels_last):
-            param.data = param.data.contiguous(memory_format=torch.channels_last)
+        if param.dim() == 4 and not param.requires_grad and not param.is_contiguous(memory_format=nhwc):
+            param.data = param.data.contiguous(memory_format=nhwc)
             changed += 1
     return changed
 
@@ -273,8 +274,8 @@ def make_step(
     which a graph's warm-up would draw from the run's generator).
     `torch_compile` (--torch-compile, `compile_why` saying why): the UNet's repeated blocks are compiled at each
     graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`.
-    `channels_last` (--channels-last auto|on|off): the frozen convolution weights are held channels-last and the
-    graphed step takes its latents so; auto: where the step compiles (the eager step's GroupNorm converts back)."""
+    `channels_last` (--channels-last auto|on|off): with `on` the frozen convolution weights are held channels-last
+    and the graphed step takes its latents so; `auto` is off until a GPU run shows where it is faster."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
@@ -311,7 +312,7 @@ def make_step(
         )
     elif torch_compile:
         notice(f"--torch-compile: not used, the step runs eagerly ({choice[1]})")
-    layout = channels_last == "on" or (channels_last == "auto" and bool(blocks))
+    layout = channels_last == "on"
     if layout:
         hold_channels_last(accelerator.unwrap_model(unet))
         choice = (choice[0], f"{choice[1]}; convolutions channels-last (--channels-last {channels_last})")
