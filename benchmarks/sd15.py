@@ -186,6 +186,7 @@ def compare_graphs(model_dir: Path, args) -> dict:
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         dtype=torch.bfloat16,
         torch_compile=args.torch_compile == "on",
+        channels_last="on" if args.channels_last == "on" else "off",
     )
     del pipe, unet, params
     torch.cuda.empty_cache()

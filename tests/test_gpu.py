@@ -41,11 +41,16 @@ def random_batches(unet, count, batch, seed=0):
 
 
 @pytest.mark.parametrize(
-    "dtype,torch_compile",
-    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
-    ids=["fp32", "bf16", "fp32-compiled"],
+    "dtype,torch_compile,channels_last",
+    [
+        (torch.float32, False, "off"),
+        (torch.bfloat16, False, "off"),
+        (torch.float32, True, "off"),
+        (torch.float32, True, "on"),
+    ],
+    ids=["fp32", "bf16", "fp32-compiled", "fp32-compiled-channels-last"],
 )
-def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype, torch_compile):
+def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype, torch_compile, channels_last):
     """Ten different batches: a graph that replayed stale inputs or stale weights would land far from eager.
 
     Compiled (--torch-compile on: the UNet's blocks compiled inside the captured graph) the same holds; it is
@@ -70,11 +75,14 @@ def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype, torch_compile)
         dtype=dtype,
         lr=1e-3,
         torch_compile=torch_compile,
+        channels_last=channels_last,
     )
     compiled = torch._dynamo.utils.counters["frames"]["ok"] - frames
     print(json.dumps({"dtype": str(dtype), "compiled_frames": compiled, **result}))
     assert result["fast_kind"] == "cuda graph"
     assert (compiled > 0) == torch_compile  # the blocks went through the compiler when asked, only then
+    nhwc = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc == (channels_last == "on")  # the fast step held the convolutions channels-last when asked
     assert all(m._compiled_call_impl is None for m in unet.modules())  # outside the graph they run as they were
     assert result["moved"] > 1e-2  # training went somewhere: the distances below are measured against that
     # As close as two eager runs are to each other, or within 1% of the distance training moved the weights.

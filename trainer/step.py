@@ -345,12 +345,14 @@ def compare_with_eager(
     lr=1e-4,
     accumulation: int = 1,
     torch_compile: bool = False,
+    channels_last: str = "off",
 ) -> dict:
     """How far the fast step's LoRA lands from the eager one's, against how far two eager runs land apart.
 
     `unet` (on a CUDA GPU, frozen in `dtype`, LoRA `params` attached in fp32) is trained on `batches` three times
     from the same LoRA weights with a fresh AdamW: eagerly twice, then with the fastest step `make_step` picks;
-    each step takes `accumulation` batches; `torch_compile`: the fast step compiles the UNet's blocks too.
+    each step takes `accumulation` batches; `torch_compile`: the fast step compiles the UNet's blocks too;
+    `channels_last` ("on"): the fast step holds the convolutions channels-last (the eager runs before it do not).
     Distances are relative L2 over all LoRA parameters; `moved` is how far the eager run went from the start."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -374,6 +376,7 @@ def compare_with_eager(
             dtype=dtype,
             cuda_graphs=fast,
             torch_compile=fast and torch_compile,
+            channels_last=channels_last if fast else "off",
         )
         for i in range(0, len(batches), accumulation):
             step(*batches[i : i + accumulation])
