@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gen_profile import kernel_table  # noqa: E402
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
 
 
@@ -52,8 +53,8 @@ def main() -> None:
     parser.add_argument(
         "--kernels",
         action="store_true",
-        help="also profile one step eagerly (and compiled, without the graph) and record the GPU time per kernel "
-        "kind (attention, convolution, matmul, norm, triton, copy, elementwise) and the 20 costliest kernels",
+        help="also profile one step eagerly (and compiled, without the graph) and record the GPU time's share per "
+        "kernel kind (attention, conv, matmul, norm, triton, copy, elementwise) and the 25 costliest kernels",
     )
     parser.add_argument("--fp32", action="store_true", help="frozen UNet in fp32, no autocast (exact comparisons)")
     parser.add_argument(
@@ -185,31 +186,10 @@ def main() -> None:
         return seconds
 
     def kernel_profile(run) -> dict:
-        """GPU time of one step by kernel kind, in ms, and its 20 costliest kernels (`run` warmed up first)."""
-        from torch.profiler import ProfilerActivity, profile
-
-        for _ in range(2):
-            run()
-        sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run()
-            sync()
-        kinds: dict[str, float] = {}
-        top = []
-        for event in prof.key_averages():
-            if event.device_type.name != "CUDA":
-                continue
-            ms = getattr(event, "self_device_time_total", 0) / 1000
-            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
-            top.append([round(ms, 3), event.count, kernel_kind(event.key), event.key[:140]])
+        """GPU time of one step by kernel kind and its costliest kernels (`gen_profile.kernel_table`)."""
+        table = kernel_table(run, device)
         restore()
-        top.sort(reverse=True)
-        return {
-            "gpu_ms": round(sum(kinds.values()), 3),
-            "kinds_ms": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "kernels": sum(row[1] for row in top),
-            "top": top[:20],
-        }
+        return table
 
     batches = [int(b) for b in args.batches.split(",")]
     reference = {b: gradients(b) for b in batches}
@@ -284,26 +264,6 @@ def main() -> None:
                 results[f"compiled_graph_b{batch}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             save()
     save()
-
-
-def kernel_kind(name: str) -> str:
-    """A CUDA kernel's kind from its name (cuDNN, cuBLAS, flash-attention and triton naming)."""
-    low = name.lower()
-    if any(k in low for k in ("fmha", "flash", "attention", "sdpa", "attn")):
-        return "attention"
-    if low.startswith("triton"):
-        return "triton"
-    if any(k in low for k in ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd")):
-        return "convolution"
-    if any(k in low for k in ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "splitk")):
-        return "matmul"
-    if "norm" in low:
-        return "norm"
-    if any(k in low for k in ("copy", "transpose", "nchw", "nhwc", "memcpy", "memset", "cat")):
-        return "copy"
-    if any(k in low for k in ("elementwise", "reduce", "vectorized", "foreach", "adam")):
-        return "elementwise"
-    return "other"
 
 
 if __name__ == "__main__":

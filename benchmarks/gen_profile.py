@@ -17,7 +17,7 @@ Fields:
   how long the first call took); then picture_30_steps_compiled_s, a picture as a studio with compiling on draws it
   (median of three after first_compiled_picture_s, the one that compiles).
 - kernels: the 25 kernels that took the most GPU time in one eager default call, and the share of GPU time by
-  kind (matmul, conv, attention, norm, other).
+  kind (attention, triton, conv, matmul, norm, copy, elementwise, other).
 """
 
 from __future__ import annotations
@@ -49,15 +49,23 @@ def graphed(call):
 
 
 def kind_of(name: str) -> str:
+    """A CUDA kernel's kind from its name (cuDNN, cuBLAS, flash-attention and triton naming). Attention first:
+    cuDNN's attention kernels are named `..._sdpa_..._fprop_...`."""
     low = name.lower()
-    if any(k in low for k in ("fprop", "conv", "dgrad", "implicit")):
-        return "conv"
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "attn")):
         return "attention"
-    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90", "sm80")):
+    if low.startswith("triton"):
+        return "triton"
+    if any(k in low for k in ("fprop", "conv", "dgrad", "wgrad", "implicit", "winograd")):
+        return "conv"
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas", "splitk", "sm90", "sm80")):
         return "matmul"
     if "norm" in low:
         return "norm"
+    if any(k in low for k in ("copy", "transpose", "nchw", "nhwc", "memcpy", "memset", "cat")):
+        return "copy"
+    if any(k in low for k in ("elementwise", "reduce", "vectorized", "foreach", "adam")):
+        return "elementwise"
     return "other"
 
 
