@@ -260,10 +260,16 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     item = newest(results, lambda r: script_of(r) == "scaling" and r.get("processes") == 2 and "efficiency" in r)
     take("two_gpu_efficiency", item, item and item[1]["efficiency"])
 
-    # the Generate tab's picture on a CUDA GPU: the UNet compiled (in the background, by default) once that is done
-    item = newest(results, lambda r: script_of(r) == "sd15" and page_picture_s(r) is not None)
-    item = item or newest(results, lambda r: script_of(r) == "sd15" and "generate_30_steps_s" in r)
-    take("gen_512_30_s", item, item and (page_picture_s(item[1]) or item[1]["generate_30_steps_s"]))
+    def picture(script):
+        """The newest run of `script` that timed the Generate tab's compiled picture, else its newest plain one."""
+        item = newest(results, lambda r: script_of(r) == script and page_picture_s(r) is not None)
+        return item or newest(results, lambda r: script_of(r) == script and "generate_30_steps_s" in r)
+
+    def picture_s(result: dict) -> float:
+        return page_picture_s(result) or result["generate_30_steps_s"]
+
+    item = picture("sd15")
+    take("gen_512_30_s", item, item and picture_s(item[1]))
     for field, key in (
         ("scale_change_ms", "strength_change_ms"),
         ("cold_load_s", "adapter_cold_load_s"),
@@ -284,8 +290,7 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     take(
         "gen_vs_compiled_diffusers",
         item,
-        item
-        and item[1]["diffusers_compiled_30_steps_s"] / (page_picture_s(item[1]) or item[1]["generate_30_steps_s"]),
+        item and item[1]["diffusers_compiled_30_steps_s"] / picture_s(item[1]),
     )
 
     def sdxl_train(r):
@@ -301,9 +306,8 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     if item:
         take("sdxl_bs1_peak_gib", item, item[1].get("train_peak_memory_gib"))
         take("sdxl_bs1_img_s", item, item[1]["train_images_per_s"])
-    item = newest(results, lambda r: script_of(r) == "sdxl" and page_picture_s(r) is not None)
-    item = item or newest(results, lambda r: script_of(r) == "sdxl" and "generate_30_steps_s" in r)
-    take("gen_sdxl_1024_30_s", item, item and (page_picture_s(item[1]) or item[1]["generate_30_steps_s"]))
+    item = picture("sdxl")
+    take("gen_sdxl_1024_30_s", item, item and picture_s(item[1]))
     return values, sources
 
 

@@ -119,16 +119,12 @@ def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
     return blocks
 
 
-def hold_channels_last(unet) -> int:
+def hold_channels_last(unet) -> None:
     """Store `unet`'s frozen 4-D weights (its convolutions') channels-last, in place; trained ones (a conv LoRA's)
-    keep their layout, and with it their optimiser state's and the saved file's. Returns how many were changed."""
-    changed = 0
-    nhwc = torch.channels_last
+    keep their layout, and with it their optimiser state's and the saved file's."""
     for param in unet.parameters():
-        if param.dim() == 4 and not param.requires_grad and not param.is_contiguous(memory_format=nhwc):
-            param.data = param.data.contiguous(memory_format=nhwc)
-            changed += 1
-    return changed
+        if param.dim() == 4 and not param.requires_grad:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
 
 
 @contextmanager
