@@ -60,13 +60,14 @@ STEP_SECONDS = {
     ("sdxl", False): {"a": 0.060, "b": 0.048, "eager": 0.52},
     ("sdxl", True): {"a": 0.080, "b": 0.064, "eager": 1.10},
 }
-# --torch-compile (regional, inside the CUDA graph), measured on SD 1.5 at batch 1 and 8 on an H100 machine of 16
-# CPU cores with an empty compile cache (benchmarks/results/train_compile_h100.json, and the trainer's own first
-# step in h100_sd15_b8_torch_compile_room.json: 97.5 s): the first step's compile, and the share of a graphed
-# step's time it saves (16% at batch 1 in the probe, 21-26% at batch 8: the smallest).
-COMPILE_SECONDS = 97.0
-COMPILE_SAVING = 0.16
-COMPILE_MEASURED = ("sd1",)  # families whose compiled step was measured; auto compiles no other
+# --torch-compile (regional, inside the CUDA graph), per model family: (seconds of compiling before the first step,
+# share of a graphed step's time it saves), measured on H100 machines of 16 CPU cores with an empty compile cache.
+# SD 1.x: benchmarks/results/train_compile_h100.json and the trainer's first step in
+# h100_sd15_b8_torch_compile_room.json (97.5 s); 16% at batch 1 in the probe, 21-26% at batch 8: the smallest.
+# SDXL: the trainer at batch 4 (the only SDXL batch measured), 1024 px, compiled and not, the same machine and
+# session (h100_sdxl_b4_compile.json: first step 73.6 s, 0.196 s a step; h100_sdxl_b4.json: 2.6 s, 0.268 s).
+# auto compiles no other family; `on` estimates one with SD 1.x's figures.
+COMPILE = {"sd1": (97.0, 0.16), "sdxl": (71.0, 0.27)}
 COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
@@ -442,8 +443,9 @@ def estimate(
     start = 1.0 + 1.2 * fp16_weights
     compiled, compile_why = _torch_compile(config, geom.family, graphed, checkpointing, steps, step)
     if compiled:
-        step *= 1 - COMPILE_SAVING
-        start += COMPILE_SECONDS
+        seconds, saving = COMPILE.get(geom.family, COMPILE["sd1"])
+        step *= 1 - saving
+        start += seconds
     return Plan(
         device=device_name or _device_name(device, card_gib),
         family=geom.family,
@@ -527,25 +529,23 @@ def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, step
     """Whether the step compiles the UNet's blocks (--torch-compile), and why: `auto` compiles only where it was
     measured and the run is long enough for the faster steps to repay the compile `COMPILE_PAYBACK` times."""
     setting = config.torch_compile
+    seconds, saving = COMPILE.get(family, COMPILE["sd1"])
     if setting == "off":
         return False, "--torch-compile off"
     if not graphed:
         why = "it compiles inside the CUDA-graph step, and this run's step is eager"
         return False, f"auto: {why}" if setting == "auto" else f"--torch-compile on: not used, {why}"
     if setting == "on":
-        return True, f"--torch-compile on: about {COMPILE_SECONDS:.0f} s of compiling before the first step"
-    if family not in COMPILE_MEASURED or checkpointing:
+        return True, f"--torch-compile on: about {seconds:.0f} s of compiling before the first step"
+    if family not in COMPILE or checkpointing:
         what = "with gradient checkpointing" if checkpointing else f"on {family} models"
         return False, f"auto: the compiled step is not measured {what}; --torch-compile on tries it"
     if not steps:
         return False, f"auto: the run's length is not known ({NO_STEPS})"
-    saved = steps * step * COMPILE_SAVING
-    if saved < COMPILE_PAYBACK * COMPILE_SECONDS:
-        return (
-            False,
-            f"auto: about {COMPILE_SECONDS:.0f} s of compiling would save about {saved:.0f} s over {steps} steps",
-        )
-    return True, f"auto: about {COMPILE_SECONDS:.0f} s of compiling saves about {saved:.0f} s over {steps} steps"
+    saved = steps * step * saving
+    if saved < COMPILE_PAYBACK * seconds:
+        return False, f"auto: about {seconds:.0f} s of compiling would save about {saved:.0f} s over {steps} steps"
+    return True, f"auto: about {seconds:.0f} s of compiling saves about {saved:.0f} s over {steps} steps"
 
 
 def _graphed(config) -> bool:
