@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gen_profile import kernel_table  # noqa: E402
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
+from trainer.step import room_for_versions  # noqa: E402
 
 
 def main() -> None:
@@ -238,6 +239,7 @@ def main() -> None:
         blocks = [m for m in unet.modules() if isinstance(m, kinds.get(args.blocks, (ResnetBlock2D,)))]
     for block in blocks:
         block.compile(backend=args.backend)
+    room_for_versions(len(blocks))  # as the trainer does; the runs of 2026-12-05 to 07 hit the limit
     results["compiled_blocks"] = len(blocks)
     for batch in batches:
         restore()

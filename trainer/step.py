@@ -109,14 +109,19 @@ def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
             module.compile()
             blocks.append((module, module._compiled_call_impl))
             module._compiled_call_impl = None
-    # The blocks of one class share one forward, and dynamo keeps 8 compiled versions of a function by default,
-    # running every further one eagerly: SD 1.5's resnet blocks alone come in 14 shapes (an H100 run hit the limit),
-    # and each picture shape adds as many. Room for every block at 8 picture shapes.
+    room_for_versions(len(blocks))
+    return blocks
+
+
+def room_for_versions(blocks: int) -> None:
+    """Let dynamo keep a compiled version of each of `blocks` compiled blocks at 8 picture shapes. The blocks of one
+    class share one forward, and dynamo keeps 8 compiled versions of a function by default, running every further
+    one eagerly: SD 1.5's resnet blocks alone come in 14 shapes (an H100 run hit the limit), and each picture shape
+    adds as many."""
     config = torch._dynamo.config
-    room = 8 * len(blocks)
+    room = 8 * blocks
     config.recompile_limit = max(config.recompile_limit, room)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, room)
-    return blocks
 
 
 def hold_channels_last(unet) -> None:
