@@ -15,8 +15,9 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
 `not_default`, never):
 
 - sd15_bs8_mfu, speedup_bs8 / speedup_bs1: the newest `benchmarks/sd15.py` training run at batch 8 / 1 with the
-  default step (not --no-cuda-graphs): MFU as below; speedup = its images/s over those of the diffusers example
-  script's step timed in the same process (`speedup_vs_script`, benchmarks/reference.py).
+  default step (not --no-cuda-graphs), for the MFU the newest with the step compiled (--torch-compile on, what
+  `auto` picks for a long run) where one was timed: MFU as below; speedup = its images/s over those of the
+  diffusers example script's step timed in the same process (`speedup_vs_script`, benchmarks/reference.py).
 - two_gpu_efficiency: the newest `benchmarks/scaling.py --processes 2 --json` result on GPUs.
 - gen_512_30_s: 30 steps with guidance, one adapter, as the Generate tab draws a picture on a CUDA GPU (`ui
   --compile auto` compiles the UNet in the background there): the newest sd15.py run that timed the compiled studio
@@ -32,10 +33,10 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
 - gen_vs_compiled_diffusers: the newest sd15.py run that timed diffusers' pipeline with the LoRA fused and the UNet
   compiled: its 30-step time over ours from the same run, ours as in gen_512_30_s (above 1: we are faster).
 - sdxl_bs4_mfu: the newest `benchmarks/sdxl.py` run at batch 4 with the default step and without gradient
-  checkpointing. sdxl_bs1_peak_gib, sdxl_bs1_img_s: the newest sdxl.py run at batch 1 made for a small card (with
-  `--gpu-memory` or gradient checkpointing): `torch.cuda.max_memory_allocated` over the whole run, the highest of
-  its phases' peaks (the reserved peak is in its file) and images/s. gen_sdxl_1024_30_s: as gen_512_30_s, from
-  sdxl.py runs.
+  checkpointing, compiled where one was timed (as sd15_bs8_mfu). sdxl_bs1_peak_gib, sdxl_bs1_img_s: the newest
+  sdxl.py run at batch 1 made for a small card (with `--gpu-memory` or gradient checkpointing):
+  `torch.cuda.max_memory_allocated` over the whole run, the highest of its phases' peaks (the reserved peak is in
+  its file) and images/s. gen_sdxl_1024_30_s: as gen_512_30_s, from sdxl.py runs.
 
 MFU = images/s x FLOPs per image / the device's dense bf16 peak (the vendor's datasheet figure, `PEAK_BF16`).
 FLOPs per image are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one forward and backward
@@ -211,6 +212,12 @@ def newest(results, want) -> tuple[Path, dict] | None:
     return picked[-1] if picked else None
 
 
+def trained(results, want) -> tuple[Path, dict] | None:
+    """The newest training run `want` takes that compiled its step (--torch-compile on, what `auto` picks for a long
+    run), else the newest one it takes."""
+    return newest(results, lambda r: want(r) and r.get("torch_compile") is True) or newest(results, want)
+
+
 def _training(result: dict) -> bool:
     return "train_images_per_s" in result
 
@@ -250,7 +257,7 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     def sd15_train(batch):
         return lambda r: script_of(r) == "sd15" and _training(r) and r.get("batch") == batch and _default_step(r)
 
-    item = newest(results, sd15_train(8))
+    item = trained(results, sd15_train(8))
     if item:
         take("sd15_bs8_mfu", item, mfu(item[1], "sd15", peak_override))
     for batch in (8, 1):
@@ -296,7 +303,7 @@ def summarize(results: list[tuple[Path, dict]], peak_override: float | None = No
     def sdxl_train(r):
         return script_of(r) == "sdxl" and _training(r) and _default_step(r)
 
-    item = newest(results, lambda r: sdxl_train(r) and r.get("batch") == 4 and not r.get("gradient_checkpointing"))
+    item = trained(results, lambda r: sdxl_train(r) and r.get("batch") == 4 and not r.get("gradient_checkpointing"))
     if item:
         take("sdxl_bs4_mfu", item, mfu(item[1], "sdxl", peak_override))
     item = newest(
@@ -353,7 +360,8 @@ def summary_block(values: dict, sources: dict, results: dict, line: str, peak_ov
         [
             SUMMARY_HEADING,
             "",
-            "The newest stored result of each kind (`benchmarks/summary.py` says which kind each field takes). MFU: "
+            "The newest stored result of each kind, a compiled one first where there is one "
+            "(`benchmarks/summary.py` says which kind each field takes). MFU: "
             "training FLOPs per image counted by torch's FlopCounterMode on the meta device (UNet forward and "
             "backward with rank-8 LoRA) times images/s, over the device's dense bf16 peak from its datasheet: "
             f"{'; '.join(flops)}.",
