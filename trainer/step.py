@@ -276,7 +276,8 @@ def make_step(
     `torch_compile` (--torch-compile, `compile_why` saying why): the UNet's repeated blocks are compiled at each
     graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`.
     `channels_last` (--channels-last auto|on|off): with `on` the frozen convolution weights are held channels-last
-    and the graphed step takes its latents so; `auto` is off until one GPU run compares both layouts (benchmarks/RESULTS.md)."""
+    and the graphed step takes its latents so; `auto` is off until one GPU run compares both layouts
+    (benchmarks/RESULTS.md)."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
