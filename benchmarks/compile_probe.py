@@ -45,8 +45,10 @@ def main() -> None:
     parser.add_argument(
         "--blocks",
         default="both",
-        choices=["both", "transformer", "resnet", "unet"],
-        help="what to compile (unet: the whole UNet as one module, not regional)",
+        choices=["both", "transformer", "resnet", "models", "unet"],
+        help="what to compile: both (the trainer's: every BasicTransformerBlock and ResnetBlock2D), transformer, "
+        "resnet, models (larger regions: each Transformer2DModel with its GroupNorm, projections and layout changes, "
+        "each ResnetBlock2D, Downsample2D and Upsample2D), unet (the whole UNet as one module, not regional)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="the UNet and the latents in channels_last, in every way timed"
@@ -229,10 +231,15 @@ def main() -> None:
         save()
         return
 
+    from diffusers.models import Transformer2DModel
     from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-    kinds = {"both": (BasicTransformerBlock, ResnetBlock2D), "transformer": (BasicTransformerBlock,)}
+    kinds = {
+        "both": (BasicTransformerBlock, ResnetBlock2D),
+        "transformer": (BasicTransformerBlock,),
+        "models": (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D),
+    }
     if args.blocks == "unet":
         blocks = [unet]
     else:

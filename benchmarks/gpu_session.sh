@@ -11,7 +11,8 @@
 #   OUT       where results go (default /tmp/lora-studio-session-out); files: sd15_b8.json sd15_b1.json sd15_gen.json
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
 #             (and, for the parts not in the default PARTS: sd15_b8_cl.json sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
-#             gen_background.json train_sdpa.json train_kernels.json train_cl.json)
+#             gen_background.json train_sdpa.json train_kernels.json train_cl.json train_models.json sd15_b8_plain_cmp.json
+#             sd15_b8_cl_cmp.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -56,6 +57,13 @@
 #                       unet; not in the default PARTS)
 #   train_cl      ~3    the regional compile at batch 8 with the UNet and latents channels_last, kernels profiled
 #                       (not in the default PARTS)
+#   sd15_b8_plain_cmp ~3  sd15_b8 through the trainer with --torch-compile on --channels-last off --compare-graphs (the
+#                       compiled adapter's distance from eager, then the speed), without the script's step
+#   sd15_b8_cl_cmp ~3   the same with --channels-last on: run after sd15_b8_plain_cmp, the two layouts compared on
+#                       one machine (not in the default PARTS)
+#   train_models  ~2.5  compile_probe.py --blocks models --kernels at batch 8: larger compiled regions (each
+#                       Transformer2DModel with its GroupNorm, projections and layout changes; resnets, down- and
+#                       upsamplers), kernels profiled (not in the default PARTS)
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -146,6 +154,12 @@ for p in $PARTS; do
             --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --channels-last on --no-generate \
             --json "$OUT/sd15_b8_cl.json"
         ;;
+    sd15_b8_plain_cmp | sd15_b8_cl_cmp)
+        [ "$p" = sd15_b8_cl_cmp ] && layout=on || layout=off
+        part "$p" 100 230 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
+            --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --channels-last "$layout" --compare-graphs \
+            --no-generate --json "$OUT/$p.json"
+        ;;
     sd15_b8_warm)
         part sd15_b8_warm 60 160 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
             --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8_warm.json"
@@ -200,6 +214,10 @@ for p in $PARTS; do
         part train_kernels 90 300 "$PY" benchmarks/compile_probe.py "${TRAIN_KERNELS[@]}" --kernels --blocks unet \
             --json "$OUT/train_kernels.json"
         ;;
+    train_models)
+        part train_models 90 240 "$PY" benchmarks/compile_probe.py "${TRAIN_KERNELS[@]}" --kernels --blocks models \
+            --json "$OUT/train_models.json"
+        ;;
     train_cl)
         part train_cl 90 240 "$PY" benchmarks/compile_probe.py "${TRAIN_KERNELS[@]}" --kernels --channels-last \
             --json "$OUT/train_cl.json"
@@ -210,7 +228,7 @@ for p in $PARTS; do
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_cl sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
             "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
-            "train_compile" | tee -a "$LOG"
+            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp train_compile" | tee -a "$LOG"
         ;;
     esac
 done
