@@ -7,7 +7,9 @@ The SD 1.5 UNet (random weights, bf16, LoRA rank 8 on attn1 + attn2, fp32 LoRA u
 steps on random batches four ways: eager; eager with each repeated block (every BasicTransformerBlock and
 ResnetBlock2D) compiled in place (`module.compile()`, regional: blocks of one class and shape share their compiled
 code); the forward and backward replayed as a CUDA graph (what the trainer does); and the compiled blocks inside
-that graph. Each way's seconds per step (steady, after warm-up), the compile time (the first compiled step's extra
+that graph. Every way runs the LoRA layers as the trainer's step does, without peft's casts of their inputs to
+fp32 (`trainer.step.uncast_lora_layers`); `graph_b*_peft_casts_s` is the graph step with them, for comparison.
+Each way's seconds per step (steady, after warm-up), the compile time (the first compiled step's extra
 seconds) and, for the compiled ways, the relative distance of the LoRA gradients from eager's at the same weights
 and batch (two eager passes: `eager_vs_eager_grad_distance`) are written to --json after each measurement. The
 LoRA B matrices are made non-zero first (peft starts them at zero, which leaves every A gradient zero), and the
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gen_profile import kernel_table  # noqa: E402
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
-from trainer.step import room_for_versions  # noqa: E402
+from trainer.step import lora_inputs_uncast, room_for_versions, uncast_lora_layers  # noqa: E402
 
 
 def main() -> None:
@@ -123,8 +125,12 @@ def main() -> None:
         timesteps = torch.randint(0, 1000, (batch,), device=device, generator=gen)
         return latents, timesteps, emb
 
+    uncast = uncast_lora_layers(unet, dtype)  # as the trainer's step: peft's input casts left out under autocast
+    peft_casts = [False]  # True: peft's own way, for `graph_b*_peft_casts_s`
+
     def forward_backward(latents, timesteps, emb):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32)
+        with autocast, lora_inputs_uncast([] if peft_casts[0] else uncast):
             loss = unet(latents, timesteps, emb).sample.float().pow(2).mean()
         loss.backward()
 
@@ -206,6 +212,11 @@ def main() -> None:
             save()
         if cuda:
             results[f"graph_b{batch}_s"] = timed(graph_step(batch))
+            save()
+        if cuda and uncast:  # the same graph step with peft's casts of each LoRA layer's input, in this process
+            peft_casts[0] = True
+            results[f"graph_b{batch}_peft_casts_s"] = timed(graph_step(batch))
+            peft_casts[0] = False
             save()
         if cuda and args.channels_last:  # the plain layout's graph step in the same process, for comparison
             layouts[0] = torch.contiguous_format

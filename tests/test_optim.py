@@ -1,6 +1,7 @@
 """Optimisation options: each schedule, accumulation, clipping, each optimiser and each loss option does what it says,
 and each one changes what a run trains (a setting that went nowhere would leave the adapter as the default's)."""
 
+import json
 import math
 
 import pytest
@@ -367,3 +368,70 @@ def test_each_option_changes_what_a_run_trains(option, tiny_model, default_adapt
     trained = load_file(train(config, device="cpu", log_to_terminal=False).adapter)
     assert trained.keys() == default.keys()
     assert any(not torch.equal(trained[k], default[k]) for k in trained), f"{option} left the adapter unchanged"
+
+
+def test_under_autocast_the_step_skips_peft_input_casts_and_trains_the_same_adapter():
+    """With a bf16 base under autocast, the step runs each plain LoRA layer without peft's cast of its input to
+    fp32 (which autocast casts straight back): the adapter is the same to the bit, with fewer copies in each step.
+    DoRA and dropout layers keep the cast; so does fp32, where no autocast casts back."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import DDPMScheduler
+    from torch.profiler import profile
+
+    from tests.conftest import build_tiny_pipeline
+    from trainer.step import uncast_lora_layers
+
+    pipe = build_tiny_pipeline()
+    unet = pipe.unet.to(torch.bfloat16).requires_grad_(False)
+    torch.manual_seed(0)
+    attach(unet, attention_targets(unet, "both"), 4, 4, conv=["down_blocks.0.resnets.0.conv1"], conv_rank=4,
+           conv_alpha=4)  # fmt: skip
+    params = train_in_fp32(unet)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    start = [p.detach().clone() for p in params]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    batches = [_batch(2, seed) for seed in range(3)]
+
+    def train(skip_casts: bool) -> tuple[list[torch.Tensor], int, int]:
+        AcceleratorState._reset_state()
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        step = make_step(
+            unet,
+            torch.optim.AdamW(params, lr=1e-3),
+            accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
+            noise_scheduler=scheduler,
+            family=SD1,
+            dtype=torch.bfloat16,
+        )
+        skipped = len(step.uncast)
+        if not skip_casts:
+            step.uncast = []  # peft's own way
+        with profile() as prof:
+            step(batches[0])
+        copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        for batch in batches[1:]:
+            step(batch)
+        return [p.detach().clone() for p in params], copies, skipped
+
+    fast, fast_copies, layers = train(True)
+    peft_way, peft_copies, _ = train(False)
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    assert layers == len(lora_layers) and any(isinstance(m.base_layer, torch.nn.Conv2d) for m in lora_layers)
+    assert all(torch.equal(a, b) for a, b in zip(fast, peft_way))
+    assert max(float((a - s).abs().max()) for a, s in zip(fast, start)) > 1e-4  # it trained
+    print(json.dumps({"layers": layers, "to_copy_per_step": {"skipped": fast_copies, "peft": peft_copies}}))
+    assert fast_copies <= peft_copies - 2 * layers  # at least the two casts of each layer's forward
+    assert uncast_lora_layers(unet, torch.float32) == []
+
+    dora = build_tiny_pipeline().unet.to(torch.bfloat16)
+    attach(dora, attention_targets(dora, "both"), 4, 4, use_dora=True)
+    dropped = build_tiny_pipeline().unet.to(torch.bfloat16)
+    attach(dropped, attention_targets(dropped, "both"), 4, 4, dropout=0.1)
+    assert uncast_lora_layers(dora, torch.bfloat16) == [] and uncast_lora_layers(dropped, torch.bfloat16) == []

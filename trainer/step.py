@@ -124,6 +124,37 @@ def room_for_versions(blocks: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, room)
 
 
+def uncast_lora_layers(unet, dtype: torch.dtype) -> list:
+    """The UNet's LoRA layers whose input can reach their LoRA matrices uncast while the step runs under autocast
+    (`dtype` bf16 or fp16): plain LoRA (no DoRA), no LoRA dropout. peft casts a layer's input to its LoRA weights'
+    dtype (fp32 here) before the LoRA products, and autocast casts it straight back: two copies of the activation
+    per layer forward and two of its gradient backward, all exact, so leaving them out changes no number. None in
+    fp32 (no autocast: there the cast is the one that makes the dtypes meet)."""
+    if dtype == torch.float32:
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [
+        m
+        for m in unet.modules()
+        if isinstance(m, LoraLayer)
+        and not getattr(m, "lora_variant", None)
+        and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())
+    ]
+
+
+@contextmanager
+def lora_inputs_uncast(layers: list) -> Iterator[None]:
+    """Inside this block, peft does not cast the inputs of `layers` (`uncast_lora_layers`) to their weights' dtype."""
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+
 def hold_channels_last(unet) -> None:
     """Store `unet`'s frozen 4-D weights (its convolutions') channels-last, in place; trained ones (a conv LoRA's)
     keep their layout, and with it their optimiser state's and the saved file's."""
@@ -173,6 +204,7 @@ class Step:
     text_encoder_params: list = field(default_factory=list)  # the LoRA that `encode` trains
     compiled: list = field(default_factory=list, repr=False)  # `compile_blocks`' (block, call): the graphs run them
     channels_last: bool = False  # the graphs take the latents channels-last (the weights: `hold_channels_last`)
+    uncast: list = field(default_factory=list)  # LoRA layers run without peft's input casts (`uncast_lora_layers`)
     _graphs: dict = field(default_factory=dict, repr=False)  # batch latent shape -> its graphed UNet
 
     def _graphed(self, batch: dict) -> Callable | None:
@@ -193,7 +225,7 @@ class Step:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             graphed = self._graphed(batch)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), lora_inputs_uncast(self.uncast):
                 loss = batch_loss(
                     unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss, self.encode
                 )
@@ -227,7 +259,8 @@ class Step:
         raw = self.accelerator.unwrap_model(self.unet)
         try:
             predict = _Predict(raw, self.family, tuple(cond), self.dtype, self.channels_last)
-            with compiled_blocks(self.compiled):  # the warm-up compiles (once per shape), the capture records it
+            # the warm-up compiles (once per shape), the capture records it
+            with compiled_blocks(self.compiled), lora_inputs_uncast(self.uncast):
                 return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
         except Exception as exc:  # an exotic model or driver: the same training, eagerly
             self.kind, self.why = "eager", f"CUDA graphs not used ({type(exc).__name__}: {exc}); training eagerly"
@@ -277,7 +310,9 @@ def make_step(
     graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`.
     `channels_last` (--channels-last auto|on|off): with `on` the frozen convolution weights are held channels-last
     and the graphed step takes its latents so; `auto` is off until one GPU run compares both layouts
-    (benchmarks/RESULTS.md)."""
+    (benchmarks/RESULTS.md).
+    Under autocast (bf16 or fp16 mixed precision), plain LoRA layers skip peft's casts of their inputs to fp32
+    (`uncast_lora_layers`): the same numbers, fewer copies."""
     kind = noise_scheduler.config.prediction_type
     if kind not in TARGETS:
         raise UserError(f"base model scheduler has prediction_type {kind!r}; only {' and '.join(TARGETS)} train")
@@ -333,7 +368,13 @@ def make_step(
         text_encoder_params=list(text_encoder_params or []),
         compiled=blocks,
         channels_last=layout,
+        uncast=uncast_lora_layers(accelerator.unwrap_model(unet), dtype) if _autocasts(accelerator, dtype) else [],
     )
+
+
+def _autocasts(accelerator, dtype: torch.dtype) -> bool:
+    """Whether the step's forward runs under an autocast to `dtype` (the accelerator's mixed precision is it)."""
+    return getattr(accelerator, "mixed_precision", "no") == {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
 
 
 def compare_with_eager(
