@@ -58,7 +58,8 @@
 #   train_cl      ~3    the regional compile at batch 8 with the UNet and latents channels_last, kernels profiled
 #                       (not in the default PARTS)
 #   sd15_b8_plain_cmp ~3  sd15_b8 through the trainer with --torch-compile on --channels-last off --compare-graphs (the
-#                       compiled adapter's distance from eager, then the speed), without the script's step
+#                       compiled adapter's distance from eager, then the speed), without the script's step (not in
+#                       the default PARTS; estimate not measured; with the next part, give BUDGET_S=560)
 #   sd15_b8_cl_cmp ~3   the same with --channels-last on: run after sd15_b8_plain_cmp, the two layouts compared on
 #                       one machine (not in the default PARTS)
 #   train_models  ~2.5  compile_probe.py --blocks models --kernels at batch 8: larger compiled regions (each

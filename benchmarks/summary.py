@@ -15,9 +15,10 @@ Where each field comes from (results of the --tiny shapes or from the CPU are us
 `not_default`, never):
 
 - sd15_bs8_mfu, speedup_bs8 / speedup_bs1: the newest `benchmarks/sd15.py` training run at batch 8 / 1 with the
-  default step (not --no-cuda-graphs), for the MFU the newest with the step compiled (--torch-compile on, what
-  `auto` picks for a long run) where one was timed: MFU as below; speedup = its images/s over those of the
-  diffusers example script's step timed in the same process (`speedup_vs_script`, benchmarks/reference.py).
+  default step (not --no-cuda-graphs nor --channels-last on), for the MFU the newest with the step compiled
+  (--torch-compile on, what `auto` picks for a long run) where one was timed: MFU as below; speedup = its images/s
+  over those of the diffusers example script's step timed in the same process (`speedup_vs_script`,
+  benchmarks/reference.py).
 - two_gpu_efficiency: the newest `benchmarks/scaling.py --processes 2 --json` result on GPUs.
 - gen_512_30_s: 30 steps with guidance, one adapter, as the Generate tab draws a picture on a CUDA GPU (`ui
   --compile auto` compiles the UNet in the background there): the newest sd15.py run that timed the compiled studio
@@ -223,8 +224,10 @@ def _training(result: dict) -> bool:
 
 
 def _default_step(result: dict) -> bool:
-    """Trained with the step lora-studio picks by default (a CUDA graph on one GPU), not with --no-cuda-graphs."""
-    return "--no-cuda-graphs" not in result.get("command", "")
+    """Trained with the step lora-studio picks by default (a CUDA graph on one GPU), not with --no-cuda-graphs nor
+    with --channels-last on (whose `auto` is off)."""
+    command = result.get("command", "")
+    return "--no-cuda-graphs" not in command and "--channels-last on" not in command
 
 
 def mfu(result: dict, arch: str, peak_override: float | None = None) -> float | None:

@@ -430,6 +430,17 @@ def test_under_autocast_the_step_skips_peft_input_casts_and_trains_the_same_adap
     assert fast_copies <= peft_copies - 2 * layers  # at least the two casts of each layer's forward
     assert uncast_lora_layers(unet, torch.float32) == []
 
+    # where no autocast runs (accelerate has none for fp16 on the CPU), peft's casts stay: the step still trains
+    AcceleratorState._reset_state()
+    half = build_tiny_pipeline().unet.to(torch.float16).requires_grad_(False)
+    attach(half, attention_targets(half, "both"), 4, 4)
+    half_params = train_in_fp32(half)
+    step = make_step(half, torch.optim.SGD(half_params, lr=1.0), accelerator=Accelerator(cpu=True,
+                     mixed_precision="fp16"), noise_scheduler=scheduler, family=SD1, dtype=torch.float16)  # fmt: skip
+    assert step.uncast and not torch.is_autocast_enabled("cpu")
+    step(batches[0])
+    assert all(layer.cast_input_dtype_enabled for layer in step.uncast)  # and every layer casts again after it
+
     dora = build_tiny_pipeline().unet.to(torch.bfloat16)
     attach(dora, attention_targets(dora, "both"), 4, 4, use_dora=True)
     dropped = build_tiny_pipeline().unet.to(torch.bfloat16)

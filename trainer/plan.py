@@ -61,12 +61,13 @@ STEP_SECONDS = {
     ("sdxl", True): {"a": 0.080, "b": 0.064, "eager": 1.10},
 }
 # --torch-compile (regional, inside the CUDA graph), per model family: (seconds of compiling before the first step,
-# share of a graphed step's time it saves), measured on H100 machines of 16 CPU cores with an empty compile cache.
-# SD 1.x: benchmarks/results/train_compile_h100.json and the trainer's first step in
-# h100_sd15_b8_torch_compile_room.json (97.5 s); 16% at batch 1 in the probe, 21-26% at batch 8: the smallest.
-# SDXL: the trainer at batch 4 (the only SDXL batch measured), 1024 px, compiled and not, the same machine and
-# session (h100_sdxl_b4_compile.json: first step 73.6 s, 0.196 s a step; h100_sdxl_b4.json: 2.6 s, 0.268 s).
-# auto compiles no other family; `on` estimates one with SD 1.x's figures.
+# share of a graphed step's time it saves), measured on H100 machines of 16 CPU cores.
+# SD 1.x: benchmarks/results/train_compile_h100.json and the trainer's whole first step in
+# h100_sd15_b8_torch_compile_room.json (97.5 s, an empty compile cache); 16% at batch 1 in the probe, 21-26% at
+# batch 8: the smallest. SDXL: the trainer at batch 4 (the only SDXL batch measured; taken for every batch),
+# 1024 px, compiled and not, the same machine and session, its compile cache holding only SD 1.5's shapes
+# (h100_sdxl_b4_compile.json: first step 73.6 s, 0.196 s a step; h100_sdxl_b4.json: 2.6 s, 0.268 s; 71 s is the
+# difference of the first steps). auto compiles no other family; `on` estimates one with SD 1.x's figures.
 COMPILE = {"sd1": (97.0, 0.16), "sdxl": (71.0, 0.27)}
 COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"

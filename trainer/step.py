@@ -145,14 +145,16 @@ def uncast_lora_layers(unet, dtype: torch.dtype) -> list:
 
 @contextmanager
 def lora_inputs_uncast(layers: list) -> Iterator[None]:
-    """Inside this block, peft does not cast the inputs of `layers` (`uncast_lora_layers`) to their weights' dtype."""
+    """Inside this block, peft does not cast the inputs of `layers` (`uncast_lora_layers`) to their weights' dtype;
+    after it each layer casts as it did before."""
+    before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     try:
         yield
     finally:
-        for layer in layers:
-            layer.cast_input_dtype_enabled = True
+        for layer, cast in zip(layers, before):
+            layer.cast_input_dtype_enabled = cast
 
 
 def hold_channels_last(unet) -> None:
@@ -225,11 +227,14 @@ class Step:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             graphed = self._graphed(batch)
-            with self.accelerator.autocast(), lora_inputs_uncast(self.uncast):
-                loss = batch_loss(
-                    unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss, self.encode
-                )
-            self.accelerator.backward(loss / len(batches))
+            with self.accelerator.autocast():
+                uncast = self._uncast_here() if graphed is None else []  # a graph replays what it recorded
+                with lora_inputs_uncast(uncast):
+                    loss = batch_loss(
+                        unet, batch, self.noise_scheduler, self.family, self.dtype, graphed, self.loss, self.encode
+                    )
+            with lora_inputs_uncast(uncast):  # a checkpointed block's forward, run again here, runs as it did
+                self.accelerator.backward(loss / len(batches))
             if graphed is not None and not last:
                 # A graph's backward hands out gradients in its own buffers, which the next replay overwrites; a
                 # parameter that has no gradient yet takes the buffer itself. Copies keep the sum.
@@ -245,6 +250,14 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
+    def _uncast_here(self) -> list:
+        """`uncast` where the forward about to run is under an autocast to the step's dtype (else peft's casts are
+        what make the dtypes meet: none)."""
+        device = self.accelerator.device.type
+        if self.uncast and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == self.dtype:
+            return self.uncast
+        return []
+
     def _capture(self, batch: dict) -> Callable | None:
         """Record the UNet's forward and backward once as CUDA graphs, replayed at every batch of this shape.
 
@@ -259,7 +272,7 @@ class Step:
         raw = self.accelerator.unwrap_model(self.unet)
         try:
             predict = _Predict(raw, self.family, tuple(cond), self.dtype, self.channels_last)
-            # the warm-up compiles (once per shape), the capture records it
+            # the warm-up compiles (once per shape), the capture records it; `predict` autocasts to `self.dtype`
             with compiled_blocks(self.compiled), lora_inputs_uncast(self.uncast):
                 return torch.cuda.make_graphed_callables(predict, sample, num_warmup_iters=3)
         except Exception as exc:  # an exotic model or driver: the same training, eagerly
@@ -368,13 +381,8 @@ def make_step(
         text_encoder_params=list(text_encoder_params or []),
         compiled=blocks,
         channels_last=layout,
-        uncast=uncast_lora_layers(accelerator.unwrap_model(unet), dtype) if _autocasts(accelerator, dtype) else [],
+        uncast=uncast_lora_layers(accelerator.unwrap_model(unet), dtype),
     )
-
-
-def _autocasts(accelerator, dtype: torch.dtype) -> bool:
-    """Whether the step's forward runs under an autocast to `dtype` (the accelerator's mixed precision is it)."""
-    return getattr(accelerator, "mixed_precision", "no") == {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
 
 
 def compare_with_eager(
