@@ -12,7 +12,7 @@
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
 #             (and, for the parts not in the default PARTS: sd15_b8_cl.json sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
 #             gen_background.json train_sdpa.json train_kernels.json train_cl.json train_models.json sd15_b8_plain_cmp.json
-#             sd15_b8_cl_cmp.json)
+#             sd15_b8_cl_cmp.json gen_both.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -48,6 +48,9 @@
 #   gen_background ~2.5 ours compiling in the background (the page's way on a GPU): the first picture, pictures
 #                       while the worker compiles, how long it takes, then compiled pictures (not in the default
 #                       PARTS; first in a call, so that the compile cache holds no SD 1.5 generation code yet)
+#   gen_both      ~4    gen_background, then the foreground compile (--studio-compile) in the same process: the
+#                       page's background-compiled picture against `--compile`'s on one machine (not in the
+#                       default PARTS)
 #   sdxl_b4_compile ~4  sdxl_b4 with --torch-compile on (SDXL's compiled training step is not measured; not in the
 #                       default PARTS)
 #   train_sdpa    ~1    the graphed training step (batch 1 and 8) with each attention kernel forced: flash,
@@ -177,13 +180,17 @@ for p in $PARTS; do
         part sd15_b1 45 120 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
             --steps "$SD15_STEPS" "${SD15_REF[@]}" --no-generate --json "$OUT/sd15_b1.json"
         ;;
-    sd15_gen | sd15_compile | sd15_compile_warm | gen_background)
+    sd15_gen | sd15_compile | sd15_compile_warm | gen_background | gen_both)
         # the adapter the training parts made; without one, a short run makes it first
         adapter=$(ls -t "$WORK"/sd15/run-*/bench.safetensors 2>/dev/null | head -1)
         if [ -n "$adapter" ]; then make=(--adapter "$adapter"); else make=(--steps 14 --no-flops); fi
         if [ "$p" = sd15_gen ]; then
             part sd15_gen 45 150 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 "${make[@]}" \
                 --no-reference --no-eager-generation --json "$OUT/sd15_gen.json"
+        elif [ "$p" = gen_both ]; then
+            part gen_both 90 420 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
+                "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-background \
+                --background-limit 200 --background-gap 0.5 --studio-compile --json "$OUT/gen_both.json"
         elif [ "$p" = gen_background ]; then
             part gen_background 60 300 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 1 \
                 "${make[@]}" --no-reference --no-overheads --no-eager-generation --no-diffusers --studio-background \
@@ -229,7 +236,7 @@ for p in $PARTS; do
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_cl sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
             "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
-            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp train_compile" | tee -a "$LOG"
+            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp gen_both train_compile" | tee -a "$LOG"
         ;;
     esac
 done
