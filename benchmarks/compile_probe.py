@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gen_profile import kernel_table  # noqa: E402
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
 from trainer.step import lora_inputs_uncast, room_for_versions, uncast_lora_layers  # noqa: E402
+from trainer.step import relative_distance as distance  # noqa: E402
 
 
 def main() -> None:
@@ -138,11 +139,6 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=False)
         forward_backward(*inputs(batch, seed=7))
         return [p.grad.detach().clone() for p in params]
-
-    def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        """Relative L2 distance of `a` from `b` (absolute where `b` is all zeros)."""
-        num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b))
-        return (num / (sum(float(y.float().pow(2).sum()) for y in b) or 1.0)) ** 0.5
 
     def eager_step(batch: int):
         data = inputs(batch)

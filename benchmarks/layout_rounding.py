@@ -21,12 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
-
-
-def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Relative L2 distance of `a` from `b`."""
-    num = sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b))
-    return (num / (sum(float(y.double().pow(2).sum()) for y in b) or 1.0)) ** 0.5
+from trainer.step import relative_distance as distance  # noqa: E402
 
 
 def main() -> None:

@@ -385,6 +385,12 @@ def make_step(
     )
 
 
+def relative_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Relative L2 distance of the tensors `a` from `b`, all taken as one vector (absolute where `b` is all zeros)."""
+    num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b))
+    return (num / (sum(float(y.float().pow(2).sum()) for y in b) or 1.0)) ** 0.5
+
+
 def compare_with_eager(
     unet,
     params: list[torch.nn.Parameter],
@@ -433,17 +439,13 @@ def compare_with_eager(
             step(*batches[i : i + accumulation])
         return [p.detach().float().clone() for p in params], step.kind
 
-    def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
-        return (num / sum(float(y.pow(2).sum()) for y in b)) ** 0.5
-
     (eager, _), (eager_again, _), (fast, fast_kind) = run(False), run(False), run(True)
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
     return {
         "fast_kind": fast_kind,
-        "eager_vs_eager": distance(eager_again, eager),
-        "fast_vs_eager": distance(fast, eager),
-        "moved": distance(eager, [s.float() for s in start]),
+        "eager_vs_eager": relative_distance(eager_again, eager),
+        "fast_vs_eager": relative_distance(fast, eager),
+        "moved": relative_distance(eager, [s.float() for s in start]),
     }
