@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,15 @@ def choices(page) -> list[str]:
     page.keyboard.press("Escape")
     page.locator("#run-picker input").blur()  # the list opens when the box gets the focus
     return [label.strip().splitlines()[-1] for label in labels]  # the picked one is marked with a tick line
+
+
+def choices_once(page, settled, timeout_s: float = 15.0) -> list[str]:
+    """The run list's labels once `settled(labels)` holds (the server answers a checkbox in its own time), or
+    as they are when `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not settled(listed := choices(page)) and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    return listed
 
 
 def status(page):
@@ -191,15 +201,14 @@ def test_failed_and_cancelled_runs_can_be_hidden_and_shown_again(page):
     assert not any("stopped" in c or "broke" in c for c in listed) and "best_run · done" in listed
     page.locator("#show-hidden input").check()
     expect(page.locator("#run-picker")).to_be_visible()
-    page.wait_for_timeout(500)
-    assert "20260101-000100-stopped (hidden) · cancelled" in choices(page)
+    hidden_shown = "20260101-000100-stopped (hidden) · cancelled"
+    assert hidden_shown in choices_once(page, lambda labels: hidden_shown in labels)
     pick(page, "20260101-000100-stopped (hidden) · cancelled")
     expect(page.locator("#hide-run")).to_have_text("Unhide", timeout=15_000)
     page.locator("#hide-run").click()
     said(page, "20260101-000100-stopped is back in the run list")
     page.locator("#show-hidden input").uncheck()
-    page.wait_for_timeout(500)
-    listed = choices(page)
+    listed = choices_once(page, lambda labels: "20260101-000100-stopped · cancelled" in labels)
     assert "20260101-000100-stopped · cancelled" in listed and not any("broke" in c for c in listed)
     pick(page, "best_run · done")
     page.locator("#hide-run").click()

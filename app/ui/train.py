@@ -728,8 +728,11 @@ class TrainTab:
         settings, trigger = self.settings.inputs, self.settings.controls["trigger_word"]
         base = self.settings.controls["base_model"]
         kept = [self.files, self.table, self.kept_uploads]
-        gr.on([c.change for c in settings], self.keep_settings, settings, self.kept_settings)
-        self.table.input(self.keep_captions, [self.files, self.table], self.kept_uploads)
+        # Kept by the browser itself, as each value changes: no server round trip that a busy queue could hold back
+        # until after the user reloads (the values would then be the ones before the edit).
+        gr.on([c.change for c in settings], None, settings, self.kept_settings, js=self.keep_settings_js())
+        # Past the queue for the same reason (a quick function; the queue may be busy with the previews of a run).
+        self.table.input(self.keep_captions, [self.files, self.table], self.kept_uploads, queue=False)
         uploaded.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads])
         restored = app.load(
             self.restore,
@@ -741,8 +744,10 @@ class TrainTab:
         restored.then(self.say_restored, [self.restore_note, self.message], self.message)
         restored.then(self.native_size_text, base, self.native_size)
 
-    def keep_settings(self, *values):
-        return dict(zip(self.settings.controls, values))
+    def keep_settings_js(self) -> str:
+        """The browser function that makes `{field: value}` of the setting controls' values (in their order)."""
+        names = json.dumps(list(self.settings.controls))
+        return f"(...values) => Object.fromEntries({names}.map((name, i) => [name, values[i]]))"
 
     def keep_captions(self, paths, rows):
         keys = _caption_keys(paths)
