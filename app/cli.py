@@ -161,6 +161,7 @@ def _say_why_the_workers_failed(run_dir: Path) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from adapters.base import base_model_label
+    from adapters.formats import read_safetensors
     from adapters.runtime import Studio, parse_adapter_arg
     from app.images import Parameters, save_image
 
@@ -170,10 +171,12 @@ def _generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
+    adapters = [parse_adapter_arg(spec) for spec in args.adapter or []]
+    for path, _ in adapters:  # a missing or broken --adapter is named before the base model takes its time to load
+        read_safetensors(Path(path))
     studio = Studio(args.base_model, prediction_type=prediction, compile_unet=args.compile == "now")
     strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
-    for spec in args.adapter or []:
-        path, strength = parse_adapter_arg(spec)
+    for path, strength in adapters:
         name = studio.load(Path(path), name=f"{len(strengths)}_{Path(path).stem}")
         strengths[name], names[name] = strength, Path(path).stem
     guidance = studio.defaults["guidance"] if args.guidance is None else args.guidance

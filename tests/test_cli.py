@@ -103,6 +103,23 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
+def test_generate_names_a_missing_or_broken_adapter_before_loading_the_base_model(tmp_path, capsys, monkeypatch):
+    """A typo in --adapter is reported at once (loading a real base model takes many seconds first otherwise)."""
+    from adapters import runtime
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the adapters were checked")
+
+    monkeypatch.setattr(runtime, "Studio", no_model)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not an adapter")
+    for adapter, said in ((tmp_path / "typo.safetensors", "does not exist"), (broken, "not a valid safetensors")):
+        args = ["generate", "--prompt", "x", "--adapter", f"{adapter}:0.8", "--output", tmp_path / "o.png"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and str(adapter) in err and said in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_generate_compile_draws_the_uncompiled_picture_through_a_compiled_unet(
     tiny_model, tmp_path, capsys, monkeypatch
 ):
