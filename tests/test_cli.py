@@ -103,6 +103,22 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
+def test_every_command_prints_its_help(capsys):
+    """`lora-studio COMMAND --help` prints every flag of every command (a "%" in a help text once broke it)."""
+    from app.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "generate", "ui", "demo", "export", "caption", "inspect"} <= set(commands)
+    printed = {}
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0, command
+        printed[command] = capsys.readouterr().out
+    assert "--torch-compile" in printed["train"] and "16% (batch 1)" in printed["train"]
+    assert "--adapter" in printed["generate"]
+
+
 def test_generate_names_a_missing_or_broken_adapter_before_loading_the_base_model(tmp_path, capsys, monkeypatch):
     """A typo in --adapter is reported at once (loading a real base model takes many seconds first otherwise)."""
     from adapters import runtime

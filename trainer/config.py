@@ -869,7 +869,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (kebab-case), help text from the field; unset flags stay unset."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats help
         if hints[f.name] == Prompts:  # given once per item; the items given replace a config file's list
             old = [flag(o) for o, new in RENAMED.items() if new == f.name]
             parser.add_argument(
