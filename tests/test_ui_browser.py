@@ -118,10 +118,20 @@ def workspace(tmp_path):
 
 
 def open_page(browser, url):
+    """The page as a user sees it once it has loaded: what it restores and reads on load has arrived, so a late
+    answer of the load cannot undo what the test does next (on a busy machine it can take seconds)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page.goto(url)
     page.locator("#train-button").wait_for()
+    page.locator("#native-size").get_by_text("Native size").wait_for(timeout=60_000)  # the load's last step
+    settled(page)
     return page
+
+
+def settled(page, timeout_ms: int = 60_000) -> None:
+    """Wait until no event of the page is running: every component's status tracker is hidden."""
+    trackers = "[...document.querySelectorAll('[data-testid=status-tracker]')]"
+    page.wait_for_function(f"() => {trackers}.every(e => e.classList.contains('hide'))", timeout=timeout_ms)
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -164,9 +174,9 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     set_number(page, "setting-steps", 60)
     set_number(page, "setting-preview_every", 20)
     # what the upload would train, before Train: 16 square images in one bucket, 8 steps per epoch at batch 2
-    expect(page.locator("#data-plan")).to_contain_text("64×64: 16")
-    expect(page.locator("#data-plan")).to_contain_text("7.5")  # 60 steps = 7.5 epochs
-    expect(page.locator("#machine-plan")).to_contain_text("On this machine (the CPU)")  # the plan, beside Train
+    expect(page.locator("#data-plan")).to_contain_text("64×64: 16", timeout=30_000)
+    expect(page.locator("#data-plan")).to_contain_text("7.5", timeout=30_000)  # 60 steps = 7.5 epochs
+    expect(page.locator("#machine-plan")).to_contain_text("On this machine (the CPU)", timeout=30_000)  # by Train
     page.locator("#setting-name textarea, #setting-name input").first.fill("neon")
     page.locator("#train-button").click()
     page.get_by_text("Started run").wait_for(timeout=30_000)
@@ -185,9 +195,8 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#train-progress-text").get_by_text("step 60/60").wait_for(timeout=240_000)
     page.locator("#train-status").get_by_text("Done").wait_for(timeout=60_000)
     expect(page.locator("#run-picker input")).to_have_value(re.compile(r"· done$"), timeout=15_000)
-    assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
-    page.locator("#previews img").first.wait_for()
-    assert page.locator("#previews img").count() >= 3  # steps 20, 40 and the end
+    expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_attached(timeout=30_000)
+    expect(page.locator("#previews img").nth(2)).to_be_attached(timeout=30_000)  # steps 20, 40 and the end
     expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
     expect(page.locator("#previews")).to_contain_text("step 20 · glowline")  # each picture captioned with its prompt
     # the judge's grid (judged at the end, the default): the step at each strength, its pictures served and drawn
@@ -342,7 +351,7 @@ def test_runs_you_can_trust(browser, workspace):
     page.locator("#preview-prompt").get_by_text("Preview prompt: “glowline, ").wait_for(timeout=30_000)  # item 10
     page.locator("#train-progress-text").get_by_text(re.compile(r"step [1-9]")).first.wait_for(timeout=180_000)
     page.wait_for_timeout(3000)  # several ticks later, the page still shows the new run
-    expect(picker).to_have_value(re.compile(rf"^{run.name} · running$"))
+    expect(picker).to_have_value(re.compile(rf"^{run.name} · running$"), timeout=30_000)
     page.locator("#cancel-button").click()
     page.locator("#train-message").get_by_text(f"Cancelling {run.name}").wait_for(timeout=30_000)
     # item 2: a checkpoint, so Resume goes on (Save every is 200), and the adapter in the library

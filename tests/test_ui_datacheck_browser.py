@@ -34,10 +34,10 @@ def test_the_report_shows_on_upload_and_leave_out_keeps_an_image_out_of_the_run(
     assert "Default caption" in findings.inner_text() and "--default-caption" not in findings.inner_text()
 
     page.get_by_role("button", name="Leave out neon_03_copy.png").click()
-    findings.get_by_text("neon_03_copy.png left out of this run").wait_for(timeout=15_000)  # names what was
+    findings.get_by_text("neon_03_copy.png left out of this run").wait_for(timeout=30_000)  # names what was
     assert page.get_by_role("button", name="Put back neon_03_copy.png").count() == 1
     page.get_by_role("button", name="Leave out neon_04.png").click()  # its caption is empty: out of this run too
-    page.get_by_role("button", name="Put back neon_04.png").wait_for(timeout=15_000)
+    page.get_by_role("button", name="Put back neon_04.png").wait_for(timeout=30_000)
     set_number(page, "setting-steps", 2)
     page.locator("#train-button").click()
     page.locator("#train-message").get_by_text("Started run").wait_for(timeout=60_000)

@@ -23,6 +23,7 @@ from trainer.config import TrainConfig
 
 pytestmark = pytest.mark.browser
 RUN = "20260101-000000-neon"
+LOADED = "() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0 }"
 
 
 def make_adapter(path: Path, trigger_word: str, seed: int = 0, scale: float = 0.3) -> Path:
@@ -139,6 +140,7 @@ def test_pictures_are_saved_with_their_settings_shown_whole_and_restored_from_th
 
     # the picture is whole (contained, not cropped), large enough to see, and on screen without scrolling
     picture = page.locator("#gallery img").first
+    page.wait_for_function(LOADED, timeout=30_000)
     box, frame = picture.bounding_box(), page.locator("#gallery").bounding_box()
     assert picture.evaluate("i => getComputedStyle(i).objectFit") == "contain"
     assert picture.evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"  # 64 px, enlarged sharp
@@ -320,6 +322,7 @@ def test_a_runs_checkpoints_are_tried_downloaded_and_drawn_in_x_y_grids(app, tmp
     grid_file = workspace / "outputs" / "grids" / time.strftime("%Y-%m-%d") / "00001.png"
     assert f"Saved as outputs/grids/{grid_file.parent.name}/00001.png" in status(page).inner_text()
     expect(page.locator("#gallery img")).to_have_count(1)
+    page.wait_for_function(LOADED, timeout=30_000)
     # the grid is shown whole and large, and in view at the grid button, far down the page: the results stay put
     box, frame = page.locator("#gallery img").bounding_box(), page.locator("#gallery").bounding_box()
     assert frame["x"] <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"]

@@ -39,6 +39,10 @@ def test_generate_with_an_sdxl_base(browser, workspace):  # noqa: F811
     status.get_by_text(re.compile(r"Seed \d+")).wait_for(timeout=120_000)
     picture = page.locator("#gallery img").first
     picture.wait_for()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0 }",
+        timeout=30_000,
+    )
     # the tiny SDXL model's native size: 8 latent pixels x the VAE's 4
     assert page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", picture.element_handle()) == [32, 32]
     log = next(workspace.glob("ui-*.log")).read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.test_ui_browser import CHROMIUM, SAMPLES, Server, fill, message, open_page, set_number, upload
+from tests.test_ui_browser import CHROMIUM, SAMPLES, Server, fill, message, open_page, set_number, settled, upload
 from trainer.config import TrainConfig
 from trainer.runs import EventLog
 
@@ -96,11 +96,29 @@ def choices(page) -> list[str]:
     return [label.strip().splitlines()[-1] for label in labels]  # the picked one is marked with a tick line
 
 
-def choices_once(page, settled, timeout_s: float = 15.0) -> list[str]:
-    """The run list's labels once `settled(labels)` holds (the server answers a checkbox in its own time), or
-    as they are when `timeout_s` has passed."""
+def stored_count(page) -> int:
+    """How many times the page has written what it keeps in the browser's localStorage (the app's own keys, not
+    gradio's), counted from the first call on this page."""
+    return page.evaluate(
+        """() => {
+            if (window.keptCount === undefined) {
+                window.keptCount = 0;
+                const setItem = Storage.prototype.setItem;
+                Storage.prototype.setItem = function (key, value) {
+                    if (!key.startsWith("gradio:")) window.keptCount++;
+                    return setItem.call(this, key, value);
+                };
+            }
+            return window.keptCount;
+        }"""
+    )
+
+
+def choices_once(page, holds, timeout_s: float = 60.0) -> list[str]:
+    """The run list's labels once `holds(labels)` (the server answers a checkbox in its own time), or as they are
+    when `timeout_s` has passed."""
     deadline = time.monotonic() + timeout_s
-    while not settled(listed := choices(page)) and time.monotonic() < deadline:
+    while not holds(listed := choices(page)) and time.monotonic() < deadline:
         page.wait_for_timeout(250)
     return listed
 
@@ -138,7 +156,7 @@ def test_a_second_train_queues_and_the_log_follows_the_trainer(page, workspace):
     second, third = sorted(p for p in runs.iterdir() if p.name not in before and p != first)
     assert "position 2" in message(page) and third.name in message(page)
     status(page).get_by_text("Queued (position 2)").wait_for(timeout=15_000)  # the picker follows the new run
-    assert open_log(page).input_value() == "Waiting in the queue: its trainer has not started yet."
+    expect(open_log(page)).to_have_value("Waiting in the queue: its trainer has not started yet.", timeout=30_000)
 
     page.locator("#cancel-button").click()  # the picked run waits: Cancel takes it out, the live run goes on
     said(page, f"Took {third.name} out of the queue")
@@ -236,7 +254,7 @@ def test_a_run_is_deleted_after_a_confirmation_and_its_adapter_stays(page, works
     pick(page, "best_run · done")
     page.locator("#delete-run").click()
     page.locator("#keep-run").click()
-    expect(page.locator("#confirm-delete-run")).to_be_hidden()
+    expect(page.locator("#confirm-delete-run")).to_be_hidden(timeout=30_000)
     assert run.is_dir()
     page.locator("#delete-run").click()
     page.locator("#confirm-delete-run").click()
@@ -254,14 +272,19 @@ def test_a_reload_keeps_the_uploads_captions_and_settings(page, server):
     upload(page, [SAMPLES / "neon_00.png", SAMPLES / "neon_00.txt", SAMPLES / "neon_01.png", SAMPLES / "neon_01.txt"])
     table = page.locator("#captions")
     expect(table.get_by_test_id("cell-1-1")).to_contain_text("neon_01.png", timeout=30_000)
+    settled(page)  # what the upload does is done (its captions kept): what is typed now comes after it
     table.get_by_test_id("cell-1-2").dblclick()  # neon_01's caption
     editor = table.get_by_test_id("cell-1-2").locator("textarea, input").first
     editor.fill("glowline, typed before the reload")
-    editor.press("Enter")
+    with page.expect_response(lambda r: "/gradio_api/run/" in r.url, timeout=30_000):  # the caption kept
+        editor.press("Enter")
     expect(table.get_by_test_id("cell-1-2")).to_contain_text("glowline, typed before the reload", timeout=15_000)
+    kept = stored_count(page)  # settings: the browser keeps them itself as they change, a moment later
     set_number(page, "setting-steps", 77)
+    page.wait_for_function(f"() => window.keptCount > {kept}", timeout=30_000)
+    kept = stored_count(page)
     fill(page, "setting-trigger_word", "zqx")
-    page.wait_for_timeout(1500)  # the browser keeps them as they change
+    page.wait_for_function(f"() => window.keptCount > {kept}", timeout=30_000)
     page.reload()
     page.locator("#train-button").wait_for()
     expect(table.get_by_test_id("cell-1-2")).to_contain_text("glowline, typed before the reload", timeout=30_000)
