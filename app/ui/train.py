@@ -731,9 +731,11 @@ class TrainTab:
         # Kept by the browser itself, as each value changes: no server round trip that a busy queue could hold back
         # until after the user reloads (the values would then be the ones before the edit).
         gr.on([c.change for c in settings], None, settings, self.kept_settings, js=self.keep_settings_js())
-        # Past the queue for the same reason (a quick function; the queue may be busy with the previews of a run).
+        # Past the queue for the same reason (quick functions; the queue may be busy with the previews of a run):
+        # the captions are kept as typed, and those kept for an upload come back at once, before the user can type
+        # one that a late answer would then overwrite.
         self.table.input(self.keep_captions, [self.files, self.table], self.kept_uploads, queue=False)
-        uploaded.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads])
+        uploaded.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads], queue=False)
         restored = app.load(
             self.restore,
             [self.files, self.kept_uploads, self.kept_settings],
