@@ -85,10 +85,9 @@ def _plan(config) -> int:
 
     device = pick_device()
     check_optimizer(config, device)
-    images = 0
-    if config.data:
-        images = sum(repeats_of(path, config.data, config.repeats) for path, _ in check_folder(config.data))
-    plan = estimate(config, device=device, processes=config.num_processes, images=images)
+    pictures = [path for path, _ in check_folder(config.data)] if config.data else []
+    images = sum(repeats_of(path, config.data, config.repeats) for path in pictures)
+    plan = estimate(config, device=device, processes=config.num_processes, images=images, pictures=pictures)
     print(plan)
     return 0 if plan.fits else 1
 

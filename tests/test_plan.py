@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -323,3 +324,35 @@ def test_torch_compile_auto_waits_for_a_run_long_enough_to_repay_the_compile():
     eager = estimate(TrainConfig(steps=40000, torch_compile="on", cuda_graphs=False, **sd1), **H200)
     assert not eager.torch_compile and "eager" in eager.torch_compile_why
     assert not estimate(TrainConfig(steps=40000, **sd1), device="cpu").torch_compile
+
+
+def test_torch_compile_auto_counts_accumulation_resumed_steps_picture_shapes_and_processes(tmp_path):
+    """What the compile must repay and what it saves: every forward and backward of an accumulated step, only the
+    steps a resumed run has left, one compile per aspect-ratio bucket the pictures fill; and several processes
+    are not measured, so auto leaves them uncompiled."""
+    from PIL import Image
+
+    sdxl = dict(base_model=str(CONFIGS / "sdxl"), batch_size=4, mixed_precision="bf16", judge=False)
+    plain = [estimate(TrainConfig(steps=600, gradient_accumulation_steps=n, torch_compile="off", **sdxl), **H200)
+             for n in (1, 4)]  # fmt: skip
+    assert plain[1].step_seconds == pytest.approx(4 * plain[0].step_seconds, rel=0.02)
+    assert plain[1].total_seconds > 3 * plain[0].total_seconds
+    one, four = (estimate(TrainConfig(steps=600, gradient_accumulation_steps=n, **sdxl), **H200) for n in (1, 4))
+    assert not one.torch_compile and four.torch_compile, four.torch_compile_why  # 4 x 600 passes repay it
+    resumed = estimate(TrainConfig(steps=600, gradient_accumulation_steps=4, **sdxl), done_steps=550, **H200)
+    assert not resumed.torch_compile and "over 50 steps" in resumed.torch_compile_why
+    assert resumed.total_seconds < four.total_seconds / 5
+    sd1 = dict(base_model=str(CONFIGS / "sd1"), batch_size=8, mixed_precision="bf16", judge=False)
+    square = [tmp_path / f"square{i}.png" for i in range(2)]
+    wide = [tmp_path / f"wide{i}.png" for i in range(2)]
+    for path, size in [(p, (512, 512)) for p in square] + [(p, (1024, 512)) for p in wide]:
+        Image.new("RGB", size).save(path)
+    config = TrainConfig(steps=20000, **sd1)
+    flat, two = (estimate(config, pictures=pictures, **H200) for pictures in (square, square + wide))
+    assert flat.torch_compile and two.torch_compile, two.torch_compile_why
+    assert two.start_seconds == pytest.approx(flat.start_seconds + 45, abs=1)  # a second shape's compile
+    assert "2 picture shapes" in two.torch_compile_why and "picture shapes" not in flat.torch_compile_why
+    unbucketed = estimate(dataclasses.replace(config, buckets=False), pictures=square + wide, **H200)
+    assert unbucketed.start_seconds == pytest.approx(flat.start_seconds)
+    several = estimate(TrainConfig(steps=40000, **sd1), processes=2, **H200)
+    assert not several.torch_compile and "2 processes" in several.torch_compile_why

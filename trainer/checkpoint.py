@@ -155,6 +155,14 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder was saved at (0 where its state.json cannot be read: the resume says why)."""
+    try:
+        return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
     """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
     info = json.loads((path / "state.json").read_text())

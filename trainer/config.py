@@ -265,7 +265,8 @@ class TrainConfig:
         "CUDA-graph step: SD 1.5's steps ran 16% (batch 1) to 26% (batch 8) faster on an H100, after about 97 s "
         "of compiling (45 s more for each further picture shape); SDXL's took 27% less time at batch 4, after "
         "about 71 s. auto = on when the run's plan says the faster steps pay for the compile twice over (SD 1.x "
-        "and SDXL without gradient checkpointing, the only ones measured); a short run never compiles. Needs "
+        "and SDXL without gradient checkpointing on one process, the only ones measured; each aspect-ratio bucket "
+        "compiles again; a resumed run counts the steps it has left); a short run never compiles. Needs "
         "--cuda-graphs on a CUDA GPU.",
         "training",
         ("auto", "on", "off"),

@@ -44,7 +44,7 @@ from adapters.lora import (
     text_encoder_targets,
     train_in_fp32,
 )
-from trainer.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import Preview, TrainConfig
 from trainer.dataset import (
     bucket_sizes,
@@ -451,7 +451,11 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     # The plan: what this run needs on this machine, what it turns on to fit (gradient checkpointing, tiled
     # previews), a refusal with settings that fit when nothing does; in the run folder beside what was measured.
-    plan = estimate(config, device=accelerator.device, processes=processes, images=per_epoch)
+    done = checkpoint_step(find_checkpoint(run_dir, config.resume)) if config.resume else 0
+    pictures = [path for path, _ in pairs]
+    plan = estimate(
+        config, device=accelerator.device, processes=processes, images=per_epoch, pictures=pictures, done_steps=done
+    )
     if main:
         (run_dir / PLAN).write_text(json.dumps(plan.to_dict(), indent=1))
         events.emit("plan", **plan.to_dict())

@@ -69,6 +69,10 @@ STEP_SECONDS = {
 # (h100_sdxl_b4_compile.json: first step 73.6 s, 0.196 s a step; h100_sdxl_b4.json: 2.6 s, 0.268 s; 71 s is the
 # difference of the first steps). auto compiles no other family; `on` estimates one with SD 1.x's figures.
 COMPILE = {"sd1": (97.0, 0.16), "sdxl": (71.0, 0.27)}
+# each further picture shape (aspect-ratio bucket) compiles again: measured 33-45 s on SD 1.5 (a second batch
+# size, lent H100s, 2026-12-05/06); SDXL's is SD 1.5's scaled by their first compiles (not measured)
+COMPILE_PER_SHAPE = {"sd1": 45.0, "sdxl": 45.0 * 71.0 / 97.0}
+GRAPHED_SHAPES = 4  # trainer/step.py's Step.max_shapes: the shapes that get a graph (and a compile) each
 COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
@@ -359,10 +363,14 @@ def estimate(
     images: int = 0,
     tflops: float | None = None,
     device_name: str | None = None,
+    pictures=(),
+    done_steps: int = 0,
 ) -> Plan:
     """The plan of `config` on `device` (a card of `card_gib`, else the device's own; `config.gpu_memory` lowers it).
-    `images`: training pictures (for the time of an epoch-counted run). Decides --gradient-checkpointing auto and
-    the previews' tiled decoding; refuses nothing itself (`check` does)."""
+    `images`: training pictures (for the time of an epoch-counted run); `pictures`: their files, when known (the
+    aspect-ratio buckets they fill, each a compile of its own); `done_steps`: a resumed run's steps already taken
+    (its time and its compile's payback count the rest). Decides --gradient-checkpointing auto and the previews'
+    tiled decoding; refuses nothing itself (`check` does)."""
     device = torch.device(device)
     prediction = None if config.prediction_type == "auto" else config.prediction_type
     geom = geometry(config.base_model, prediction)
@@ -440,13 +448,16 @@ def estimate(
     saves = max(steps - 1, 0) // config.save_every if config.save_every else 0
     kept = saves if config.keep_checkpoints == 0 else min(saves, config.keep_checkpoints)
     disk = lora * (4 + kept * (12 + 4)) / 2**20
+    # an optimiser step runs --gradient-accumulation-steps forwards and backwards
     step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
+    step *= config.gradient_accumulation_steps
     start = 1.0 + 1.2 * fp16_weights
-    compiled, compile_why = _torch_compile(config, geom.family, graphed, checkpointing, steps, step)
+    left = max(steps - done_steps, 0)
+    shapes = _picture_shapes(config, pictures, resolution) if geom.family in COMPILE else 1
+    compiled, compile_why = _torch_compile(config, geom.family, graphed, checkpointing, left, step, shapes, processes)
     if compiled:
-        seconds, saving = COMPILE.get(geom.family, COMPILE["sd1"])
-        step *= 1 - saving
-        start += seconds
+        step *= 1 - COMPILE[geom.family][1]
+        start += _compile_seconds(geom.family, shapes)
     return Plan(
         device=device_name or _device_name(device, card_gib),
         family=geom.family,
@@ -461,7 +472,7 @@ def estimate(
         step_seconds=round(step, 4),
         steps=steps,
         start_seconds=round(start, 1),
-        total_seconds=round(start + steps * step, 1),
+        total_seconds=round(start + left * step, 1),
         gradient_checkpointing=checkpointing,
         tiled_preview=tiled,
         turned_on=turned_on,
@@ -526,11 +537,39 @@ def _step_seconds(
     return step
 
 
-def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, steps: int, step: float):
+def _picture_shapes(config, pictures, resolution: int) -> int:
+    """The picture shapes a run trains at: its aspect-ratio buckets that hold an image (1 without --buckets or
+    without the files), at most the `GRAPHED_SHAPES` that get a graph (the rest run eagerly, uncompiled)."""
+    if not config.buckets or not pictures:
+        return 1
+    from trainer.dataset import bucket_counts, bucket_stride
+
+    stride = bucket_stride(resolution, 8, 4)  # SD 1.x / 2.x / SDXL: a VAE of scale 8, a UNet of 4 levels
+    filled = [n for n in bucket_counts([Path(p) for p in pictures], resolution, stride).values() if n]
+    return max(1, min(len(filled), GRAPHED_SHAPES))
+
+
+def _compile_seconds(family: str, shapes: int) -> float:
+    return COMPILE[family][0] + COMPILE_PER_SHAPE[family] * (shapes - 1)
+
+
+def _torch_compile(
+    config,
+    family: str,
+    graphed: bool,
+    checkpointing: bool,
+    steps: int,
+    step: float,
+    shapes: int = 1,
+    processes: int = 1,
+):
     """Whether the step compiles the UNet's blocks (--torch-compile), and why: `auto` compiles only where it was
-    measured and the run is long enough for the faster steps to repay the compile `COMPILE_PAYBACK` times."""
+    measured and the run's `steps` (still to take) are enough for the faster steps to repay the compile of its
+    `shapes` picture shapes `COMPILE_PAYBACK` times."""
     setting = config.torch_compile
     seconds, saving = COMPILE.get(family, COMPILE["sd1"])
+    if family in COMPILE:
+        seconds = _compile_seconds(family, shapes)
     if setting == "off":
         return False, "--torch-compile off"
     if not graphed:
@@ -538,15 +577,22 @@ def _torch_compile(config, family: str, graphed: bool, checkpointing: bool, step
         return False, f"auto: {why}" if setting == "auto" else f"--torch-compile on: not used, {why}"
     if setting == "on":
         return True, f"--torch-compile on: about {seconds:.0f} s of compiling before the first step"
-    if family not in COMPILE or checkpointing:
-        what = "with gradient checkpointing" if checkpointing else f"on {family} models"
+    if family not in COMPILE or checkpointing or processes > 1:
+        what = (
+            "with gradient checkpointing"
+            if checkpointing
+            else f"on {family} models"
+            if family not in COMPILE
+            else f"on {processes} processes (each would compile, and wait for the slowest)"
+        )
         return False, f"auto: the compiled step is not measured {what}; --torch-compile on tries it"
     if not steps:
         return False, f"auto: the run's length is not known ({NO_STEPS})"
     saved = steps * step * saving
+    over = f"{steps} steps" + (f", {shapes} picture shapes" if shapes > 1 else "")
     if saved < COMPILE_PAYBACK * seconds:
-        return False, f"auto: about {seconds:.0f} s of compiling would save about {saved:.0f} s over {steps} steps"
-    return True, f"auto: about {seconds:.0f} s of compiling saves about {saved:.0f} s over {steps} steps"
+        return False, f"auto: about {seconds:.0f} s of compiling would save about {saved:.0f} s over {over}"
+    return True, f"auto: about {seconds:.0f} s of compiling saves about {saved:.0f} s over {over}"
 
 
 def _graphed(config) -> bool:

@@ -443,7 +443,8 @@ class TrainTab:
             config = self.settings.config(settings)
             check_optimizer(config, pick_device())  # what Train would refuse, said before it is pressed
             uploads, _ = pair_uploads(paths or [], self.max_upload_files)
-            plan = estimate(config, device=pick_device(), images=len(uploads) * config.repeats)
+            pictures = [u.path for u in uploads]
+            plan = estimate(config, device=pick_device(), images=len(uploads) * config.repeats, pictures=pictures)
         except UserError as exc:
             return f"⚠ {page_words(str(exc))}"
         return machine_markdown(plan)
