@@ -224,6 +224,7 @@ def run_header(args, device: torch.device) -> dict:
         "diffusers": diffusers.__version__,
         "tiny": args.tiny,
         "batch": args.batch,
+        "channels_last": getattr(args, "channels_last", "auto"),  # the trainer's setting, as given
     }
 
 

@@ -227,7 +227,9 @@ def _default_step(result: dict) -> bool:
     """Trained with the step lora-studio picks by default (a CUDA graph on one GPU), not with --no-cuda-graphs nor
     with --channels-last on (whose `auto` is off)."""
     command = result.get("command", "")
-    return "--no-cuda-graphs" not in command and "--channels-last on" not in command
+    # the setting as the script read it (any spelling of the flag); files from before it was recorded: the command
+    channels_last = result.get("channels_last") or ("on" if "--channels-last on" in command else "auto")
+    return "--no-cuda-graphs" not in command and channels_last != "on"
 
 
 def mfu(result: dict, arch: str, peak_override: float | None = None) -> float | None:

@@ -109,6 +109,9 @@ def stored_results(folder: Path) -> None:
                torch_compile=True)  # fmt: skip
     write_json(folder, "q.json", **dict(sd15, command="python3 benchmarks/sd15.py --channels-last on"),
                time="2026-12-05T09:40:00", batch=8, train_images_per_s=140.0, torch_compile=True)  # fmt: skip
+    write_json(folder, "r.json", **dict(sd15, command="python3 benchmarks/sd15.py --channels-last=on"),
+               channels_last="on", time="2026-12-05T09:45:00", batch=8, train_images_per_s=150.0,
+               torch_compile=True)  # fmt: skip
     write_json(folder, "c.json", **dict(sd15, command="python3 benchmarks/sd15.py --no-cuda-graphs"),
                time="2026-12-05T12:00:00", batch=8, train_images_per_s=9.0, speedup_vs_script=0.5)  # fmt: skip
     write_json(folder, "d.json", **sd15, how="a monkeypatch", time="2026-12-05T13:00:00", batch=8,

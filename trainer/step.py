@@ -127,9 +127,11 @@ def room_for_versions(blocks: int) -> None:
 def uncast_lora_layers(unet, dtype: torch.dtype) -> list:
     """The UNet's LoRA layers whose input can reach their LoRA matrices uncast while the step runs under autocast
     (`dtype` bf16 or fp16): plain LoRA (no DoRA), no LoRA dropout. peft casts a layer's input to its LoRA weights'
-    dtype (fp32 here) before the LoRA products, and autocast casts it straight back: two copies of the activation
-    per layer forward and two of its gradient backward, all exact, so leaving them out changes no number. None in
-    fp32 (no autocast: there the cast is the one that makes the dtypes meet)."""
+    dtype (fp32 here) before the LoRA products, and autocast casts it straight back: where the input arrives in
+    `dtype` (an attention's output projection, cross-attention's key and value), two copies of the activation per
+    layer forward and two of its gradient backward, all exact, so leaving them out changes no number. (Where
+    autocast's fp32 LayerNorm hands the input over in fp32, as on a GPU, peft's cast copies nothing anyway.) None
+    in fp32 (no autocast: there the cast is the one that makes the dtypes meet)."""
     if dtype == torch.float32:
         return []
     from peft.tuners.lora import LoraLayer
@@ -387,7 +389,7 @@ def make_step(
 
 def relative_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Relative L2 distance of the tensors `a` from `b`, all taken as one vector (absolute where `b` is all zeros)."""
-    num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b))
+    num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b, strict=True))
     return (num / (sum(float(y.float().pow(2).sum()) for y in b) or 1.0)) ** 0.5
 
 

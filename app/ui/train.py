@@ -741,9 +741,10 @@ class TrainTab:
             self.restore,
             [self.files, self.kept_uploads, self.kept_settings],
             [self.files, *settings, self.restore_note],
+            queue=False,  # before the user can change a setting that a late answer would put back
         )
         restored = restored.then(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
-        restored = restored.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads])
+        restored = restored.then(self.apply_kept_captions, kept, [self.table, self.kept_uploads], queue=False)
         restored.then(self.say_restored, [self.restore_note, self.message], self.message)
         restored.then(self.native_size_text, base, self.native_size)
 
