@@ -141,10 +141,19 @@ def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):
         device="cpu",
         log_to_terminal=False,
     )
+    saved = (tmp_path / "r" / "config.json").read_text()
     with pytest.raises(UserError, match="settings differ \\(rank: checkpoint 8, now 4\\)"):
         train(config_for(tiny_model, image_folder, tmp_path / "r", steps=6, rank=4, resume="latest"), device="cpu")
-    with pytest.raises(UserError, match="is at step 2; raise --steps above 2 to go on"):
-        train(config_for(tiny_model, image_folder, tmp_path / "r", steps=2, resume="latest"), device="cpu")
+    assert (tmp_path / "r" / "config.json").read_text() == saved  # a refused resume leaves the run as it was
+    for steps in (2, 4):  # the run is done: nothing to resume unless it is to go on
+        with pytest.raises(UserError, match="already finished at step 4 .*resume with --steps above 4"):
+            train(config_for(tiny_model, image_folder, tmp_path / "r", steps=steps, resume="latest"), device="cpu")
+    assert (tmp_path / "r" / "config.json").read_text() == saved
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's own file")
+    with pytest.raises(UserError, match="already exists"):
+        train(config_for(tiny_model, image_folder, tmp_path / "fresh", output=str(mine)), device="cpu")
+    assert not (tmp_path / "fresh").exists() and mine.read_bytes() == b"the user's own file"  # no empty run left
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no checkpoints; train with --save-every N"):
         train(config_for(tiny_model, image_folder, tmp_path / "empty", resume="latest"), device="cpu")
@@ -203,3 +212,32 @@ def test_a_longer_resumed_run_says_its_decaying_rate_moved(tiny_model, image_fol
     train(config_for(tiny_model, image_folder, tmp_path / "c", steps=4, save_every=2), device="cpu")
     train(config_for(tiny_model, image_folder, tmp_path / "c", steps=8, resume="latest"), device="cpu")
     assert not any("schedule now spans" in e.get("message", "") for e in read_events(tmp_path / "c"))
+
+
+def test_a_cancelled_run_with_its_own_output_file_resumes_into_it(tiny_model, image_folder, tmp_path):
+    """Ctrl-C saves the adapter so far at --output; the resume may replace that file (its own), not another."""
+    output = tmp_path / "mine.safetensors"
+    steps_seen = []
+
+    def stop_at_four():
+        steps_seen.append(None)
+        return len(steps_seen) > 3
+
+    config = config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, output=str(output))
+    with pytest.raises(Cancelled):
+        train(config, should_stop=stop_at_four, device="cpu", log_to_terminal=False)
+    partial = output.read_bytes()
+    resumed = train(
+        config_for(tiny_model, image_folder, tmp_path / "cut", save_every=2, output=str(output), resume="latest"),
+        device="cpu",
+        log_to_terminal=False,
+    )
+    assert resumed.adapter == output and output.read_bytes() != partial
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not this run's")
+    with pytest.raises(UserError, match="already exists"):
+        train(
+            config_for(tiny_model, image_folder, tmp_path / "cut", steps=10, output=str(other), resume="latest"),
+            device="cpu",
+        )
+    assert other.read_bytes() == b"not this run's"

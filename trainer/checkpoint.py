@@ -163,15 +163,24 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
-def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
-    """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
-    info = json.loads((path / "state.json").read_text())
+def check_resume_settings(path: Path, config: dict) -> None:
+    """Refuse to resume from the checkpoint at `path` with settings that change what it trained (rank, targets…)."""
+    try:
+        info = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot resume from {path}: its state.json cannot be read ({exc})") from exc
     # a setting the checkpoint does not name is newer than it: that run trained with the setting's default
-    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **info["config"]}
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **info.get("config", {})}
     different = [k for k in RESUME_MUST_MATCH if saved.get(k) != config.get(k)]
     if different:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in different)
         raise UserError(f"cannot resume from {path}: settings differ ({detail}); use the run's own settings")
+
+
+def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
+    """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
+    check_resume_settings(path, config)
+    info = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "state.safetensors")
     if sum(k.startswith("param.") for k in tensors) != len(params):
         raise UserError(f"cannot resume from {path}: it holds a different number of LoRA tensors")

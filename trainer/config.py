@@ -928,6 +928,8 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
     from trainer.presets import preset_values
 
     given = vars(args)
+    if given.get("resume"):
+        _check_resume_args(given)
     if not config_path and given.get("resume") and given.get("run_dir"):  # resume with the run's own settings
         saved = Path(given["run_dir"]) / "config.json"
         config_path = saved if saved.is_file() else None
@@ -946,6 +948,27 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
         values["epochs"] = 0  # --steps given over a file (or resumed run) counted in epochs: the run is in steps
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig.from_dict(values, source=source)
+
+
+def _check_resume_args(given: dict) -> None:
+    """--resume and --run-dir as given on the command line, before any model loads: `latest` needs an existing
+    run folder; a checkpoint folder names its run (runs/<id>/checkpoints/step_N), which is taken as --run-dir."""
+    resume, run_dir = given["resume"], given.get("run_dir")
+    if resume != "latest":
+        checkpoint = Path(resume)
+        if not (checkpoint / "state.safetensors").is_file():
+            close = difflib.get_close_matches(resume, ["latest"], n=1, cutoff=0.5)
+            hint = "; did you mean --resume latest (with --run-dir)?" if close else ""
+            raise UserError(
+                f"resume (--resume): {resume} is neither 'latest' nor a checkpoint folder (one holding "
+                f"state.safetensors, as runs/<run-id>/checkpoints/step_000100){hint}"
+            )
+        if not run_dir and checkpoint.resolve().parent.name == "checkpoints":
+            given["run_dir"] = str(checkpoint.resolve().parent.parent)
+    elif run_dir and not Path(run_dir).is_dir():
+        raise UserError(
+            f"run folder {run_dir} does not exist (--run-dir): give the folder of the run to resume, as runs/<run-id>"
+        )
 
 
 def markdown_table() -> str:

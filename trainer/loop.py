@@ -44,7 +44,14 @@ from adapters.lora import (
     text_encoder_targets,
     train_in_fp32,
 )
-from trainer.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    check_resume_settings,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.config import Preview, TrainConfig
 from trainer.dataset import (
     bucket_sizes,
@@ -119,12 +126,35 @@ def _shared_run_dir(config: TrainConfig, accelerator) -> Path:
 
 def output_path(config: TrainConfig, run_dir: Path) -> Path:
     path = Path(config.output) if config.output else run_dir / "adapter.safetensors"
-    resumed_own = config.resume and path.resolve().parent == run_dir.resolve()  # a resumed run may replace its own
+    # a resumed run may replace its own adapter: the one in its folder, or the one its events say it wrote (a
+    # cancelled run's, at --output)
+    resumed_own = config.resume and (
+        path.resolve().parent == run_dir.resolve() or path.resolve() in _adapters_written(run_dir)
+    )
     if path.exists() and not config.overwrite and not resumed_own:
         raise UserError(
             f"output file {path} already exists; choose another --output, or pass --overwrite to replace it"
         )
     return path
+
+
+def _adapters_written(run_dir: Path) -> set[Path]:
+    return {Path(e["adapter"]).resolve() for e in scan_events(run_dir)[0] if isinstance(e.get("adapter"), str)}
+
+
+def _check_resume(config: TrainConfig, run_dir: Path) -> tuple[Path, int]:
+    """The checkpoint a resume goes on from, and its step, once it is known that it can: its settings are the
+    run's, and the run has steps left to take. Checked before anything in the run folder is written."""
+    checkpoint = find_checkpoint(run_dir, config.resume)
+    check_resume_settings(checkpoint, config.to_dict())
+    ends = [e for e in scan_events(run_dir)[0] if e.get("type") in ("start", "done", "cancelled", "error")]
+    if ends and ends[-1]["type"] == "done" and config.steps <= int(ends[-1].get("step") or 0):
+        finished = int(ends[-1]["step"])
+        raise UserError(
+            f"run {run_dir} already finished at step {finished} (its adapter: {ends[-1].get('adapter', '?')}); "
+            f"to train it on, resume with --steps above {finished}"
+        )
+    return checkpoint, checkpoint_step(checkpoint)
 
 
 @torch.no_grad()
@@ -439,10 +469,19 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     if config.epochs:
         config.check_run_length(steps, steps_per_epoch)
         config = dataclasses.replace(config, steps=steps)
+    new_folder = not (config.run_dir and Path(config.run_dir).exists())
     run_dir = _shared_run_dir(config, accelerator)
-    if (run_dir / EVENTS).exists() and not config.resume:
-        raise UserError(f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume")
-    output = output_path(config, run_dir)
+    try:
+        if (run_dir / EVENTS).exists() and not config.resume:
+            raise UserError(
+                f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume"
+            )
+        done = _check_resume(config, run_dir)[1] if config.resume else 0
+        output = output_path(config, run_dir)
+    except UserError:
+        if main and new_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before anything was written: no empty run folder left behind
+        raise
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
     events = EventLog(run_dir, enabled=main)
     if main:
@@ -451,7 +490,6 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     # The plan: what this run needs on this machine, what it turns on to fit (gradient checkpointing, tiled
     # previews), a refusal with settings that fit when nothing does; in the run folder beside what was measured.
-    done = checkpoint_step(find_checkpoint(run_dir, config.resume)) if config.resume else 0
     pictures = [path for path, _ in pairs]
     plan = estimate(
         config, device=accelerator.device, processes=processes, images=per_epoch, pictures=pictures, done_steps=done
