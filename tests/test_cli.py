@@ -280,3 +280,25 @@ def test_a_failed_multi_process_run_ends_with_the_main_process_error(tmp_path, m
     assert _launch(TrainConfig(data="d", num_processes=2, run_dir=str(run))) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "lora-studio: training failed: resume (--resume): checkpoint step_000004 is not complete"
+
+
+def test_resume_arguments_are_checked_before_any_model_loads(tiny_model, image_folder, tmp_path, capsys):
+    """A missing run folder and a mistyped `latest` are named at once; a checkpoint folder alone names its run."""
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+    from trainer.runs import read_events
+
+    code, _, err = run_cli(["train", "--run-dir", tmp_path / "nosuch", "--resume", "latest"], capsys)
+    assert code == 2 and "run folder" in err and "nosuch does not exist (--run-dir)" in err
+    code, _, err = run_cli(["train", "--run-dir", tmp_path / "nosuch", "--resume", "last"], capsys)
+    assert code == 2 and "did you mean --resume latest" in err
+    run = tmp_path / "r"
+    config = TrainConfig(base_model=str(tiny_model), data=str(image_folder), steps=4, batch_size=2, save_every=2)
+    config.run_dir = str(run)
+    train(config, device="cpu", log_to_terminal=False)
+    checkpoint = run / "checkpoints" / "step_000002"
+    code, _, err = run_cli(["train", "--resume", checkpoint, "--steps", "6", "--no-judge"], capsys)
+    assert code == 0, err
+    events = read_events(run)
+    assert next(e for e in events if e["type"] == "resume")["step"] == 2 and events[-1]["type"] == "done"
+    assert events[-1]["step"] == 6
