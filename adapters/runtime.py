@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import threading
@@ -49,9 +50,17 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return head, float(tail)
+            strength = float(tail)
         except ValueError:
-            pass
+            strength = None
+        if strength is not None and not math.isfinite(strength):
+            raise UserError(f"adapter strength in {text!r} must be a finite number, got {tail}")
+        if strength is not None:
+            return head, strength
+        if head.lower().endswith(".safetensors") and not Path(text).exists():
+            raise UserError(
+                f"adapter strength {tail!r} in {text!r} is not a number: give FILE:STRENGTH, e.g. {head}:0.8"
+            )
     return text, 1.0
 
 
@@ -465,9 +474,10 @@ class Studio:
         picture is returned).
         """
         width, height = width or self.native_size, height or self.native_size
+        step = math.lcm(8, self.pipe.vae_scale_factor)  # diffusers' pipelines take multiples of 8 only
         for field, value in (("width", width), ("height", height)):
-            if value % self.pipe.vae_scale_factor or value <= 0:
-                raise UserError(f"{field} must be a positive multiple of {self.pipe.vae_scale_factor}, got {value}")
+            if value % step or value <= 0:
+                raise UserError(f"{field} must be a positive multiple of {step}, got {value}")
         if sampling_steps < 1:
             raise UserError(f"sampling steps must be at least 1, got {sampling_steps}")
         if num_images < 1:

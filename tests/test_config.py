@@ -62,6 +62,27 @@ def test_flags_override_the_config_file(tmp_path):
     assert (cfg.data, cfg.steps, cfg.rank) == ("imgs", 9, 16)
 
 
+def test_config_files_as_editors_save_them_are_read(tmp_path):
+    """YAML's 1e-4 (read as text by YAML 1.1) is a number; UTF-8 with a byte-order mark and UTF-16 (Windows
+    Notepad) are read; other bytes, and a folder given as the file, are named with what to do."""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data: imgs\nlearning_rate: 1e-4\nweight_decay: 1e-2\nsteps: 10\n")
+    cfg = parse(["--config", str(yaml_file)])
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.steps) == (1e-4, 1e-2, 10)
+    text = json.dumps({"data": "imgs", "rank": 4})
+    for name, raw in (("bom.json", "\ufeff".encode() + text.encode()), ("u16.json", text.encode("utf-16"))):
+        (tmp_path / name).write_bytes(raw)
+        assert parse(["--config", str(tmp_path / name)]).rank == 4
+    (tmp_path / "latin.yaml").write_bytes("data: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"config file .*latin.yaml is not UTF-8 text .*save it as UTF-8"):
+        parse(["--config", str(tmp_path / "latin.yaml")])
+    with pytest.raises(UserError, match=r"config file .* is a folder; give the .json or .yaml file in it"):
+        parse(["--config", str(tmp_path)])
+    yaml_file.write_text("data: imgs\nlearning_rate: fast\n")
+    with pytest.raises(UserError, match=r"learning_rate \(--learning-rate\) must be a number, got 'fast'"):
+        parse(["--config", str(yaml_file)])
+
+
 def test_json_config_round_trips(tmp_path):
     cfg = TrainConfig(data="x", steps=3, rank=2, alpha=1.0)
     cfg.save(tmp_path / "c.json")

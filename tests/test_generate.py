@@ -333,9 +333,13 @@ def test_unknown_adapter_name_is_an_error(tiny_model):
 
 
 def test_generate_checks_size(tiny_model):
+    """A size the pipeline cannot draw is named as such: diffusers takes multiples of 8 even where the VAE would
+    take multiples of 4 (the tiny model's), so 100 is refused here, not by a diffusers traceback."""
     studio = Studio(str(tiny_model), device="cpu")
-    with pytest.raises(UserError, match=r"width must be a positive multiple of 4, got 30"):
-        studio.generate("x", width=30)
+    assert studio.pipe.vae_scale_factor == 4
+    for width in (30, 100):
+        with pytest.raises(UserError, match=rf"width must be a positive multiple of 8, got {width}"):
+            studio.generate("x", width=width)
 
 
 def test_adapter_argument_parsing():
@@ -343,6 +347,12 @@ def test_adapter_argument_parsing():
     assert parse_adapter_arg("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_adapter_arg("C:/x/style.safetensors:-0.5") == ("C:/x/style.safetensors", -0.5)
     assert parse_adapter_arg("C:/x/style.safetensors") == ("C:/x/style.safetensors", 1.0)
+    for typo in ("style.safetensors:abc", "style.safetensors:0,8"):  # named as a strength, not a missing file
+        with pytest.raises(UserError, match=r"adapter strength '.*' in .* is not a number: give FILE:STRENGTH"):
+            parse_adapter_arg(typo)
+    for endless in ("nan", "inf"):  # a strength that would draw a black picture
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_adapter_arg(f"style.safetensors:{endless}")
 
 
 def test_pickle_renamed_safetensors_is_refused_without_unpickling(tiny_model, tmp_path):

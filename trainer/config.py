@@ -764,6 +764,13 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(k).replace("-", "_"), names, n=1)
                 parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise UserError(f"{source}: unknown field(s) {', '.join(parts)}; known fields: {', '.join(names)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():  # YAML reads 1e-4 (no dot) as text: a number written so is a number
+            if hints[name] is float and isinstance(value, str):
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    pass
         return cls(**values)
 
     @classmethod
@@ -836,9 +843,20 @@ def _preview(text: str, index: int, config: TrainConfig) -> Preview:
 def read_config_file(path: str | Path) -> dict:
     """Read a .json, .yaml or .yml config file into a dict, with errors naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; give the .json or .yaml file in it")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    text = path.read_text()
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as Windows Notepad may save
+        text = raw.decode("utf-16")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is skipped
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+            ) from exc
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
