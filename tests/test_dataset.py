@@ -33,6 +33,18 @@ def test_every_problem_listed_at_once(image_folder):
     assert "--default-caption" in text
 
 
+def test_a_folder_as_windows_and_macos_leave_it_trains(image_folder):
+    """A caption saved as .TXT or by Notepad in UTF-16 is read whole; the `._name.png` files a Mac leaves beside
+    each image on a USB stick are passed over, not refused as broken images."""
+    (image_folder / "img0.txt").rename(image_folder / "img0.TXT")
+    (image_folder / "img1.txt").write_bytes("zq, café in UTF-16".encode("utf-16"))
+    (image_folder / "._img2.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    notes = []
+    pairs = dict(check_folder(image_folder, notes=notes))
+    assert pairs[image_folder / "img0.png"] and pairs[image_folder / "img1.png"] == "zq, café in UTF-16"
+    assert not any(p.name.startswith("._") for p in pairs) and not any("UTF-8" in n for n in notes)
+
+
 def test_default_caption_fills_missing_ones(image_folder):
     (image_folder / "img1.txt").unlink()
     pairs = dict(check_folder(image_folder, default_caption="a picture"))

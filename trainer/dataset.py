@@ -42,7 +42,26 @@ class Example:
 
 
 def find_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The images of `folder` (not of its sub-folders); macOS's `._name` files (metadata a Mac leaves beside each
+    file when it copies to a USB stick or a network drive, named as the image) are not images and are passed over."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._")
+    )
+
+
+def caption_file(image: Path) -> Path:
+    """The .txt caption file of `image`: same name, `.txt`, or `.TXT` as some cameras and Windows tools write it
+    (the lower-case one where the name is free)."""
+    image = Path(image)
+    lower = image.with_suffix(".txt")
+    if lower.is_file() or not image.parent.is_dir():
+        return lower
+    return next(
+        (p for p in image.parent.iterdir() if p.stem == image.stem and p.suffix.lower() == ".txt" and p.is_file()),
+        lower,
+    )
 
 
 def repeats_of(path: Path, folder: str | Path, default: int = 1) -> int:
@@ -99,16 +118,16 @@ def check_folder(
             problems.append(f"{name}: {problem}")
             continue
         said += [f"{name}: {note}"] if note else []
-        caption_file = path.with_suffix(".txt")
+        text_file = caption_file(path)
         caption, utf8 = read_caption(path)
-        not_utf8 += [] if utf8 else [caption_file.name]
+        not_utf8 += [] if utf8 else [text_file.name]
         if not caption:
             if default_caption:
                 caption = default_caption
             else:
-                what = "is empty" if caption_file.is_file() else "is missing"
+                what = "is empty" if text_file.is_file() else "is missing"
                 problems.append(
-                    f"{name}: caption {caption_file.name} {what}; write one, or set a default caption "
+                    f"{name}: caption {text_file.name} {what}; write one, or set a default caption "
                     "(--default-caption)"
                 )
                 continue
@@ -128,10 +147,15 @@ def check_folder(
 def read_caption(image: Path) -> tuple[str, bool]:
     """The caption of an image, from the same-named .txt file ("" when there is none), and whether that file was
     UTF-8 (when not, the bytes that are not read as \ufffd)."""
-    caption_file = Path(image).with_suffix(".txt")
-    if not caption_file.is_file():
+    text_file = caption_file(image)
+    if not text_file.is_file():
         return "", True
-    raw = caption_file.read_bytes()
+    raw = text_file.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark, as Windows Notepad saves
+        try:
+            return raw.decode("utf-16").strip(), True
+        except UnicodeDecodeError:
+            pass
     try:
         return raw.decode("utf-8-sig").strip(), True
     except UnicodeDecodeError:
