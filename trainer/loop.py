@@ -142,7 +142,7 @@ def _adapters_written(run_dir: Path) -> set[Path]:
     return {Path(e["adapter"]).resolve() for e in scan_events(run_dir)[0] if isinstance(e.get("adapter"), str)}
 
 
-def _check_resume(config: TrainConfig, run_dir: Path) -> tuple[Path, int]:
+def _check_resume(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> tuple[Path, int]:
     """The checkpoint a resume goes on from, and its step, once it is known that it can: its settings are the
     run's, and the run has steps left to take. Checked before anything in the run folder is written."""
     checkpoint = find_checkpoint(run_dir, config.resume)
@@ -150,9 +150,15 @@ def _check_resume(config: TrainConfig, run_dir: Path) -> tuple[Path, int]:
     ends = [e for e in scan_events(run_dir)[0] if e.get("type") in ("start", "done", "cancelled", "error")]
     if ends and ends[-1]["type"] == "done" and config.steps <= int(ends[-1].get("step") or 0):
         finished = int(ends[-1]["step"])
+        longer = (
+            f"raise --epochs above {config.epochs} (an epoch is {steps_per_epoch} steps), or give --steps above "
+            f"{finished}"
+            if config.epochs
+            else f"resume with --steps above {finished}"
+        )
         raise UserError(
             f"run {run_dir} already finished at step {finished} (its adapter: {ends[-1].get('adapter', '?')}); "
-            f"to train it on, resume with --steps above {finished}"
+            f"to train it on, {longer}"
         )
     return checkpoint, checkpoint_step(checkpoint)
 
@@ -476,7 +482,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             raise UserError(
                 f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume"
             )
-        done = _check_resume(config, run_dir)[1] if config.resume else 0
+        done = _check_resume(config, run_dir, steps_per_epoch)[1] if config.resume else 0
         output = output_path(config, run_dir)
     except UserError:
         if main and new_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
