@@ -26,6 +26,7 @@ COMPILE_HELP = (
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import from_args
     from trainer.loop import Cancelled, train
+    from trainer.runs import read_events
 
     if args.preset == "list":
         from trainer.presets import listing
@@ -46,6 +47,9 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
         print(f"wrote {result.adapter}")
+        kept = [e for e in read_events(result.run_dir) if e.get("type") == "library" and not e.get("partial")]
+        if kept:  # the name may differ from --name (a name taken in the library gets -2, -3, ...)
+            print(f"saved in the library {kept[-1]['library']} as {kept[-1]['name']}")
     return 0
 
 

@@ -302,3 +302,16 @@ def test_resume_arguments_are_checked_before_any_model_loads(tiny_model, image_f
     events = read_events(run)
     assert next(e for e in events if e["type"] == "resume")["step"] == 2 and events[-1]["type"] == "done"
     assert events[-1]["step"] == 6
+
+
+def test_train_says_the_name_the_library_saved_the_adapter_under(tiny_model, image_folder, tmp_path, capsys):
+    """A name the library already has gets -2: the command says so, not only the run's own file."""
+    said = []
+    for run in ("a", "b"):
+        args = ["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 2, "--batch-size", 2]
+        args += ["--no-judge", "--run-dir", tmp_path / run, "--library", tmp_path / "lib", "--name", "mylib"]
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        said.append(out)
+    assert "saved in the library" in said[0] and said[0].rstrip().endswith("as mylib")
+    assert said[1].rstrip().endswith("as mylib-2") and (tmp_path / "lib" / "mylib-2.safetensors").is_file()
