@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from app.ui.train import SETTINGS_KEY
 from tests.test_ui_browser import CHROMIUM, SAMPLES, Server, fill, message, open_page, set_number, settled, upload
 from trainer.config import TrainConfig
 from trainer.runs import EventLog
@@ -97,20 +98,21 @@ def choices(page) -> list[str]:
 
 
 def stored_count(page) -> int:
-    """How many times the page has written what it keeps in the browser's localStorage (the app's own keys, not
-    gradio's), counted from the first call on this page."""
+    """How many times the page has written the settings it keeps in the browser's localStorage, counted from the
+    first call on this page."""
     return page.evaluate(
-        """() => {
+        """(key) => {
             if (window.keptCount === undefined) {
                 window.keptCount = 0;
                 const setItem = Storage.prototype.setItem;
-                Storage.prototype.setItem = function (key, value) {
-                    if (!key.startsWith("gradio:")) window.keptCount++;
-                    return setItem.call(this, key, value);
+                Storage.prototype.setItem = function (name, value) {
+                    if (name === key) window.keptCount++;
+                    return setItem.call(this, name, value);
                 };
             }
             return window.keptCount;
-        }"""
+        }""",
+        SETTINGS_KEY,
     )
 
 

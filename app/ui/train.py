@@ -721,8 +721,9 @@ class TrainTab:
     # gradio's cache, which deletes them a day after upload and when the app stops, as any upload.
 
     def _build_session(self) -> None:
-        self.kept_uploads = gr.BrowserState({"files": None, "captions": {}})  # files None: nothing uploaded yet
-        self.kept_settings = gr.BrowserState({})
+        # files None: nothing uploaded yet. Named keys (encrypted with a secret of this app's run, as gradio does)
+        self.kept_uploads = gr.BrowserState({"files": None, "captions": {}}, storage_key=UPLOADS_KEY)
+        self.kept_settings = gr.BrowserState({}, storage_key=SETTINGS_KEY)
         self.restore_note = gr.State("")
 
     def _wire_session(self, app: gr.Blocks, uploaded) -> None:
@@ -793,6 +794,9 @@ class TrainTab:
     @staticmethod
     def say_restored(note, message):
         return "\n\n".join(m for m in (note, message) if m) if note else gr.skip()
+
+
+UPLOADS_KEY, SETTINGS_KEY = "lora-studio:train-uploads", "lora-studio:train-settings"  # in the browser's storage
 
 
 def _caption_keys(paths) -> dict[str, str]:
