@@ -79,6 +79,17 @@ def test_the_demo_set_reports_nothing(vae):
     assert report.bucket_lines() == ["64x64: 16 images"]
 
 
+def test_a_refused_image_is_named_once_and_left_out_of_the_caption_checks(tmp_path):
+    """A file training refuses (text named .png) is reported as unreadable, not also as a caption twin."""
+    for name in ("red.png", "text.png"):
+        (tmp_path / name).with_suffix(".txt").write_text("a red picture")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    pairs = [(tmp_path / "red.png", "a red picture"), (tmp_path / "text.png", "a red picture")]
+    report = check_data(pairs, resolution=64, stride=16)
+    assert [(f.kind, f.file) for f in report.findings] == [("unreadable", "text.png")], report.findings
+
+
 def test_small_images_are_flagged_and_buckets_are_trainings_own(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -498,7 +498,9 @@ def check_data(
     unreadable = {f.file for f in findings if f.kind == "unreadable"}
     sizes = {name: upright_size(p) for p, name in zip(paths, names) if name not in unreadable}
     small, bucket_of = size_findings(sizes, resolution, stride, buckets)
-    findings += small + caption_findings(dict(zip(names, (c for _, c in pairs))), trigger_word, default_caption)
+    # captions only of the images training would read (one refused above is named once, as unreadable)
+    captions = {name: c for name, (_, c) in zip(names, pairs) if name not in unreadable}
+    findings += small + caption_findings(captions, trigger_word, default_caption)
     order = {name: i for i, name in enumerate(names)}
     findings.sort(key=lambda f: order.get(f.file, len(order)))
     return Report(findings, bucket_of, resolution, notes)
