@@ -43,8 +43,8 @@ class Server:
 
     started: list[Server] = []
 
-    def __init__(self, workspace: Path):
-        self.workspace, self.port = workspace, free_port()
+    def __init__(self, workspace: Path, port: int | None = None):
+        self.workspace, self.port = workspace, port or free_port()  # the same port: the same browser storage
         exe = Path(sys.executable).with_name("lora-studio")
         # gradio's uploads and sent files: `ui` puts them in the workspace as a user runs it (not the system's /tmp)
         env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}  # the suite's own, for in-process pages

@@ -302,3 +302,39 @@ def test_a_reload_keeps_the_uploads_captions_and_settings(page, server):
     said(page, "1 file(s) uploaded before the page was reloaded are no longer on the server")
     expect(table).to_contain_text("glowline, typed before the reload", timeout=30_000)
     assert "neon_00.png" not in table.inner_text()
+
+
+def test_the_settings_outlive_a_restart_of_the_app_on_the_same_workspace(page, tmp_path):
+    """Item 5: the settings kept in the browser are read back by a new run of the app on the same workspace and
+    port (its files are not: uploads go with the app); another workspace's app does not read them."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    server = Server(workspace)
+    context = page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        first = context.new_page()
+        first.goto(server.url)
+        first.locator("#native-size").get_by_text("Native size").wait_for(timeout=60_000)
+        settled(first)
+        kept = stored_count(first)
+        set_number(first, "setting-steps", 321)
+        first.wait_for_function(f"() => window.keptCount > {kept}", timeout=30_000)
+        first.close()
+        server.kill()
+        server = Server(workspace, port=server.port)  # `make run` again: the same address
+        again = context.new_page()
+        again.goto(server.url)
+        expect(again.locator("#setting-steps input").first).to_have_value("321", timeout=30_000)
+        again.close()
+        server.kill()
+        other = tmp_path / "other"
+        other.mkdir()
+        server = Server(other, port=server.port)  # another workspace at that address: its own settings
+        elsewhere = context.new_page()
+        elsewhere.goto(server.url)
+        elsewhere.locator("#native-size").get_by_text("Native size").wait_for(timeout=60_000)
+        settled(elsewhere)
+        expect(elsewhere.locator("#setting-steps input").first).not_to_have_value("321")
+    finally:
+        context.close()
+        server.kill()

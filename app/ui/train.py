@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -721,9 +722,12 @@ class TrainTab:
     # gradio's cache, which deletes them a day after upload and when the app stops, as any upload.
 
     def _build_session(self) -> None:
-        # files None: nothing uploaded yet. Named keys (encrypted with a secret of this app's run, as gradio does)
+        # files None: nothing uploaded yet. The uploads under a secret of this run of the app (gradio's default):
+        # its files are gone once it stops. The settings under the workspace's own secret: they outlive a restart.
         self.kept_uploads = gr.BrowserState({"files": None, "captions": {}}, storage_key=UPLOADS_KEY)
-        self.kept_settings = gr.BrowserState({}, storage_key=SETTINGS_KEY)
+        self.kept_settings = gr.BrowserState(
+            {}, storage_key=SETTINGS_KEY, secret=browser_secret(self.runs_root.parent)
+        )
         self.restore_note = gr.State("")
 
     def _wire_session(self, app: gr.Blocks, uploaded) -> None:
@@ -797,6 +801,27 @@ class TrainTab:
 
 
 UPLOADS_KEY, SETTINGS_KEY = "lora-studio:train-uploads", "lora-studio:train-settings"  # in the browser's storage
+SECRET_FILE = ".browser-secret"
+
+
+def browser_secret(workspace: Path) -> str:
+    """The key the browser's copy of the settings is encrypted with, kept in the workspace (`.browser-secret`) so
+    that a restarted app on the same workspace reads them back; made on first use. A workspace that cannot be
+    written gets one for this run of the app only."""
+    path = Path(workspace) / SECRET_FILE
+    try:
+        kept = path.read_text().strip()
+        if len(kept) >= 16:
+            return kept
+    except OSError:
+        pass
+    made = secrets.token_hex(16)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, made.encode())
+    except OSError:
+        pass
+    return made
 
 
 def _caption_keys(paths) -> dict[str, str]:
