@@ -155,16 +155,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     return path
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint folder was saved at (0 where its state.json cannot be read: the resume says why)."""
-    try:
-        return int(json.loads((Path(path) / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def check_resume_settings(path: Path, config: dict) -> None:
-    """Refuse to resume from the checkpoint at `path` with settings that change what it trained (rank, targets…)."""
+def resume_step(path: Path, config: dict) -> int:
+    """The step the checkpoint at `path` was saved at; refused where resuming from it with `config` would change
+    what it trained (rank, targets…)."""
     try:
         info = json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError) as exc:
@@ -175,11 +168,12 @@ def check_resume_settings(path: Path, config: dict) -> None:
     if different:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in different)
         raise UserError(f"cannot resume from {path}: settings differ ({detail}); use the run's own settings")
+    return int(info["step"])
 
 
 def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
     """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
-    check_resume_settings(path, config)
+    resume_step(path, config)
     info = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "state.safetensors")
     if sum(k.startswith("param.") for k in tensors) != len(params):

@@ -45,11 +45,10 @@ from adapters.lora import (
     train_in_fp32,
 )
 from trainer.checkpoint import (
-    check_resume_settings,
-    checkpoint_step,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    resume_step,
     save_checkpoint,
 )
 from trainer.config import Preview, TrainConfig
@@ -146,7 +145,7 @@ def _check_resume(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> t
     """The checkpoint a resume goes on from, and its step, once it is known that it can: its settings are the
     run's, and the run has steps left to take. Checked before anything in the run folder is written."""
     checkpoint = find_checkpoint(run_dir, config.resume)
-    check_resume_settings(checkpoint, config.to_dict())
+    step = resume_step(checkpoint, config.to_dict())
     ends = [e for e in scan_events(run_dir)[0] if e.get("type") in ("start", "done", "cancelled", "error")]
     if ends and ends[-1]["type"] == "done" and config.steps <= int(ends[-1].get("step") or 0):
         finished = int(ends[-1]["step"])
@@ -160,7 +159,7 @@ def _check_resume(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> t
             f"run {run_dir} already finished at step {finished} (its adapter: {ends[-1].get('adapter', '?')}); "
             f"to train it on, {longer}"
         )
-    return checkpoint, checkpoint_step(checkpoint)
+    return checkpoint, step
 
 
 @torch.no_grad()
@@ -482,7 +481,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             raise UserError(
                 f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume"
             )
-        done = _check_resume(config, run_dir, steps_per_epoch)[1] if config.resume else 0
+        checkpoint, done = _check_resume(config, run_dir, steps_per_epoch) if config.resume else (None, 0)
         output = output_path(config, run_dir)
     except UserError:
         if main and new_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -641,7 +640,6 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         unet, optimizer = accelerator.prepare(unet, optimizer)
         start_step, stretched = 0, ""
         if config.resume:  # LoRA weights, AdamW moments and the batch generator: the run continues bit-exactly
-            checkpoint = find_checkpoint(run_dir, config.resume)
             start_step = load_checkpoint(checkpoint, all_params, optimizer, drawer, config.to_dict())
             before = json.loads((checkpoint / "state.json").read_text())["config"].get("steps", config.steps)
             decays = config.lr_scheduler not in ("constant", "constant_with_warmup")
