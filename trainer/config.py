@@ -840,6 +840,14 @@ def _preview(text: str, index: int, config: TrainConfig) -> Preview:
     return Preview(prompt.strip(), values["d"], values["n"], values["s"], float(values["l"]))
 
 
+def decode_text(raw: bytes) -> str:
+    """A text file's bytes as editors save them: UTF-16 with its byte-order mark (Windows Notepad), else UTF-8 with
+    or without one; UnicodeDecodeError for anything else."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def read_config_file(path: str | Path) -> dict:
     """Read a .json, .yaml or .yml config file into a dict, with errors naming the file."""
     path = Path(path)
@@ -847,16 +855,12 @@ def read_config_file(path: str | Path) -> dict:
         raise UserError(f"config file {path} is a folder; give the .json or .yaml file in it")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    raw = path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as Windows Notepad may save
-        text = raw.decode("utf-16")
-    else:
-        try:
-            text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is skipped
-        except UnicodeDecodeError as exc:
-            raise UserError(
-                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-            ) from exc
+    try:
+        text = decode_text(path.read_bytes())
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

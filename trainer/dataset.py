@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adapters.errors import UserError
+from trainer.config import decode_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # The decoders a training image is opened with, by content (whatever its name says); Pillow opens the MPO files
@@ -151,13 +152,8 @@ def read_caption(image: Path) -> tuple[str, bool]:
     if not text_file.is_file():
         return "", True
     raw = text_file.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark, as Windows Notepad saves
-        try:
-            return raw.decode("utf-16").strip(), True
-        except UnicodeDecodeError:
-            pass
     try:
-        return raw.decode("utf-8-sig").strip(), True
+        return decode_text(raw).strip(), True
     except UnicodeDecodeError:
         return raw.decode("utf-8", errors="replace").strip(), False
 
