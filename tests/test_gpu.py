@@ -26,6 +26,16 @@ pytestmark = [
 ]
 
 
+def against_eager(pipe, unet, params, batches, dtype, **options) -> dict:
+    """`compare_with_eager` on the UNet of a tiny SD 1.x pipeline, at the learning rate every case here trains at."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return compare_with_eager(
+        unet, params, batches, family=SD1, noise_scheduler=scheduler, dtype=dtype, lr=1e-3, **options
+    )
+
+
 def random_batches(unet, count, batch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     side, width = unet.config.sample_size, unet.config.cross_attention_dim
@@ -62,8 +72,6 @@ def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype, torch_compile,
     ones of the eager runs, and their TF32 rounding differs. With TF32 (torch's default for cuDNN) this case landed
     0.00054 from eager on an H100, two eager runs 0.000036 apart, training moved 0.022
     (benchmarks/results/h100_gpu_test_channels_last.txt); that TF32 is the whole cause is not yet shown."""
-    from diffusers import DDPMScheduler
-
     from tests.conftest import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
@@ -74,14 +82,12 @@ def test_cuda_graph_step_trains_what_the_eager_step_trains(dtype, torch_compile,
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32 and channels_last != "on"
     try:
-        result = compare_with_eager(
+        result = against_eager(
+            pipe,
             unet,
             params,
             random_batches(unet, 10, 2),
-            family=SD1,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            dtype=dtype,
-            lr=1e-3,
+            dtype,
             torch_compile=torch_compile,
             channels_last=channels_last,
         )
@@ -322,8 +328,6 @@ def test_merged_and_packed_lora_layers_in_generation_graphs_draw_what_peft_layer
 
 def test_each_bucket_shape_gets_its_own_graph_and_trains_what_eager_trains():
     """Aspect-ratio buckets give batches of several shapes: one graph per shape, the same training as eager."""
-    from diffusers import DDPMScheduler
-
     from tests.conftest import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
@@ -335,15 +339,7 @@ def test_each_bucket_shape_gets_its_own_graph_and_trains_what_eager_trains():
         for key in ("latents", "noise"):
             batch[key] = torch.cat([batch[key], batch[key][..., :4]], dim=-1)
     batches = [b for pair in zip(square, wide) for b in pair]
-    result = compare_with_eager(
-        unet,
-        params,
-        batches,
-        family=SD1,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        dtype=torch.bfloat16,
-        lr=1e-3,
-    )
+    result = against_eager(pipe, unet, params, batches, torch.bfloat16)
     print(json.dumps({"buckets": 2, **result}))
     assert result["fast_kind"] == "cuda graph" and result["moved"] > 1e-2
     assert result["fast_vs_eager"] <= max(2 * result["eager_vs_eager"], 1e-2 * result["moved"])
@@ -409,8 +405,6 @@ def test_text_encoder_training_on_a_gpu_keeps_the_encoders_there_and_says_why_it
 def test_a_dora_locon_adapter_trains_as_a_cuda_graph_what_eager_trains():
     """DoRA (magnitudes, a weight norm in every forward) on attention, feed-forward, proj_in/out and the 3x3
     convolutions (LoCon), in bf16: the graphed step trains what the eager one does."""
-    from diffusers import DDPMScheduler
-
     from adapters.lora import conv_targets, feed_forward_targets, projection_targets
     from tests.conftest import build_tiny_pipeline
 
@@ -419,15 +413,7 @@ def test_a_dora_locon_adapter_trains_as_a_cuda_graph_what_eager_trains():
     targets = attention_targets(unet, "both") + feed_forward_targets(unet) + projection_targets(unet)
     attach(unet, targets, 4, 4, conv=conv_targets(unet), conv_rank=4, conv_alpha=2, use_dora=True)
     params = train_in_fp32(unet)
-    result = compare_with_eager(
-        unet,
-        params,
-        random_batches(unet, 10, 2),
-        family=SD1,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        dtype=torch.bfloat16,
-        lr=1e-3,
-    )
+    result = against_eager(pipe, unet, params, random_batches(unet, 10, 2), torch.bfloat16)
     print(json.dumps({"dora_locon": True, **result}))
     assert result["fast_kind"] == "cuda graph" and result["moved"] > 1e-2
     assert result["fast_vs_eager"] <= max(2 * result["eager_vs_eager"], 1e-2 * result["moved"])
