@@ -39,6 +39,10 @@ SCHEDULERS = {
     "DDIM": "DDIMScheduler",
     "UniPC": "UniPCMultistepScheduler",
 }
+# The largest picture side, in times the model's native side: far above the size it was trained at a model repeats
+# its subject, and a picture takes far longer (self-attention's work grows as the side to the fourth power). 4x is
+# AUTOMATIC1111's slider limit for SD 1.5 (2048 for 512).
+MAX_SIZE_FACTOR = 4
 
 
 class Interrupted(Exception):
@@ -468,16 +472,23 @@ class Studio:
 
         Picture i of `num_images` is drawn from seed `seed + i`, each from its own generator (A1111's batch rule), so
         every picture can be made again alone from its own seed. Guidance and guidance rescale default to the
-        model's recommended values (`self.defaults`); `strengths`, when given, is applied first (`set_strengths`),
-        else the current strengths stay. `after_step(step, steps)` is called after every denoising step (steps
-        counted from 1); when it returns True the steps left are skipped and `Interrupted` is raised (no half-made
-        picture is returned).
+        model's recommended values (`self.defaults`), width and height to its native size (at most `MAX_SIZE_FACTOR`
+        times it); `strengths`, when given, is applied first (`set_strengths`), else the current strengths stay.
+        `after_step(step, steps)` is called after every denoising step (steps counted from 1); when it returns True
+        the steps left are skipped and `Interrupted` is raised (no half-made picture is returned).
         """
         width, height = width or self.native_size, height or self.native_size
         step = math.lcm(8, self.pipe.vae_scale_factor)  # diffusers' pipelines take multiples of 8 only
+        largest = MAX_SIZE_FACTOR * self.native_size
         for field, value in (("width", width), ("height", height)):
             if value % step or value <= 0:
                 raise UserError(f"{field} must be a positive multiple of {step}, got {value}")
+            if value > largest:
+                raise UserError(
+                    f"{field} {value} is more than {MAX_SIZE_FACTOR}x the model's native {self.native_size} px; "
+                    f"pictures far above the size a model was trained at repeat their subject and take long; use "
+                    f"at most {largest}"
+                )
         if sampling_steps < 1:
             raise UserError(f"sampling steps must be at least 1, got {sampling_steps}")
         if num_images < 1:

@@ -103,6 +103,16 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
+def test_generate_names_the_largest_size_it_draws(tiny_model, tmp_path, capsys):
+    """A side far above the model's own (4096 on the built-in model's 64 px ran for minutes) is refused at once;
+    the size here is small so that, were the check gone, the test would draw it quickly and fail, not hang."""
+    out = tmp_path / "big.png"
+    big = ["--width", 256, "--sampling-steps", 1, "--output", out]
+    code, _, err = run_cli(["generate", "--base-model", tiny_model, "--prompt", "x", *big], capsys)
+    assert code == 2 and "width 256 is more than 4x the model's native 32 px" in err and "use at most 128" in err
+    assert not out.exists()
+
+
 def test_every_command_prints_its_help(capsys):
     """`lora-studio COMMAND --help` prints every flag of every command (a "%" in a help text once broke it)."""
     from app.cli import build_parser

@@ -342,6 +342,18 @@ def test_generate_checks_size(tiny_model):
             studio.generate("x", width=width)
 
 
+def test_generate_refuses_a_side_far_above_the_models_own(tiny_model):
+    """A side above 4x the model's native size is refused before any step (the built-in model's 64 px at 4096 ran
+    for minutes): the tiny model's 32 px allow 128, and the message says the largest side."""
+    studio = Studio(str(tiny_model), device="cpu")
+    assert studio.native_size == 32
+    for field in ("width", "height"):
+        said = rf"^{field} 136 is more than 4x the model's native 32 px; .* repeat their subject .*; use at most 128$"
+        with pytest.raises(UserError, match=said):
+            studio.generate("x", sampling_steps=1, **{field: 136})
+    assert studio.generate("x", sampling_steps=1, width=128)[0].size == (128, 32)
+
+
 def test_adapter_argument_parsing():
     assert parse_adapter_arg("style.safetensors:0.8") == ("style.safetensors", 0.8)
     assert parse_adapter_arg("style.safetensors") == ("style.safetensors", 1.0)

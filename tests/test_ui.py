@@ -140,6 +140,25 @@ def test_the_compile_box_compiles_in_the_background_where_the_app_says_so(tiny_m
         torch._dynamo.reset()
 
 
+def test_a_size_the_model_cannot_draw_well_is_said_on_the_status_line(tiny_model, tmp_path):
+    """The Generate tab's Width and Height are plain number boxes: a side above 4x the model's own is refused on
+    the status line, with the largest side the loaded model takes."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from app.ui.generate import GenerateTab
+
+    with gr.Blocks():
+        tab = GenerateTab(Library(tmp_path / "library"), str(tiny_model), runs_root=tmp_path / "runs")
+    values = [c.value for c in tab.inputs]
+    fields = [f.name for f in dataclasses.fields(GenerateRequest)]
+    values[fields.index("base_model")], values[fields.index("height")] = str(tiny_model), 256
+    values[fields.index("sampling_steps")] = 1
+    answer = tab.on_generate(SimpleNamespace(session_hash="s"), lambda *a, **k: None, *values)
+    assert answer[1].startswith("⚠ height 256 is more than 4x the model's native 32 px;")
+    assert answer[1].endswith("use at most 128") and not list(tmp_path.glob("**/*.png"))
+
+
 def test_run_status_warns_of_unreadable_event_lines(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
