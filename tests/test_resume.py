@@ -1,5 +1,6 @@
 """Checkpoints and resume: a stopped run continues exactly where its last checkpoint was."""
 
+import json
 import math
 
 import pytest
@@ -241,3 +242,30 @@ def test_a_cancelled_run_with_its_own_output_file_resumes_into_it(tiny_model, im
             device="cpu",
         )
     assert other.read_bytes() == b"not this run's"
+
+
+def test_a_resume_given_overwrite_does_not_pass_it_on_to_later_resumes(tiny_model, image_folder, tmp_path, capsys):
+    """--overwrite (like --resume itself) is for the one command given it: the run's config.json, which a plain
+    `--resume latest` starts from, does not keep it, so a later resume refuses an existing --output again."""
+    from app.cli import main
+
+    run = tmp_path / "r"
+
+    def train_cli(*args):
+        code = main(["train", "--run-dir", str(run), "--save-every", "2", "--no-judge", *map(str, args)])
+        return code, capsys.readouterr().err
+
+    assert train_cli("--base-model", tiny_model, "--data", image_folder, "--steps", 4)[0] == 0
+    theirs, mine = tmp_path / "theirs.safetensors", tmp_path / "mine.safetensors"
+    theirs.write_bytes(b"replace me")
+    code, err = train_cli("--resume", "latest", "--steps", 6, "--output", theirs, "--overwrite")
+    assert code == 0 and theirs.read_bytes() != b"replace me", err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["steps"], saved["output"], saved["overwrite"], saved["resume"]) == (6, str(theirs), False, "")
+    mine.write_bytes(b"precious")
+    code, err = train_cli("--resume", "latest", "--steps", 8, "--output", mine)
+    assert code == 2 and "already exists" in err and "--overwrite" in err and mine.read_bytes() == b"precious"
+    # a run folder written before these were left out of config.json holds them: a plain resume still leaves them
+    (run / "config.json").write_text(json.dumps({**saved, "overwrite": True}))
+    code, err = train_cli("--resume", "latest", "--steps", 8, "--output", mine)
+    assert code == 2 and "already exists" in err and mine.read_bytes() == b"precious"

@@ -32,6 +32,10 @@ MAX_STEPS = 1_000_000  # days of training even at 10 steps/s; a larger count is 
 Prompts = tuple[str, ...]
 # kohya_ss's options inside a sample prompt that previews understand: `a cat --d 7 --n blurry --s 30 --l 6`.
 PREVIEW_OPTIONS = {"d": "SEED", "n": "NEGATIVE PROMPT", "s": "SAMPLING STEPS", "l": "GUIDANCE"}
+# Fields that say what one command may do, not what the run is: a run folder's config.json keeps them at their
+# defaults (`TrainConfig.as_run_keeps_it`), so that a later `--resume latest`, which starts from that file, does not
+# inherit them (a resume given --overwrite once would otherwise replace an existing --output at every resume after).
+ONE_OFF = ("overwrite", "resume")
 # Groups, in the order the page shows them; `files` are chosen by the page itself (uploads, run folder, library).
 GROUPS = ("model", "data", "adapter", "training", "loss", "previews", "runs", "files")
 
@@ -778,6 +782,10 @@ class TrainConfig:
         """A config file's fields, over those of the preset it names (`preset:`)."""
         return cls.from_dict(config_file_values(path), source=str(path))
 
+    def as_run_keeps_it(self) -> TrainConfig:
+        """This config as its run folder's config.json keeps it: the `ONE_OFF` fields at their defaults."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self) if f.name in ONE_OFF})
+
     def save(self, path: Path) -> None:
         from adapters.formats import write_atomic
 
@@ -952,11 +960,14 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
     given = vars(args)
     if given.get("resume"):
         _check_resume_args(given)
-    if not config_path and given.get("resume") and given.get("run_dir"):  # resume with the run's own settings
+    own_run = not config_path and given.get("resume") and given.get("run_dir")  # resume with the run's own settings
+    if own_run:
         saved = Path(given["run_dir"]) / "config.json"
         config_path = saved if saved.is_file() else None
     if config_path:
         values = config_file_values(config_path, given.get("preset"))
+        if own_run and isinstance(values, dict):  # one written before ONE_OFF were left out of it may hold them
+            values = {k: v for k, v in values.items() if k not in ONE_OFF}
     else:
         values = preset_values(given["preset"]) if given.get("preset") else {}
     source = str(config_path) if config_path else "command line"

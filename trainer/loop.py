@@ -491,7 +491,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     events = EventLog(run_dir, enabled=main)
     if main:
         config.run_dir = str(run_dir)
-        config.save(run_dir / "config.json")
+        config.as_run_keeps_it().save(run_dir / "config.json")  # the run's settings, not this command's ONE_OFF
     peaks = PhasePeaks(accelerator.device)  # each phase's own peak memory, for the done event
     # The plan: what this run needs on this machine, what it turns on to fit (gradient checkpointing, tiled
     # previews), a refusal with settings that fit when nothing does; in the run folder beside what was measured.
