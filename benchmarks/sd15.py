@@ -186,7 +186,10 @@ def compare_graphs(model_dir: Path, args) -> dict:
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         dtype=torch.bfloat16,
         torch_compile=args.torch_compile == "on",
-        channels_last="on" if args.channels_last == "on" else "off",
+        # as the trained run's plan resolves it: auto holds SD 1.5's compiled step channels-last (trainer/plan.py)
+        channels_last="on"
+        if args.channels_last == "on" or (args.channels_last, args.torch_compile) == ("auto", "on")
+        else "off",
     )
     del pipe, unet, params
     torch.cuda.empty_cache()
@@ -338,6 +341,8 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     notices = [e["message"] for e in read_events(run_dir) if e["type"] == "notice"]
     keys = ("step_kind", "step_why", "torch_compile", "gradient_checkpointing", "gradient_checkpointing_why")
     results.update({k: start[k] for k in keys if k in start}, notices=notices, adapter=config.output)
+    if "channels_last" in start:  # the layout the step took (--channels-last auto resolved by the run's plan)
+        results["channels_last_used"] = start["channels_last"]
     first = next(e for e in read_events(run_dir) if e["type"] == "progress")
     results["first_step_s"] = first["time"] - start["time"]  # the first step's capture (and compile, if any)
     if start.get("torch_compile"):  # how many block versions were compiled, and how many calls fell back to eager

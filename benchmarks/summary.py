@@ -224,12 +224,17 @@ def _training(result: dict) -> bool:
 
 
 def _default_step(result: dict) -> bool:
-    """Trained with the step lora-studio picks by default (a CUDA graph on one GPU), not with --no-cuda-graphs nor
-    with --channels-last on (whose `auto` is off)."""
+    """Trained with the step lora-studio picks by default (a CUDA graph on one GPU), not with --no-cuda-graphs, and
+    channels-last only where `auto` picks it (a compiled step, since 2026-12-07; a compiled step in the plain
+    layout, what `auto` picked before, still counts)."""
     command = result.get("command", "")
-    # the setting as the script read it (any spelling of the flag); files from before it was recorded: the command
-    channels_last = result.get("channels_last") or ("on" if "--channels-last on" in command else "auto")
-    return "--no-cuda-graphs" not in command and channels_last != "on"
+    # the layout the step took where the file records it, else the setting as the script read it (any spelling of
+    # the flag), else (files from before either was recorded) the command
+    if "channels_last_used" in result:
+        channels_last = "on" if result["channels_last_used"] else "off"
+    else:
+        channels_last = result.get("channels_last") or ("on" if "--channels-last on" in command else "auto")
+    return "--no-cuda-graphs" not in command and (channels_last != "on" or result.get("torch_compile") is True)
 
 
 def mfu(result: dict, arch: str, peak_override: float | None = None) -> float | None:

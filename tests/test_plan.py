@@ -12,7 +12,7 @@ from adapters.errors import UserError
 from app.cli import main as cli
 from trainer.config import TrainConfig
 from trainer.loop import train
-from trainer.plan import CONFIGS, check, estimate, load_results
+from trainer.plan import CHANNELS_LAST, CONFIGS, check, estimate, load_results
 from trainer.runs import PLAN, read_events
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -324,6 +324,26 @@ def test_torch_compile_auto_waits_for_a_run_long_enough_to_repay_the_compile():
     eager = estimate(TrainConfig(steps=40000, torch_compile="on", cuda_graphs=False, **sd1), **H200)
     assert not eager.torch_compile and "eager" in eager.torch_compile_why
     assert not estimate(TrainConfig(steps=40000, **sd1), device="cpu").torch_compile
+
+
+def test_channels_last_auto_goes_with_the_compiled_step_where_it_was_measured_faster():
+    """--channels-last auto holds SD 1.x's compiled step channels-last (6% faster there), and leaves the uncompiled
+    step (slower so) and SDXL's compiled one (not measured) alone; on and off are taken as given. The step the run
+    takes follows the plan (tests/test_train.py runs one with --channels-last on)."""
+    sd1 = dict(base_model=str(CONFIGS / "sd1"), batch_size=8, mixed_precision="bf16", judge=False)
+    plain = estimate(TrainConfig(steps=40000, channels_last="off", **sd1), **H200)
+    auto = estimate(TrainConfig(steps=40000, **sd1), **H200)
+    assert auto.torch_compile and auto.channels_last and "with the compiled step" in auto.channels_last_why
+    assert "channels-last: on (auto:" in str(auto) and "channels-last" not in str(plain)
+    assert auto.step_seconds == pytest.approx(plain.step_seconds * (1 - CHANNELS_LAST["sd1"]), rel=1e-3)
+    short = estimate(TrainConfig(steps=1000, **sd1), **H200)
+    assert not short.torch_compile and not short.channels_last, short.channels_last_why
+    assert "only the compiled step" in short.channels_last_why
+    sdxl = estimate(TrainConfig(steps=4000, **dict(sd1, base_model=str(CONFIGS / "sdxl"), batch_size=4)), **H200)
+    assert sdxl.torch_compile and not sdxl.channels_last and "not measured on sdxl" in sdxl.channels_last_why
+    asked = estimate(TrainConfig(steps=1000, channels_last="on", **sd1), **H200)
+    assert asked.channels_last and asked.channels_last_why == "--channels-last on"
+    assert not estimate(TrainConfig(steps=40000, **sd1), device="cpu").channels_last
 
 
 def test_torch_compile_auto_counts_accumulation_resumed_steps_picture_shapes_and_processes(tmp_path):

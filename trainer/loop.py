@@ -716,7 +716,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             eager_why="--lora-dropout draws new masks in every step" if config.lora_dropout else "",
             torch_compile=plan.torch_compile,
             compile_why=plan.torch_compile_why,
-            channels_last=config.channels_last,
+            channels_last="on" if plan.channels_last else "off",
+            channels_last_why=plan.channels_last_why,
         )
         if config.use_dora:
             notice(
@@ -745,6 +746,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             step_kind=step.kind,
             step_why=step.why,
             torch_compile=bool(step.compiled),
+            channels_last=step.channels_last,
             gradient_checkpointing=checkpointing[0],
             gradient_checkpointing_why=checkpointing[1],
         )

@@ -72,6 +72,12 @@ COMPILE = {"sd1": (97.0, 0.16), "sdxl": (71.0, 0.27)}
 # each further picture shape (aspect-ratio bucket) compiles again: measured 33-45 s on SD 1.5 (a second batch
 # size, lent H100s, 2026-12-05/06); SDXL's is SD 1.5's scaled by their first compiles (not measured)
 COMPILE_PER_SHAPE = {"sd1": 45.0, "sdxl": 45.0 * 71.0 / 97.0}
+# --channels-last auto: on where the step compiles and the family was measured so, with the share of the compiled
+# step's time it saves. SD 1.x: lent H100, 2026-12-07, batch 8, one call, 0.0704 s a step channels-last
+# (h100_sd15_b8_cl_cmp.json) against 0.0749 s in the plain layout (h100_sd15_b8_compiled_reference.json); its
+# adapter 0.00021 from eager's where two eager ones were 0.00013 apart. Uncompiled it was slower (0.0973 against
+# 0.0929 s, 2026-11-24), so auto leaves it off there, and on families not measured compiled with it.
+CHANNELS_LAST = {"sd1": 0.06}
 GRAPHED_SHAPES = 4  # trainer/step.py's Step.max_shapes: the shapes that get a graph (and a compile) each
 COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"
@@ -283,6 +289,8 @@ class Plan:
     notes: list[str] = dataclasses.field(default_factory=list)  # settings this machine ignores, said
     torch_compile: bool = False  # --torch-compile: the step's blocks compiled (its time in start_seconds)
     torch_compile_why: str = ""
+    channels_last: bool = False  # --channels-last: the convolutions and the graphed step's latents NHWC
+    channels_last_why: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -310,6 +318,8 @@ class Plan:
             )
         if self.torch_compile_why:
             rows.append(f"  torch.compile: {'on' if self.torch_compile else 'off'} ({self.torch_compile_why})")
+        if self.channels_last:
+            rows.append(f"  channels-last: on ({self.channels_last_why})")
         rows += [f"  turned on: {what}" for what in self.turned_on]
         rows += [f"  note: {what}" for what in self.notes]
         if not self.fits:
@@ -458,6 +468,9 @@ def estimate(
     if compiled:
         step *= 1 - COMPILE[geom.family][1]
         start += _compile_seconds(geom.family, shapes)
+    layout, layout_why = _channels_last(config.channels_last, geom.family, compiled)
+    if layout and compiled and geom.family in CHANNELS_LAST:
+        step *= 1 - CHANNELS_LAST[geom.family]
     return Plan(
         device=device_name or _device_name(device, card_gib),
         family=geom.family,
@@ -483,6 +496,8 @@ def estimate(
         else [],
         torch_compile=compiled,
         torch_compile_why=compile_why,
+        channels_last=layout,
+        channels_last_why=layout_why,
     )
 
 
@@ -593,6 +608,18 @@ def _torch_compile(
     if saved < COMPILE_PAYBACK * seconds:
         return False, f"auto: about {seconds:.0f} s of compiling would save about {saved:.0f} s over {over}"
     return True, f"auto: about {seconds:.0f} s of compiling saves about {saved:.0f} s over {over}"
+
+
+def _channels_last(setting: str, family: str, compiled: bool) -> tuple[bool, str]:
+    """Whether the step holds the convolutions channels-last (--channels-last), and why: `auto` only where the step
+    compiles and the family was measured faster so (`CHANNELS_LAST`)."""
+    if setting != "auto":
+        return setting == "on", f"--channels-last {setting}"
+    if compiled and family in CHANNELS_LAST:
+        return True, f"auto: with the compiled step it saves about {CHANNELS_LAST[family]:.0%} of each step"
+    if compiled:
+        return False, f"auto: not measured on {family} models compiled; --channels-last on tries it"
+    return False, "auto: it speeds up only the compiled step (without --torch-compile it was slower)"
 
 
 def _graphed(config) -> bool:

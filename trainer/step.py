@@ -312,7 +312,8 @@ def make_step(
     eager_why: str = "",
     torch_compile: bool = False,
     compile_why: str = "--torch-compile on",
-    channels_last: str = "auto",
+    channels_last: str = "off",
+    channels_last_why: str = "",
 ) -> Step:
     """The fastest step this run can take, and why: a CUDA graph on CUDA (one GPU or several) unless switched off,
     else eager.
@@ -323,9 +324,9 @@ def make_step(
     which a graph's warm-up would draw from the run's generator).
     `torch_compile` (--torch-compile, `compile_why` saying why): the UNet's repeated blocks are compiled at each
     graph's capture (`compile_blocks`); an eager step does not compile, and says so through `notice`.
-    `channels_last` (--channels-last auto|on|off): with `on` the frozen convolution weights are held channels-last
-    and the graphed step takes its latents so; `auto` is off until one GPU run compares both layouts
-    (benchmarks/RESULTS.md).
+    `channels_last` ("on" or "off", the run's plan having resolved --channels-last auto; `channels_last_why` says
+    why): with "on" the frozen convolution weights are held channels-last and the graphed step takes its latents
+    so.
     Under autocast (bf16 or fp16 mixed precision), plain LoRA layers skip peft's casts of their inputs to fp32
     (`uncast_lora_layers`): the same numbers, fewer copies."""
     kind = noise_scheduler.config.prediction_type
@@ -367,7 +368,8 @@ def make_step(
     layout = channels_last == "on"
     if layout:
         hold_channels_last(accelerator.unwrap_model(unet))
-        choice = (choice[0], f"{choice[1]}; convolutions channels-last (--channels-last {channels_last})")
+        why = channels_last_why or f"--channels-last {channels_last}"
+        choice = (choice[0], f"{choice[1]}; convolutions channels-last ({why})")
     return Step(
         *choice,
         unet,
