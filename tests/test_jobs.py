@@ -289,18 +289,20 @@ def test_resume_from_the_page_continues_a_cancelled_run(tiny_model, image_folder
         resume_run(run, tmp_path / "runs")
 
 
-def test_loss_plot_axes_are_numbers_from_the_first_refresh():
-    """The page's loss plot keeps the axis types of its first data; an empty run must already plot as numbers,
-    or every step and loss becomes its own category label (an unreadable black smear of ticks)."""
+def test_loss_plot_axes_are_numbers_and_an_empty_run_clears_the_plot():
+    """The page's loss plot keeps the axis types of its first data, so a run's losses go as numbers (else every step
+    and loss becomes its own category label, an unreadable smear of ticks); a run without a loss yet clears the plot
+    (None) instead of sending an empty frame, after which the browser drew no line (tests/test_ui_browser.py)."""
     import gradio as gr
 
     from app.ui import loss_frame
 
     plot = gr.LinePlot(x="step", y="loss", color="series")
-    for losses in ([], [(1, 0.31), (2, 0.29), (3, 0.30)]):
-        sent = plot.postprocess(loss_frame(losses)).model_dump()
-        assert sent["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
-        assert [row[0] for row in sent["data"]] == [s for s, _ in losses] * 2  # the raw line, then the smoothed
+    assert loss_frame([]) is None and plot.postprocess(loss_frame([])) is None
+    losses = [(1, 0.31), (2, 0.29), (3, 0.30)]
+    sent = plot.postprocess(loss_frame(losses)).model_dump()
+    assert sent["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+    assert [row[0] for row in sent["data"]] == [s for s, _ in losses] * 2  # the raw line, then the smoothed
 
 
 # -- Runs you can trust (issue 19), what a run leaves behind (issue 14) ---------------------------------------------

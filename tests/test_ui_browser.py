@@ -195,7 +195,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#train-progress-text").get_by_text("step 60/60").wait_for(timeout=240_000)
     page.locator("#train-status").get_by_text("Done").wait_for(timeout=60_000)
     expect(page.locator("#run-picker input")).to_have_value(re.compile(r"· done$"), timeout=15_000)
-    expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_attached(timeout=30_000)
+    expect(page.locator("#loss-plot svg .mark-line path[stroke]")).to_have_count(2, timeout=30_000)  # both lines
     expect(page.locator("#previews img").nth(2)).to_be_attached(timeout=30_000)  # steps 20, 40 and the end
     expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
     expect(page.locator("#previews")).to_contain_text("step 20 · glowline")  # each picture captioned with its prompt
@@ -363,8 +363,10 @@ def test_runs_you_can_trust(browser, workspace):
         pytest.fail(f"the page shows {status.inner_text()!r}; the run's last events: {events}")
     assert (workspace / "library" / "a_b_c-partial.safetensors").is_file() and (run / "loss.png").is_file()
     stopped_at = int(re.search(r"Cancelled at step (\d+)", status.inner_text()).group(1))
-    # issue 14: the loss plot says how it is smoothed
+    # issue 14: the loss plot says how it is smoothed, and draws both lines in colour (the page showed no data before
+    # the run, and a plot that first got an empty frame drew its later lines without a stroke: no curve at all)
     assert "exponential moving average with weight 0.9" in page.locator("#loss-plot").inner_text()
+    expect(page.locator("#loss-plot svg .mark-line path[stroke]")).to_have_count(2, timeout=30_000)
     # item 3: Resume says it resumed, from that step
     page.locator("#resume-button").click()
     status.get_by_text(f"Training… (resumed from step {stopped_at})").wait_for(timeout=180_000)

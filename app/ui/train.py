@@ -64,11 +64,14 @@ LOSS_CAPTION = (
 
 
 def loss_frame(losses: list[tuple[int, float]]):
-    """The loss plot's data, the raw loss and its smoothed line (`series` tells them apart), typed as numbers even
-    when empty: the browser keeps the axis types of the first data it gets, and an untyped empty frame would make
-    every step and loss value a category label."""
+    """The loss plot's data, the raw loss and its smoothed line (`series` tells them apart), typed as numbers (the
+    browser keeps the axis types of the first data it gets: untyped, every step and loss value would be a category
+    label); None when there is no loss yet, which clears the plot. Not an empty frame: after one, gradio's plot
+    (6.31) drew every later frame's axes but its lines without a colour, so no curve showed."""
     import pandas as pd
 
+    if not losses:
+        return None
     steps, raw = [s for s, _ in losses], [v for _, v in losses]
     return pd.DataFrame(
         {
