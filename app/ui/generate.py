@@ -35,12 +35,12 @@ COMPILE_INFO = (
     "the UNet alone: 44 s the first time, 9 s once cached), later "
     "ones draw faster (0.26 s against 0.38 s); strengths and adapters change without compiling again"
 )
-# measured in the background on a lent H100, SD 1.5 shapes at 512 and 30 steps (benchmarks/RESULTS.md, 2026-12-07,
-# results/h100_gen_background.json)
+# measured in the background on lent H100s, SD 1.5 shapes at 512 and 30 steps, one adapter (benchmarks/RESULTS.md,
+# 2026-12-07: results/h100_gen_background.json and h100_gen_both.json, two machines)
 COMPILE_INFO_BACKGROUND = (
     "the UNet and the VAE's decoder are compiled in the background while pictures are drawn uncompiled, then "
-    "pictures draw faster (SD 1.5 on an H100: about 0.68 s a picture during the compile, done after about 96 s, "
-    "then 0.27 s against 0.38 s); new adapters compile again in the background, strengths do not"
+    "pictures draw faster (SD 1.5 on an H100: about 0.7 s a picture during the compile, done after 96-168 s, "
+    "then 0.25-0.27 s against 0.38-0.41 s); new adapters compile again in the background, strengths do not"
 )
 
 
