@@ -24,8 +24,12 @@
 #   WORK      models, data and runs (default /tmp/lora-studio-session)
 #
 # The parts, in the default order, with the minutes each is estimated to take on an H200 (estimates from the H100
-# runs of 2026-11-24 and issue 18's reference figures, not measurements; model building and loading included):
-#   sd15_b8       ~2.7  SD 1.5 training at batch 8 with --torch-compile on (about 97 s of compiling first), ours
+# runs of 2026-11-24 and issue 18's reference figures, not measurements; model building and loading included).
+# Measured on one H100 on 2026-12-07 (h100_gpu_session_2026-12-07.log), each part's whole time: sd15_b8 3.7 min,
+# sd15_b1 0.8, sd15_b8_cl_cmp 3.7 (its compile cache filled by sd15_b8), gen_both 4.6, sd15_compile 2.1 (cache
+# filled), sd15_gen 0.7.
+#   sd15_b8       ~2.7  SD 1.5 training at batch 8 with --torch-compile on (about 97 s of compiling first; 157 s on
+#                       2026-12-07) and --channels-last auto (on for this compiled step since 2026-12-07), ours
 #                       and the diffusers example script's step -> sd15_bs8_mfu, speedup_bs8
 #   sd15_b1       ~0.8  the same at batch 1 -> speedup_bs1
 #   sd15_gen      ~0.8  generation with no adapter, one and two unfused, one fused; a strength change, a cold load;
