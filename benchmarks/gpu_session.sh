@@ -12,7 +12,7 @@
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
 #             (and, for the parts not in the default PARTS: sd15_b8_cl.json sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
 #             gen_background.json train_sdpa.json train_kernels.json train_cl.json train_models.json sd15_b8_plain_cmp.json
-#             sd15_b8_cl_cmp.json gen_both.json)
+#             sd15_b8_cl_cmp.json sd15_b8_models.json gen_both.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -69,6 +69,9 @@
 #                       the default PARTS; estimate not measured; with the next part, give BUDGET_S=560)
 #   sd15_b8_cl_cmp ~3   the same with --channels-last on: run after sd15_b8_plain_cmp, the two layouts compared on
 #                       one machine (not in the default PARTS)
+#   sd15_b8_models ~3.7 sd15_b8 through the trainer with --compile-regions models --compare-graphs (each
+#                       Transformer2DModel compiled whole, resnets, down- and upsamplers: the larger regions the trainer
+#                       does not compile by default; marked `how`, left out of the summary; not in the default PARTS)
 #   train_models  ~2.5  compile_probe.py --blocks models --kernels at batch 8: larger compiled regions (each
 #                       Transformer2DModel with its GroupNorm, projections and layout changes; resnets, down- and
 #                       upsamplers), kernels profiled (not in the default PARTS)
@@ -168,6 +171,11 @@ for p in $PARTS; do
             --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --channels-last "$layout" --compare-graphs \
             --no-generate --json "$OUT/$p.json"
         ;;
+    sd15_b8_models)
+        part sd15_b8_models 100 240 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
+            --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --compile-regions models --compare-graphs \
+            --no-generate --json "$OUT/sd15_b8_models.json"
+        ;;
     sd15_b8_warm)
         part sd15_b8_warm 60 160 "$PY" benchmarks/sd15.py "${SIZE[@]}" --work "$WORK/sd15" --batch 8 \
             --steps "$SD15_STEPS" --no-reference "${SD15_B8[@]}" --no-generate --json "$OUT/sd15_b8_warm.json"
@@ -240,7 +248,7 @@ for p in $PARTS; do
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_cl sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
             "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
-            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp gen_both train_compile" | tee -a "$LOG"
+            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp sd15_b8_models gen_both train_compile" | tee -a "$LOG"
         ;;
     esac
 done

@@ -176,6 +176,7 @@ def compare_graphs(model_dir: Path, args) -> dict:
     from adapters.families import SD1
     from trainer.step import compare_with_eager
 
+    use_compile_regions(args)
     pipe = load_pipeline(str(model_dir), device=args.device, dtype=torch.bfloat16)
     unet, params = with_lora(pipe.unet, torch.device(args.device))
     result = compare_with_eager(
@@ -297,6 +298,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the trainer's --channels-last (default: %(default)s, what a user gets)",
     )
+    parser.add_argument(
+        "--compile-regions",
+        choices=("blocks", "models"),
+        default="blocks",
+        help="what --torch-compile compiles (trainer.step.COMPILE_REGIONS): blocks, the trainer's own (default), or "
+        "models, larger regions to compare; such a result is marked `how` and the summary leaves it out",
+    )
+
+
+def use_compile_regions(args, results: dict | None = None) -> None:
+    """Set the trainer's compiled regions for this process from --compile-regions; a result made with regions the
+    trainer does not use by default says so (`how`)."""
+    import trainer.step
+
+    regions = getattr(args, "compile_regions", "blocks")
+    trainer.step.COMPILE_REGIONS = regions
+    if results is not None and regions != "blocks":
+        results["how"] = f"--compile-regions {regions}: not the trainer's default compiled regions"
 
 
 def train_run(args, model_dir: Path, data: Path, device: torch.device, results: Record, **options) -> Path:
@@ -306,6 +325,7 @@ def train_run(args, model_dir: Path, data: Path, device: torch.device, results: 
     from trainer.loop import train
     from trainer.runs import read_events, steady_step_seconds
 
+    use_compile_regions(args, results)
     run_dir = args.work / f"run-{time.time():.0f}"
     config = TrainConfig(
         base_model=str(model_dir),

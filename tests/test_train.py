@@ -288,3 +288,29 @@ def test_channels_last_convolutions_train_the_same_adapter_and_the_run_says_so(t
     apart = sum(float((outs[1][k].float() - outs[0][k].float()).pow(2).sum()) for k in outs[0]) ** 0.5
     size = sum(float(outs[0][k].float().pow(2).sum()) for k in outs[0]) ** 0.5
     assert apart <= 1e-5 * size, (apart, size)
+
+
+def test_compiled_regions_are_the_blocks_or_the_larger_models_and_never_one_inside_another(tiny_model):
+    """--torch-compile's regions (`compile_blocks`): by default every transformer and resnet block; "models" (what
+    `benchmarks/sd15.py --compile-regions models` compares) each Transformer2DModel whole, with the resnets and the
+    down- and upsamplers, none compiled again inside another. Outside a graph's capture every region runs as it was
+    (no compiled call left in place)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models import Transformer2DModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    from trainer.step import compile_blocks
+
+    for regions, kinds in (
+        (None, {BasicTransformerBlock, ResnetBlock2D}),
+        ("models", {Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D}),
+    ):
+        unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+        blocks = [block for block, _ in compile_blocks(unet, regions)]
+        assert {type(b) for b in blocks} == kinds
+        wanted = [m for m in unet.modules() if type(m) in kinds]
+        assert len(blocks) == len(wanted) and all(any(b is m for b in blocks) for m in wanted)
+        for block in blocks:
+            assert not any(other is not block and any(block is m for m in other.modules()) for other in blocks)
+            assert block._compiled_call_impl is None

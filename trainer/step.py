@@ -94,21 +94,39 @@ def average_gradients(params: list, accelerator) -> None:
         g.copy_(part.view_as(g))
 
 
-def compile_blocks(unet) -> list[tuple[torch.nn.Module, Callable]]:
-    """Each repeated block of the UNet (every transformer and resnet block) with its torch.compile'd call, which
-    `compiled_blocks` puts in place only while a CUDA graph is captured: the graph replays the compiled kernels,
-    and every other call (previews, the judge, an eager batch) runs the blocks as they were. Blocks of one class
-    and shape share their compiled code (regional compilation: a few dozen small compiles, not one of the UNet)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
+# What `compile_blocks` compiles: "blocks", every transformer and resnet block (measured, the default); "models",
+# larger regions: each Transformer2DModel whole (its GroupNorm, projections and layout changes around the blocks),
+# the resnet blocks, the down- and upsamplers (not yet measured in the trainer; benchmarks/sd15.py
+# --compile-regions models sets it for a run to compare).
+COMPILE_REGIONS = "blocks"
 
+
+def _region_classes(regions: str) -> tuple[type, ...]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    if regions == "models":
+        from diffusers.models import Transformer2DModel
+
+        return (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D)
+    return (BasicTransformerBlock, ResnetBlock2D)
+
+
+def compile_blocks(unet, regions: str | None = None) -> list[tuple[torch.nn.Module, Callable]]:
+    """Each repeated block of the UNet (every transformer and resnet block; `regions` "models": the larger regions
+    of `COMPILE_REGIONS`) with its torch.compile'd call, which `compiled_blocks` puts in place only while a CUDA
+    graph is captured: the graph replays the compiled kernels, and every other call (previews, the judge, an eager
+    batch) runs the blocks as they were. Blocks of one class and shape share their compiled code (regional
+    compilation: a few dozen small compiles, not one of the UNet)."""
+    classes = _region_classes(regions or COMPILE_REGIONS)
     use_compile_cache()  # where generation keeps its compiled code, not inductor's default in the temp folder
     blocks = []
     for module in unet.modules():
-        if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
-            module.compile()
-            blocks.append((module, module._compiled_call_impl))
-            module._compiled_call_impl = None
+        if not isinstance(module, classes):  # no class of a region holds another's in diffusers' SD UNets
+            continue
+        module.compile()
+        blocks.append((module, module._compiled_call_impl))
+        module._compiled_call_impl = None
     room_for_versions(len(blocks))
     return blocks
 
