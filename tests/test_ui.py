@@ -252,6 +252,7 @@ def test_the_run_list_refresh_never_puts_back_the_run_shown_before_train(tmp_pat
     tab = _tab(tmp_path, runs)
     shown = tab.run_choices()
     new = _run_folder(runs, "20260101-000100-new")
+    TrainConfig(data="d", name="my style/v2").save(new / "config.json")  # the name it goes in the library under
     sleeper = _sleeper()
     try:
         (new / PID_FILE).write_text(str(sleeper.pid))
@@ -259,6 +260,7 @@ def test_the_run_list_refresh_never_puts_back_the_run_shown_before_train(tmp_pat
         assert picker.constructor_args.get("value", new.name) == new.name  # the value the browser holds is kept
         message, picked = tab.on_cancel(old.name)
         assert message.startswith(f"Cancelling **{new.name}**") and picked.constructor_args["value"] == new.name
+        assert "in the library as **my style_v2-partial**" in message  # the run's own library name, as it will be
         assert sleeper.wait(timeout=10) == -15  # SIGTERM reached the running trainer
     finally:
         sleeper.kill()

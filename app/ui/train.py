@@ -13,7 +13,7 @@ import gradio as gr
 from adapters.base import check_base_model, model_geometry, native_size_of, pick_device
 from adapters.errors import UserError
 from adapters.formats import write_atomic
-from adapters.library import Library
+from adapters.library import Library, sanitize_name
 from app.jobs import (
     MAX_UPLOAD_FILES,
     QUEUED_FILE,
@@ -61,6 +61,16 @@ LOSS_CAPTION = (
     f"Faint: the loss of each step, noisy at small batches. Dark: the same smoothed as TensorBoard smooths it, an "
     f"exponential moving average with weight {SMOOTHING}. The run folder gets this plot as loss.png when it ends."
 )
+
+
+def library_base(run_dir: Path) -> str:
+    """The library name a run's adapter goes in under (before a `-partial` or a number the library adds), as the
+    trainer makes it: the run's --name, else its folder's name."""
+    try:
+        name = json.loads((run_dir / "config.json").read_text()).get("name")
+    except (OSError, ValueError):
+        name = None
+    return sanitize_name(name or run_dir.name)
 
 
 def loss_frame(losses: list[tuple[int, float]]):
@@ -511,8 +521,8 @@ class TrainTab:
             return "No training is running.", gr.skip()
         return (
             f"Cancelling **{live.run_dir.name}**: it saves a checkpoint (so **Resume** can go on from there) and "
-            "puts the adapter learned so far in the library as *name*-partial (the finished adapter replaces it if "
-            "the run is resumed to the end; rename it to keep it).",
+            f"puts the adapter learned so far in the library as **{library_base(live.run_dir)}{PARTIAL_SUFFIX}** "
+            "(the finished adapter replaces it if the run is resumed to the end; rename it to keep it).",
             gr.Dropdown(choices=self.run_choices(), value=live.run_dir.name),
         )
 
