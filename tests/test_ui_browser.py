@@ -313,6 +313,16 @@ def test_cancel_keeps_what_was_made(browser, workspace):
     assert (run / "adapter.safetensors").is_file()
 
 
+LEGIBLE_LOSS_PLOT = """() => {
+    const box = document.querySelector('#loss-plot').getBoundingClientRect();
+    const parts = [...document.querySelectorAll('#loss-plot .role-legend-label text, #loss-plot p')];
+    return parts.length >= 3 && parts.every(e => {
+        const r = e.getBoundingClientRect();
+        return r.height > 0 && r.top >= box.top && r.bottom <= box.bottom + 1;
+    });
+}"""
+
+
 def test_runs_you_can_trust(browser, workspace):
     """Issue 19, items 1-4, 6-8 and 10, and issue 14's loss curve, as a person meets them in one session."""
     (workspace / "library").mkdir()
@@ -367,6 +377,8 @@ def test_runs_you_can_trust(browser, workspace):
     # the run, and a plot that first got an empty frame drew its later lines without a stroke: no curve at all)
     assert "exponential moving average with weight 0.9" in page.locator("#loss-plot").inner_text()
     expect(page.locator("#loss-plot svg .mark-line path[stroke]")).to_have_count(2, timeout=30_000)
+    # ... and its key (each line's name) and caption lie inside the plot's box, not cut off below it
+    assert page.evaluate(LEGIBLE_LOSS_PLOT), "the loss plot's legend or caption lies outside its box"
     # item 3: Resume says it resumed, from that step
     page.locator("#resume-button").click()
     status.get_by_text(f"Training… (resumed from step {stopped_at})").wait_for(timeout=180_000)

@@ -334,8 +334,7 @@ class TrainTab:
                     color_map={RAW: _hex(RAW_COLOR), SMOOTHED: _hex(SMOOTHED_COLOR)},
                     caption=LOSS_CAPTION,
                     label="Loss",
-                    height=260,
-                    elem_id="loss-plot",
+                    elem_id="loss-plot",  # no fixed height: with one, the legend and the caption were cut off
                 )
                 with gr.Column():
                     self.previews = gr.Gallery(
