@@ -213,12 +213,15 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.get_by_role("tab", name="Generate").click()
     page.locator("#adapter-0 input").click()
     page.get_by_role("option", name="neon").click()
-    page.locator("#compare-strengths textarea, #compare-strengths input").first.fill("0, 1")
+    page.locator("#compare-strengths textarea, #compare-strengths input").first.fill("0, 0.5, 1")
     page.locator("#compare-button").click()
     page.get_by_text("the same for every picture").wait_for(timeout=120_000)
     gallery = page.locator("#gallery")
-    assert gallery.locator("img").count() == 2
-    assert "neon strength 0" in gallery.inner_text() and "neon strength 1" in gallery.inner_text()
+    expect(gallery.locator("img")).to_have_count(3, timeout=30_000)
+    assert all(f"neon strength {s}" in gallery.inner_text() for s in ("0", "0.5", "1"))
+    # side by side: the three pictures in one row
+    tops = [gallery.locator("img").nth(i).bounding_box()["y"] for i in range(3)]
+    assert max(tops) - min(tops) < 2, tops
 
     page.get_by_role("tab", name="Adapters").click()
     page.locator("#library-pick input").click()
