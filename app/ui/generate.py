@@ -520,7 +520,7 @@ class GenerateTab:
         if shown.interrupted:
             said = f"Interrupted: {len(shown.pictures)} of {shown.asked} picture(s) made, the rest not. " + said
         history, paths = self.history_updates()
-        # up to four pictures side by side in one row (Compare strengths' 0, 0.5, 1 among them); one keeps half the width
+        # up to four pictures side by side in one row (Compare strengths' 0, 0.5, 1 among them); one: half the width
         columns = min(max(len(shown.pictures), 2), 4)
         small = ["small-pictures"] if shown.small else []
         gallery = gr.Gallery(value=shown.pictures, columns=columns, elem_classes=small)
