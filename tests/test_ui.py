@@ -188,6 +188,10 @@ def test_settings_form_hides_what_the_page_chooses_and_keeps_its_defaults():
     config = one_gpu.config([c.value for c in one_gpu.inputs])
     assert (config.preview_every, config.save_every) == (100, 200)  # the page's own defaults, not the CLI's
     assert (config.steps, config.rank) == (TrainConfig.steps, TrainConfig.rank)
+    # one arrow press on a decimal setting moves it by a tenth of its leading digit, not by 1 (0.0001 became 1)
+    lr = one_gpu.controls["learning_rate"]
+    assert lr.value == 1e-4 and lr.step == pytest.approx(1e-5)
+    assert one_gpu.controls["steps"].step == 1
 
 
 def test_generate_request_reads_the_slots_in_order_and_leaves_empty_ones_out():

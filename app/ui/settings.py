@@ -4,6 +4,7 @@ by its field's help text, `basic` fields in view, the others under *Advanced*, g
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 
@@ -36,6 +37,14 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
+def float_step(value: float) -> float:
+    """What one arrow press adds to a decimal setting: a tenth of its default's leading digit (1e-5 for a learning
+    rate of 1e-4, 0.01 for 0.7), 0.1 for a default of 0; gradio's own step of 1 turned 0.0001 into 1."""
+    if not value:
+        return 0.1
+    return 10.0 ** (math.floor(math.log10(abs(value))) - 1)
+
+
 def _control(f: dataclasses.Field, hint) -> gr.components.Component:
     """A form control for one TrainConfig field, labelled and explained by the field's own help text."""
     value = UI_DEFAULTS.get(f.name, f.default)
@@ -47,7 +56,7 @@ def _control(f: dataclasses.Field, hint) -> gr.components.Component:
     if hint is int:  # no rounding here: 2.5 reaches TrainConfig, which refuses it (precision=0 would make it 2)
         return gr.Number(value=value, **common)
     if hint is float:
-        return gr.Number(value=value, **common)
+        return gr.Number(value=value, step=float_step(value), **common)
     if hint == Prompts:  # one per line
         return gr.Textbox(value="\n".join(value), lines=2, max_lines=8, **common)
     return gr.Textbox(value=value, **common)
