@@ -154,6 +154,8 @@ def test_pictures_are_saved_with_their_settings_shown_whole_and_restored_from_th
     assert shown_files(page, "history") == ["00001-7.png", "00001-5.png"]
     page.locator("#history img").nth(1).click()
     status(page).get_by_text("Settings of 00001-5.png restored").wait_for(timeout=30_000)
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=30_000)  # the picked picture is the one shown
+    assert shown_files(page, "gallery") == ["00001-5.png"]
     assert (value(page, "prompt"), value(page, "negative-prompt")) == ("a red circle", "blurry, dark")
     assert (value(page, "seed"), value(page, "steps"), value(page, "guidance")) == ("5", "3", "4")
     assert (value(page, "width"), value(page, "height")) == ("64", "64")

@@ -394,7 +394,7 @@ class GenerateTab:
         )
         grid_inputs = [self.grid_rows, self.grid_seeds, self.ckpt_run, self.grid_checkpoints, *self.inputs]
         self.grid_button.click(self.on_grid, grid_inputs, results, show_progress_on=self.gallery)
-        self.history.select(self.on_pick_history, self.history_paths, self.restored)
+        self.history.select(self.on_pick_history, self.history_paths, [*self.restored, self.gallery])
         self.upload_adapter.upload(self.on_upload_adapter, self.upload_adapter, [*self.slot_names, self.status])
 
     def adapter_names(self) -> list[str]:
@@ -769,15 +769,16 @@ class GenerateTab:
 
     def on_pick_history(self, paths: list[str], evt: gr.SelectData):
         """Put a history picture's settings back: prompt, negative prompt, seed (random off), steps, guidance,
-        size, sampler and adapters with their strengths (those the library has)."""
+        size, sampler and adapters with their strengths (those the library has); the picture itself goes in the
+        Pictures box, so what is shown is what the settings made."""
         keep = [gr.skip()] * (len(self.restored) - 1)
         try:
             path = Path(paths[evt.index])
             found = Parameters.of_file(path)
         except (IndexError, TypeError):
-            return [*keep, "⚠ That picture is no longer in the history; open the tab again to refresh it."]
+            return [*keep, "⚠ That picture is no longer in the history; open the tab again to refresh it.", gr.skip()]
         except UserError as exc:
-            return [*keep, f"⚠ {exc}"]
+            return [*keep, f"⚠ {exc}", gr.skip()]
         known = self.adapter_names()
         adapters = [(n, s) for n, s in found.adapters.items() if n in known][:SLOTS]
         missing = [n for n in found.adapters if n not in known]
@@ -806,6 +807,7 @@ class GenerateTab:
             *[gr.Dropdown(choices=[NONE, *known], value=n) for n in names],
             *levels,
             " ".join(notes),
+            gr.Gallery(value=[(str(path), path.name)], columns=2),
         ]
 
     def on_upload_adapter(self, path):
