@@ -63,16 +63,6 @@ LOSS_CAPTION = (
 )
 
 
-def library_base(run_dir: Path) -> str:
-    """The library name a run's adapter goes in under (before a `-partial` or a number the library adds), as the
-    trainer makes it: the run's --name, else its folder's name."""
-    try:
-        name = json.loads((run_dir / "config.json").read_text()).get("name")
-    except (OSError, ValueError):
-        name = None
-    return sanitize_name(name or run_dir.name)
-
-
 def loss_frame(losses: list[tuple[int, float]]):
     """The loss plot's data, the raw loss and its smoothed line (`series` tells them apart), typed as numbers (the
     browser keeps the axis types of the first data it gets: untyped, every step and loss value would be a category
@@ -520,7 +510,7 @@ class TrainTab:
             return "No training is running.", gr.skip()
         return (
             f"Cancelling **{live.run_dir.name}**: it saves a checkpoint (so **Resume** can go on from there) and "
-            f"puts the adapter learned so far in the library as **{library_base(live.run_dir)}{PARTIAL_SUFFIX}** "
+            f"puts the adapter learned so far in the library as **{sanitize_name(live.name)}{PARTIAL_SUFFIX}** "
             "(the finished adapter replaces it if the run is resumed to the end; rename it to keep it).",
             gr.Dropdown(choices=self.run_choices(), value=live.run_dir.name),
         )
