@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gen_profile import kernel_table  # noqa: E402
 from benchmarks.sd15 import build_sd15, with_lora  # noqa: E402
-from trainer.step import lora_inputs_uncast, room_for_versions, uncast_lora_layers  # noqa: E402
+from trainer.step import lora_inputs_uncast, region_classes, room_for_versions, uncast_lora_layers  # noqa: E402
 from trainer.step import relative_distance as distance  # noqa: E402
 
 
@@ -238,14 +238,13 @@ def main() -> None:
         save()
         return
 
-    from diffusers.models import Transformer2DModel
     from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.resnet import ResnetBlock2D
 
-    kinds = {
-        "both": (BasicTransformerBlock, ResnetBlock2D),
+    kinds = {  # "both" and "models": what the trainer compiles for its regions "blocks" and "models"
+        "both": region_classes("blocks"),
         "transformer": (BasicTransformerBlock,),
-        "models": (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D),
+        "models": region_classes("models"),
     }
     if args.blocks == "unet":
         blocks = [unet]

@@ -174,6 +174,7 @@ def compare_graphs(model_dir: Path, args) -> dict:
 
     from adapters.base import load_pipeline
     from adapters.families import SD1
+    from trainer.plan import channels_last_choice
     from trainer.step import compare_with_eager
 
     use_compile_regions(args)
@@ -187,9 +188,9 @@ def compare_graphs(model_dir: Path, args) -> dict:
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         dtype=torch.bfloat16,
         torch_compile=args.torch_compile == "on",
-        # as the trained run's plan resolves it: auto holds SD 1.5's compiled step channels-last (trainer/plan.py)
+        # as the trained run's plan resolves it (auto: channels-last where SD 1.x's step compiles)
         channels_last="on"
-        if args.channels_last == "on" or (args.channels_last, args.torch_compile) == ("auto", "on")
+        if channels_last_choice(args.channels_last, "sd1", args.torch_compile == "on")[0]
         else "off",
     )
     del pipe, unet, params

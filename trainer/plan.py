@@ -468,7 +468,7 @@ def estimate(
     if compiled:
         step *= 1 - COMPILE[geom.family][1]
         start += _compile_seconds(geom.family, shapes)
-    layout, layout_why = _channels_last(config.channels_last, geom.family, compiled)
+    layout, layout_why = channels_last_choice(config.channels_last, geom.family, compiled)
     if layout and compiled and geom.family in CHANNELS_LAST:
         step *= 1 - CHANNELS_LAST[geom.family]
     return Plan(
@@ -610,7 +610,7 @@ def _torch_compile(
     return True, f"auto: about {seconds:.0f} s of compiling saves about {saved:.0f} s over {over}"
 
 
-def _channels_last(setting: str, family: str, compiled: bool) -> tuple[bool, str]:
+def channels_last_choice(setting: str, family: str, compiled: bool) -> tuple[bool, str]:
     """Whether the step holds the convolutions channels-last (--channels-last), and why: `auto` only where the step
     compiles and the family was measured faster so (`CHANNELS_LAST`)."""
     if setting != "auto":

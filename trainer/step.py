@@ -101,7 +101,8 @@ def average_gradients(params: list, accelerator) -> None:
 COMPILE_REGIONS = "blocks"
 
 
-def _region_classes(regions: str) -> tuple[type, ...]:
+def region_classes(regions: str) -> tuple[type, ...]:
+    """The module classes `compile_blocks` compiles for `regions` ("blocks" or "models", see `COMPILE_REGIONS`)."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -113,12 +114,12 @@ def _region_classes(regions: str) -> tuple[type, ...]:
 
 
 def compile_blocks(unet, regions: str | None = None) -> list[tuple[torch.nn.Module, Callable]]:
-    """Each repeated block of the UNet (every transformer and resnet block; `regions` "models": the larger regions
-    of `COMPILE_REGIONS`) with its torch.compile'd call, which `compiled_blocks` puts in place only while a CUDA
-    graph is captured: the graph replays the compiled kernels, and every other call (previews, the judge, an eager
-    batch) runs the blocks as they were. Blocks of one class and shape share their compiled code (regional
-    compilation: a few dozen small compiles, not one of the UNet)."""
-    classes = _region_classes(regions or COMPILE_REGIONS)
+    """Each repeated block of the UNet (every transformer and resnet block; `regions` "models": the larger regions,
+    see `COMPILE_REGIONS`, which gives the default) with its torch.compile'd call, which `compiled_blocks` puts in
+    place only while a CUDA graph is captured: the graph replays the compiled kernels, and every other call
+    (previews, the judge, an eager batch) runs the blocks as they were. Blocks of one class and shape share their
+    compiled code (regional compilation: a few dozen small compiles, not one of the UNet)."""
+    classes = region_classes(regions or COMPILE_REGIONS)
     use_compile_cache()  # where generation keeps its compiled code, not inductor's default in the temp folder
     blocks = []
     for module in unet.modules():
