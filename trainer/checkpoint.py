@@ -158,6 +158,12 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
 def resume_step(path: Path, config: dict) -> int:
     """The step the checkpoint at `path` was saved at; refused where resuming from it with `config` would change
     what it trained (rank, targets…)."""
+    return int(_checked_state(path, config)["step"])
+
+
+def _checked_state(path: Path, config: dict) -> dict:
+    """The checkpoint's state.json, read once; refused where it cannot be read or where resuming with `config`
+    would change what it trained."""
     try:
         info = json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError) as exc:
@@ -168,13 +174,12 @@ def resume_step(path: Path, config: dict) -> int:
     if different:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in different)
         raise UserError(f"cannot resume from {path}: settings differ ({detail}); use the run's own settings")
-    return int(info["step"])
+    return info
 
 
 def load_checkpoint(path: Path, params, optimizer, drawer, config: dict) -> int:
     """Put a checkpoint's state back into params, optimizer and batch drawer; returns its step."""
-    resume_step(path, config)
-    info = json.loads((path / "state.json").read_text())
+    info = _checked_state(path, config)
     tensors = load_file(path / "state.safetensors")
     if sum(k.startswith("param.") for k in tensors) != len(params):
         raise UserError(f"cannot resume from {path}: it holds a different number of LoRA tensors")
