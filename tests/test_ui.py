@@ -577,6 +577,33 @@ def test_train_refuses_a_run_its_plan_says_would_not_fit_before_any_work(tmp_pat
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing staged
 
 
+def test_train_refuses_an_unreadable_image_until_it_is_left_out(tmp_path, monkeypatch):
+    """An upload with an image that cannot be read: the plan before Train names it and counts the images that would
+    train; Train refuses before staging anything, naming the file and the *Leave out* button; once left out, the
+    run starts without it."""
+    from app.ui import train as train_tab
+
+    started = []
+    monkeypatch.setattr(train_tab, "start_run", lambda config, staged, *a: started.append(staged) or staged)
+    monkeypatch.setattr(train_tab, "view_run", lambda run_dir: type("V", (), {"status": "running"})())
+    images = write_scene_folder(tmp_path / "images", count=3)
+    (images / "bad.png").write_bytes(b"not a picture")
+    (images / "bad.txt").write_text("a broken file")
+    files = [str(p) for p in sorted(images.iterdir())]
+    tab = _tab(tmp_path)
+    values = {name: control.value for name, control in tab.settings.controls.items()}
+    plan = tab.show_plan(files, *values.values())
+    assert "| 3 | 3 |" in plan, plan
+    assert "bad.png cannot be read" in plan and "*Leave out*" in plan
+    message, _ = tab.on_train(files, [], *values.values())
+    assert message.startswith("⚠ Nothing started: 1 image cannot be read") and "bad.png" in message, message
+    assert "*Leave out*" in message and not started
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing staged
+    message, _ = tab.on_train(files, [], *values.values(), dropped=["bad.png"])
+    assert "Left out of this run: bad.png" in message and len(started) == 1
+    assert sorted(p.name for p in started[0].iterdir() if p.suffix == ".png") == ["img0.png", "img1.png", "img2.png"]
+
+
 def _minutes(plan: str) -> float:
     """The time a plan in the page states, in minutes."""
     import re

@@ -139,6 +139,7 @@ def upload_plan(paths, config, max_files: int = MAX_UPLOAD_FILES) -> dict:
     image whose header cannot be read is left out; the caption table flags it)."""
     uploads, _ = pair_uploads(paths or [], max_files)
     images = [u.path for u in uploads if _readable(u.path)]
+    unreadable = [u.path.name for u in uploads if u.path not in images]
     native, vae_scale, levels = _geometry((config.base_model or "").strip() or "builtin")
     resolution = config.resolution or native
     per_epoch = len(images) * config.repeats  # the page's upload is one flat folder: --repeats for each image
@@ -151,6 +152,19 @@ def upload_plan(paths, config, max_files: int = MAX_UPLOAD_FILES) -> dict:
         steps=steps,
         epochs=epochs,
         buckets=bucket_counts(images, resolution, bucket_stride(resolution, vae_scale, levels), config.buckets),
+        unreadable=unreadable,
+    )
+
+
+def unreadable_note(names: list[str]) -> str:
+    """Below the plan: the uploaded images training would refuse, which the plan does not count."""
+    if not names:
+        return ""
+    return (
+        f"\n\n⚠ {', '.join(names)} cannot be read, so the counts above leave "
+        f"{'it' if len(names) == 1 else 'them'} out; Train refuses to start until you press *Leave out* beside "
+        f"{'it' if len(names) == 1 else 'each'} in the data check below the caption table (or take "
+        f"{'it' if len(names) == 1 else 'them'} out of the upload)."
     )
 
 
@@ -438,7 +452,7 @@ class TrainTab:
             if config.epochs
             else ""
         )
-        return "**If trained now:**\n\n" + plan_markdown(plan) + counted
+        return "**If trained now:**\n\n" + plan_markdown(plan) + counted + unreadable_note(plan["unreadable"])
 
     def show_machine_plan(self, paths, *settings):
         """Beside Train: what a run with these settings would need here (with uploads, their epochs' steps)."""
@@ -470,6 +484,14 @@ class TrainTab:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
             left_out = [u.path.name for u in uploads if u.path.name in set(dropped or [])]
             uploads = [u for u in uploads if u.path.name not in left_out]
+            refused = [f"{u.path.name}: {problem}" for u in uploads if (problem := image_problem(u.path))]
+            if refused:  # training would stop on them after staging: said now, with the way out
+                raise UserError(
+                    f"{len(refused)} image{' cannot' if len(refused) == 1 else 's cannot'} be read:\n  "
+                    + "\n  ".join(refused)
+                    + "\npress *Leave out* beside each in the data check below the caption table, or take them "
+                    "out of the upload"
+                )
             # a run its plan says will not fit is refused here, with the settings that would (as `train` does)
             check(estimate(config, device=pick_device(), images=len(uploads) * config.repeats))
             typed = typed_captions(rows)
