@@ -62,6 +62,7 @@ def main() -> None:
 
     from trainer.config import TrainConfig
     from trainer.loop import train
+    from trainer.plan import cpu_probe_seconds
     from trainer.runs import read_events, steady_step_seconds
 
     if args.arch == "builtin":
@@ -80,6 +81,9 @@ def main() -> None:
         "torch": torch.__version__,
         "arch": args.arch,
         "matmul_tflops": matmul_rate(device) / 1e12,
+        "cpu_probe_s": cpu_probe_seconds()
+        if device.type == "cpu"
+        else None,  # trainer/plan.py scales CPU steps by it
         "gpu_memory": args.gpu_memory,
         "fresh": args.fresh,
         "runs": [],

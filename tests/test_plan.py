@@ -57,6 +57,19 @@ def test_the_plan_is_within_15_percent_of_every_measured_peak():
     assert len(table) >= 12
 
 
+def test_the_cpu_plan_is_within_15_percent_of_the_stored_cpu_runs_and_follows_the_cpus_probe():
+    """On the CPU the plan's step is the built-in model's measured one, scaled by this CPU's probe against the probe
+    of the machine that measured it: a CPU twice as slow (or as busy) is planned at twice the time."""
+    stored = json.loads((RESULTS / "plan_builtin_cpu.json").read_text())
+    assert len(stored["runs"]) >= 3 and stored["cpu_probe_s"] > 0
+    for run in stored["runs"]:
+        config = TrainConfig(batch_size=run["batch"], resolution=run["resolution"], rank=8)
+        plan = estimate(config, device="cpu", cpu_probe_s=stored["cpu_probe_s"])
+        assert abs(plan.step_seconds / run["step_s"] - 1) <= 0.15, (run["batch"], plan.step_seconds, run["step_s"])
+        slower = estimate(config, device="cpu", cpu_probe_s=2 * stored["cpu_probe_s"])
+        assert slower.step_seconds == pytest.approx(2 * plan.step_seconds, rel=0.02)
+
+
 def test_a_small_card_gets_checkpointing_and_tiled_previews_and_a_too_small_one_is_refused_with_settings_that_fit():
     sdxl = TrainConfig(
         base_model=str(CONFIGS / "sdxl"), batch_size=1, rank=8, mixed_precision="bf16", preview_prompt=("a cat",)

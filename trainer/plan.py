@@ -19,7 +19,8 @@ tests/test_plan.py checks the plan against every run stored there (within 15%).
 
 Time: steady seconds per step measured per family and step kind (CUDA graph, eager; with and without checkpointing)
 on the same H200, scaled by the ratio of its bf16 matrix-multiply rate to this GPU's (a 0.1 s probe); on the CPU, the
-built-in model's measured steps scaled by activation count. Start-up (loading and caching) grows with the weights'
+built-in model's measured steps scaled by activation count and by this CPU's `cpu_probe_seconds` against the measuring
+machine's (a 0.15 s probe). Start-up (loading and caching) grows with the weights'
 size. Previews and checkpoint writes are not timed; the plan says so.
 """
 
@@ -82,8 +83,9 @@ GRAPHED_SHAPES = 4  # trainer/step.py's Step.max_shapes: the shapes that get a g
 COMPILE_PAYBACK = 2.0  # auto compiles when the steps' saving is at least this many times the compile
 NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
-# the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px
-CPU_STEP = {"a": 0.028, "b": 0.017}
+# the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px,
+# with that machine's `cpu_probe_seconds` the day it was measured; another CPU's step is scaled by its own probe
+CPU_STEP = {"a": 0.075, "b": 0.0337, "probe_s": 0.0257}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +366,41 @@ def _probed_tflops(device: str) -> float:
     return matmul_tflops(torch.device(device))
 
 
+def cpu_probe_seconds() -> float:
+    """A short forward and backward pass of small layers like the built-in model's (convolution, group norm,
+    attention, linear), on this CPU with torch's threads: the median of five tries, in seconds. A CPU step of a
+    small model is bound as much by each operation's overhead as by arithmetic, which a matrix-multiply rate alone
+    would miss."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 16, 16, generator=generator)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    norm = torch.nn.GroupNorm(8, 32)
+    qkv, out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+    def once():
+        h = torch.nn.functional.silu(norm(conv(x))).flatten(2).transpose(1, 2)
+        q, k, v = qkv(h).chunk(3, dim=-1)
+        y = out(torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v)
+        y.square().mean().backward()
+
+    once()
+    tries = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            once()
+        tries.append(time.perf_counter() - start)
+    return sorted(tries)[2]
+
+
+@functools.lru_cache(maxsize=1)
+def _probed_cpu() -> float:
+    """`cpu_probe_seconds` once per process (the page plans again at every change of the form)."""
+    return cpu_probe_seconds()
+
+
 def estimate(
     config,
     *,
@@ -375,11 +412,13 @@ def estimate(
     device_name: str | None = None,
     pictures=(),
     done_steps: int = 0,
+    cpu_probe_s: float | None = None,
 ) -> Plan:
     """The plan of `config` on `device` (a card of `card_gib`, else the device's own; `config.gpu_memory` lowers it).
     `images`: training pictures (for the time of an epoch-counted run); `pictures`: their files, when known (the
     aspect-ratio buckets they fill, each a compile of its own); `done_steps`: a resumed run's steps already taken
-    (its time and its compile's payback count the rest). Decides --gradient-checkpointing auto and the previews'
+    (its time and its compile's payback count the rest); `tflops` (a GPU's) and `cpu_probe_s` (a CPU's) stand for
+    the probes of this machine's speed. Decides --gradient-checkpointing auto and the previews'
     tiled decoding; refuses nothing itself (`check` does)."""
     device = torch.device(device)
     prediction = None if config.prediction_type == "auto" else config.prediction_type
@@ -459,7 +498,7 @@ def estimate(
     kept = saves if config.keep_checkpoints == 0 else min(saves, config.keep_checkpoints)
     disk = lora * (4 + kept * (12 + 4)) / 2**20
     # an optimiser step runs --gradient-accumulation-steps forwards and backwards
-    step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes)
+    step = _step_seconds(config, geom, device, checkpointing, area, tflops, processes, cpu_probe_s)
     step *= config.gradient_accumulation_steps
     start = 1.0 + 1.2 * fp16_weights
     left = max(steps - done_steps, 0)
@@ -535,12 +574,20 @@ def _advice(config, need_gib, available: float, checkpointing: bool) -> str:
 
 
 def _step_seconds(
-    config, geom: Geometry, device, checkpointing: bool, area: float, tflops: float | None, processes: int
+    config,
+    geom: Geometry,
+    device,
+    checkpointing: bool,
+    area: float,
+    tflops: float | None,
+    processes: int,
+    cpu_probe_s: float | None = None,
 ) -> float:
     batch = config.batch_size
     if device.type != "cuda":
         builtin = geometry("builtin")
-        return CPU_STEP["a"] + CPU_STEP["b"] * batch * (geom.act * area / builtin.act)
+        speed = (cpu_probe_s or _probed_cpu()) / CPU_STEP["probe_s"]
+        return (CPU_STEP["a"] + CPU_STEP["b"] * batch * (geom.act * area / builtin.act)) * speed
     family = geom.family if geom.family in ("sd1", "sdxl") else "sd1"
     known = STEP_SECONDS[(family, checkpointing)]
     reference = geometry(str(CONFIGS / family))
