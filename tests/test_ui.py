@@ -578,9 +578,9 @@ def test_train_refuses_a_run_its_plan_says_would_not_fit_before_any_work(tmp_pat
 
 
 def test_train_refuses_an_unreadable_image_until_it_is_left_out(tmp_path, monkeypatch):
-    """An upload with an image that cannot be read: the plan before Train names it and counts the images that would
-    train; Train refuses before staging anything, naming the file and the *Leave out* button; once left out, the
-    run starts without it."""
+    """An upload with an image that cannot be read: the plan before Train counts the images that would train and
+    names the one left out of its counts with the *Leave out* button; Train refuses before staging anything, naming
+    the file; once left out, the run starts without it."""
     from app.ui import train as train_tab
 
     started = []
@@ -596,8 +596,8 @@ def test_train_refuses_an_unreadable_image_until_it_is_left_out(tmp_path, monkey
     assert "| 3 | 3 |" in plan, plan
     assert "bad.png cannot be read" in plan and "*Leave out*" in plan
     message, _ = tab.on_train(files, [], *values.values())
-    assert message.startswith("⚠ Nothing started: 1 image cannot be read") and "bad.png" in message, message
-    assert "*Leave out*" in message and not started
+    assert message.startswith("⚠ Nothing started: the upload has 1 problem(s)") and not started
+    assert "bad.png: not a readable image" in message, message
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing staged
     message, _ = tab.on_train(files, [], *values.values(), dropped=["bad.png"])
     assert "Left out of this run: bad.png" in message and len(started) == 1

@@ -227,7 +227,10 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     page.locator("#library-pick input").click()
     page.get_by_role("option", name="neon").click()
     page.get_by_text("Download neon.safetensors").wait_for()
-    expect(page.locator("#library-table")).to_contain_text("recommended_strength")
+    table = page.locator("#library-table")
+    expect(table).to_contain_text("Recommended strength")  # headings in words, not the file's field names
+    assert "recommended_strength" not in table.inner_text() and "Trained (UTC)" in table.inner_text()
+    assert re.search(r"\b20\d\d-\d\d-\d\d \d\d:\d\d\b", table.inner_text()), table.inner_text()  # not ISO's T...Z
     with page.expect_download() as download:
         page.locator("#download-button").click()
     saved = tmp_path / "downloaded.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -11,7 +12,29 @@ from adapters.errors import UserError
 from adapters.library import Library
 from app.ui.settings import page_words
 
-COLUMNS = ["name", "base_model", "rank", "alpha", "steps", "trigger_word", "recommended_strength", "date", "size_kb"]
+# the library table: each adapter's summary field and its column's heading
+COLUMNS = {
+    "name": "Name",
+    "base_model": "Base model",
+    "rank": "Rank",
+    "alpha": "Alpha",
+    "steps": "Steps",
+    "trigger_word": "Trigger word",
+    "recommended_strength": "Recommended strength",
+    "date": "Trained (UTC)",
+    "size_kb": "Size (KB)",
+}
+
+
+def shown_value(key: str, value):
+    """A summary field as the table shows it: a file's ISO time (2026-12-07T18:44:53Z) as 2026-12-07 18:44."""
+    if (
+        key == "date"
+        and isinstance(value, str)
+        and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?Z?", value)
+    ):
+        return value[:16].replace("T", " ")
+    return value
 
 
 def name_note(library: Library, typed: str, empty: str = "") -> str:
@@ -37,7 +60,7 @@ class LibraryTab:
         self.library = library
         with gr.Tab("Adapters", id="adapters") as self.tab:
             self.table = gr.Dataframe(
-                headers=COLUMNS, interactive=False, label="Adapter library", elem_id="library-table"
+                headers=list(COLUMNS.values()), interactive=False, label="Adapter library", elem_id="library-table"
             )
             self.problems = gr.HTML(elem_id="library-problems")
             with gr.Row():
@@ -73,7 +96,7 @@ class LibraryTab:
     def view(self, selected=None):
         """The table, the unreadable files under it, and the picker (keeping `selected` when it is still there)."""
         entries, problems = self.library.scan()
-        rows = [[e.summary[k] for k in COLUMNS] for e in entries]
+        rows = [[shown_value(k, e.summary[k]) for k in COLUMNS] for e in entries]
         names = [e.name for e in entries]
         value = selected if selected in names else (names[0] if names else None)
         return rows, problems_html(problems), gr.Dropdown(choices=names, value=value)

@@ -484,14 +484,6 @@ class TrainTab:
                 raise UserError("the upload has problems:\n  " + "\n  ".join(problems))
             left_out = [u.path.name for u in uploads if u.path.name in set(dropped or [])]
             uploads = [u for u in uploads if u.path.name not in left_out]
-            refused = [f"{u.path.name}: {problem}" for u in uploads if (problem := image_problem(u.path))]
-            if refused:  # training would stop on them after staging: said now, with the way out
-                raise UserError(
-                    f"{len(refused)} image{' cannot' if len(refused) == 1 else 's cannot'} be read:\n  "
-                    + "\n  ".join(refused)
-                    + "\npress *Leave out* beside each in the data check below the caption table, or take them "
-                    "out of the upload"
-                )
             # a run its plan says will not fit is refused here, with the settings that would (as `train` does)
             check(estimate(config, device=pick_device(), images=len(uploads) * config.repeats))
             typed = typed_captions(rows)
