@@ -140,9 +140,9 @@ def test_the_compile_box_compiles_in_the_background_where_the_app_says_so(tiny_m
         torch._dynamo.reset()
 
 
-def test_a_size_the_model_cannot_draw_well_is_said_on_the_status_line(tiny_model, tmp_path):
+def test_a_size_the_model_cannot_draw_well_and_an_empty_prompt_are_said_on_the_status_line(tiny_model, tmp_path):
     """The Generate tab's Width and Height are plain number boxes: a side above 4x the model's own is refused on
-    the status line, with the largest side the loaded model takes."""
+    the status line, with the largest side the loaded model takes. An empty prompt draws, with a note."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -157,6 +157,10 @@ def test_a_size_the_model_cannot_draw_well_is_said_on_the_status_line(tiny_model
     answer = tab.on_generate(SimpleNamespace(session_hash="s"), lambda *a, **k: None, *values)
     assert answer[1].startswith("⚠ height 256 is more than 4x the model's native 32 px;")
     assert answer[1].endswith("use at most 128") and not list(tmp_path.glob("**/*.png"))
+    values[fields.index("height")], values[fields.index("prompt")] = 32, "  "
+    answer = tab.on_generate(SimpleNamespace(session_hash="s"), lambda *a, **k: None, *values)
+    assert "The prompt was empty, so these pictures are what the model draws unprompted" in answer[1], answer[1]
+    assert len(list(tmp_path.glob("**/*.png"))) == 1  # drawn all the same, as other tools do
 
 
 def test_run_status_warns_of_unreadable_event_lines(tmp_path):
@@ -491,8 +495,12 @@ def test_the_page_shows_a_runs_images_buckets_and_steps_before_and_after_train(t
     _, _, pictures, status, _, prompts = tab.refresh(run.name)
     assert "| 4 | 12 | 2 | 6 | 30 | 5 |" in status and "64×64: 4" in status
     captions = [caption for _, caption in pictures]
-    assert captions == ["step 6 · zq, a red circle (seed 0)", "step 6 · zq, a star (seed 9)"]
-    assert prompts == "Preview prompts: “zq, a red circle”; “zq, a star --d 9”"
+    assert captions == ["step 6 · #1", "step 6 · #2"]  # short enough for a thumbnail; the prompts listed below
+    assert prompts == "Preview prompts: #1 “zq, a red circle”; #2 “zq, a star --d 9”"
+    one = _run_folder(tmp_path / "runs", "r2", preview_prompt=["zq, a red circle"])
+    EventLog(one).emit("preview", step=6, path=str(one / "a.png"), prompt="zq, a red circle", seed=0)
+    _, _, pictures, _, _, prompts = tab.refresh(one.name)
+    assert [caption for _, caption in pictures] == ["step 6"] and prompts == "Preview prompt: “zq, a red circle”"
 
 
 # -- The Train page's session and runs (issue 19, Train page) -------------------------------------------------------

@@ -198,7 +198,9 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     expect(page.locator("#loss-plot svg .mark-line path[stroke]")).to_have_count(2, timeout=30_000)  # both lines
     expect(page.locator("#previews img").nth(2)).to_be_attached(timeout=30_000)  # steps 20, 40 and the end
     expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
-    expect(page.locator("#previews")).to_contain_text("step 20 · glowline")  # each picture captioned with its prompt
+    expect(page.locator("#previews")).to_contain_text("step 20")  # each picture captioned with its step
+    assert "glowline" not in page.locator("#previews").inner_text()  # not a prompt cut to "gl…" in a thumbnail
+    expect(page.locator("#preview-prompt")).to_contain_text("Preview prompt: “glowline, ")  # it is listed below
     # the judge's grid (judged at the end, the default): the step at each strength, its pictures served and drawn
     expect(page.locator("#judge table")).to_contain_text("step 60")
     assert page.locator("#judge table tr").first.locator("th").all_inner_texts()[1:] == [

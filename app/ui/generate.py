@@ -495,6 +495,10 @@ class GenerateTab:
     def _loaded_and_notes(self, request: GenerateRequest, shown: Shown) -> str:
         """What the status line adds after the pictures: what had to be loaded, and whether the UNet compiles."""
         said = f" Loaded {' and '.join(shown.loaded)}." if shown.loaded else ""
+        if not request.prompt.strip():  # drawn anyway, as A1111 and diffusers do
+            said += (
+                " The prompt was empty, so these pictures are what the model draws unprompted: type one in *Prompt*."
+            )
         studio = self.studios.studio
         failed = studio.compile_failed if request.compile_unet and studio else ""
         if failed:

@@ -542,12 +542,18 @@ class TrainTab:
         run_dir = self.runs_root / name if name else None
         view = view_run(run_dir) if run_dir and run_dir.is_dir() else None
         losses = loss_frame(view.losses if view else [])
+        previews = view.previews if view else []
+        # a thumbnail's caption holds a dozen characters: the step, and the prompt's number when there are several
+        # (the prompts are listed in full under the pictures)
+        number = {p: i + 1 for i, p in enumerate(dict.fromkeys(prompt for _, _, prompt, _ in previews))}
+        several = len(number) > 1
         pictures = [
-            (path, f"step {step} · {prompt}" + ("" if seed is None else f" (seed {seed})"))
-            for path, step, prompt, seed in (view.previews if view else [])
+            (path, f"step {step}" + (f" · #{number[prompt]}" if several else ""))
+            for path, step, prompt, _ in previews
         ]
-        said = "; ".join(f"“{html.escape(p)}”" for p in view.preview_prompt) if view else ""
-        prompt = f"Preview prompt{'s' if len(view.preview_prompt) > 1 else ''}: {said}" if said else ""
+        shown = view.preview_prompt if view else []
+        said = "; ".join(f"{f'#{i + 1} ' if len(shown) > 1 else ''}“{html.escape(p)}”" for i, p in enumerate(shown))
+        prompt = f"Preview prompt{'s' if len(shown) > 1 else ''}: {said}" if said else ""
         return progress_html(view), losses, pictures, status_text(view), judge_html(run_dir if view else None), prompt
 
     def tick(self, name, shown, show_hidden=False):
