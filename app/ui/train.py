@@ -374,7 +374,8 @@ class TrainTab:
         for changed in [self.files.change, base.blur, base.submit] + [c.change for c in settings if c is not base]:
             changed(self.show_plan, [self.files, *settings], self.data_plan, api_visibility=QUIET)
             changed(self.show_machine_plan, [self.files, *settings], self.machine_plan, api_visibility=QUIET)
-        name.change(self.name_note_text, name, self.name_note)
+        # the name notes are a file listing: answered at once, not behind the queue's data check or plan
+        name.change(self.name_note_text, name, self.name_note, queue=False, api_visibility=QUIET)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
@@ -635,7 +636,13 @@ class TrainTab:
         self.confirm_delete_run.click(
             self.on_delete_run, [picker, self.show_hidden], [self.message, *listing, self.confirm_run_row]
         )
-        self.run_new_name.change(self.run_name_note_text, [picker, self.run_new_name], self.run_name_note)
+        self.run_new_name.change(
+            self.run_name_note_text,
+            [picker, self.run_new_name],
+            self.run_name_note,
+            queue=False,
+            api_visibility=QUIET,
+        )
         renamed = self.rename_run_button.click(
             self.on_rename_run, [picker, self.run_new_name, self.show_hidden], [self.message, *listing]
         )
