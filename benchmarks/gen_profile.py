@@ -1,7 +1,8 @@
 """Where one generated picture's time goes, and what each lever on the denoising step would save (issue 18: SD 1.5,
-512, 30 steps with guidance, goal 0.25 s), measured in one process on one GPU, random weights of SD 1.5's shapes.
+512, 30 steps with guidance, goal 0.25 s; SDXL, 1024, goal 1.0 s), measured in one process on one GPU, random weights
+of the real shapes.
 
-    python3 benchmarks/gen_profile.py --json out.json [--compile]
+    python3 benchmarks/gen_profile.py --json out.json [--compile] [--arch sdxl]
     python3 benchmarks/gen_profile.py --tiny --device cpu       # the same path with tiny shapes (checks the script)
 
 Fields:
@@ -109,11 +110,20 @@ def compiled_picture(studio, results: dict, device) -> None:
     results["compile_failed"] = studio.compile_failed
 
 
+def encode(pipe, device):
+    """The prompt and its empty negative prompt, as a picture encodes them (SD 1.x: two embeddings; SDXL: also the
+    two pooled ones)."""
+    return pipe.encode_prompt(
+        prompt=PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=""
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-studio-gen-profile"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--compile", action="store_true", help="also the whole UNet through torch.compile")
     parser.add_argument(
         "--levers",
@@ -134,30 +144,38 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "arch": args.arch,
     }
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
 
-    model_dir = saved_model(args.work / ("tiny" if args.tiny else "sd15"), lambda: build_sd15(args.tiny)[0], device)
+    if args.arch == "sdxl":
+        from benchmarks.sdxl import build_sdxl
+
+        build = build_sdxl
+    else:
+        build = build_sd15
+    folder = f"{args.arch}-tiny" if args.tiny else args.arch
+    model_dir = saved_model(args.work / folder, lambda: build(args.tiny)[0], device)
     studio = Studio(str(model_dir), device=args.device)
     pipe, size = studio.pipe, studio.native_size
     studio.generate(PROMPT, sampling_steps=30)
     results["picture_30_steps_s"] = median_ms(lambda: studio.generate(PROMPT, sampling_steps=30), device, 3) / 1000
     with torch.no_grad():  # as in a picture: the runtime's text encoder graphs replay only without gradients
         results["text_encode_ms"] = median_ms(
-            lambda: pipe.encode_prompt(PROMPT, device, 1, True, negative_prompt=""), device, 5
+            lambda: encode(pipe, device), device, 5
         )
         for graphs in studio._text_graphs:  # the same without the encoders' graphs (a set `failed` runs them eagerly)
             graphs.failed = "timed eagerly"
         results["text_encode_eager_ms"] = median_ms(
-            lambda: pipe.encode_prompt(PROMPT, device, 1, True, negative_prompt=""), device, 5
+            lambda: encode(pipe, device), device, 5
         )
         for graphs in studio._text_graphs:
             graphs.failed = ""
     scale = pipe.vae_scale_factor
-    latent = torch.randn(1, 4, size // scale, size // scale, device=device, dtype=pipe.unet.dtype)
+    latent = torch.randn(1, 4, size // scale, size // scale, device=device, dtype=pipe.vae.dtype)
     with torch.no_grad():
         results["vae_decode_ms"] = median_ms(lambda: pipe.vae.decode(latent), device, 5)
         if args.compile:  # the decoder as `Studio(compile_unet=True)` runs it
@@ -175,14 +193,20 @@ def main() -> None:
 
     unet = pipe.unet
     forward = type(unet).forward  # the UNet's own forward, not the runtime's graphs
-    context = pipe.encode_prompt(PROMPT, device, 1, True, negative_prompt="")
+    with torch.no_grad():
+        context = encode(pipe, device)
     states = torch.cat([context[1], context[0]])
+    extra = {}  # SDXL's UNet also reads the pooled prompts and the picture's size and crop
+    if args.arch == "sdxl":
+        pooled = torch.cat([context[3], context[2]])
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=unet.dtype)
+        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
     sample = torch.randn(2, 4, size // scale, size // scale, device=device, dtype=unet.dtype)
     timestep = torch.tensor(500, device=device)
 
     def unet_call(model=unet, x=None):
         x = sample if x is None else x
-        return lambda: forward(model, x, timestep, states, return_dict=False)
+        return lambda: forward(model, x, timestep, states, return_dict=False, **extra)
 
     def measure(name: str, call, enter=None) -> None:
         try:
@@ -222,7 +246,9 @@ def main() -> None:
         measure("channels_last", unet_call(x=sample.to(memory_format=torch.channels_last)))
         unet.to(memory_format=studio_format)
         if args.compile:
-            compiled = torch.compile(lambda x: forward(unet, x, timestep, states, return_dict=False), fullgraph=True)
+            compiled = torch.compile(
+                lambda x: forward(unet, x, timestep, states, return_dict=False, **extra), fullgraph=True
+            )
             t0 = time.perf_counter()
             with torch.no_grad():
                 compiled(sample)

@@ -12,7 +12,7 @@
 #             sdxl_b1.json sdxl_b4.json sd15_compile.json sd15_compile_warm.json train_compile.json session.log
 #             (and, for the parts not in the default PARTS: sd15_b8_cl.json sd15_b8_warm.json gen_decoder.json sdxl_b4_compile.json
 #             gen_background.json train_sdpa.json train_kernels.json train_cl.json train_models.json sd15_b8_plain_cmp.json
-#             sd15_b8_cl_cmp.json sd15_b8_models.json gen_both.json)
+#             sd15_b8_cl_cmp.json sd15_b8_models.json gen_both.json gen_profile_sdxl.json)
 #             (8 files at most come back from a lent machine: name fewer PARTS there)
 #   BUDGET_S  seconds for all parts (default 450); a part gets at most what is left (less a reserve for the
 #             summary) and its own cap, and is skipped when less than its minimum is left
@@ -75,6 +75,10 @@
 #   train_models  ~2.5  compile_probe.py --blocks models --kernels at batch 8: larger compiled regions (each
 #                       Transformer2DModel with its GroupNorm, projections and layout changes; resnets, down- and
 #                       upsamplers), kernels profiled (not in the default PARTS)
+#   gen_profile_sdxl ~6 benchmarks/gen_profile.py --arch sdxl --compile: where an SDXL picture's time goes (text
+#                       encoders, VAE decode, one UNet call at batch 2 under each lever: attention kernels, fused
+#                       q/k/v, channels-last, the whole UNet compiled) and a compiled studio's picture (estimate not
+#                       measured; not in the default PARTS)
 #   train_compile ~4    the training step with the UNet's repeated blocks compiled (regional torch.compile), with
 #                       and without a CUDA graph around it, batch 1 and 8: seconds per step, compile time, and the
 #                       LoRA gradients' distance from eager's (benchmarks/compile_probe.py; on the CPU in bf16 the
@@ -184,6 +188,10 @@ for p in $PARTS; do
         part gen_decoder 60 240 "$PY" benchmarks/gen_profile.py "${SIZE[@]}" --work "$WORK/sd15" "${GEN_COMPILE[@]}" \
             --no-levers --json "$OUT/gen_decoder.json"
         ;;
+    gen_profile_sdxl)
+        part gen_profile_sdxl 120 420 "$PY" benchmarks/gen_profile.py "${SIZE[@]}" --arch sdxl --work "$WORK/sdxl" \
+            "${GEN_COMPILE[@]}" --json "$OUT/gen_profile_sdxl.json"
+        ;;
     sdxl_b4_compile)
         part sdxl_b4_compile 120 300 "$PY" benchmarks/sdxl.py "${SIZE[@]}" --work "$WORK/sdxl" --batch 4 \
             --steps "$SDXL_STEPS" --no-reference --torch-compile on --json "$OUT/sdxl_b4_compile.json"
@@ -248,7 +256,7 @@ for p in $PARTS; do
     *)
         echo "gpu_session: unknown part $p; the parts are sd15_b8 sd15_b8_cl sd15_b8_warm sd15_b1 sd15_gen gen_decoder sdxl_b1" \
             "sdxl_b4 sdxl_b4_compile sd15_compile sd15_compile_warm gen_background train_sdpa train_kernels train_cl" \
-            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp sd15_b8_models gen_both train_compile" | tee -a "$LOG"
+            "train_models sd15_b8_plain_cmp sd15_b8_cl_cmp sd15_b8_models gen_both gen_profile_sdxl train_compile" | tee -a "$LOG"
         ;;
     esac
 done
