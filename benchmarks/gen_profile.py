@@ -164,14 +164,10 @@ def main() -> None:
     studio.generate(PROMPT, sampling_steps=30)
     results["picture_30_steps_s"] = median_ms(lambda: studio.generate(PROMPT, sampling_steps=30), device, 3) / 1000
     with torch.no_grad():  # as in a picture: the runtime's text encoder graphs replay only without gradients
-        results["text_encode_ms"] = median_ms(
-            lambda: encode(pipe, device), device, 5
-        )
+        results["text_encode_ms"] = median_ms(lambda: encode(pipe, device), device, 5)
         for graphs in studio._text_graphs:  # the same without the encoders' graphs (a set `failed` runs them eagerly)
             graphs.failed = "timed eagerly"
-        results["text_encode_eager_ms"] = median_ms(
-            lambda: encode(pipe, device), device, 5
-        )
+        results["text_encode_eager_ms"] = median_ms(lambda: encode(pipe, device), device, 5)
         for graphs in studio._text_graphs:
             graphs.failed = ""
     scale = pipe.vae_scale_factor
