@@ -140,6 +140,13 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def assert_label_clear(page, elem_id: str) -> None:
+    """A gallery's floating label does not cover its first picture."""
+    label = page.locator(f"#{elem_id} [data-testid=block-label]").first.bounding_box()
+    picture = page.locator(f"#{elem_id} img").first.bounding_box()
+    assert label["y"] + label["height"] <= picture["y"] + 1, (elem_id, label, picture)
+
+
 def upload(page, paths) -> None:
     page.locator("#upload input[type=file]").set_input_files([str(p) for p in paths])
 
@@ -199,6 +206,7 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     expect(page.locator("#previews img").nth(2)).to_be_attached(timeout=30_000)  # steps 20, 40 and the end
     expect(page.locator("#train-status")).to_contain_text("64×64: 16")  # the run's own plan, from its start event
     expect(page.locator("#previews")).to_contain_text("step 20")  # each picture captioned with its step
+    assert_label_clear(page, "previews")
     assert "glowline" not in page.locator("#previews").inner_text()  # not a prompt cut to "gl…" in a thumbnail
     expect(page.locator("#preview-prompt")).to_contain_text("Preview prompt: “glowline, ")  # it is listed below
     # the judge's grid (judged at the end, the default): the step at each strength, its pictures served and drawn
@@ -224,6 +232,8 @@ def test_train_watch_generate_download(browser, workspace, tmp_path):
     # side by side: the three pictures in one row
     tops = [gallery.locator("img").nth(i).bounding_box()["y"] for i in range(3)]
     assert max(tops) - min(tops) < 2, tops
+    for name in ("gallery", "history"):
+        assert_label_clear(page, name)
 
     page.get_by_role("tab", name="Adapters").click()
     page.locator("#library-pick input").click()

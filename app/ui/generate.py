@@ -69,6 +69,8 @@ CSS = """
 .small-pictures img { image-rendering: pixelated; }
 #generate-results { position: sticky; top: 8px; align-self: flex-start; }
 .gradio-container { overflow: clip !important; }  /* clips as gradio's hidden does, but lets sticky stick */
+/* a gallery's label floats over its top-left corner: the pictures start below it, not under it */
+#gallery .grid-wrap, #history .grid-wrap, #previews .grid-wrap { padding-top: 34px; }
 """
 # Run once when the page loads: Ctrl+Enter (Cmd+Enter on a Mac) in a prompt box presses Generate, as in A1111.
 JS = """
