@@ -70,6 +70,19 @@ def test_the_cpu_plan_is_within_15_percent_of_the_stored_cpu_runs_and_follows_th
         assert slower.step_seconds == pytest.approx(2 * plan.step_seconds, rel=0.02)
 
 
+def test_a_probe_taken_while_the_cpu_was_busy_does_not_stay_in_the_plan(monkeypatch):
+    """The page plans at every change of the form: a probe slowed by other work at that moment (the data check at
+    load) is replaced by the next, faster one, and a later slow one does not undo it."""
+    import trainer.plan
+
+    probes = iter([0.2, 0.02, 0.3])
+    monkeypatch.setattr(trainer.plan, "cpu_probe_seconds", lambda: next(probes))
+    monkeypatch.setattr(trainer.plan, "CPU_PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr(trainer.plan, "_CPU_PROBES", [])
+    busy, idle, busy_again = (estimate(TrainConfig(batch_size=2), device="cpu").step_seconds for _ in range(3))
+    assert idle == pytest.approx(busy / 10, rel=0.02) and busy_again == idle
+
+
 def test_a_small_card_gets_checkpointing_and_tiled_previews_and_a_too_small_one_is_refused_with_settings_that_fit():
     sdxl = TrainConfig(
         base_model=str(CONFIGS / "sdxl"), batch_size=1, rank=8, mixed_precision="bf16", preview_prompt=("a cat",)
