@@ -10,7 +10,8 @@ the real `trainer.loop.train` at 512x512 in bf16 and reads the step times from t
 the FLOPs of one training step with torch's FlopCounterMode to give the compute floor at the measured matmul
 rate, then times diffusers' example training step on the same model and batch (`speedup_vs_script` = ours over
 theirs; benchmarks/reference.py says what that step does). Generation, through `adapters.runtime.Studio`: the
-model with no adapter, one and two adapters unfused and one fused (the overheads over no adapter), a strength
+model with no adapter, one and two adapters unfused, one fused and no adapter again (the overheads over the mean of
+the two no-adapter timings), a strength
 change and a cold adapter load; then diffusers' pipeline with the adapter fused, and with `--diffusers-compile`
 its UNet compiled (`gen_vs_compiled_diffusers` = their seconds over ours). The --json file is rewritten after each
 measurement (`complete` stays false until the end), so a run stopped part-way keeps what it measured.
@@ -526,7 +527,10 @@ def generation(args, model_dir: Path, adapter: Path, device: torch.device, resul
         studio.fuse({"bench": 0.7})
         results["generate_fused_30_steps_s"] = time_generation(studio, None, device)
         studio.unfuse()
-        base = results["generate_base_30_steps_s"]
+        # the base model again, last: the overheads are over the mean of the base's first and last timings, so a
+        # card's drift over the minutes between them (clocks, heat) is not counted as an adapter's cost
+        results["generate_base_again_30_steps_s"] = time_generation(studio, {}, device)
+        base = (results["generate_base_30_steps_s"] + results["generate_base_again_30_steps_s"]) / 2
         results.update(
             unfused_overhead_one=results["generate_30_steps_s"] / base - 1,
             unfused_overhead_two=results["generate_two_adapters_30_steps_s"] / base - 1,
