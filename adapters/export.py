@@ -7,7 +7,15 @@ from pathlib import Path
 
 from adapters.base import model_modules
 from adapters.errors import UserError
-from adapters.formats import model_hash, read_lora, read_safetensors, save_adapter, to_diffusers, to_kohya
+from adapters.formats import (
+    check_writable,
+    model_hash,
+    read_lora,
+    read_safetensors,
+    save_adapter,
+    to_diffusers,
+    to_kohya,
+)
 
 FORMATS = ("kohya", "diffusers")
 _KEPT_HEADER = ("ss_", "sshs_", "modelspec.", "lora_studio.")
@@ -30,6 +38,7 @@ def export_adapter(
         raise UserError(f"--output {out} is the input file itself; choose a new name")
     if out.exists() and not overwrite:
         raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
+    check_writable(out, "--output")
     tensors, metadata = read_safetensors(source)
     if base_model is None and "lora_studio.config" in metadata:
         base_model = json.loads(metadata["lora_studio.config"]).get("base_model")

@@ -433,6 +433,21 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_writable(path: Path, field: str) -> None:
+    """Refuse, before any work, an output path that could never be written: a folder, a file standing where a
+    folder must be, or a folder this user may not write in (else the work would be done and lost at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{field} {path} is a folder; give a file name, such as {path / 'name'}{path.suffix}")
+    for parent in path.parents:  # the nearest one that exists is where the folders above the file are made
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{field} {path} cannot be written: {parent} is a file, not a folder; choose another")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{field} {path} cannot be written: no permission to write in {parent}")
+            return
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to a temp file beside `path`, then rename it into place (never a half-written file)."""
     path = Path(path)
@@ -494,6 +509,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     Nothing is ever unpickled: the header is parsed as JSON by the safetensors library and tensors are raw bytes.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"adapter file {path} is a folder; give the .safetensors file inside it")
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")
     refuse_pickle(path, "adapter file")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from adapters.errors import UserError
+from adapters.formats import check_writable
 
 COMPILE_HELP = (
     "draw through a torch.compile'd UNet and VAE decoder: faster pictures after a one-time compile at each size "
@@ -173,6 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
+    check_writable(out, "--output")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
     adapters = [parse_adapter_arg(spec) for spec in args.adapter or []]
     for path, _ in adapters:  # a missing or broken --adapter is named before the base model takes its time to load
@@ -259,6 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    check_writable(out_dir / f"demo-{stamp}.png", "--output-dir")
     data = Path(__file__).resolve().parent.parent / "sample_images"
     result = train(TrainConfig(data=str(data), output=str(out_dir / f"demo-{stamp}.safetensors")))
     studio = Studio("builtin")

@@ -103,6 +103,29 @@ def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_p
     assert code == 2 and "already exists" in err and out.read_bytes() == b"also precious"
 
 
+def test_an_output_that_could_never_be_written_is_refused_before_any_work(tiny_model, image_folder, tmp_path, capsys):
+    """An --output under a file (or in a folder the user cannot write) is refused before training, not after the
+    run has trained and its adapter would be lost; the same for generate, export and demo's --output-dir."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    run = tmp_path / "r"
+    args = ["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 1, "--run-dir", run]
+    code, _, err = run_cli([*args, "--output", notes / "a.safetensors"], capsys)
+    assert code == 2 and f"{notes} is a file, not a folder" in err and "--output" in err, err
+    assert not run.exists() and notes.read_text() == "mine"  # no run started, nothing of the person's touched
+    folder = tmp_path / "old.safetensors"
+    folder.mkdir()
+    code, _, err = run_cli([*args, "--output", folder, "--overwrite"], capsys)
+    assert code == 2 and f"--output {folder} is a folder" in err and not run.exists(), err
+    generate = ["generate", "--base-model", tiny_model, "--prompt", "x", "--output", notes / "o.png"]
+    code, _, err = run_cli(generate, capsys)
+    assert code == 2 and f"{notes} is a file, not a folder" in err, err
+    code, _, err = run_cli(["demo", "--output-dir", notes], capsys)
+    assert code == 2 and "--output-dir" in err and f"{notes} is a file, not a folder" in err, err
+    code, _, err = run_cli(["inspect", tmp_path], capsys)  # a folder given where an adapter file goes
+    assert code == 2 and f"adapter file {tmp_path} is a folder" in err, err
+
+
 def test_generate_names_the_largest_size_it_draws(tiny_model, tmp_path, capsys):
     """A side far above the model's own (4096 on the built-in model's 64 px ran for minutes) is refused at once;
     the size here is small so that, were the check gone, the test would draw it quickly and fail, not hang."""

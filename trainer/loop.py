@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from adapters.base import base_model_label, generation_defaults, load_pipeline
 from adapters.errors import UserError
 from adapters.families import Family, family_of_pipeline, native_size
-from adapters.formats import build_metadata, save_adapter, to_diffusers, to_kohya
+from adapters.formats import build_metadata, check_writable, save_adapter, to_diffusers, to_kohya
 from adapters.library import sanitize_name
 from adapters.lora import (
     attach,
@@ -130,6 +130,7 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
     resumed_own = config.resume and (
         path.resolve().parent == run_dir.resolve() or path.resolve() in _adapters_written(run_dir)
     )
+    check_writable(path, "--output")  # refused now, not after the run has trained (--overwrite or not)
     if path.exists() and not config.overwrite and not resumed_own:
         raise UserError(
             f"output file {path} already exists; choose another --output, or pass --overwrite to replace it"
