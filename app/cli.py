@@ -43,8 +43,17 @@ def _train(args: argparse.Namespace) -> int:
         return _launch(config)
     try:
         result = train(config)
-    except Cancelled:
-        print("training cancelled; the adapter learned so far was saved", file=sys.stderr)
+    except Cancelled as stop:
+        if stop.adapter is not None:
+            print(
+                f"training cancelled at step {stop.step}; the adapter learned so far is {stop.adapter}; go on with: "
+                f"lora-studio train --run-dir {stop.run_dir} --resume latest",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "training cancelled before its first step: nothing was learned, so nothing was saved", file=sys.stderr
+            )
         return 130
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
         print(f"wrote {result.adapter}")

@@ -126,6 +126,31 @@ def test_an_output_that_could_never_be_written_is_refused_before_any_work(tiny_m
     assert code == 2 and f"adapter file {tmp_path} is a folder" in err, err
 
 
+def test_a_cancelled_run_says_where_its_adapter_is_and_how_to_go_on(
+    tiny_model, image_folder, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C during `train` (here: the stop it asks for, after two steps) names the adapter learned so far and the
+    command that resumes the run; that command goes on to the end."""
+    import trainer.loop
+
+    real_train, asked = trainer.loop.train, []
+    monkeypatch.setattr(
+        trainer.loop,
+        "train",
+        lambda config: real_train(config, should_stop=lambda: asked.append(1) or len(asked) > 2),
+    )
+    run = tmp_path / "run"
+    args = ["train", "--base-model", tiny_model, "--data", image_folder, "--steps", 6, "--run-dir", run]
+    code, _, err = run_cli(args, capsys)
+    adapter = run / "adapter.safetensors"
+    assert code == 130 and adapter.is_file(), err
+    said = f"training cancelled at step 2; the adapter learned so far is {adapter}; go on with: "
+    assert said in err and err.strip().endswith(f"lora-studio train --run-dir {run} --resume latest"), err
+    monkeypatch.setattr(trainer.loop, "train", real_train)
+    code, out, err = run_cli(["train", "--run-dir", run, "--resume", "latest"], capsys)
+    assert code == 0 and f"wrote {adapter}" in out, err
+
+
 def test_generate_names_the_largest_size_it_draws(tiny_model, tmp_path, capsys):
     """A side far above the model's own (4096 on the built-in model's 64 px ran for minutes) is refused at once;
     the size here is small so that, were the check gone, the test would draw it quickly and fail, not hang."""

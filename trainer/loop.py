@@ -94,7 +94,12 @@ class TrainResult:
 
 
 class Cancelled(Exception):
-    """Raised inside the loop when a stop was asked for (SIGTERM/SIGINT or the UI's Cancel)."""
+    """Raised inside the loop when a stop was asked for (SIGTERM/SIGINT or the UI's Cancel). Once the loop has
+    saved what it learned, it says where: `run_dir`, `step` (0: nothing learned, nothing saved) and `adapter`."""
+
+    run_dir: Path | None = None
+    step: int = 0
+    adapter: Path | None = None
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -893,8 +898,9 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                         path = checkpoint(at, judged(at) if due else None)
                         events.emit("checkpoint", step=at, path=str(path))
                     accelerator.wait_for_everyone()
-        except Cancelled:
+        except Cancelled as cancel:
             at -= 1
+            cancel.run_dir, cancel.step = run_dir, at
             bar.close()
             if launcher is not None and launcher.gone():  # every worker lost it at once: the main one says so
                 notice(
@@ -921,6 +927,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                     )  # fmt: skip
                 draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
             events.emit("cancelled", step=at, adapter=str(path))
+            cancel.adapter = Path(path)
             _finish_trackers(accelerator)
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
             raise
