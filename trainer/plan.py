@@ -85,7 +85,7 @@ NO_STEPS = "the steps of --epochs are counted from the images"
 CONFIGS = Path(__file__).resolve().parent.parent / "adapters" / "configs"
 # the built-in model on the 2-core CPU machine (benchmarks/results/plan_builtin_cpu.json): a + b * batch at 64 px,
 # with that machine's `cpu_probe_seconds` the day it was measured; another CPU's step is scaled by its own probe
-CPU_STEP = {"a": 0.068, "b": 0.0287, "probe_s": 0.0212}
+CPU_STEP = {"a": 0.057, "b": 0.0274, "probe_s": 0.0222}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +368,7 @@ def _probed_tflops(device: str) -> float:
 
 def cpu_probe_seconds() -> float:
     """A short forward and backward pass of small layers like the built-in model's (convolution, group norm,
-    attention, linear), on this CPU with torch's threads: the fastest of five tries, in seconds. A CPU step of a
+    attention, linear), on one thread of this CPU: the fastest of five tries, in seconds. A CPU step of a
     small model is bound as much by each operation's overhead as by arithmetic, which a matrix-multiply rate alone
     would miss."""
     import time
@@ -385,13 +385,18 @@ def cpu_probe_seconds() -> float:
         y = out(torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v)
         y.square().mean().backward()
 
-    once()
-    tries = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(10):
-            once()
-        tries.append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: threads waiting on each other while other work holds a core made the
+    try:  # probe swing from 1x to 40x between two runs a minute apart
+        once()
+        tries = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(10):
+                once()
+            tries.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return min(tries)  # not skewed by a moment's load (the app starting, say): the probe runs once per process
 
 
