@@ -67,9 +67,10 @@ def _check_data(config) -> int:
     """Print the data-set check of the --data folder for these settings (the base model's VAE looks at the
     pictures; its size and buckets are training's), then stop: nothing is trained or written."""
     from trainer.datacheck import check_data, folder_pairs, model_for_check
-    from trainer.dataset import bucket_stride
+    from trainer.dataset import bucket_stride, training_images
 
     pairs, names = folder_pairs(config.data)
+    _, refused, passed_over = training_images(Path(config.data))  # what training says of the folder, said here too
     prediction = None if config.prediction_type == "auto" else config.prediction_type
     native, geometry, vae, notes = model_for_check(config.base_model, prediction)
     resolution = config.resolution or native
@@ -83,7 +84,7 @@ def _check_data(config) -> int:
         default_caption=config.default_caption,
         vae=vae,
     )
-    report.notes += notes
+    report.notes += [*refused, *passed_over, *notes]
     print(f"data check of {config.data} ({len(pairs)} images, training at {resolution} px):")
     print("\n".join(report.lines()))
     return 0

@@ -164,6 +164,31 @@ def test_cli_check_data_prints_the_report_and_trains_nothing(tmp_path, monkeypat
     assert "error: data (--data) is required" in capsys.readouterr().err
 
 
+def test_files_training_passes_over_are_named_by_train_and_by_the_check(tmp_path, monkeypatch, capsys):
+    """A BMP with its caption, a caption with no image and a sub-folder not named <repeats>_<name>: training reads
+    none of them, and both `train` and `--check-data` say so, naming each file."""
+    from PIL import Image
+
+    from trainer.dataset import check_folder
+
+    image_folder = write_scene_folder(tmp_path / "data", count=3, size=64)
+    Image.new("RGB", (64, 64)).save(image_folder / "scan.bmp")
+    (image_folder / "scan.txt").write_text("a scan")
+    (image_folder / "orphan.txt").write_text("an image that was deleted")
+    write_scene_folder(image_folder / "extra", count=1, size=64)
+    notes: list[str] = []
+    assert len(check_folder(image_folder, notes=notes)) == 3
+    assert notes == [
+        "scan.bmp: not read (training reads .png/.jpg/.jpeg/.webp/.gif); convert to PNG to train on them",
+        "orphan.txt: a caption with no image of its name; not used",
+        "extra/: not read; name the sub-folder <repeats>_<name> (e.g. 10_extra) to train on it",
+    ]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(image_folder), "--check-data"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(note in out for note in notes), out
+
+
 def test_a_single_files_vae_is_its_folders(tmp_path, monkeypatch):
     """The check loads only the VAE; from a single-file checkpoint it is converted by diffusers, the same weights."""
     import adapters.single_file

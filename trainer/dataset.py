@@ -52,6 +52,29 @@ def find_images(folder: Path) -> list[Path]:
     )
 
 
+# picture files people keep that training does not read: said, not passed over in silence
+OTHER_PICTURES = (".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".psd", ".tga")
+
+
+def unread_files(folder: Path, label: str = "") -> list[str]:
+    """Notes on the files of `folder` training passes over: pictures in a format it does not read, and captions
+    without an image of their name. `label` goes before each name (a sub-folder's "10_neon/")."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "._"))]
+    images = {p.stem for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
+    other = sorted(p.name for p in files if p.suffix.lower() in OTHER_PICTURES)
+    others = {Path(n).stem for n in other}
+    alone = sorted(p.name for p in files if p.suffix.lower() == ".txt" and p.stem not in images | others)
+    notes = []
+    if other:
+        notes.append(
+            f"{', '.join(label + n for n in other)}: not read (training reads {'/'.join(IMAGE_EXTENSIONS)}); "
+            "convert to PNG to train on them"
+        )
+    if alone:
+        notes.append(f"{', '.join(label + n for n in alone)}: a caption with no image of its name; not used")
+    return notes
+
+
 def caption_file(image: Path) -> Path:
     """The .txt caption file of `image`: same name, `.txt`, or `.TXT` as some cameras and Windows tools write it
     (the lower-case one where the name is free)."""
@@ -76,11 +99,12 @@ def repeats_of(path: Path, folder: str | Path, default: int = 1) -> int:
 def training_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
     """(images, problems, notes): the folder's own images, then those of each `<N>_name` sub-folder; a sub-folder
     named otherwise is not read (a note says so), one named `0_name` is a problem."""
-    images, problems, notes = find_images(folder), [], []
+    images, problems, notes = find_images(folder), [], unread_files(folder)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = REPEAT_FOLDER.match(sub.name)
         if match and int(match.group(1)) >= 1:
             images += find_images(sub)
+            notes += unread_files(sub, f"{sub.name}/")
         elif match:
             problems.append(f"{sub.name}/: 0 repeats never shows its images; rename it 1_{match.group(2)} or more")
         elif find_images(sub):
