@@ -67,7 +67,7 @@ def _check_data(config) -> int:
     """Print the data-set check of the --data folder for these settings (the base model's VAE looks at the
     pictures; its size and buckets are training's), then stop: nothing is trained or written."""
     from trainer.datacheck import check_data, folder_pairs, model_for_check
-    from trainer.dataset import bucket_stride, training_images
+    from trainer.dataset import bucket_stride, check_folder, training_images
 
     pairs, names = folder_pairs(config.data)
     _, refused, passed_over = training_images(Path(config.data))  # what training says of the folder, said here too
@@ -87,6 +87,11 @@ def _check_data(config) -> int:
     report.notes += [*refused, *passed_over, *notes]
     print(f"data check of {config.data} ({len(pairs)} images, training at {resolution} px):")
     print("\n".join(report.lines()))
+    try:  # training's own check of the folder, as `train` would run it: exit 1 when it would refuse to start
+        check_folder(config.data, config.default_caption)
+    except UserError as exc:
+        print(f"training would not start: {exc}")
+        return 1
     return 0
 
 
