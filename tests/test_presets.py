@@ -41,6 +41,23 @@ def test_flags_and_the_config_file_override_a_preset(tmp_path):
         preset_values("prodigi")
 
 
+def test_a_value_refused_that_came_from_a_preset_says_so():
+    """style-fast warms up for 20 steps: with --steps 20 the warm-up is refused, and the message says the preset set
+    it and which flag changes it; a value the person typed is refused as it was."""
+    warm = preset_values("style-fast")["lr_warmup_steps"]
+    with pytest.raises(UserError) as caught:
+        from_args(_train_args(["--data", "d", "--preset", "style-fast", "--steps", str(warm)]))
+    said = str(caught.value)
+    assert said.startswith("lr_warmup_steps (--lr-warmup-steps) must be 0 or more and below --steps")
+    assert said.endswith(
+        f"(lr_warmup_steps {warm} comes from --preset style-fast; give --lr-warmup-steps to change it)"
+    )
+    typed = ["--data", "d", "--preset", "style-fast", "--steps", "30", "--lr-warmup-steps", "30"]
+    with pytest.raises(UserError) as caught:
+        from_args(_train_args(typed))
+    assert "comes from" not in str(caught.value)
+
+
 def test_preset_list_names_each_preset_and_its_flags(capsys):
     assert main(["train", "--preset", "list"]) == 0
     out = capsys.readouterr().out

@@ -980,8 +980,19 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
         raise UserError("give --steps or --epochs, not both: the one left out is derived from the other")
     if "steps" in given and "epochs" not in given and isinstance(values, dict) and values.get("epochs"):
         values["epochs"] = 0  # --steps given over a file (or resumed run) counted in epochs: the run is in steps
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_dict(values, source=source)
+    inherited = dict(values) if isinstance(values, dict) else {}
+    typed = {k: v for k, v in vars(args).items() if k in names}
+    values.update(typed)
+    try:
+        return TrainConfig.from_dict(values, source=source)
+    except UserError as exc:  # a value refused that the person did not type: say where it came from
+        field = re.match(r"(\w+) \(--", str(exc))
+        name = field and field.group(1)
+        if not name or name in typed or name not in inherited:
+            raise
+        origin = f"--preset {given['preset']}" if given.get("preset") and not config_path else str(config_path)
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{exc} ({name} {inherited[name]!r} comes from {origin}; give {flag} to change it)") from None
 
 
 def _check_resume_args(given: dict) -> None:
