@@ -150,14 +150,19 @@ def test_cli_check_data_prints_the_report_and_trains_nothing(tmp_path, monkeypat
     shutil.copy(image_folder / "img0.png", image_folder / "img0_copy.png")
     (image_folder / "img0_copy.txt").write_text("a copy")
     (image_folder / "img1.txt").write_text("")
+    (image_folder / "img2.txt").unlink()
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", str(image_folder), "--check-data"]) == 1  # training would refuse img1.png
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"data check of {image_folder} (5 images, training at 64 px):"
     assert out[1].startswith("img0_copy.png: looks like the same picture as img0.png: ")
     assert out[2].startswith("img1.png: its caption is empty")
-    assert out[3:5] == ["aspect-ratio buckets (width x height):", "  64x64: 5 images"]
-    assert out[5].startswith("training would not start: data folder") and "img1.png" in out[6], out
+    assert out[3].startswith(
+        "img2.png: its caption file img2.txt is missing, so training refuses it"
+    )  # as train says
+    assert out[4:6] == ["aspect-ratio buckets (width x height):", "  64x64: 5 images"]
+    assert out[6].startswith("training would not start: data folder") and "img1.png" in out[7], out
+    assert "img2.png: caption img2.txt is missing" in "\n".join(out[7:]), out
     assert not (tmp_path / "runs").exists()
     assert main(["train", "--data", str(image_folder), "--check-data", "--default-caption", "a scene"]) == 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -397,20 +397,23 @@ def _first_tag(caption: str) -> str:
     return caption.split(",", 1)[0].strip()
 
 
-def caption_findings(captions: dict[str, str], trigger_word: str = "", default_caption: str = "") -> list[Finding]:
-    """Captions that are empty, the same as another's (as training sees them, with the trigger word), or without
-    the trigger word: written in another case; missing where other captions have it; or, with no trigger word set,
-    not starting with the first tag most captions start with."""
+def caption_findings(
+    captions: dict[str, str], trigger_word: str = "", default_caption: str = "", missing: Collection[str] = ()
+) -> list[Finding]:
+    """Captions that are empty (or, for the names in `missing`, have no caption file), the same as another's (as
+    training sees them, with the trigger word), or without the trigger word: written in another case; missing where
+    other captions have it; or, with no trigger word set, not starting with the first tag most captions start
+    with."""
     findings = []
     given = {name: (c or "").strip() for name, c in captions.items()}
     for name, caption in given.items():
         if not caption and not default_caption:
+            what = f"its caption file {Path(name).stem}.txt is missing" if name in missing else "its caption is empty"
             findings.append(
                 Finding(
                     "caption",
                     name,
-                    "its caption is empty, so training refuses it: write one, or set a default "
-                    "caption (--default-caption)",
+                    f"{what}, so training refuses it: write one, or set a default caption (--default-caption)",
                 )
             )
     seen: dict[str, str] = {}
@@ -489,6 +492,7 @@ def check_data(
     default_caption: str = "",
     vae=None,
     names: Sequence[str] | None = None,
+    missing: Collection[str] = (),
 ) -> Report:
     """The whole check over (image, caption) pairs; `names` are how the report names the images (default: the file
     names). `resolution` and `stride` are training's (see trainer/dataset.py's buckets)."""
@@ -500,7 +504,7 @@ def check_data(
     small, bucket_of = size_findings(sizes, resolution, stride, buckets)
     # captions only of the images training would read (one refused above is named once, as unreadable)
     captions = {name: c for name, (_, c) in zip(names, pairs) if name not in unreadable}
-    findings += small + caption_findings(captions, trigger_word, default_caption)
+    findings += small + caption_findings(captions, trigger_word, default_caption, missing)
     order = {name: i for i, name in enumerate(names)}
     findings.sort(key=lambda f: order.get(f.file, len(order)))
     return Report(findings, bucket_of, resolution, notes)
