@@ -144,7 +144,7 @@ def check_folder(
             continue
         said += [f"{name}: {note}"] if note else []
         text_file = caption_file(path)
-        caption, utf8 = read_caption(path)
+        caption, utf8 = read_caption(path, text_file)
         not_utf8 += [] if utf8 else [text_file.name]
         if not caption:
             if default_caption:
@@ -169,10 +169,10 @@ def check_folder(
     return pairs
 
 
-def read_caption(image: Path) -> tuple[str, bool]:
+def read_caption(image: Path, text_file: Path | None = None) -> tuple[str, bool]:
     """The caption of an image, from the same-named .txt file ("" when there is none), and whether that file was
-    UTF-8 (when not, the bytes that are not read as \ufffd)."""
-    text_file = caption_file(image)
+    UTF-8 (when not, the bytes that are not read as \ufffd). `text_file`: its `caption_file`, when already known."""
+    text_file = text_file or caption_file(image)
     if not text_file.is_file():
         return "", True
     raw = text_file.read_bytes()
