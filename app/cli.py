@@ -352,11 +352,27 @@ def _option(parser: argparse.ArgumentParser, new: str, old: str, **kwargs) -> No
     parser.add_argument(new, old, action=_OldSpelling, **kwargs)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (and a close match for a mistyped choice) instead of the
+    whole usage block above it."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        typo = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if typo:
+            choices = re.findall(r"'([^']*)'", typo.group(3))
+            close = difflib.get_close_matches(typo.group(2), choices, n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.jobs import MAX_FILE_MB, MAX_UPLOAD_FILES
     from trainer.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="lora-studio", description="Train and use LoRA style adapters.")
+    parser = Parser(prog="lora-studio", description="Train and use LoRA style adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an adapter on a folder of images and captions")

@@ -151,6 +151,15 @@ def test_a_cancelled_run_says_where_its_adapter_is_and_how_to_go_on(
     assert code == 0 and f"wrote {adapter}" in out, err
 
 
+def test_a_mistyped_flag_value_is_one_line_with_a_close_match_not_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--lr-scheduler", "cosin"])
+    err = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and not any(line.startswith("usage:") for line in err), err
+    assert err[0].startswith("lora-studio train: error: argument --lr-scheduler: invalid choice: 'cosin'")
+    assert err[0].endswith("; did you mean 'cosine'?") and err[1] == "(lora-studio train --help lists every flag)"
+
+
 def test_generate_names_the_largest_size_it_draws(tiny_model, tmp_path, capsys):
     """A side far above the model's own (4096 on the built-in model's 64 px ran for minutes) is refused at once;
     the size here is small so that, were the check gone, the test would draw it quickly and fail, not hang."""
