@@ -387,7 +387,7 @@ def cpu_probe_seconds() -> float:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: threads waiting on each other while other work holds a core made the
-    try:  # probe swing from 1x to 40x between two runs a minute apart
+    try:  # probe swing from 0.032 to 1.72 s between runs (benchmarks/results/cpu_probe_busy.txt)
         once()
         tries = []
         for _ in range(5):
