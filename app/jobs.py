@@ -27,7 +27,7 @@ from adapters.errors import UserError
 from adapters.formats import write_atomic
 from adapters.library import sanitize_name
 from trainer.config import TrainConfig
-from trainer.dataset import IMAGE_EXTENSIONS, check_folder
+from trainer.dataset import IMAGE_EXTENSIONS, OTHER_PICTURES, check_folder
 from trainer.runs import TERMINAL, new_run_dir, run_losses, scan_events
 
 PID_FILE = "trainer.pid"
@@ -67,6 +67,8 @@ def pair_uploads(paths: list[str | Path], max_files: int = MAX_UPLOAD_FILES) -> 
             captions[path.stem] = path.read_text(encoding="utf-8", errors="replace").strip()
         elif suffix in IMAGE_EXTENSIONS:
             images.append(path)
+        elif suffix in OTHER_PICTURES:
+            problems.append(f"{path.name}: training does not read {suffix} pictures; convert it to PNG, or remove it")
         else:
             problems.append(f"{path.name}: not a .png/.jpg/.jpeg/.webp/.gif image or a .txt caption; remove it")
     stems = [p.stem for p in images]

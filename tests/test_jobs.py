@@ -26,10 +26,12 @@ from trainer.runs import EventLog, read_events
 def test_uploads_pair_by_name_and_odd_files_are_reported(image_folder, tmp_path):
     (tmp_path / "notes.pdf").write_text("x")
     (tmp_path / "img0.jpg").write_bytes((image_folder / "img0.png").read_bytes())
-    paths = sorted(image_folder.iterdir()) + [tmp_path / "notes.pdf", tmp_path / "img0.jpg"]
+    (tmp_path / "scan.BMP").write_bytes(b"BM")
+    paths = sorted(image_folder.iterdir()) + [tmp_path / "notes.pdf", tmp_path / "img0.jpg", tmp_path / "scan.BMP"]
     uploads, problems = pair_uploads(paths)
     assert {u.path.name: u.caption for u in uploads}["img1.png"] == (image_folder / "img1.txt").read_text()
     assert "notes.pdf: not a .png/.jpg/.jpeg/.webp/.gif image or a .txt caption; remove it" in problems
+    assert "scan.BMP: training does not read .bmp pictures; convert it to PNG, or remove it" in problems
     assert any(p.startswith("img0: two images share this name") for p in problems)
 
 
