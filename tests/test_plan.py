@@ -206,7 +206,9 @@ def test_an_epochs_run_is_timed_from_its_images_and_without_them_says_so(capsys)
     config = TrainConfig(epochs=3)
     counted = estimate(config, images=16)
     assert counted.steps == 24
-    assert counted.total_seconds == round(counted.start_seconds + 24 * counted.step_seconds, 1)
+    assert counted.total_seconds == pytest.approx(
+        counted.start_seconds + 24 * counted.step_seconds, abs=0.1
+    )  # both rounded
     unknown = estimate(config)
     assert unknown.steps == 0 and unknown.total_seconds == unknown.start_seconds
     assert cli(["train", "--epochs", "3", "--plan"]) == 0
