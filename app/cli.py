@@ -67,10 +67,10 @@ def _check_data(config) -> int:
     """Print the data-set check of the --data folder for these settings (the base model's VAE looks at the
     pictures; its size and buckets are training's), then stop: nothing is trained or written."""
     from trainer.datacheck import check_data, folder_pairs, model_for_check
-    from trainer.dataset import bucket_stride, caption_file, check_folder, training_images
+    from trainer.dataset import bucket_stride, check_folder
 
-    pairs, names = folder_pairs(config.data)
-    _, refused, passed_over = training_images(Path(config.data))  # what training says of the folder, said here too
+    said, missing = [], set()  # what training says of the folder, said here too
+    pairs, names = folder_pairs(config.data, said, missing)
     prediction = None if config.prediction_type == "auto" else config.prediction_type
     native, geometry, vae, notes = model_for_check(config.base_model, prediction)
     resolution = config.resolution or native
@@ -83,9 +83,9 @@ def _check_data(config) -> int:
         trigger_word=config.trigger_word,
         default_caption=config.default_caption,
         vae=vae,
-        missing={name for (path, _), name in zip(pairs, names) if not caption_file(path).is_file()},
+        missing=missing,
     )
-    report.notes += [*refused, *passed_over, *notes]
+    report.notes += [*said, *notes]
     print(f"data check of {config.data} ({len(pairs)} images, training at {resolution} px):")
     print("\n".join(report.lines()))
     try:  # training's own check of the folder, as `train` would run it: exit 1 when it would refuse to start

@@ -33,6 +33,7 @@ from PIL import Image
 from adapters.errors import UserError
 from trainer.dataset import (
     bucket_choices,
+    caption_file,
     image_problem,
     nearest_bucket,
     read_caption,
@@ -525,15 +526,28 @@ def model_for_check(
         return native, (vae_scale, levels), None, [str(exc)]
 
 
-def folder_pairs(folder: str | Path) -> tuple[list[tuple[Path, str]], list[str]]:
+def folder_pairs(
+    folder: str | Path, notes: list[str] | None = None, missing: set[str] | None = None
+) -> tuple[list[tuple[Path, str]], list[str]]:
     """(image, caption) for every image training would read from `folder` (its `<N>_name` sub-folders too), and the
-    names the report gives them (relative to the folder)."""
+    names the report gives them (relative to the folder). What training says of the folder (a `0_name` sub-folder,
+    files it passes over) is appended to `notes`, and the names of images with no caption file to `missing`, when
+    they are given: the folder is listed once."""
     if not str(folder):  # Path("") would be the current folder
         raise UserError("data (--data) is required: the folder of training images with .txt captions")
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist or is not a folder (--data)")
-    images, _, _ = training_images(folder)
+    images, problems, said = training_images(folder)
     if not images:
         raise UserError(f"data folder {folder} has no images: put .png, .jpg, .jpeg, .webp or .gif files in it")
-    return [(p, read_caption(p)[0]) for p in images], [p.relative_to(folder).as_posix() for p in images]
+    if notes is not None:
+        notes += [*problems, *said]
+    pairs, names = [], []
+    for path in images:
+        text_file, name = caption_file(path), path.relative_to(folder).as_posix()
+        pairs.append((path, read_caption(path, text_file)[0]))
+        names.append(name)
+        if missing is not None and not text_file.is_file():
+            missing.add(name)
+    return pairs, names
