@@ -42,24 +42,27 @@ class Example:
     cover: torch.Tensor | None = None  # --crop random: (3, H', W') uint8, resized to cover its bucket, not cut
 
 
-def find_images(folder: Path) -> list[Path]:
-    """The images of `folder` (not of its sub-folders); macOS's `._name` files (metadata a Mac leaves beside each
-    file when it copies to a USB stick or a network drive, named as the image) are not images and are passed over."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._")
-    )
+def find_images(folder: Path, files: list[Path] | None = None) -> list[Path]:
+    """The images of `folder` (not of its sub-folders), from its listing `files` when given; macOS's `._name` files
+    (metadata a Mac leaves beside each file when it copies to a USB stick or a network drive, named as the image)
+    are not images and are passed over."""
+    files = _files(folder) if files is None else files
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._"))
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file()]
 
 
 # picture files people keep that training does not read: said, not passed over in silence
 OTHER_PICTURES = (".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".psd", ".tga")
 
 
-def unread_files(folder: Path, label: str = "") -> list[str]:
-    """Notes on the files of `folder` training passes over: pictures in a format it does not read, and captions
-    without an image of their name. `label` goes before each name (a sub-folder's "10_neon/")."""
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "._"))]
+def unread_files(folder: Path, label: str = "", files: list[Path] | None = None) -> list[str]:
+    """Notes on the files of `folder` (its listing `files` when given) training passes over: pictures in a format it
+    does not read, and captions without an image of their name. `label` goes before each name (a sub-folder's
+    "10_neon/")."""
+    files = [p for p in (_files(folder) if files is None else files) if not p.name.startswith((".", "._"))]
     images = {p.stem for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
     other = sorted(p.name for p in files if p.suffix.lower() in OTHER_PICTURES)
     others = {Path(n).stem for n in other}
@@ -99,12 +102,15 @@ def repeats_of(path: Path, folder: str | Path, default: int = 1) -> int:
 def training_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
     """(images, problems, notes): the folder's own images, then those of each `<N>_name` sub-folder; a sub-folder
     named otherwise is not read (a note says so), one named `0_name` is a problem."""
-    images, problems, notes = find_images(folder), [], unread_files(folder)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    entries = list(folder.iterdir())  # each folder is listed once
+    files = [p for p in entries if p.is_file()]
+    images, problems, notes = find_images(folder, files), [], unread_files(folder, files=files)
+    for sub in sorted(p for p in entries if p.is_dir() and not p.name.startswith(".")):
         match = REPEAT_FOLDER.match(sub.name)
         if match and int(match.group(1)) >= 1:
-            images += find_images(sub)
-            notes += unread_files(sub, f"{sub.name}/")
+            files = _files(sub)
+            images += find_images(sub, files)
+            notes += unread_files(sub, f"{sub.name}/", files)
         elif match:
             problems.append(f"{sub.name}/: 0 repeats never shows its images; rename it 1_{match.group(2)} or more")
         elif find_images(sub):
