@@ -301,6 +301,28 @@ def test_the_page_polls_only_while_a_run_is_live(tmp_path):
     assert timer.active is False
 
 
+def test_a_field_that_changes_has_one_listener_on_the_server(tmp_path):
+    """Gradio's page holds a change back while the listener it goes to still runs, and once that listener ends sends
+    the change again to every listener of the field. Two slow listeners of one change, held back in turn, sent each
+    other again without end: typing a trigger word with images uploaded made the page send a few requests a second
+    for as long as it stayed open (tests/test_ui_train_browser.py shows it in a browser for four fields). So each
+    field's change has one listener on the server; what else it starts runs after it (`.then`)."""
+    from app.ui import build_app
+
+    app = build_app(tmp_path)
+    listeners: dict[tuple, list[str]] = {}
+    for fn in app.fns.values():
+        if fn.fn is None:  # the browser's own (the settings kept in its storage): nothing to wait for
+            continue
+        for block, event in fn.targets:
+            if fn.trigger_mode == "always_last" and block in app.blocks:
+                field = getattr(app.blocks[block], "elem_id", None) or block
+                listeners.setdefault((field, event), []).append(fn.name)
+    assert ("setting-trigger_word", "change") in listeners  # the listing holds the fields
+    several = {key: names for key, names in listeners.items() if len(names) > 1}
+    assert not several
+
+
 def test_the_tick_that_stops_polling_draws_the_runs_last_state(tmp_path):
     """A cancelled run reads "Cancelled", with its partial adapter, when the page stops polling, however slowly the
     view draws. Gradio skips a listener's tick while its last one still runs: with the view and the timer on

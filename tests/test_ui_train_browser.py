@@ -208,6 +208,45 @@ def test_runs_are_renamed_with_the_adapter_name_rules(page, workspace):
     assert "20260101-000100-stopped · cancelled" in choices(page)
 
 
+def test_typing_in_a_text_field_sends_nothing_once_the_typing_stops(page):
+    """Each keystroke in Name, Trigger word, Steps or a run's new name asks the server for its notes, plan and
+    command; once the typing stops, the field asks nothing more. With images uploaded, Name's note answered outside
+    the queue made the field fire its own change event a few times a second for as long as the page stayed open."""
+    import json
+
+    sent: list[tuple[float, object]] = []  # (when, the field whose event it is) for every call the page makes
+
+    def record(request):
+        if request.method == "POST" and "/gradio_api/" in request.url and request.post_data:
+            try:
+                sent.append((time.time(), json.loads(request.post_data).get("trigger_id")))
+            except (ValueError, AttributeError):
+                pass
+
+    if not page.locator("#captions").get_by_text("neon_03.png").count():  # with an upload the plan takes longer
+        upload(page, [SAMPLES / f"neon_0{i}.png" for i in range(4)])
+        expect(page.locator("#captions")).to_contain_text("neon_03.png", timeout=30_000)
+        settled(page)
+    page.on("request", record)
+    try:
+        for field in ("setting-name", "setting-trigger_word", "setting-steps", "run-rename-to"):
+            box = page.locator(f"#{field} textarea, #{field} input").first
+            box.click()
+            box.press("End")
+            start = len(sent)
+            box.press_sequentially("12", delay=100)
+            page.wait_for_timeout(2_000)  # the answers to the keystrokes come back
+            own = {trigger for _, trigger in sent[start:] if trigger is not None}
+            assert own, f"typing in {field} asked the server nothing"
+            quiet = time.time()
+            page.wait_for_timeout(4_000)
+            late = [trigger for when, trigger in sent if when > quiet and trigger in own]
+            assert not late, f"{field} kept sending requests after the typing stopped: {len(late)} in 4 s"
+            box.press("Tab")
+    finally:
+        page.remove_listener("request", record)
+
+
 def test_failed_and_cancelled_runs_can_be_hidden_and_shown_again(page):
     """Item 2: Hide leaves a failed or cancelled run out of the list; *Show hidden runs* brings it back; a finished
     run is not hidden."""

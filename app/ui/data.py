@@ -160,17 +160,19 @@ class DataPanel:
                         )
                     gr.Button("Keep", size="sm").click(functools.partial(_with, name=key), self.kept, self.kept)
 
-    def wire(self, files, table, controls: dict, message) -> None:
+    def wire(self, files, table, controls: dict, message, changed: dict) -> None:
         """Re-check on upload (the table is filled), on a caption edit, and when a setting the check reads
-        changes; the captioner's button fills the table."""
+        changes (after the one listener of that change, `changed[name]`: see TrainTab.wire); the captioner's
+        button fills the table."""
         inputs = [files, table, *(controls[n] for n in ("base_model", "resolution", "buckets", "trigger_word"))]
         inputs += [controls["default_caption"], self.dropped]
         outputs = [self.report, self.summary, self.dropped]
         base = controls["base_model"]
-        triggers = [table.change, base.blur, base.submit, controls["resolution"].change, controls["buckets"].change]
-        triggers += [controls["trigger_word"].change, controls["default_caption"].change]
-        for trigger in triggers:
-            trigger(self.on_check, inputs, outputs, concurrency_id="data-check", show_progress="minimal")
+        check = dict(concurrency_id="data-check", show_progress="minimal")
+        for trigger in (table.change, base.blur, base.submit):
+            trigger(self.on_check, inputs, outputs, **check)
+        for name in ("resolution", "buckets", "trigger_word", "default_caption"):
+            changed[name].then(self.on_check, inputs, outputs, trigger_mode="always_last", **check)
         self.caption_button.click(
             self.on_caption,
             [files, table, self.captioner, self.overwrite, controls["trigger_word"]],

@@ -86,9 +86,7 @@ class LibraryTab:
         view = [self.table, self.problems, self.picked]
         self.tab.select(self.view, self.picked, view)
         self.picked.change(self.show_adapter, self.picked, [self.sample, self.info, self.download, self.confirm_row])
-        self.new_name.change(
-            lambda typed: name_note(self.library, typed), self.new_name, self.rename_note, queue=False
-        )
+        self.new_name.change(lambda typed: name_note(self.library, typed), self.new_name, self.rename_note)
         self.rename_button.click(self.on_rename, [self.picked, self.new_name], [*view, self.status])
         self.delete_button.click(lambda: gr.Row(visible=True), None, self.confirm_row)
         self.keep.click(lambda: gr.Row(visible=False), None, self.confirm_row)

@@ -367,20 +367,33 @@ class TrainTab:
         listing = [self.run_picker, self.shown_choices, self.timer]
         choosing = [self.run_picker, self.shown_choices, self.show_hidden]
         trigger, name = self.settings.controls["trigger_word"], self.settings.controls["name"]
+        plans = [self.data_plan, self.machine_plan]
+        # One listener per change of a field: gradio's page sends a change again when a listener of it that was held
+        # back (it was still running) ends, and it sends it to every listener of that change. Two slow listeners of
+        # one field, held back in turn, thus sent each other again without end, a few requests a second for as long
+        # as the page stayed open. What else a change starts runs after that one listener (`.then`).
         uploaded = self.files.change(self.on_upload, [self.files, trigger], [self.table, self.message, trigger])
-        for control in settings:
-            control.change(self.show_command, settings, [self.command, self.config_json], api_visibility=QUIET)
+        uploaded.then(
+            self.show_plans, [self.files, *settings], plans, trigger_mode="always_last", api_visibility=QUIET
+        )
         base = self.settings.controls["base_model"]
-        for changed in [self.files.change, base.blur, base.submit] + [c.change for c in settings if c is not base]:
-            changed(self.show_plan, [self.files, *settings], self.data_plan, api_visibility=QUIET)
-            changed(self.show_machine_plan, [self.files, *settings], self.machine_plan, api_visibility=QUIET)
-        # the name notes are a file listing: answered at once, not behind the queue's data check or plan
-        name.change(self.name_note_text, name, self.name_note, queue=False, api_visibility=QUIET)
+        changed = {}  # field name: its change's one listener, for what runs after it
+        for key, control in self.settings.controls.items():
+            if control is base:  # per keystroke only the command: a hub id's configs are fetched on blur/submit
+                fn, outputs = self.show_command, [self.command, self.config_json]
+            elif control is name:
+                fn, outputs = self.on_name_changed, [self.command, self.config_json, *plans, self.name_note]
+            else:
+                fn, outputs = self.on_setting_changed, [self.command, self.config_json, *plans]
+            inputs = settings if control is base else [self.files, *settings]
+            changed[key] = control.change(fn, inputs, outputs, api_visibility=QUIET)
+        for done_typing in (base.blur, base.submit):
+            done_typing(self.show_plans, [self.files, *settings], plans, api_visibility=QUIET)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
         app.load(self.show_machine_plan, [self.files, *settings], self.machine_plan)
-        self.data.wire(self.files, self.table, self.settings.controls, self.message)
+        self.data.wire(self.files, self.table, self.settings.controls, self.message, changed)
         train = self.train_button.click(
             self.on_train_pressed,
             [self.files, self.table, self.data.dropped, self.data.report, self.data.kept, *settings],
@@ -392,7 +405,6 @@ class TrainTab:
         for pressed in (train, cancel, resume):  # polling starts with a run (and its own ticks stop it after)
             pressed.then(self.tick, choosing, ticked)  # a trainer may have ended before any tick
         self.timer.tick(self.tick, choosing, ticked)
-        self.run_picker.change(self.refresh, self.run_picker, run_view)
         self.run_picker.focus(self.refresh_choices, choosing, listing)
         loaded = app.load(self.on_load, None, self.run_picker).then(self.poll_state, None, self.timer)
         loaded.then(self.refresh, self.run_picker, run_view)  # the picked run may be the one built in: no change
@@ -437,6 +449,22 @@ class TrainTab:
             return f"# {exc}", ""
         config.data = "<your images folder>"
         return config.cli_command(), json.dumps(config.to_dict(), indent=2)
+
+    def on_setting_changed(self, paths, *settings):
+        """What a changed setting changes on the page: the command and its config, and both plans."""
+        return *self.show_command(*settings), *self.show_plans(paths, *settings)
+
+    def on_name_changed(self, paths, *settings):
+        """As any setting, and the note on the name the adapter will be saved under."""
+        typed = settings[list(self.settings.controls).index("name")]
+        return *self.on_setting_changed(paths, *settings), self.name_note_text(typed)
+
+    def show_plans(self, paths, *settings):
+        return self.show_plan(paths, *settings), self.show_machine_plan(paths, *settings)
+
+    def on_pick_run(self, name):
+        """The picked run's view, its trainer log and the label of its Hide button."""
+        return *self.refresh(name), self.refresh_log(name), self.hide_label(name)
 
     def show_plan(self, paths, *settings):
         """Before Train: what the uploaded images would make with these settings (images, buckets, steps)."""
@@ -625,8 +653,7 @@ class TrainTab:
 
     def _wire_run_tools(self, run_view: list) -> None:
         picker, listing = self.run_picker, [self.run_picker, self.shown_choices]
-        self.run_picker.change(self.refresh_log, picker, self.log)
-        self.run_picker.change(self.hide_label, picker, self.hide_button)
+        picker.change(self.on_pick_run, picker, [*run_view, self.log, self.hide_button])  # one listener (see wire)
         self.show_hidden.change(
             self.refresh_choices, [picker, self.shown_choices, self.show_hidden], [*listing, self.timer]
         )
@@ -636,13 +663,7 @@ class TrainTab:
         self.confirm_delete_run.click(
             self.on_delete_run, [picker, self.show_hidden], [self.message, *listing, self.confirm_run_row]
         )
-        self.run_new_name.change(
-            self.run_name_note_text,
-            [picker, self.run_new_name],
-            self.run_name_note,
-            queue=False,
-            api_visibility=QUIET,
-        )
+        self.run_new_name.change(self.run_name_note_text, [picker, self.run_new_name], self.run_name_note)
         renamed = self.rename_run_button.click(
             self.on_rename_run, [picker, self.run_new_name, self.show_hidden], [self.message, *listing]
         )
