@@ -160,6 +160,14 @@ def test_resume_errors_say_what_to_do(tiny_model, image_folder, tmp_path):
         train(config_for(tiny_model, image_folder, tmp_path / "empty", resume="latest"), device="cpu")
     with pytest.raises(UserError, match="already holds a run"):
         train(config_for(tiny_model, image_folder, tmp_path / "r"), device="cpu")
+    theirs = tmp_path / "theirs"  # a folder of the user's that holds files a run writes: not written over
+    theirs.mkdir()
+    (theirs / "loss.png").write_bytes(b"the user's own picture")
+    (theirs / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(UserError, match="already holds config.json, loss.png and is not a run's folder"):
+        train(config_for(tiny_model, image_folder, theirs), device="cpu")
+    assert (theirs / "loss.png").read_bytes() == b"the user's own picture"
+    assert (theirs / "config.json").read_text() == '{"my": "settings"}'
     with pytest.raises(UserError, match="needs the run folder too"):
         TrainConfig(data="x", resume="latest")
 
@@ -234,6 +242,13 @@ def test_a_cancelled_run_with_its_own_output_file_resumes_into_it(tiny_model, im
         log_to_terminal=False,
     )
     assert resumed.adapter == output and output.read_bytes() != partial
+    output.write_bytes(partial)  # the user puts another adapter under the run's --output name since
+    with pytest.raises(UserError, match="already exists and is no longer the adapter this run wrote there"):
+        train(
+            config_for(tiny_model, image_folder, tmp_path / "cut", steps=10, output=str(output), resume="latest"),
+            device="cpu",
+        )
+    assert output.read_bytes() == partial
     other = tmp_path / "other.safetensors"
     other.write_bytes(b"not this run's")
     with pytest.raises(UserError, match="already exists"):

@@ -63,7 +63,7 @@ from trainer.dataset import (
     shuffled_captions,
     tag_frequency,
 )
-from trainer.judge import Judge, recommend
+from trainer.judge import JUDGE_DIR, JUDGE_JSON, Judge, recommend
 from trainer.memory import PhasePeaks
 from trainer.optim import Loss, check_optimizer, make_lr_schedule, make_optimizer, rate_at
 from trainer.plan import GPU_MEMORY_ON_CPU, TILE, check, estimate
@@ -130,21 +130,51 @@ def _shared_run_dir(config: TrainConfig, accelerator) -> Path:
 
 def output_path(config: TrainConfig, run_dir: Path) -> Path:
     path = Path(config.output) if config.output else run_dir / "adapter.safetensors"
-    # a resumed run may replace its own adapter: the one in its folder, or the one its events say it wrote (a
-    # cancelled run's, at --output)
-    resumed_own = config.resume and (
-        path.resolve().parent == run_dir.resolve() or path.resolve() in _adapters_written(run_dir)
-    )
     check_writable(path, "--output")  # refused now, not after the run has trained (--overwrite or not)
-    if path.exists() and not config.overwrite and not resumed_own:
-        raise UserError(
-            f"output file {path} already exists; choose another --output, or pass --overwrite to replace it"
-        )
-    return path
+    if not path.exists() or config.overwrite:
+        return path
+    # a resumed run may replace its own adapter: the one in its folder, or the one its events say it wrote (a
+    # cancelled or finished run's, at --output) while the file still holds what the run wrote there
+    written = _adapters_written(run_dir) if config.resume else {}
+    if config.resume and path.resolve().parent == run_dir.resolve():
+        return path
+    if path.resolve() in written and written[path.resolve()] == _sha256(path):
+        return path
+    since = (
+        " and is no longer the adapter this run wrote there (it changed since)" if path.resolve() in written else ""
+    )
+    raise UserError(
+        f"output file {path} already exists{since}; choose another --output, or pass --overwrite to replace it"
+    )
 
 
-def _adapters_written(run_dir: Path) -> set[Path]:
-    return {Path(e["adapter"]).resolve() for e in scan_events(run_dir)[0] if isinstance(e.get("adapter"), str)}
+def _adapters_written(run_dir: Path) -> dict[Path, str | None]:
+    """Each adapter file the run's events say it wrote, with the sha256 it had then (None in a run folder written
+    before the events kept it: such a file is not replaced without --overwrite)."""
+    return {
+        Path(e["adapter"]).resolve(): e.get("sha256")
+        for e in scan_events(run_dir)[0]
+        if isinstance(e.get("adapter"), str)
+    }
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """A new run may go into a folder that is empty, or that the page (or a --config file there) has staged with the
+    run's config.json; one holding files a run writes, without a readable run config.json, is someone else's and
+    its files (a loss.png, a config.json) would be written over."""
+    writes = ["config.json", PLAN, LOSS_PNG, JUDGE_JSON, JUDGE_DIR, PREVIEWS, TENSORBOARD, "checkpoints"]
+    taken = [name for name in writes if (run_dir / name).exists()]
+    if not taken:
+        return
+    try:
+        TrainConfig.from_file(run_dir / "config.json")
+        return
+    except (UserError, OSError, ValueError):
+        pass
+    raise UserError(
+        f"run folder {run_dir} already holds {', '.join(taken)} and is not a run's folder (no readable run "
+        "config.json): a run would write over them; give a new or empty --run-dir"
+    )
 
 
 def _check_resume(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> tuple[Path, int]:
@@ -487,6 +517,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             raise UserError(
                 f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume"
             )
+        if not config.resume:
+            _check_run_folder(run_dir)
         checkpoint, done = _check_resume(config, run_dir, steps_per_epoch) if config.resume else (None, 0)
         output = output_path(config, run_dir)
     except UserError:
@@ -926,7 +958,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                         replaced=replaced,
                     )  # fmt: skip
                 draw_loss_curve(run_losses(scan_events(run_dir)[0]), run_dir / LOSS_PNG)
-            events.emit("cancelled", step=at, adapter=str(path))
+            events.emit("cancelled", step=at, adapter=str(path), **({"sha256": _sha256(path)} if main else {}))
             cancel.adapter = Path(path)
             _finish_trackers(accelerator)
             accelerator.wait_for_everyone()  # no process exits (and gets its peers killed) before the save is done
@@ -958,6 +990,7 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
                 step=config.steps,
                 loss=loss_value,
                 adapter=str(output),
+                sha256=_sha256(output),
                 seconds=time.perf_counter() - started,
                 memory=peaks.summary(),
             )
