@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -101,11 +102,13 @@ def _plan(config) -> int:
     machine cannot run is refused as the run itself would refuse it."""
     from adapters.base import pick_device
     from trainer.dataset import check_folder, repeats_of
+    from trainer.loop import resolve_precision
     from trainer.optim import check_optimizer
     from trainer.plan import estimate
 
     device = pick_device()
     check_optimizer(config, device)
+    resolve_precision(config.mixed_precision, device)  # fp16 on the CPU: refused as the run would refuse it
     pictures = [path for path, _ in check_folder(config.data)] if config.data else []
     images = sum(repeats_of(path, config.data, config.repeats) for path in pictures)
     plan = estimate(config, device=device, processes=config.num_processes, images=images, pictures=pictures)
@@ -186,15 +189,25 @@ def _generate(args: argparse.Namespace) -> int:
     from app.images import Parameters, save_image
 
     out = Path(args.output)
+    check_writable(out, "--output")  # a folder is said to be one (--overwrite would not help)
     if out.exists() and not args.overwrite:
         raise UserError(f"--output {out} already exists; choose another name or pass --overwrite")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--output {out} must end in .png, .jpg or .webp")
-    check_writable(out, "--output")
     prediction = None if args.prediction_type == "auto" else args.prediction_type
     adapters = [parse_adapter_arg(spec) for spec in args.adapter or []]
-    for path, _ in adapters:  # a missing or broken --adapter is named before the base model takes its time to load
+    given: dict[Path, float] = {}
+    for path, strength in adapters:  # a missing or broken --adapter is named before the base model takes its time
         read_safetensors(Path(path))
+        if Path(path).resolve() in given:  # it would be drawn at the sum, and the picture's text name one strength
+            raise UserError(
+                f"--adapter {path} is given twice (strengths {given[Path(path).resolve()]:g} and {strength:g}); "
+                "give it once, at the strength you want"
+            )
+        given[Path(path).resolve()] = strength
+    if args.seed < 0:  # as the page's -1: a new picture each time, its seed said and written into it
+        args.seed = random.randrange(2**32)
+        print(f"seed {args.seed} (--seed {args.seed} draws this picture again)")
     studio = Studio(args.base_model, prediction_type=prediction, compile_unet=args.compile == "now")
     strengths, names = {}, {}  # loaded name -> strength; loaded name -> the file's stem, as the picture names it
     for path, strength in adapters:
@@ -413,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="-1: a random seed, printed and written into the picture")
     _option(p, "--sampling-steps", "--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's recommended (7.5 for SD)")
     p.add_argument(

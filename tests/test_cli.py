@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -45,6 +48,7 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     run = next(Path("runs").iterdir())  # default run folder under ./runs
     assert (run / "config.json").is_file() and (run / "events.jsonl").is_file()
     assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_000002.png", "step_000004.png"]
+    shutil.copy("style.safetensors", "other.safetensors")
 
     code, out, err = run_cli(
         [
@@ -56,7 +60,7 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
             "--adapter",
             "style.safetensors:0.8",
             "--adapter",
-            "style.safetensors:0.1",
+            "other.safetensors:0.1",
             "--seed",
             7,
             "--sampling-steps",
@@ -70,6 +74,26 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     assert "is now" not in err  # the current spellings raise no notice
     image = Image.open("out.png")
     assert image.size == (32, 32) and "Seed: 7" in image.info["parameters"]
+    assert "<lora:style:0.8>" in image.info["parameters"] and "<lora:other:0.1>" in image.info["parameters"]
+
+    # the same file twice would be drawn at the sum of its strengths, and the picture's text name only one
+    twice = ["generate", "--base-model", tiny_model, "--prompt", "x", "--output", "twice.png", "--sampling-steps", 2]
+    code, _, err = run_cli(
+        [*twice, "--adapter", "style.safetensors:0.8", "--adapter", "./style.safetensors:0.5"], capsys
+    )
+    assert code == 2 and "--adapter ./style.safetensors is given twice (strengths 0.8 and 0.5)" in err, err
+    assert not Path("twice.png").exists()
+
+    # --seed -1: a random seed, said, and written into the picture so that the same command draws it again
+    pictures = []
+    for name in ("r1.png", "r2.png"):
+        code, out, err = run_cli([*twice[:-3], name, "--sampling-steps", 2, "--seed", -1], capsys)
+        seed = int(re.search(r"seed (\d+) \(--seed \1 draws this picture again\)", out).group(1))
+        assert code == 0 and f"Seed: {seed}," in Image.open(name).info["parameters"], err
+        pictures.append((seed, np.asarray(Image.open(name))))
+    assert pictures[0][0] != pictures[1][0] and not np.array_equal(pictures[0][1], pictures[1][1])
+    code, out, err = run_cli([*twice[:-3], "again.png", "--sampling-steps", 2, "--seed", pictures[0][0]], capsys)
+    assert np.array_equal(np.asarray(Image.open("again.png")), pictures[0][1])
 
     code, out, err = run_cli(["inspect", "style.safetensors"], capsys)
     info = json.loads(out)
@@ -244,6 +268,8 @@ def test_old_spellings_still_work_with_a_notice(tiny_model, image_folder, tmp_pa
     config = TrainConfig.from_file(old_file)
     assert (config.preview_prompt, config.preview_every) == (("a red circle",), 3)
     assert "'sample_prompt' (--sample-prompt) is now 'preview_prompt'" in capsys.readouterr().err
+    code, _, err = run_cli(["train", "--config", old_file, "--plan"], capsys)  # said once, not once per reading
+    assert code == 0 and err.count("'sample_prompt' (--sample-prompt) is now 'preview_prompt'") == 1, err
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,8 @@ def test_train_plan_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     cli(["train", "--data", "sample_images", "--plan", "--gpu-memory", "6"])
     said = capsys.readouterr().out
     assert "note: --gpu-memory 6 is for a GPU; this run is on the CPU, where nothing holds it" in said
+    assert cli(["train", "--data", "sample_images", "--plan", "--mixed-precision", "fp16"]) == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err  # refused as the run refuses it
 
 
 def test_train_plan_exits_1_when_the_run_would_not_fit(monkeypatch, capsys):

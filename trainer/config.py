@@ -754,14 +754,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
-        """Build from a mapping; unknown keys are an error that names them and the closest known field."""
+    def from_dict(cls, values: dict, source: str = "config", say_renamed: bool = True) -> TrainConfig:
+        """Build from a mapping; unknown keys are an error that names them and the closest known field. An old
+        spelling of a field is read as the field, said on stderr unless `say_renamed` is false."""
         if not isinstance(values, dict):
             raise UserError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        values = {
-            (notice_renamed(k) if k in RENAMED and RENAMED[k] not in values else k): v for k, v in values.items()
-        }
+        renamed = notice_renamed if say_renamed else RENAMED.get
+        values = {(renamed(k) if k in RENAMED and RENAMED[k] not in values else k): v for k, v in values.items()}
         unknown = [k for k in values if k not in names]
         if unknown:
             parts = []
@@ -975,7 +975,7 @@ def from_args(args: argparse.Namespace, config_path: str | None = None) -> Train
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if config_path:
         # report unknown keys (or a file that is not a mapping) against the file itself
-        TrainConfig.from_dict(dict(values) if isinstance(values, dict) else values, source=source)
+        TrainConfig.from_dict(dict(values) if isinstance(values, dict) else values, source=source, say_renamed=False)
     if "steps" in given and given.get("epochs"):
         raise UserError("give --steps or --epochs, not both: the one left out is derived from the other")
     if "steps" in given and "epochs" not in given and isinstance(values, dict) and values.get("epochs"):
