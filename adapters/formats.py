@@ -519,14 +519,30 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise UserError(
-            f"{path} is not a valid safetensors file ({exc}); lora-studio only reads .safetensors adapters "
-            f"and never unpickles .ckpt/.pt files. {HOW_TO_CONVERT}"
-        ) from exc
+        raise UserError(f"{path} is not a valid safetensors file: {_what_it_is(path, exc)}") from exc
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UserError(f"{path}: tensor(s) {bad[:3]} contain NaN or Inf values; the adapter is corrupt")
     return tensors, metadata
+
+
+PICTURE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP"}
+
+
+def _what_it_is(path: Path, exc: Exception) -> str:
+    """What a file safetensors could not read is, told by its first bytes, and what to do about it."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "it is empty (0 bytes), a download or copy that did not finish; download or copy it again"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a bare pickle
+        return f"it is a pickled PyTorch checkpoint named .safetensors, never unpickled here. {HOW_TO_CONVERT}"
+    picture = next((kind for magic, kind in PICTURE_MAGIC.items() if head.startswith(magic)), None)
+    if picture:
+        return f"it is a {picture} picture, not an adapter; give the adapter's .safetensors file"
+    if head[8:9] == b"{":  # a safetensors header begins there: the file is one, cut short or damaged
+        return f"it is cut short or damaged ({exc}); download or copy it again"
+    return f"{exc}; lora-studio reads adapters only from .safetensors files"
 
 
 def build_metadata(

@@ -127,8 +127,11 @@ def test_01_pickle_or_random_bytes_named_safetensors_are_refused_by_content_also
     with gr.Blocks():
         generate_tab, library_tab = GenerateTab(library, str(tiny_model)), LibraryTab(library)
     for bad in (evil, noise):
-        with pytest.raises(UserError, match=f"{bad.name} is not a valid safetensors file"):
+        with pytest.raises(UserError, match=f"{bad.name} is not a valid safetensors file") as err:
             studio.load(bad)
+        if bad is evil:  # told by its content, and how to convert a checkpoint one trusts
+            assert "it is a pickled PyTorch checkpoint named .safetensors" in str(err.value)
+            assert "weights_only=True" in str(err.value)
         with pytest.raises(UserError, match=f"{bad.name} is (not a valid safetensors file|a pickled PyTorch)"):
             check_base_model(str(bad))
         *_, status = library_tab.on_import(str(bad))  # the Adapters tab's Import button
@@ -159,15 +162,17 @@ def test_02_broken_adapters_are_refused_before_they_touch_the_model(studio, tmp_
         "empty.safetensors": b"",
         "truncated.safetensors": good[: len(good) - 100],
         "header-too-long.safetensors": struct.pack("<Q", header_len + 10**6) + good[8:],
+        "picture.safetensors": png_declaring(8, 8),
     }
     reasons = {
         "nan.safetensors": "contain NaN or Inf",
         "inf.safetensors": "contain NaN or Inf",
         "nolayer.safetensors": "match no layer",
         "shapes.safetensors": "expects in 32 / out 32, the file has in 7 / out 9",
-        "empty.safetensors": "is not a valid safetensors file",
-        "truncated.safetensors": "is not a valid safetensors file",
-        "header-too-long.safetensors": "is not a valid safetensors file",
+        "empty.safetensors": "is not a valid safetensors file: it is empty (0 bytes), a download or copy",
+        "truncated.safetensors": "is not a valid safetensors file: it is cut short or damaged",
+        "header-too-long.safetensors": "is not a valid safetensors file: it is cut short or damaged",
+        "picture.safetensors": "is not a valid safetensors file: it is a PNG picture, not an adapter",
     }
     before = picture(studio)
     for file_name, blob in files.items():
