@@ -52,8 +52,13 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         else:
+            again = (
+                f"lora-studio train --run-dir {stop.run_dir} --resume latest" if stop.run_dir else "the same command"
+            )
             print(
-                "training cancelled before its first step: nothing was learned, so nothing was saved", file=sys.stderr
+                "training cancelled before its first step: nothing was learned, so nothing was saved; start it "
+                f"again with: {again}",
+                file=sys.stderr,
             )
         return 130
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
@@ -543,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command took it over (train's does once its model loads)
+        what = "training stopped before its first step: nothing was learned" if args.command == "train" else "stopped"
+        print(f"{what} (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -408,3 +408,16 @@ def test_train_says_the_name_the_library_saved_the_adapter_under(tiny_model, ima
         said.append(out)
     assert "saved in the library" in said[0] and said[0].rstrip().endswith("as mylib")
     assert said[1].rstrip().endswith("as mylib-2") and (tmp_path / "lib" / "mylib-2.safetensors").is_file()
+
+
+def test_ctrl_c_before_train_takes_it_over_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in train's first seconds (imports, the data check, the plan: before the loop turns it into a clean
+    stop) printed a Python traceback; it is one line, and the exit code a shell gives an interrupted command."""
+    import app.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    code, _, err = run_cli(["train", "--data", "sample_images"], capsys)
+    assert (code, err.strip()) == (130, "training stopped before its first step: nothing was learned (Ctrl-C)")

@@ -284,3 +284,42 @@ def test_a_resume_given_overwrite_does_not_pass_it_on_to_later_resumes(tiny_mode
     (run / "config.json").write_text(json.dumps({**saved, "overwrite": True}))
     code, err = train_cli("--resume", "latest", "--steps", 8, "--output", mine)
     assert code == 2 and "already exists" in err and mine.read_bytes() == b"precious"
+
+
+def test_a_run_stopped_before_its_first_step_starts_over_in_its_folder(tiny_model, image_folder, tmp_path, capsys):
+    """Ctrl-C while the model loads leaves a run folder with nothing learned: `--resume latest` (what the cancel
+    message prints) starts it over there, and so does the first command again with the same --run-dir; before,
+    each refused and sent the user to the other."""
+    from app.cli import main
+
+    run = tmp_path / "r"
+    with pytest.raises(Cancelled) as stop:
+        train(config_for(tiny_model, image_folder, run, steps=3), should_stop=lambda: True, device="cpu")
+    assert stop.value.step == 0 and not list_checkpoints(run)
+    common = ["--run-dir", run, "--no-judge"]
+    code = main(["train", *map(str, common), "--resume", "latest", "--steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"run {run} was stopped before its first step: it starts over" in err, err
+    assert [e["type"] for e in read_events(run)].count("done") == 1  # one log: the stopped start's is gone
+    assert "cancelled" not in [e["type"] for e in read_events(run)]
+
+    again = tmp_path / "again"  # stopped while loading: its config.json written, no event yet
+    config_for(tiny_model, image_folder, again, steps=3).save(
+        again / "config.json"
+    ) if again.mkdir() is None else None
+    args = [
+        "train",
+        "--base-model",
+        tiny_model,
+        "--data",
+        image_folder,
+        "--steps",
+        3,
+        *common[2:],
+        "--run-dir",
+        again,
+    ]
+    assert main([str(a) for a in args]) == 0
+    assert (again / "adapter.safetensors").is_file()
+    with pytest.raises(UserError, match="already holds a run"):  # a run that did train is not started over
+        train(config_for(tiny_model, image_folder, again, steps=3), device="cpu")

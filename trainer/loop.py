@@ -158,6 +158,23 @@ def _adapters_written(run_dir: Path) -> dict[Path, str | None]:
     }
 
 
+def _never_stepped(run_dir: Path) -> bool:
+    """Whether the run of this folder was stopped before its first step: no checkpoint, and either no event yet
+    (stopped while loading, its config.json written) or a last end that is a cancel at step 0, with no progress."""
+    if list_checkpoints(run_dir):
+        return False
+    events = scan_events(run_dir)[0] if (run_dir / EVENTS).is_file() else []
+    if not events:
+        return (run_dir / "config.json").is_file()
+    ends = [e for e in events if e.get("type") in ("done", "cancelled", "error")]
+    return (
+        bool(ends)
+        and ends[-1]["type"] == "cancelled"
+        and not ends[-1].get("step")
+        and not any(e.get("type") == "progress" for e in events)
+    )
+
+
 def _check_run_folder(run_dir: Path) -> None:
     """A new run may go into a folder that is empty, or that the page (or a --config file there) has staged with the
     run's config.json; one holding files a run writes, without a readable run config.json, is someone else's and
@@ -512,8 +529,13 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
         config = dataclasses.replace(config, steps=steps)
     new_folder = not (config.run_dir and Path(config.run_dir).exists())
     run_dir = _shared_run_dir(config, accelerator)
+    start_over = not new_folder and _never_stepped(run_dir)  # nothing to go on from, nothing learned to keep
+    if start_over and config.resume == "latest":
+        config = dataclasses.replace(config, resume="")
+        if main:
+            print(f"lora-studio: run {run_dir} was stopped before its first step: it starts over", file=sys.stderr)
     try:
-        if (run_dir / EVENTS).exists() and not config.resume:
+        if (run_dir / EVENTS).exists() and not config.resume and not start_over:
             raise UserError(
                 f"run folder {run_dir} already holds a run (events.jsonl); use a new --run-dir or --resume"
             )
@@ -526,6 +548,8 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
             run_dir.rmdir()  # refused before anything was written: no empty run folder left behind
         raise
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
+    if main and start_over:
+        (run_dir / EVENTS).unlink(missing_ok=True)  # the stopped start's log: the run's own begins again
     events = EventLog(run_dir, enabled=main)
     if main:
         config.run_dir = str(run_dir)
