@@ -74,9 +74,11 @@ def _unreachable(exc: BaseException) -> bool:
     )
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root_cause(exc: BaseException, limit: int = 200) -> str:
+    """The innermost error's name and first line, cut at a word (with "...") past `limit` characters."""
     last = list(_causes(exc))[-1]
-    return f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"[:200]
+    said = f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"
+    return said if len(said) <= limit else said[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def check_base_model(base_model: str | None, prediction_type: str | None = None) -> tuple[str, Family]:
@@ -97,7 +99,14 @@ def check_base_model(base_model: str | None, prediction_type: str | None = None)
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception as exc:  # hub or file errors: say which model and what to try
-        if hub and _unreachable(exc):
+        offline = any("OfflineMode" in type(e).__name__ for e in _causes(exc))
+        if hub and offline:  # HF_HUB_OFFLINE is set and the local cache does not hold it
+            message = (
+                f"base model {base_model!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so "
+                "it is not fetched: download it once with the network on (HF_HUB_OFFLINE unset), or pass a local "
+                "diffusers folder or a checkpoint file"
+            )
+        elif hub and _unreachable(exc):
             message = (
                 f"could not reach the Hugging Face hub for base model {base_model!r} ({_root_cause(exc)}). Check "
                 "your network; a model downloaded before loads from the local cache with HF_HUB_OFFLINE=1; or pass "

@@ -541,6 +541,10 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # diffusers passes huggingface_hub an argument it deprecated: a warning at every hub lookup no user can act on
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(_attach_negative_numbers(list(argv)))
     try:

@@ -183,3 +183,19 @@ def test_an_unreachable_hub_is_said_so_and_not_asked_again_at_every_change_of_th
     monkeypatch.setattr(DiffusionPipeline, "load_config", unknown)
     with pytest.raises(UserError, match=r"could not read the model_index.json of base model 'someone/other'.*check"):
         base.check_base_model("someone/other")
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(source, **kwargs):  # HF_HUB_OFFLINE=1 and the cache lacks it: not "check your network"
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled. To disable it, "
+                                   "please unset the `HF_HUB_OFFLINE` environment variable.")  # fmt: skip
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", offline)
+    with pytest.raises(UserError) as said:
+        base.check_base_model("someone/cached-never")
+    assert "'someone/cached-never' is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in str(
+        said.value
+    )
+    assert "HF_HUB_OFFLINE=1" not in str(said.value)  # not told to set what is set
+    cut = base._root_cause(OSError("unset the `HF_HUB_OFFLINE` variable " * 20))  # cut at a word, never mid-word
+    assert cut.endswith(" ...") and cut[:-4].split()[-1] in ("unset", "the", "`HF_HUB_OFFLINE`", "variable")
