@@ -35,7 +35,7 @@ def describe(path: Path) -> dict:
         "ranks": sorted({down.shape[0] for _, _, down, *_ in modules}),
         "conv_ranks": sorted({down.shape[0] for down in convs}),  # of the 3x3 convolutions (LoCon), if any
         "dora": any(magnitude is not None for *_, magnitude in modules),
-        "alphas": alphas if alphas else "not stored (alpha = rank)",
+        "alphas": alphas if alphas else ("not stored (alpha = rank)" if modules else "none"),
         "modules": len(modules),
         "targets": dict(targets),
         "trigger_word": metadata.get("modelspec.trigger_phrase", ""),

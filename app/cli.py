@@ -275,7 +275,14 @@ def _caption(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from adapters.inspect import describe
 
-    print(json.dumps(describe(Path(args.file)), indent=2))
+    info = describe(Path(args.file))
+    print(json.dumps(info, indent=2))
+    if not info["modules"]:  # printed all the same: what the file holds may say what it is
+        print(
+            f"{args.file} holds no LoRA weights in a layout lora-studio knows: it is not an adapter it can use",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -98,6 +98,12 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     code, out, err = run_cli(["inspect", "style.safetensors"], capsys)
     info = json.loads(out)
     assert info["format"] == "kohya" and info["ranks"] == [4] and info["targets"]["attn1"] > 0
+    unet = next(Path(tiny_model).glob("unet/*.safetensors"))  # a model's weights, not an adapter
+    code, out, err = run_cli(["inspect", unet], capsys)
+    assert code == 1 and json.loads(out)["modules"] == 0 and json.loads(out)["alphas"] == "none"
+    assert (
+        err.strip() == f"{unet} holds no LoRA weights in a layout lora-studio knows: it is not an adapter it can use"
+    )
 
 
 def test_output_never_overwritten_without_asking(tiny_model, image_folder, tmp_path, capsys):
