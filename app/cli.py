@@ -257,7 +257,10 @@ def _caption(args: argparse.Namespace) -> int:
     from trainer.captions import Captioner
     from trainer.datacheck import folder_pairs
 
-    pairs, names = folder_pairs(args.data)
+    said = []  # what training passes over in the folder (.bmp pictures, captions without an image): said here too
+    pairs, names = folder_pairs(args.data, said)
+    for note in said:
+        print(f"note: {note}")
     todo = [(path, name) for (path, caption), name in zip(pairs, names) if not caption]
     if not todo:
         print(f"every image in {args.data} has a caption; nothing to do (delete a .txt file to have it redone)")

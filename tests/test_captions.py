@@ -88,6 +88,10 @@ def test_a_bad_captioning_model_is_named(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"could not load captioning model '.*empty'.*check the folder's files$"):
         Captioner(str(tmp_path / "empty"))
+    weights = tmp_path / "empty" / "model.safetensors"  # the weights file given for the model's folder
+    weights.write_bytes(b"")
+    with pytest.raises(UserError, match=r"'.*model.safetensors' is a file: give the folder .* such as '.*empty'"):
+        Captioner(str(weights))
 
 
 def test_cli_caption_writes_the_missing_captions_and_keeps_the_persons(tiny_blip, tmp_path, capsys):
@@ -102,8 +106,10 @@ def test_cli_caption_writes_the_missing_captions_and_keeps_the_persons(tiny_blip
     first, second, third = sorted(data.glob("*.png"))
     first.with_suffix(".txt").write_text("glowline, my own words")
     third.with_suffix(".txt").write_text("")  # empty: captioned
+    (data / "scan.bmp").write_bytes(b"BM")  # a picture training does not read: named, not captioned
     assert main(["caption", "--data", str(data), "--model", str(tiny_blip), "--trigger-word", "glowline"]) == 0
     out = capsys.readouterr().out
+    assert "note: scan.bmp: not read" in out and not (data / "scan.txt").exists()
     assert first.with_suffix(".txt").read_text() == "glowline, my own words"
     for image in (second, third):
         written = image.with_suffix(".txt").read_text()

@@ -59,6 +59,12 @@ class Captioner:
                 "Salesforce/blip-image-captioning-base"
             )
         source = str(path) if path.exists() else model
+        if path.is_file():
+            raise UserError(
+                f"captioning model {model!r} is a file: give the folder holding the image-to-text model's files "
+                f"(config.json, the processor's files and .safetensors weights), such as {str(path.parent)!r} if "
+                "it holds them, or a Hugging Face id"
+            )
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(
                 f"captioning model folder {model!r} has no config.json: give a folder holding an image-to-text "
