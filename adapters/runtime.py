@@ -491,6 +491,11 @@ class Studio:
                 )
         if sampling_steps < 1:
             raise UserError(f"sampling steps must be at least 1, got {sampling_steps}")
+        if guidance is not None and not guidance >= 0:  # NaN too
+            raise UserError(
+                f"guidance must be 0 or more, got {guidance:g}: 1 and below draw without the negative prompt, "
+                f"{self.defaults['guidance']:g} is this model's usual"
+            )
         if num_images < 1:
             raise UserError(f"the number of pictures must be at least 1, got {num_images}")
         if strengths is not None:

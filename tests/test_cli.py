@@ -94,6 +94,8 @@ def test_train_generate_inspect(tiny_model, image_folder, tmp_path, capsys, monk
     assert pictures[0][0] != pictures[1][0] and not np.array_equal(pictures[0][1], pictures[1][1])
     code, out, err = run_cli([*twice[:-3], "again.png", "--sampling-steps", 2, "--seed", pictures[0][0]], capsys)
     assert np.array_equal(np.asarray(Image.open("again.png")), pictures[0][1])
+    code, _, err = run_cli([*twice[:-3], "neg.png", "--guidance", -3], capsys)
+    assert code == 2 and "guidance must be 0 or more, got -3" in err and not Path("neg.png").exists()
 
     code, out, err = run_cli(["inspect", "style.safetensors"], capsys)
     info = json.loads(out)

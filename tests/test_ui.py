@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from adapters.errors import UserError
 from adapters.library import Library
 from app.jobs import PID_FILE, view_run
 from app.ui import GenerateRequest, status_text
@@ -210,6 +211,8 @@ def test_generate_request_reads_the_slots_in_order_and_leaves_empty_ones_out():
     plain[3] = -1  # A1111's way to ask for a random seed
     assert GenerateRequest.from_inputs([*plain, *names, 0.5, 1.0, 1.5, 1.0]).random_seed
     assert request.compare_values() == [0.0, 1.0]
+    with pytest.raises(UserError, match=r"adapter b is picked in 2 slots \(strengths 0.5 and 1.5\); pick it in one"):
+        GenerateRequest.from_inputs([*plain, "b", NONE, "b", None, 0.5, 1.0, 1.5, 1.0])  # one would be dropped
 
 
 def test_a_run_list_refresh_sent_before_trains_answer_keeps_the_new_run_picked(tmp_path):

@@ -114,7 +114,15 @@ class GenerateRequest:
         n = len(dataclasses.fields(cls)) - 1
         plain = dict(zip([f.name for f in dataclasses.fields(cls)], values[:n]))
         names, levels = values[n : n + SLOTS], values[n + SLOTS : n + 2 * SLOTS]
-        strengths = {name: float(level) for name, level in zip(names, levels) if name and name != NONE}
+        picked = [(name, float(level)) for name, level in zip(names, levels) if name and name != NONE]
+        strengths = dict(picked)
+        for name in strengths:  # one slot's strength would silently be dropped
+            twice = [f"{level:g}" for n, level in picked if n == name]
+            if len(twice) > 1:
+                raise UserError(
+                    f"adapter {name} is picked in {len(twice)} slots (strengths {' and '.join(twice)}); pick it in "
+                    "one, at the strength you want"
+                )
         for key in ("seed", "sampling_steps", "width", "height", "batch_count", "batch_size"):
             plain[key] = int(plain[key] or 0)
         for key in ("guidance", "guidance_rescale"):
