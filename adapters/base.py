@@ -63,7 +63,7 @@ def _causes(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def _unreachable(exc: BaseException) -> bool:
+def hub_unreachable(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the hub could not be reached at all (no network, no name server, a
     timeout), as against a name the hub does not know."""
     return any(
@@ -106,7 +106,7 @@ def check_base_model(base_model: str | None, prediction_type: str | None = None)
                 "it is not fetched: download it once with the network on (HF_HUB_OFFLINE unset), or pass a local "
                 "diffusers folder or a checkpoint file"
             )
-        elif hub and _unreachable(exc):
+        elif hub and hub_unreachable(exc):
             message = (
                 f"could not reach the Hugging Face hub for base model {base_model!r} ({_root_cause(exc)}). Check "
                 "your network; a model downloaded before loads from the local cache with HF_HUB_OFFLINE=1; or pass "

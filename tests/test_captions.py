@@ -140,3 +140,26 @@ def test_the_pages_caption_button_fills_empty_captions_in_the_table(tiny_blip, t
     assert said.startswith("Every image has a caption")
     _, said = panel.on_caption([str(p) for p in upload], rows, "no such model", False, "glowline")
     assert said.startswith("⚠ captioning model 'no such model' is neither an existing folder nor a Hugging Face id")
+
+
+def test_a_hub_captioning_model_without_a_network_is_said_at_once(monkeypatch):
+    """A hub id on a machine without a network: transformers' own retries took 2.5 min to fail; the hub is asked once
+    with a short timeout first, and transformers is never reached."""
+    import huggingface_hub
+    import transformers
+
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises without a name server
+        pass
+
+    def no_network(self, repo_id, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("transformers was asked to load the model")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", not_reached)
+    with pytest.raises(UserError, match=r"could not reach the Hugging Face hub for captioning model 'someone/blip'"):
+        Captioner("someone/blip")

@@ -70,6 +70,8 @@ class Captioner:
                 f"captioning model folder {model!r} has no config.json: give a folder holding an image-to-text "
                 "model's files (config.json, the processor's files and .safetensors weights), or a Hugging Face id"
             )
+        if not path.exists():
+            _check_hub_reachable(model)
         try:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source, use_safetensors=True)
@@ -98,6 +100,32 @@ class Captioner:
     def caption(self, image_path: str | Path, trigger_word: str = "") -> str:
         """A training caption for the picture: what is in it, the trigger word first."""
         return content_caption(self.describe(image_path), trigger_word, self.prompt)
+
+
+def _check_hub_reachable(model: str, timeout_s: float = 10.0) -> None:
+    """A hub id not in the local cache needs the hub: asked once with a short timeout, so that a machine without a
+    network is told in seconds (transformers' own retries took minutes). Offline mode and cached models are left
+    to transformers, which loads them from the cache."""
+    import os
+
+    import huggingface_hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+        return
+    from adapters.base import hub_unreachable
+
+    try:
+        huggingface_hub.HfApi().model_info(model, timeout=timeout_s)
+    except Exception as exc:
+        if not hub_unreachable(exc):
+            return  # the hub answered: transformers says what it found (or did not)
+        raise UserError(
+            f"could not reach the Hugging Face hub for captioning model {model!r} ({type(exc).__name__}). Check your "
+            "network; a model downloaded before loads from the local cache with HF_HUB_OFFLINE=1; or give a local "
+            "folder"
+        ) from exc
 
 
 def fill_captions(
