@@ -304,22 +304,9 @@ def test_a_run_stopped_before_its_first_step_starts_over_in_its_folder(tiny_mode
     assert "cancelled" not in [e["type"] for e in read_events(run)]
 
     again = tmp_path / "again"  # stopped while loading: its config.json written, no event yet
-    config_for(tiny_model, image_folder, again, steps=3).save(
-        again / "config.json"
-    ) if again.mkdir() is None else None
-    args = [
-        "train",
-        "--base-model",
-        tiny_model,
-        "--data",
-        image_folder,
-        "--steps",
-        3,
-        *common[2:],
-        "--run-dir",
-        again,
-    ]
-    assert main([str(a) for a in args]) == 0
+    again.mkdir()
+    config_for(tiny_model, image_folder, again, steps=3).save(again / "config.json")
+    assert main(["train", "--config", str(again / "config.json"), "--no-judge", "--run-dir", str(again)]) == 0
     assert (again / "adapter.safetensors").is_file()
     with pytest.raises(UserError, match="already holds a run"):  # a run that did train is not started over
         train(config_for(tiny_model, image_folder, again, steps=3), device="cpu")
