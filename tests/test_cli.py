@@ -304,13 +304,21 @@ def test_bad_input_names_the_file_or_field(setup, extra, message, image_folder, 
     code, _, err = run_cli(["train", "--data", data, "--steps", 1, "--run-dir", tmp_path / "r", *extra], capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "r").exists()  # refused before a run folder is made
+
+
+def test_a_misspelt_base_model_leaves_no_run_folder(tmp_path, image_folder, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", "--data", image_folder, "--base-model", "bultin"], capsys)
+    assert code == 2 and "base model 'bultin' is neither an existing folder nor a Hugging Face id" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_local_folder_without_model_index(tmp_path, image_folder, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the run folder it makes before the model is checked goes to ./runs
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "notamodel").mkdir()
     code, _, err = run_cli(["train", "--data", image_folder, "--base-model", tmp_path / "notamodel"], capsys)
-    assert code == 2 and "has no model_index.json" in err
+    assert code == 2 and "has no model_index.json" in err and not (tmp_path / "runs").exists()
 
 
 def test_console_script_exit_code(tmp_path):

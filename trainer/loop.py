@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adapters.base import base_model_label, generation_defaults, load_pipeline
+from adapters.base import base_model_label, check_base_model, generation_defaults, load_pipeline
 from adapters.errors import UserError
 from adapters.families import Family, family_of_pipeline, native_size
 from adapters.formats import build_metadata, check_writable, save_adapter, to_diffusers, to_kohya
@@ -501,8 +501,10 @@ def train(config: TrainConfig, *, should_stop=None, device=None, log_to_terminal
     from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
 
-    # 1. Check every input before loading a model: the data folder, the output file, the run folder.
+    # 1. Check every input before loading a model: the data folder, the base model (its model_index.json or
+    # header alone), the output file, the run folder.
     pairs = check_folder(config.data, config.default_caption)
+    check_base_model(config.base_model, None if config.prediction_type == "auto" else config.prediction_type)
     # On a machine without CUDA, accelerate only joins a multi-process (gloo) group when told it runs on the CPU.
     cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, PartialState(cpu=cpu).device)
