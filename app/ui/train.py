@@ -387,9 +387,8 @@ class TrainTab:
                 fn, outputs = self.on_setting_changed, [self.command, self.config_json, *plans]
             inputs = settings if control is base else [self.files, *settings]
             changed[key] = control.change(fn, inputs, outputs, api_visibility=QUIET)
-        for done_typing in (base.blur, base.submit):
-            done_typing(self.show_plans, [self.files, *settings], plans, api_visibility=QUIET)
         for done_typing in (base.blur, base.submit):  # not per keystroke: a hub id's configs are fetched
+            done_typing(self.show_plans, [self.files, *settings], plans, api_visibility=QUIET)
             done_typing(self.native_size_text, base, self.native_size)
         app.load(self.native_size_text, base, self.native_size)
         app.load(self.show_machine_plan, [self.files, *settings], self.machine_plan)
