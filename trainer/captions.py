@@ -106,11 +106,9 @@ def _check_hub_reachable(model: str, timeout_s: float = 10.0) -> None:
     """A hub id not in the local cache needs the hub: asked once with a short timeout, so that a machine without a
     network is told in seconds (transformers' own retries took minutes). Offline mode and cached models are left
     to transformers, which loads them from the cache."""
-    import os
-
     import huggingface_hub
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if huggingface_hub.constants.is_offline_mode():
         return
     if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
         return
