@@ -135,14 +135,13 @@ def output_path(config: TrainConfig, run_dir: Path) -> Path:
         return path
     # a resumed run may replace its own adapter: the one in its folder, or the one its events say it wrote (a
     # cancelled or finished run's, at --output) while the file still holds what the run wrote there
-    written = _adapters_written(run_dir) if config.resume else {}
-    if config.resume and path.resolve().parent == run_dir.resolve():
-        return path
-    if path.resolve() in written and written[path.resolve()] == _sha256(path):
-        return path
-    since = (
-        " and is no longer the adapter this run wrote there (it changed since)" if path.resolve() in written else ""
-    )
+    since = ""
+    if config.resume:
+        own, written = path.resolve(), _adapters_written(run_dir)
+        if own.parent == run_dir.resolve() or (own in written and written[own] == _sha256(path)):
+            return path
+        if own in written:
+            since = " and is no longer the adapter this run wrote there (it changed since)"
     raise UserError(
         f"output file {path} already exists{since}; choose another --output, or pass --overwrite to replace it"
     )
